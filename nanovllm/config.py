@@ -1,0 +1,77 @@
+"""Engine settings, validated once at construction and never changed afterwards.
+
+:class:`EngineConfig` holds what the user chose. What is discovered later (the model's
+shape, how many KV blocks fit) lives in its own objects: :class:`~nanovllm.models.arch.ModelArch`
+and the model runner's cache plan.
+"""
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+LOAD_FORMATS = ("safetensors", "dummy")
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
+MIN_BLOCK_SIZE = 16  # smallest KV block, in tokens; below this the block tables outgrow the blocks
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything ``LLM(model, **engine_args)`` accepts. Every field is checked in ``__post_init__``."""
+
+    model: str  # a Hugging Face model directory: config.json, *.safetensors, tokenizer files
+    max_num_batched_tokens: int = 16384  # token budget of one engine step (prefill chunks and decodes)
+    max_num_seqs: int = 512  # most sequences running at once
+    max_model_len: int = 4096  # longest prompt + completion, in tokens; clamped to the model's limit
+    gpu_memory_utilization: float = 0.9  # share of GPU memory the engine may use, KV cache included
+    tensor_parallel_size: int = 1  # processes (GPUs) the model is split over
+    enforce_eager: bool = False  # True turns CUDA graphs off
+    kvcache_block_size: int = 256  # tokens per KV-cache block: a power of two, >= 16
+    num_kvcache_blocks: int | None = None  # KV-cache blocks; None = as many as memory allows
+    enable_prefix_caching: bool = True  # reuse the KV blocks of prompts' shared prefixes
+    device: str = "auto"  # "auto" (CUDA when available, else CPU), "cpu" or "cuda"
+    dtype: str = "auto"  # "auto" (the checkpoint's), "float32", "bfloat16" or "float16"
+    load_format: str = "safetensors"  # "safetensors", or "dummy": random weights of the right shapes
+    attention_backend: str = "auto"  # "auto", "torch", "triton" or "flash_attn"
+    seed: int = 0  # seeds random sampling and dummy weights
+    skip_tokenizer_init: bool = False  # load no tokenizer: prompts must be token ids, outputs have empty text
+
+    def __post_init__(self) -> None:
+        if not os.path.isdir(self.model):
+            raise FileNotFoundError(f"model directory {self.model!r} does not exist; pass a Hugging Face model dir")
+        _check_positive_int("max_num_batched_tokens", self.max_num_batched_tokens)
+        _check_positive_int("max_num_seqs", self.max_num_seqs)
+        _check_positive_int("max_model_len", self.max_model_len)
+        _check_positive_int("tensor_parallel_size", self.tensor_parallel_size)
+        size = self.kvcache_block_size
+        if not isinstance(size, int) or size < MIN_BLOCK_SIZE or size & (size - 1):
+            raise ValueError(f"kvcache_block_size must be a power of two >= {MIN_BLOCK_SIZE}, got {size!r}")
+        if self.num_kvcache_blocks is not None:
+            _check_positive_int("num_kvcache_blocks", self.num_kvcache_blocks)
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        _check_choice("device", self.device, DEVICES)
+        _check_choice("dtype", self.dtype, DTYPES)
+        _check_choice("load_format", self.load_format, LOAD_FORMATS)
+        _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+
+    @classmethod
+    def from_kwargs(cls, model: str, **engine_args: Any) -> "EngineConfig":
+        """Build from ``LLM``'s keyword arguments; an unknown one is a TypeError listing the valid ones."""
+        valid = [f.name for f in dataclasses.fields(cls) if f.name != "model"]
+        unknown = sorted(set(engine_args) - set(valid))
+        if unknown:
+            raise TypeError(f"unknown engine argument(s) {unknown}; valid ones are: {', '.join(valid)}")
+        return cls(model=model, **engine_args)
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")

@@ -1,0 +1,154 @@
+"""Continuous batching: which sequences run in the next engine step, and how many tokens each.
+
+Every step is either a prefill step (prompts, possibly in chunks) or a decode step (one
+token for each running sequence). Prefill goes first whenever a prompt is waiting and fits.
+A step computes, for each of its sequences, the K/V of tokens
+``[num_computed_tokens, num_computed_tokens + num_new_tokens)``; that one rule covers a
+whole prompt, a chunk of a long prompt, a prompt behind a cached prefix, and a decode.
+"""
+
+from collections import deque
+from dataclasses import dataclass
+
+from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class SchedulerLimits:
+    max_num_seqs: int  # most sequences running at once
+    max_num_batched_tokens: int  # most tokens computed in one step
+    max_model_len: int  # longest prompt + completion, in tokens
+
+
+@dataclass
+class ScheduledBatch:
+    """What one engine step computes: the model runner's input."""
+
+    seqs: list[Sequence]  # the sequences of this step, in batch order
+    num_new_tokens: list[int]  # tokens each sequence computes this step (its query length)
+    is_prefill: bool  # False: a decode step, exactly one new token per sequence
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, limits: SchedulerLimits, eos_token_ids: set[int]) -> None:
+        self.block_manager = block_manager
+        self.limits = limits
+        self.eos_token_ids = eos_token_ids  # tokens that end a sequence unless it ignores EOS
+        self.waiting: deque[Sequence] = deque()  # to be prefilled; the head may be mid-prefill
+        self.running: deque[Sequence] = deque()  # prefilled and decoding, oldest first
+        self.num_preemptions = 0  # sequences preempted so far, for logs and tests
+
+    def check_request(self, seq: Sequence) -> None:
+        """Refuse a request that can never run, with an error that says why and what to change."""
+        if seq.num_prompt_tokens == 0:
+            raise ValueError("the prompt is empty; give at least one token")
+        total = seq.num_prompt_tokens + seq.params.max_tokens
+        if total > self.limits.max_model_len:
+            raise ValueError(
+                f"prompt ({seq.num_prompt_tokens} tokens) + max_tokens ({seq.params.max_tokens}) = {total} "
+                f"exceeds max_model_len={self.limits.max_model_len}; shorten the prompt, lower max_tokens "
+                "or raise max_model_len"
+            )
+        block_size = self.block_manager.block_size
+        num_blocks = (total + block_size - 1) // block_size
+        if num_blocks > self.block_manager.num_blocks:
+            raise ValueError(
+                f"the request needs {num_blocks} KV-cache blocks but the cache has "
+                f"{self.block_manager.num_blocks}; raise num_kvcache_blocks or shorten the request"
+            )
+
+    def add(self, seq: Sequence) -> None:
+        self.check_request(seq)
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        """The next step's batch: prefill when a waiting prompt fits, otherwise decode."""
+        batch = self._schedule_prefill()
+        if batch.seqs:
+            return batch
+        return self._schedule_decode()
+
+    def _schedule_prefill(self) -> ScheduledBatch:
+        seqs: list[Sequence] = []
+        num_new_tokens: list[int] = []
+        budget = self.limits.max_num_batched_tokens
+        while self.waiting and budget > 0 and len(self.running) + len(seqs) < self.limits.max_num_seqs:
+            seq = self.waiting[0]
+            if not seq.block_table:
+                if not self.block_manager.can_allocate(seq):
+                    break
+                self.block_manager.allocate(seq)
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            seqs.append(seq)
+            num_new_tokens.append(num_new)
+            budget -= num_new
+            if seq.num_computed_tokens + num_new < seq.num_tokens:
+                break  # chunked prefill: this prompt goes on at the head of the queue next step
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+        return ScheduledBatch(seqs, num_new_tokens, is_prefill=True)
+
+    def _schedule_decode(self) -> ScheduledBatch:
+        seqs: list[Sequence] = []
+        max_batch = min(self.limits.max_num_seqs, self.limits.max_num_batched_tokens)
+        while self.running and len(seqs) < max_batch:
+            seq = self.running.popleft()
+            while not self.block_manager.can_append(seq):
+                if self.running:
+                    self._preempt(self.running.pop())  # the newest running sequence makes room
+                else:
+                    self._preempt(seq)
+                    break
+            else:
+                self.block_manager.append_slot(seq)
+                seqs.append(seq)
+        self.running.extendleft(reversed(seqs))
+        return ScheduledBatch(seqs, [1] * len(seqs), is_prefill=False)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free a running sequence's blocks; it is recomputed later, ahead of new prompts."""
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def postprocess(self, batch: ScheduledBatch, sampled_token_ids: list[int]) -> list[Sequence]:
+        """Record what the step computed and sampled; return the sequences that finished."""
+        finished: list[Sequence] = []
+        for seq, num_new, token_id in zip(batch.seqs, batch.num_new_tokens, sampled_token_ids, strict=True):
+            seq.num_computed_tokens += num_new
+            self.block_manager.register_computed(seq)
+            if seq.num_computed_tokens < seq.num_tokens:
+                continue  # a prompt chunk that is not the last: its sample is not a real token
+            seq.token_ids.append(token_id)
+            seq.finish_reason = self._finish_reason(seq, token_id)
+            if seq.finish_reason is not None:
+                seq.status = SequenceStatus.FINISHED
+                self.block_manager.free(seq)
+                finished.append(seq)
+        if finished:
+            self.running = deque(seq for seq in self.running if not seq.is_finished)
+        return finished
+
+    def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
+        if not seq.params.ignore_eos and token_id in self.eos_token_ids:
+            return "stop"
+        if seq.num_output_tokens >= seq.params.max_tokens:
+            return "length"
+        return None
+
+    def abort_all(self) -> None:
+        """Drop every unfinished sequence and free its blocks."""
+        for seq in (*self.waiting, *self.running):
+            self.block_manager.free(seq)
+        self.waiting.clear()
+        self.running.clear()

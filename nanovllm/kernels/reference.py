@@ -1,0 +1,83 @@
+"""Plain-PyTorch attention over the paged KV cache.
+
+This is what runs on CPU, and the oracle every GPU kernel is tested against. It favours
+clarity over speed: it gathers each sequence's cached keys into a padded batch and calls
+``scaled_dot_product_attention`` with an explicit mask.
+
+Cache layout (shared by every backend, and what flash-attn expects):
+    k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+    slot s lives in block s // block_size at offset s % block_size.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def store_kv(
+    key: torch.Tensor,  # [N, num_kv_heads, head_dim]
+    value: torch.Tensor,  # [N, num_kv_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [N] int64, -1 = skip this token (a padded graph lane)
+) -> None:
+    """Write each token's new key and value into its cache slot."""
+    is_real = slot_mapping >= 0
+    slots = slot_mapping[is_real]
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    k_cache.view(-1, num_kv_heads, head_dim)[slots] = key[is_real].to(k_cache.dtype)
+    v_cache.view(-1, num_kv_heads, head_dim)[slots] = value[is_real].to(v_cache.dtype)
+
+
+def paged_attention(
+    query: torch.Tensor,  # [N, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    cu_seqlens_q: torch.Tensor,  # [B + 1] int32
+    max_seqlen_q: int,
+    context_lens: torch.Tensor,  # [B] int32, cached + new tokens per sequence
+    max_context_len: int,
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    scale: float,
+) -> torch.Tensor:  # [N, num_heads, head_dim]
+    """Causal attention of each sequence's new tokens over all its cached tokens.
+
+    The new tokens' K/V must already be in the cache (call :func:`store_kv` first).
+    """
+    num_seqs = context_lens.numel()
+    num_tokens = query.shape[0]
+    block_size = k_cache.shape[1]
+    device = query.device
+    cu_seqlens_q = cu_seqlens_q.long()
+    context_lens = context_lens.long()
+    q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]  # [B]
+
+    # Gather every sequence's cache into a padded batch: [B, max_context_len, num_kv_heads, head_dim].
+    # Slots past a sequence's context were never written and may hold NaN: zero them, since even a
+    # masked-out attention weight of 0 times NaN is NaN.
+    num_blocks_used = (max_context_len + block_size - 1) // block_size
+    table = block_tables[:, :num_blocks_used].long()  # [B, num_blocks_used]
+    k_positions = torch.arange(max_context_len, device=device)  # [max_context_len]
+    is_in_context = (k_positions[None, :] < context_lens[:, None])[:, :, None, None]  # [B, max_context_len, 1, 1]
+    keys = k_cache[table].flatten(1, 2)[:, :max_context_len].where(is_in_context, 0.0)
+    values = v_cache[table].flatten(1, 2)[:, :max_context_len].where(is_in_context, 0.0)
+
+    # Scatter the flat queries into [B, max_seqlen_q, num_heads, head_dim].
+    seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=device), q_lens)  # [N]
+    offset_in_seq = torch.arange(num_tokens, device=device) - cu_seqlens_q[seq_of_token]  # [N]
+    padded_q = query.new_zeros(num_seqs, max_seqlen_q, *query.shape[1:])
+    padded_q[seq_of_token, offset_in_seq] = query
+
+    # Query i of sequence b sits at position context_len - q_len + i and sees keys at or before it.
+    q_positions = (context_lens - q_lens)[:, None] + torch.arange(max_seqlen_q, device=device)  # [B, max_seqlen_q]
+    is_visible = k_positions[None, None, :] <= q_positions[:, :, None]  # [B, max_seqlen_q, max_context_len]
+    is_visible &= (k_positions[None, :] < context_lens[:, None])[:, None, :]
+
+    out = F.scaled_dot_product_attention(
+        padded_q.transpose(1, 2),  # [B, num_heads, max_seqlen_q, head_dim]
+        keys.transpose(1, 2).to(query.dtype),  # [B, num_kv_heads, max_context_len, head_dim]
+        values.transpose(1, 2).to(query.dtype),
+        attn_mask=is_visible[:, None],
+        scale=scale,
+        enable_gqa=True,
+    )  # [B, num_heads, max_seqlen_q, head_dim]
+    return out.transpose(1, 2)[seq_of_token, offset_in_seq]

@@ -1,0 +1,40 @@
+"""The self-attention block shared by the decoder models: projections, rotary, paged attention."""
+
+import torch
+from torch import nn
+
+from nanovllm.kernels.backends import AttentionBackend
+from nanovllm.layers.attention import Attention
+from nanovllm.layers.layernorm import RMSNorm
+from nanovllm.layers.linear import QKVParallelLinear, RowParallelLinear
+from nanovllm.layers.rotary import RotaryEmbedding
+from nanovllm.models.arch import ModelArch
+
+
+class SelfAttentionBlock(nn.Module):
+    """qkv projection -> (optional per-head q/k RMSNorm, as in Qwen3) -> rotary -> attention -> o projection."""
+
+    def __init__(self, arch: ModelArch, backend: AttentionBackend, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
+        super().__init__()
+        self.qkv_proj = QKVParallelLinear(arch.hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads, qkv_bias)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads  # per rank
+        self.head_dim = arch.head_dim
+        self.o_proj = RowParallelLinear(arch.num_heads * arch.head_dim, arch.hidden_size, o_bias)
+        self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if qk_norm else None
+        self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if qk_norm else None
+        self.rotary = RotaryEmbedding(arch.head_dim, arch.max_position_embeddings, arch.rope)
+        scale = arch.head_dim**-0.5
+        self.attn = Attention(self.num_heads, self.num_kv_heads, arch.head_dim, scale, backend)
+
+    def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv_proj(hidden_states)  # [N, (num_heads + 2 * num_kv_heads) * head_dim]
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)  # [N, num_heads, head_dim]
+        k = k.view(-1, self.num_kv_heads, self.head_dim)  # [N, num_kv_heads, head_dim]
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rotary(positions, q, k)
+        out = self.attn(q, k, v)  # [N, num_heads, head_dim]
+        return self.o_proj(out.flatten(1, 2))  # [N, hidden_size]

@@ -1,0 +1,51 @@
+"""Token embedding and LM head, with the vocabulary split across tensor-parallel ranks."""
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from nanovllm.utils.parallel import get_tensor_parallel
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Each rank holds rows [rank * V/tp, (rank+1) * V/tp) of the embedding matrix."""
+
+    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.tp = get_tensor_parallel()
+        if vocab_size % self.tp.size:
+            raise ValueError(f"vocab_size {vocab_size} is not divisible by tensor_parallel_size {self.tp.size}")
+        self.vocab_size_per_rank = vocab_size // self.tp.size
+        self.vocab_start = self.tp.rank * self.vocab_size_per_rank
+        self.weight = nn.Parameter(torch.empty(self.vocab_size_per_rank, hidden_size), requires_grad=False)
+        self.weight.weight_loader = self.load_shard  # type: ignore[attr-defined]
+
+    def load_shard(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        param.data.copy_(loaded.narrow(0, self.vocab_start, self.vocab_size_per_rank))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [N] -> [N, hidden_size]
+        if self.tp.size == 1:
+            return F.embedding(input_ids, self.weight)
+        # Tokens outside this rank's slice look up row 0 and are zeroed; the all-reduce fills them in.
+        local_ids = input_ids - self.vocab_start
+        is_local = (local_ids >= 0) & (local_ids < self.vocab_size_per_rank)
+        embeds = F.embedding(local_ids.masked_fill(~is_local, 0), self.weight)
+        embeds = embeds * is_local.unsqueeze(-1)
+        dist.all_reduce(embeds)
+        return embeds
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Hidden states to vocabulary logits; rank 0 gathers the full vocabulary."""
+
+    def __init__(self, vocab_size: int, hidden_size: int) -> None:
+        super().__init__(vocab_size, hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [B, hidden] -> [B, vocab] (rank 0)
+        logits = F.linear(hidden_states, self.weight)  # [B, vocab_size_per_rank]
+        if self.tp.size == 1:
+            return logits
+        parts = [torch.empty_like(logits) for _ in range(self.tp.size)] if self.tp.rank == 0 else None
+        dist.gather(logits, parts, dst=0)
+        return torch.cat(parts, dim=-1) if parts is not None else logits

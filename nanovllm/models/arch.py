@@ -1,0 +1,109 @@
+"""The model's shape, read once from a Hugging Face ``config.json``.
+
+Both rope spellings are read: the older top-level ``rope_theta`` / ``rope_scaling`` and
+the newer ``rope_parameters`` dict that transformers 5 writes.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+ROPE_TYPES = ("default", "linear", "llama3")
+DEFAULT_ROPE_THETA = 10000.0  # transformers' default base when a config names none
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float  # base of the rotary frequencies
+    rope_type: str = "default"  # "default", "linear" or "llama3"
+    factor: float = 1.0  # context extension factor (linear, llama3)
+    low_freq_factor: float = 1.0  # llama3: wavelengths above original_len / this are scaled fully
+    high_freq_factor: float = 4.0  # llama3: wavelengths below original_len / this are not scaled
+    original_max_position_embeddings: int = 8192  # llama3: context the model was pretrained on
+
+
+@dataclass(frozen=True)
+class ModelArch:
+    architecture: str  # config.json "architectures"[0], e.g. "Qwen3ForCausalLM"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int  # width of the gated MLP
+    num_layers: int
+    num_heads: int  # query heads
+    num_kv_heads: int  # key/value heads (fewer than num_heads under GQA)
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int  # longest context the model supports
+    tie_word_embeddings: bool  # the LM head reuses the input embedding matrix
+    attention_bias: bool  # q/k/v/o projections carry biases (LLaMA's attention_bias)
+    rope: RopeConfig
+    dtype: str  # the checkpoint's dtype name, e.g. "bfloat16"
+    sliding_window: int | None  # Mistral-style attention window; None = full attention
+    eos_token_ids: tuple[int, ...]  # config.json's end-of-sequence ids
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """Bytes per token per element size: multiply by the cache dtype's itemsize."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
+
+
+def read_config_json(model_dir: str) -> dict[str, Any]:
+    path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found; the model directory needs a Hugging Face config.json")
+    with open(path) as f:
+        config: dict[str, Any] = json.load(f)
+    return config
+
+
+def parse_rope(config: dict[str, Any]) -> RopeConfig:
+    """Read rope settings from either spelling of the config."""
+    params = dict(config.get("rope_parameters") or {})
+    scaling = dict(config.get("rope_scaling") or {})
+    theta = params.get("rope_theta", config.get("rope_theta", DEFAULT_ROPE_THETA))
+    source = params if params else scaling
+    rope_type = source.get("rope_type", source.get("type", "default"))
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"rope type {rope_type!r} in config.json is not supported; supported: {ROPE_TYPES}")
+    defaults = RopeConfig(theta=float(theta))
+    return RopeConfig(
+        theta=float(theta),
+        rope_type=rope_type,
+        factor=float(source.get("factor", defaults.factor)),
+        low_freq_factor=float(source.get("low_freq_factor", defaults.low_freq_factor)),
+        high_freq_factor=float(source.get("high_freq_factor", defaults.high_freq_factor)),
+        original_max_position_embeddings=int(
+            source.get("original_max_position_embeddings", defaults.original_max_position_embeddings)
+        ),
+    )
+
+
+def parse_model_arch(config: dict[str, Any]) -> ModelArch:
+    architectures = config.get("architectures") or ["<none>"]
+    num_heads = config["num_attention_heads"]
+    eos = config.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+    use_sliding = config.get("use_sliding_window", True)  # Qwen2 keeps a window in config but off
+    return ModelArch(
+        architecture=architectures[0],
+        vocab_size=config["vocab_size"],
+        hidden_size=config["hidden_size"],
+        intermediate_size=config["intermediate_size"],
+        num_layers=config["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=config.get("num_key_value_heads") or num_heads,
+        head_dim=config.get("head_dim") or config["hidden_size"] // num_heads,
+        rms_norm_eps=config.get("rms_norm_eps", 1e-6),
+        max_position_embeddings=config.get("max_position_embeddings", 4096),
+        tie_word_embeddings=config.get("tie_word_embeddings", False),
+        attention_bias=config.get("attention_bias", False),
+        rope=parse_rope(config),
+        dtype=config.get("dtype") or config.get("torch_dtype") or "float32",
+        sliding_window=config.get("sliding_window") if use_sliding else None,
+        eos_token_ids=eos_ids,
+    )
+
+
+def load_model_arch(model_dir: str) -> ModelArch:
+    return parse_model_arch(read_config_json(model_dir))

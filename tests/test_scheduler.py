@@ -1,0 +1,109 @@
+"""Scheduler unit tests: a fake model that samples a fixed token, no model, no GPU."""
+
+import pytest
+
+from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.scheduler import Scheduler, SchedulerLimits
+from nanovllm.engine.sequence import Sequence, SequenceStatus
+from nanovllm.sampling_params import SamplingParams
+
+BLOCK_SIZE = 16
+EOS = 0
+SAMPLED = 5  # the token our fake model always samples
+
+
+def make_scheduler(num_blocks: int = 16, max_num_seqs: int = 8, max_tokens: int = 256, max_len: int = 256):
+    limits = SchedulerLimits(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_tokens, max_model_len=max_len)
+    return Scheduler(BlockManager(num_blocks, BLOCK_SIZE), limits, eos_token_ids={EOS})
+
+
+def make_seq(request_id: int, num_prompt_tokens: int, max_tokens: int = 4) -> Sequence:
+    return Sequence(request_id, [1 + request_id] * num_prompt_tokens, SamplingParams(max_tokens=max_tokens))
+
+
+def run_step(scheduler: Scheduler, token: int = SAMPLED):
+    batch = scheduler.schedule()
+    return batch, scheduler.postprocess(batch, [token] * len(batch.seqs))
+
+
+def test_prefill_then_decode_until_max_tokens() -> None:
+    """Guards against an off-by-one in max_tokens and against sequences that never finish."""
+    scheduler = make_scheduler()
+    seq = make_seq(0, 10, max_tokens=3)
+    scheduler.add(seq)
+    batch, _ = run_step(scheduler)
+    assert batch.is_prefill and batch.num_new_tokens == [10]
+    for _ in range(2):
+        batch, finished = run_step(scheduler)
+        assert not batch.is_prefill and batch.num_new_tokens == [1]
+    assert finished == [seq] and seq.finish_reason == "length" and seq.num_output_tokens == 3
+    assert not scheduler.has_unfinished()
+    assert scheduler.block_manager.num_free_blocks == 16
+
+
+def test_eos_stops_unless_ignored() -> None:
+    """Guards against ignoring EOS, and against ignore_eos being ignored."""
+    scheduler = make_scheduler()
+    stops = make_seq(0, 4)
+    keeps_going = Sequence(1, [3] * 4, SamplingParams(max_tokens=2, ignore_eos=True))
+    scheduler.add(stops)
+    scheduler.add(keeps_going)
+    _, finished = run_step(scheduler, token=EOS)
+    assert finished == [stops] and stops.finish_reason == "stop"
+    _, finished = run_step(scheduler, token=EOS)
+    assert finished == [keeps_going] and keeps_going.finish_reason == "length"
+
+
+def test_long_prompt_is_prefilled_in_chunks() -> None:
+    """Guards against a prompt longer than the token budget being refused or sampled mid-prompt."""
+    scheduler = make_scheduler(max_tokens=32)
+    seq = make_seq(0, 80, max_tokens=2)
+    scheduler.add(seq)
+    chunks = []
+    while seq.num_output_tokens == 0:
+        batch, _ = run_step(scheduler)
+        assert batch.is_prefill
+        chunks.append(batch.num_new_tokens[0])
+    assert chunks == [32, 32, 16], chunks
+    assert seq.num_computed_tokens == 80 and seq.output_token_ids == [SAMPLED]
+
+
+def test_token_budget_and_sequence_cap() -> None:
+    """Guards against a step exceeding max_num_batched_tokens or max_num_seqs."""
+    scheduler = make_scheduler(max_num_seqs=3, max_tokens=40)
+    for i in range(5):
+        scheduler.add(make_seq(i, 15))
+    batch, _ = run_step(scheduler)
+    assert batch.num_tokens <= 40 and len(batch.seqs) <= 3, batch.num_new_tokens
+    while scheduler.has_unfinished():
+        batch, _ = run_step(scheduler)
+        assert batch.num_tokens <= 40, batch.num_new_tokens
+        assert len(scheduler.running) <= 3
+
+
+def test_preemption_frees_newest_and_resumes_it_first() -> None:
+    """Guards against deadlock when blocks run out, and against preempted work losing its tokens."""
+    scheduler = make_scheduler(num_blocks=4)
+    old, new = make_seq(0, BLOCK_SIZE * 2, max_tokens=20), make_seq(1, BLOCK_SIZE * 2 - 1, max_tokens=20)
+    scheduler.add(old)
+    scheduler.add(new)
+    run_step(scheduler)  # both prefilled: all 4 blocks used; each sampled one token
+    run_step(scheduler)  # decode: `old`'s token 33 needs a 5th block, so `new` (the newest) is preempted
+    assert new.status == SequenceStatus.WAITING and scheduler.waiting[0] is new, scheduler.waiting
+    assert new.num_output_tokens == 1 and new.block_table == [], (new.output_token_ids, new.block_table)
+    while scheduler.has_unfinished():
+        run_step(scheduler)
+    assert old.num_output_tokens == 20 and new.num_output_tokens == 20
+    assert scheduler.block_manager.num_free_blocks == 4
+
+
+@pytest.mark.parametrize(
+    ("num_prompt_tokens", "max_tokens", "message"),
+    [(0, 4, "empty"), (250, 10, "max_model_len"), (100, 100, "KV-cache blocks")],
+)
+def test_impossible_requests_are_refused(num_prompt_tokens: int, max_tokens: int, message: str) -> None:
+    """Guards against requests that could never run hanging the engine instead of failing when added."""
+    scheduler = make_scheduler(num_blocks=8)  # 8 blocks = 128 tokens < max_model_len 256
+    with pytest.raises(ValueError, match=message):
+        scheduler.add(make_seq(0, num_prompt_tokens, max_tokens=max_tokens))
+    assert not scheduler.has_unfinished()
