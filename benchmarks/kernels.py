@@ -1,0 +1,224 @@
+"""Check the Triton kernels against the PyTorch reference, then time them (run: python benchmarks/kernels.py).
+
+Shapes are Qwen3-0.6B's attention in bfloat16, with the two block sizes people use. Decode is
+memory-bound, so it is reported as achieved bandwidth next to a plain device copy measured in
+the same run. Exits 1 if any check fails.
+
+``--smoke`` runs tiny sizes, on CPU through Triton's interpreter when there is no GPU, to test
+this script itself; its timings mean nothing.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import triton
+
+# Must be set before the kernels are defined (at import) to run them on CPU tensors.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
+
+from nanovllm.kernels.reference import paged_attention, store_kv
+from nanovllm.kernels.triton_attention import (
+    paged_decode_attention_triton,
+    paged_prefill_attention_triton,
+)
+from nanovllm.kernels.triton_kv_store import store_kv_triton
+
+# Qwen3-0.6B: 16 query heads sharing 8 KV heads, head_dim 128.
+NUM_HEADS = 16
+NUM_KV_HEADS = 8
+HEAD_DIM = 128
+BLOCK_SIZES = (256, 16)  # nano-vllm's default block size, and vLLM's
+DTYPE = torch.bfloat16
+# |out - ref| <= tol * (1 + |ref|) against a float32 reference: a few bf16 roundings (8 mantissa bits).
+BF16_TOLERANCE = 2e-2
+COPY_BYTES = 1 << 30  # the copy-bandwidth probe moves 1 GiB, far past the H100's 50 MB L2 cache
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """Problem sizes of one run."""
+
+    store_tokens: int  # tokens written by store_kv
+    prefill_seqs: int  # sequences in the prefill batch
+    prefill_len: int  # prompt tokens per prefill sequence (no cached prefix)
+    decode_cases: tuple[tuple[int, int], ...]  # (batch size, context tokens per sequence)
+    copy_bytes: int  # bytes copied to measure device bandwidth
+
+
+FULL = Sizes(
+    store_tokens=16384, prefill_seqs=8, prefill_len=1024, decode_cases=((256, 1000), (64, 8192)), copy_bytes=COPY_BYTES
+)
+SMOKE = Sizes(store_tokens=64, prefill_seqs=2, prefill_len=40, decode_cases=((4, 100), (2, 300)), copy_bytes=1 << 20)
+
+
+@dataclass
+class Row:
+    """One line of the results table."""
+
+    kernel: str  # which kernel
+    case: str  # problem size
+    triton_ms: float  # median time of the Triton kernel
+    torch_ms: float | None  # median time of the PyTorch reference, where timed
+    throughput: str  # GB/s or TFLOP/s, where meaningful
+    max_error: float  # largest |triton - reference|
+    is_ok: bool  # the check passed
+
+
+def time_ms(fn: Callable[[], object], device: str) -> float:
+    """Median milliseconds per call: triton.testing.do_bench on GPU, a wall clock under the interpreter."""
+    if device == "cuda":
+        return triton.testing.do_bench(fn, return_mode="median")
+    samples = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def paged_cache(
+    num_seqs: int, context_len: int, block_size: int, device: str, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random K/V caches holding num_seqs sequences of context_len tokens in shuffled blocks.
+
+    Returns k_cache, v_cache [num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM], block_tables
+    [num_seqs, blocks_per_seq] int32 and context_lens [num_seqs] int32.
+    """
+    blocks_per_seq = triton.cdiv(context_len, block_size)
+    num_blocks = num_seqs * blocks_per_seq
+    shape = (num_blocks, block_size, NUM_KV_HEADS, HEAD_DIM)
+    k_cache = torch.randn(shape, generator=gen, device=device, dtype=DTYPE)
+    v_cache = torch.randn(shape, generator=gen, device=device, dtype=DTYPE)
+    block_ids = torch.randperm(num_blocks, generator=gen, device=device).to(torch.int32)  # fragmented like a live pool
+    block_tables = block_ids.view(num_seqs, blocks_per_seq)  # [num_seqs, blocks_per_seq]
+    context_lens = torch.full((num_seqs,), context_len, dtype=torch.int32, device=device)
+    return k_cache, v_cache, block_tables, context_lens
+
+
+def max_error(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, bool]:
+    """Largest |out - ref| (inf if any NaN), and whether every element is within BF16_TOLERANCE."""
+    error = (out.float() - ref.float()).abs()
+    is_ok = bool((error <= BF16_TOLERANCE * (1 + ref.float().abs())).all())
+    return error.nan_to_num(float("inf")).max().item(), is_ok
+
+
+def bench_store_kv(sizes: Sizes, block_size: int, device: str, gen: torch.Generator) -> Row:
+    """store_kv of one prefill batch's tokens into consecutive slots of shuffled blocks."""
+    num_tokens = sizes.store_tokens
+    k_cache, v_cache, block_tables, _ = paged_cache(1, num_tokens, block_size, device, gen)
+    positions = torch.arange(num_tokens, device=device)
+    slot_mapping = block_tables[0].long()[positions // block_size] * block_size + positions % block_size  # [N]
+    key = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM, generator=gen, device=device, dtype=DTYPE)
+    value = torch.randn(num_tokens, NUM_KV_HEADS, HEAD_DIM, generator=gen, device=device, dtype=DTYPE)
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    store_kv(key, value, k_ref, v_ref, slot_mapping)
+    store_kv_triton(key, value, k_cache, v_cache, slot_mapping)
+    error = max(max_error(k_cache, k_ref)[0], max_error(v_cache, v_ref)[0])
+
+    triton_ms = time_ms(lambda: store_kv_triton(key, value, k_cache, v_cache, slot_mapping), device)
+    torch_ms = time_ms(lambda: store_kv(key, value, k_cache, v_cache, slot_mapping), device)
+    num_bytes = 2 * 2 * key.numel() * key.element_size()  # K and V, each read once and written once
+    case = f"{num_tokens} tok, bs {block_size}"
+    return Row("store_kv", case, triton_ms, torch_ms, f"{num_bytes / triton_ms / 1e6:.0f} GB/s", error, error == 0)
+
+
+def bench_prefill(sizes: Sizes, block_size: int, device: str, gen: torch.Generator) -> Row:
+    """Causal prefill of prefill_seqs prompts of prefill_len tokens, K/V already in the cache."""
+    num_seqs, seq_len = sizes.prefill_seqs, sizes.prefill_len
+    k_cache, v_cache, block_tables, context_lens = paged_cache(num_seqs, seq_len, block_size, device, gen)
+    query = torch.randn(num_seqs * seq_len, NUM_HEADS, HEAD_DIM, generator=gen, device=device, dtype=DTYPE)
+    cu_seqlens_q = torch.arange(0, num_seqs + 1, device=device, dtype=torch.int32) * seq_len  # [B + 1]
+    args = (cu_seqlens_q, seq_len, context_lens, seq_len, block_tables, HEAD_DIM**-0.5)
+    out = paged_prefill_attention_triton(query, k_cache, v_cache, *args)
+    ref = paged_attention(query.float(), k_cache.float(), v_cache.float(), *args)
+    error, is_ok = max_error(out, ref)
+    del ref
+
+    triton_ms = time_ms(lambda: paged_prefill_attention_triton(query, k_cache, v_cache, *args), device)
+    torch_ms = time_ms(lambda: paged_attention(query, k_cache, v_cache, *args), device)
+    flops = 4 * num_seqs * NUM_HEADS * HEAD_DIM * seq_len * (seq_len + 1) / 2  # QK^T and PV, causal half
+    case = f"{num_seqs}x{seq_len}, bs {block_size}"
+    return Row("prefill", case, triton_ms, torch_ms, f"{flops / triton_ms / 1e9:.1f} TFLOP/s", error, is_ok)
+
+
+def bench_decode(
+    num_seqs: int, context_len: int, block_size: int, device: str, gen: torch.Generator, copy_gbps: float
+) -> Row:
+    """One decode step of num_seqs sequences with context_len cached tokens each."""
+    k_cache, v_cache, block_tables, context_lens = paged_cache(num_seqs, context_len, block_size, device, gen)
+    query = torch.randn(num_seqs, NUM_HEADS, HEAD_DIM, generator=gen, device=device, dtype=DTYPE)
+    args = (context_lens, context_len, block_tables, HEAD_DIM**-0.5)
+    out = paged_decode_attention_triton(query, k_cache, v_cache, *args)
+    cu_seqlens_q = torch.arange(num_seqs + 1, device=device, dtype=torch.int32)  # one query token each
+    ref_args = (cu_seqlens_q, 1, *args)
+    ref = paged_attention(query.float(), k_cache.float(), v_cache.float(), *ref_args)
+    error, is_ok = max_error(out, ref)
+    del ref
+
+    triton_ms = time_ms(lambda: paged_decode_attention_triton(query, k_cache, v_cache, *args), device)
+    torch_ms = time_ms(lambda: paged_attention(query, k_cache, v_cache, *ref_args), device)
+    kv_bytes = num_seqs * context_len * NUM_KV_HEADS * HEAD_DIM * 2 * k_cache.element_size()  # K and V
+    num_bytes = kv_bytes + 2 * query.numel() * query.element_size()  # + query read, output written
+    gbps = num_bytes / triton_ms / 1e6
+    case = f"{num_seqs}x{context_len}, bs {block_size}"
+    return Row(
+        "decode", case, triton_ms, torch_ms, f"{gbps:.0f} GB/s ({100 * gbps / copy_gbps:.0f}% copy)", error, is_ok
+    )
+
+
+def copy_bandwidth_gbps(num_bytes: int, device: str) -> float:
+    """Device memory bandwidth of a plain tensor copy: bytes read + bytes written per second."""
+    src = torch.empty(num_bytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return 2 * num_bytes / time_ms(lambda: dst.copy_(src), device) / 1e6
+
+
+def print_table(rows: list[Row], copy_gbps: float) -> None:
+    header = f"{'kernel':<9}{'case':<24}{'triton ms':>11}{'torch ms':>11}  {'throughput':<26}{'max err':>9}  check"
+    print(f"\ndevice copy bandwidth: {copy_gbps:.0f} GB/s\n{header}\n{'-' * len(header)}")
+    for row in rows:
+        torch_ms = f"{row.torch_ms:.3f}" if row.torch_ms is not None else "-"
+        check = "ok" if row.is_ok else "FAIL"
+        print(
+            f"{row.kernel:<9}{row.case:<24}{row.triton_ms:>11.3f}{torch_ms:>11}  {row.throughput:<26}"
+            f"{row.max_error:>9.2e}  {check}"
+        )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, to test the script (CPU works)")
+    is_smoke = parser.parse_args().smoke
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not is_smoke:
+        parser.error("the full benchmark needs a CUDA GPU; use --smoke to test the script on CPU")
+    sizes = SMOKE if is_smoke else FULL
+    gen = torch.Generator(device=device).manual_seed(0)
+    print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu (Triton interpreter)'}")
+
+    copy_gbps = copy_bandwidth_gbps(sizes.copy_bytes, device)
+    rows = []
+    for block_size in BLOCK_SIZES:
+        rows.append(bench_store_kv(sizes, block_size, device, gen))
+        rows.append(bench_prefill(sizes, block_size, device, gen))
+        for num_seqs, context_len in sizes.decode_cases:
+            rows.append(bench_decode(num_seqs, context_len, block_size, device, gen, copy_gbps))
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    print_table(rows, copy_gbps)
+    num_failed = sum(not row.is_ok for row in rows)
+    print(f"\n{num_failed} check(s) failed" if num_failed else "\nall checks passed")
+    return 1 if num_failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

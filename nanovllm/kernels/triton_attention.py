@@ -1,0 +1,325 @@
+# mypy: disable-error-code="no-untyped-def"
+# (@triton.jit kernels take untyped pointers and scalars; the Python wrappers are typed.)
+"""Triton attention over the paged KV cache: a prefill kernel and a split-KV decode kernel.
+
+Same contract as :func:`nanovllm.kernels.reference.paged_attention`; the new tokens' K/V
+must already be in the cache. Both kernels read keys in tiles of BLOCK_N positions and
+find each position's cache row through the block table, so a tile may span cache blocks:
+
+    block_size = 4, block_tables[b] = [7, 2, 0, 0]   (0 = padding past the last block)
+    key position:   0  1  2  3 | 4  5  6  7
+    cache block:    7  7  7  7 | 2  2  2  2           block = block_tables[b][pos // block_size]
+    row in block:   0  1  2  3 | 0  1  2  3           row   = pos % block_size
+
+Positions at or past ``context_len`` are masked on load, so padding entries and unwritten
+(possibly NaN) slots are never used. Softmax runs in the base-2 domain: the scale is
+multiplied by log2(e) once so the kernels can call ``exp2``.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = math.log2(math.e)  # exp(x) == exp2(x * LOG2E)
+# tl.dot needs every matrix dimension to be at least 16 on NVIDIA GPUs (mma instruction shape).
+MIN_DOT_SIZE = 16
+# Flash-attention tile sizes for head_dim 64-128 (Triton's fused-attention tutorial tunes BLOCK_M
+# over 64-128 and BLOCK_N over 32-64); worth re-tuning per GPU.
+PREFILL_BLOCK_M = 64  # query rows per prefill program
+PREFILL_BLOCK_N = 64  # key positions per prefill loop step
+DECODE_BLOCK_N = 64  # key positions per decode loop step
+# Decode splits the context until the grid has about this many programs: an H100 has 132 SMs
+# and each holds several 4-warp programs at once, so ~1000 programs fill it.
+TARGET_DECODE_PROGRAMS = 1024
+# A split shorter than this spends more on writing and merging its partial result than on K/V.
+MIN_TOKENS_PER_SPLIT = 256
+# Upper bound on splits, so the reduction kernel's [num_splits, head_dim] tile stays small.
+MAX_DECODE_SPLITS = 64
+
+
+@triton.jit
+def _cache_row_offsets(block_table_ptr, key_pos, key_mask, block_size, stride_block, stride_slot):
+    """Element offset of each key position's cache row (block, row in block): [BLOCK_N] int64."""
+    block_ids = tl.load(block_table_ptr + key_pos // block_size, mask=key_mask, other=0).to(tl.int64)
+    return block_ids * stride_block + (key_pos % block_size) * stride_slot
+
+
+@triton.jit
+def _load_kv_tile(k_head_ptr, v_head_ptr, row_offs, key_mask, head_dim, BLOCK_D: tl.constexpr):
+    """K^T [BLOCK_D, BLOCK_N] and V [BLOCK_N, BLOCK_D] of one tile; zeros where key_mask is off."""
+    dim_offs = tl.arange(0, BLOCK_D)
+    dim_mask = dim_offs < head_dim
+    k_mask = dim_mask[:, None] & key_mask[None, :]  # [BLOCK_D, BLOCK_N]
+    k_t = tl.load(k_head_ptr + dim_offs[:, None] + row_offs[None, :], mask=k_mask, other=0.0)
+    v_mask = key_mask[:, None] & dim_mask[None, :]  # [BLOCK_N, BLOCK_D]
+    v = tl.load(v_head_ptr + row_offs[:, None] + dim_offs[None, :], mask=v_mask, other=0.0)
+    return k_t, v
+
+
+@triton.jit
+def _online_softmax_step(q, k_t, v, is_visible, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):
+    """Fold one key tile into the running max m_i, sum l_i and output acc of each query row.
+
+    The new running max m_new rescales what was summed so far by exp2(m_i - m_new), so after
+    the last tile acc / l_i equals softmax(scores) @ V without ever holding all the scores.
+    is_visible is [rows, BLOCK_N] or [1, BLOCK_N]; rows of q are query tokens or query heads.
+    """
+    scores = tl.dot(q, k_t.to(q.dtype), input_precision=DOT_PRECISION) * qk_scale  # [rows, BLOCK_N], log2 units
+    scores = tl.where(is_visible, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))  # [rows]
+    alpha = tl.exp2(m_i - m_new)  # [rows], 0 on the first tile (m_i = -inf)
+    p = tl.exp2(scores - m_new[:, None])  # [rows, BLOCK_N]
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
+    return m_new, l_i * alpha + tl.sum(p, 1), acc
+
+
+@triton.jit
+def _prefill_kernel(
+    query_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, context_lens_ptr, block_tables_ptr,
+    qk_scale, num_queries_per_kv, head_dim, block_size,
+    stride_q_token, stride_q_head, stride_o_token, stride_o_head,
+    stride_cache_block, stride_cache_slot, stride_cache_head, stride_table_seq,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    FP32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Flash attention for BLOCK_M query tokens of one sequence and one head.
+
+    Query row i of the sequence sits at position prefix_len + i and sees keys 0..that
+    position. Keys are streamed in BLOCK_N tiles with an online softmax, stopping after the
+    tile's last query position (causal), so no [q_len, context_len] matrix is ever built.
+    """
+    tile_idx, seq_idx, head_idx = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_start = tl.load(cu_seqlens_q_ptr + seq_idx)
+    q_len = tl.load(cu_seqlens_q_ptr + seq_idx + 1) - q_start
+    if tile_idx * BLOCK_M >= q_len:
+        return
+    context_len = tl.load(context_lens_ptr + seq_idx)
+    prefix_len = context_len - q_len  # tokens cached before this step
+    kv_head_idx = head_idx // num_queries_per_kv
+
+    rows = tile_idx * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M], query index within the sequence
+    dim_offs = tl.arange(0, BLOCK_D)
+    dim_mask = dim_offs < head_dim
+    q_mask = (rows[:, None] < q_len) & dim_mask[None, :]  # [BLOCK_M, BLOCK_D]
+    token_idx = (q_start + rows).to(tl.int64)  # [BLOCK_M], row in the flat batch
+    q_offs = token_idx[:, None] * stride_q_token + head_idx * stride_q_head + dim_offs[None, :]
+    q = tl.load(query_ptr + q_offs, mask=q_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
+    if FP32_DOT:
+        q = q.to(tl.float32)  # every tl.dot follows q's dtype
+    q_pos = prefix_len + rows  # [BLOCK_M], absolute positions
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    key_end = tl.minimum(context_len, prefix_len + (tile_idx + 1) * BLOCK_M)  # past the tile's last query
+    block_table_ptr = block_tables_ptr + seq_idx * stride_table_seq
+    k_head_ptr = k_cache_ptr + kv_head_idx * stride_cache_head  # the cache seen as [num_blocks, block_size, head_dim]
+    v_head_ptr = v_cache_ptr + kv_head_idx * stride_cache_head
+    for key_start in range(0, key_end, BLOCK_N):
+        key_pos = key_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+        key_mask = key_pos < key_end
+        row_offs = _cache_row_offsets(
+            block_table_ptr, key_pos, key_mask, block_size, stride_cache_block, stride_cache_slot
+        )
+        k_t, v = _load_kv_tile(k_head_ptr, v_head_ptr, row_offs, key_mask, head_dim, BLOCK_D)
+        is_visible = (key_pos[None, :] <= q_pos[:, None]) & key_mask[None, :]  # [BLOCK_M, BLOCK_N], causal
+        m_i, l_i, acc = _online_softmax_step(q, k_t, v, is_visible, m_i, l_i, acc, qk_scale, DOT_PRECISION)
+
+    out = acc / l_i[:, None]  # [BLOCK_M, BLOCK_D]
+    out_offs = token_idx[:, None] * stride_o_token + head_idx * stride_o_head + dim_offs[None, :]
+    tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
+
+
+def _dot_options(query: torch.Tensor) -> dict[str, bool | str]:
+    """How the kernels' tl.dot calls run: operand dtype and precision.
+
+    Float32 operands get exact products ("ieee"; the GPU default rounds them to tf32). On CPU
+    the operands are upcast to float32 because Triton's interpreter multiplies the raw bits
+    of bfloat16 operands (triton-lang/triton#11584); on GPU they stay 16-bit for tensor cores.
+    """
+    fp32_dot = query.dtype == torch.float32 or query.device.type == "cpu"
+    return {"FP32_DOT": fp32_dot, "DOT_PRECISION": "ieee" if fp32_dot else "tf32"}
+
+
+def paged_prefill_attention_triton(
+    query: torch.Tensor,  # [N, num_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    cu_seqlens_q: torch.Tensor,  # [B + 1] int32
+    max_seqlen_q: int,
+    context_lens: torch.Tensor,  # [B] int32, cached + new tokens per sequence
+    max_context_len: int,
+    block_tables: torch.Tensor,  # [B, max_blocks] int32, padded with 0
+    scale: float,
+) -> torch.Tensor:  # [N, num_heads, head_dim]
+    """Causal attention of each sequence's new tokens over its whole cache (prefix + new)."""
+    num_tokens, num_heads, head_dim = query.shape
+    _check_cache(query, k_cache, v_cache)
+    out = torch.empty(num_tokens, num_heads, head_dim, dtype=query.dtype, device=query.device)
+    num_seqs = context_lens.numel()
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    # Short chunks (decode-like rows in a mixed batch) get a smaller tile than PREFILL_BLOCK_M.
+    block_m = max(MIN_DOT_SIZE, min(PREFILL_BLOCK_M, triton.next_power_of_2(max_seqlen_q)))
+    grid = (triton.cdiv(max_seqlen_q, block_m), num_seqs, num_heads)
+    _prefill_kernel[grid](
+        query, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables,
+        scale * LOG2E, num_heads // k_cache.shape[2], head_dim, k_cache.shape[1],
+        query.stride(0), query.stride(1), out.stride(0), out.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        BLOCK_M=block_m, BLOCK_N=PREFILL_BLOCK_N, BLOCK_D=_block_dim(head_dim),
+        **_dot_options(query), num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _decode_split_kernel(
+    query_ptr, k_cache_ptr, v_cache_ptr, partial_out_ptr, partial_lse_ptr, context_lens_ptr, block_tables_ptr,
+    qk_scale, num_heads, num_queries_per_kv, head_dim, block_size, num_splits, split_len,
+    stride_q_seq, stride_q_head, stride_cache_block, stride_cache_slot, stride_cache_head, stride_table_seq,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    FP32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Phase 1 of flash decoding: one sequence, one KV head, one split of the context.
+
+    The query heads that share this KV head are the rows of one [BLOCK_G, BLOCK_D] tile, so
+    each K/V element is read once per (sequence, kv_head). The split covers key positions
+    [split_idx * split_len, (split_idx + 1) * split_len) and leaves, per query head, its
+    output normalised over the split and the split's log-sum-exp (base 2) of the scores.
+    """
+    seq_idx, kv_head_idx, split_idx = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    context_len = tl.load(context_lens_ptr + seq_idx)
+    split_start = split_idx * split_len
+    if split_start >= context_len:
+        return  # past this sequence's end: phase 2 skips this split
+    split_end = tl.minimum(split_start + split_len, context_len)
+
+    group_offs = tl.arange(0, BLOCK_G)  # [BLOCK_G], padded to MIN_DOT_SIZE rows
+    group_mask = group_offs < num_queries_per_kv
+    head_offs = kv_head_idx * num_queries_per_kv + group_offs  # [BLOCK_G], query heads of this KV head
+    dim_offs = tl.arange(0, BLOCK_D)
+    q_mask = group_mask[:, None] & (dim_offs[None, :] < head_dim)  # [BLOCK_G, BLOCK_D]
+    q_offs = seq_idx.to(tl.int64) * stride_q_seq + head_offs[:, None] * stride_q_head + dim_offs[None, :]
+    q = tl.load(query_ptr + q_offs, mask=q_mask, other=0.0)  # [BLOCK_G, BLOCK_D]
+    if FP32_DOT:
+        q = q.to(tl.float32)  # every tl.dot follows q's dtype
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    block_table_ptr = block_tables_ptr + seq_idx * stride_table_seq
+    k_head_ptr = k_cache_ptr + kv_head_idx * stride_cache_head  # the cache seen as [num_blocks, block_size, head_dim]
+    v_head_ptr = v_cache_ptr + kv_head_idx * stride_cache_head
+    for key_start in range(split_start, split_end, BLOCK_N):
+        key_pos = key_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+        key_mask = key_pos < split_end  # the one query token sees every cached key
+        row_offs = _cache_row_offsets(
+            block_table_ptr, key_pos, key_mask, block_size, stride_cache_block, stride_cache_slot
+        )
+        k_t, v = _load_kv_tile(k_head_ptr, v_head_ptr, row_offs, key_mask, head_dim, BLOCK_D)
+        m_i, l_i, acc = _online_softmax_step(q, k_t, v, key_mask[None, :], m_i, l_i, acc, qk_scale, DOT_PRECISION)
+
+    # partial_lse: [B, num_heads, num_splits]; partial_out: [B, num_heads, num_splits, head_dim], both contiguous.
+    lse_idx = (seq_idx * num_heads + head_offs) * num_splits + split_idx  # [BLOCK_G]
+    tl.store(partial_lse_ptr + lse_idx, m_i + tl.log2(l_i), mask=group_mask)
+    out_offs = lse_idx[:, None].to(tl.int64) * head_dim + dim_offs[None, :]  # [BLOCK_G, BLOCK_D]
+    tl.store(partial_out_ptr + out_offs, acc / l_i[:, None], mask=q_mask)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    partial_out_ptr, partial_lse_ptr, out_ptr, context_lens_ptr, num_heads, head_dim, num_splits, split_len,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Phase 2 of flash decoding: merge the splits of one (sequence, query head).
+
+    Split s holds partial_s = sum_j 2^(x_j) v_j / 2^(lse_s) over its scores x_j, with
+    lse_s = log2(sum_j 2^(x_j)). So the full softmax output is the lse-weighted mean
+        out = sum_s 2^(lse_s) * partial_s / sum_s 2^(lse_s),
+    computed with 2^(lse_s - max lse) so the largest weight is 1 and nothing overflows.
+    """
+    seq_idx, head_idx = tl.program_id(0), tl.program_id(1)
+    context_len = tl.load(context_lens_ptr + seq_idx)
+    split_offs = tl.arange(0, BLOCK_S)  # [BLOCK_S]
+    is_active = split_offs < tl.cdiv(context_len, split_len)  # the splits phase 1 wrote
+    dim_offs = tl.arange(0, BLOCK_D)
+    lse_idx = (seq_idx * num_heads + head_idx) * num_splits + split_offs  # [BLOCK_S]
+    lse = tl.load(partial_lse_ptr + lse_idx, mask=is_active, other=float("-inf"))
+    lse_max = tl.maximum(tl.max(lse, 0), -1e30)  # finite even when no split is active
+    weights = tl.where(is_active, tl.exp2(lse - lse_max), 0.0)  # [BLOCK_S]
+    part_mask = is_active[:, None] & (dim_offs[None, :] < head_dim)  # [BLOCK_S, BLOCK_D]
+    partial_offs = lse_idx[:, None].to(tl.int64) * head_dim + dim_offs[None, :]
+    partial = tl.load(partial_out_ptr + partial_offs, mask=part_mask, other=0.0)  # [BLOCK_S, BLOCK_D]
+    # The weights sum to >= 1 when any split is active; an empty context (a padded lane) gives 0.
+    out = tl.sum(weights[:, None] * partial, 0) / tl.maximum(tl.sum(weights, 0), 1.0)  # [BLOCK_D]
+    out_offs = (seq_idx * num_heads + head_idx).to(tl.int64) * head_dim + dim_offs
+    tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=dim_offs < head_dim)
+
+
+def default_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int) -> int:
+    """Splits per sequence: enough programs to fill the GPU, but none shorter than MIN_TOKENS_PER_SPLIT."""
+    wanted = triton.cdiv(TARGET_DECODE_PROGRAMS, max(1, num_seqs * num_kv_heads))
+    useful = triton.cdiv(max_context_len, MIN_TOKENS_PER_SPLIT)
+    return max(1, min(wanted, useful, MAX_DECODE_SPLITS))
+
+
+def paged_decode_attention_triton(
+    query: torch.Tensor,  # [B, num_heads, head_dim], one new token per sequence
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    context_lens: torch.Tensor,  # [B] int32, cached tokens per sequence including the new one
+    max_context_len: int,
+    block_tables: torch.Tensor,  # [B, max_blocks] int32, padded with 0
+    scale: float,
+    num_splits: int | None = None,
+) -> torch.Tensor:  # [B, num_heads, head_dim]
+    """Attention of one query token per sequence over its cache, split over the context (flash decoding).
+
+    ``num_splits`` defaults to :func:`default_num_splits`. A sequence with context_len 0 gets zeros.
+    """
+    num_seqs, num_heads, head_dim = query.shape
+    num_kv_heads = k_cache.shape[2]
+    _check_cache(query, k_cache, v_cache)
+    out = torch.empty(num_seqs, num_heads, head_dim, dtype=query.dtype, device=query.device)
+    if num_seqs == 0:
+        return out
+    if num_splits is None:
+        num_splits = default_num_splits(num_seqs, num_kv_heads, max_context_len)
+    # Whole BLOCK_N tiles per split, so only a sequence's last tile is partial.
+    split_len = triton.cdiv(triton.cdiv(max(max_context_len, 1), num_splits), DECODE_BLOCK_N) * DECODE_BLOCK_N
+    partial_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=query.device)
+    partial_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=query.device)
+    group_size = num_heads // num_kv_heads
+    _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
+        query, k_cache, v_cache, partial_out, partial_lse, context_lens, block_tables,
+        scale * LOG2E, num_heads, group_size, head_dim, k_cache.shape[1], num_splits, split_len,
+        query.stride(0), query.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        BLOCK_G=max(MIN_DOT_SIZE, triton.next_power_of_2(group_size)), BLOCK_N=DECODE_BLOCK_N,
+        BLOCK_D=_block_dim(head_dim), **_dot_options(query), num_warps=4,
+    )  # fmt: skip
+    _decode_reduce_kernel[(num_seqs, num_heads)](
+        partial_out, partial_lse, out, context_lens, num_heads, head_dim, num_splits, split_len,
+        BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=_block_dim(head_dim), num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def _block_dim(head_dim: int) -> int:
+    """head_dim rounded up to a power of two of at least MIN_DOT_SIZE; the kernels mask the excess."""
+    return max(MIN_DOT_SIZE, triton.next_power_of_2(head_dim))
+
+
+def _check_cache(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """The kernels index both caches with one set of strides and assume a contiguous head_dim."""
+    num_heads, num_kv_heads = query.shape[1], k_cache.shape[2]
+    if num_heads % num_kv_heads != 0:
+        raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+    if query.stride(2) != 1 or k_cache.stride() != v_cache.stride() or k_cache.stride(3) != 1:
+        raise ValueError(
+            f"query and the caches need a contiguous head_dim and k_cache/v_cache equal strides; got query "
+            f"{query.stride()}, k_cache {k_cache.stride()}, v_cache {v_cache.stride()}; call .contiguous() first"
+        )

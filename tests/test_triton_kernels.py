@@ -1,0 +1,249 @@
+"""The Triton KV-store and paged-attention kernels against the plain-PyTorch reference.
+
+On CPU the kernels run in Triton's interpreter (conftest.py sets TRITON_INTERPRET=1), which
+executes every program in Python, so the sizes here are small. On a GPU the same tests run
+compiled kernels.
+"""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from nanovllm.kernels.reference import paged_attention, store_kv
+from nanovllm.kernels.triton_attention import (
+    PREFILL_BLOCK_M,
+    default_num_splits,
+    paged_decode_attention_triton,
+    paged_prefill_attention_triton,
+)
+from nanovllm.kernels.triton_kv_store import store_kv_triton
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Absolute and relative tolerance against a float32 reference on the same (rounded) inputs:
+# float32 differs only by summation order; 16-bit outputs carry one rounding of the output
+# (bf16 has 8 mantissa bits, fp16 11) plus the probabilities rounded for the P @ V product.
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+@dataclass
+class PagedBatch:
+    """Random queries and a paged cache holding each sequence's context, as the engine lays them out."""
+
+    query: torch.Tensor  # [N, num_heads, head_dim], a strided view like the model's q of a fused qkv
+    k_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim], random everywhere
+    v_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
+    k_poisoned: torch.Tensor  # k_cache with NaN in every slot outside all contexts (block 0 included)
+    v_poisoned: torch.Tensor  # v_cache, likewise
+    cu_seqlens_q: torch.Tensor  # [B + 1] int32
+    context_lens: torch.Tensor  # [B] int32
+    block_tables: torch.Tensor  # [B, max_blocks] int32, shuffled block ids, padded with 0
+    max_seqlen_q: int  # longest query, in tokens
+    max_context_len: int  # longest context, in tokens
+
+
+def make_batch(
+    q_lens: list[int], context_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
+    dtype: torch.dtype = torch.float32, seed: int = 0,
+) -> PagedBatch:  # fmt: skip
+    """Sequence b has context_lens[b] cached tokens, the last q_lens[b] of which are queries.
+
+    Block ids are shuffled and start at 1: block 0 is what padding entries point at, and it
+    holds only NaN in the poisoned caches, like every slot past a sequence's end.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    num_seqs = len(q_lens)
+    blocks_per_seq = [-(-context_len // block_size) for context_len in context_lens]
+    num_blocks = 1 + sum(blocks_per_seq) + 1  # padding block 0, the sequences' blocks, one spare
+    block_ids = (torch.randperm(num_blocks - 1, generator=gen) + 1).tolist()
+    block_tables = torch.zeros(num_seqs, max(blocks_per_seq) + 1, dtype=torch.int32)  # one column of padding
+    is_used = torch.zeros(num_blocks * block_size, dtype=torch.bool)  # [num_slots]
+    for seq_idx, (num_seq_blocks, context_len) in enumerate(zip(blocks_per_seq, context_lens, strict=True)):
+        seq_blocks = [block_ids.pop() for _ in range(num_seq_blocks)]
+        block_tables[seq_idx, :num_seq_blocks] = torch.tensor(seq_blocks, dtype=torch.int32)
+        positions = torch.arange(context_len)  # [context_len]
+        seq_block_ids = torch.tensor(seq_blocks, dtype=torch.long)[positions // block_size]  # [context_len]
+        is_used[seq_block_ids * block_size + positions % block_size] = True
+
+    cache_shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.randn(cache_shape, generator=gen).to(dtype)
+    v_cache = torch.randn(cache_shape, generator=gen).to(dtype)
+    k_poisoned, v_poisoned = k_cache.clone(), v_cache.clone()
+    k_poisoned.view(-1, num_kv_heads, head_dim)[~is_used] = float("nan")
+    v_poisoned.view(-1, num_kv_heads, head_dim)[~is_used] = float("nan")
+    qkv = torch.randn(sum(q_lens), num_heads + 2 * num_kv_heads, head_dim, generator=gen).to(dtype)
+    cu_seqlens_q = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    return PagedBatch(
+        query=qkv[:, :num_heads].to(DEVICE), k_cache=k_cache.to(DEVICE), v_cache=v_cache.to(DEVICE),
+        k_poisoned=k_poisoned.to(DEVICE), v_poisoned=v_poisoned.to(DEVICE), cu_seqlens_q=cu_seqlens_q.to(DEVICE),
+        context_lens=torch.tensor(context_lens, dtype=torch.int32, device=DEVICE), block_tables=block_tables.to(DEVICE),
+        max_seqlen_q=max(q_lens), max_context_len=max(context_lens),
+    )  # fmt: skip
+
+
+def reference_attention(batch: PagedBatch, scale: float) -> torch.Tensor:
+    """The reference in float32 on the batch's (possibly 16-bit) values and the clean cache."""
+    return paged_attention(
+        batch.query.float(), batch.k_cache.float(), batch.v_cache.float(), batch.cu_seqlens_q, batch.max_seqlen_q,
+        batch.context_lens, batch.max_context_len, batch.block_tables, scale,
+    )  # fmt: skip
+
+
+@contextmanager
+def nan_filled_empty() -> Iterator[None]:
+    """Inside, torch.empty returns NaN, so an output element a kernel never writes shows up as NaN."""
+    was_enabled = torch.are_deterministic_algorithms_enabled()
+    was_warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)  # turns on fill_uninitialized_memory
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_enabled, warn_only=was_warn_only)
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    """Elementwise |out - ref| <= tol * (1 + |ref|); NaN counts as a mismatch."""
+    tol = TOLERANCE[dtype]
+    assert out.dtype == dtype, f"output dtype {out.dtype}, expected {dtype}"
+    error = (out.float() - ref).abs()
+    is_ok = error <= tol * (1 + ref.abs())
+    assert is_ok.all(), (
+        f"{(~is_ok).sum().item()} of {ref.numel()} elements off (NaN: {out.isnan().sum().item()}); "
+        f"max abs error {error.nan_to_num(float('inf')).max().item():.3g}, tolerance {tol}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("num_kv_heads", "head_dim", "key_dtype", "cache_dtype"),
+    [
+        (2, 16, torch.float32, torch.float32),
+        (3, 40, torch.float32, torch.float32),
+        (16, 64, torch.bfloat16, torch.bfloat16),
+        # float32 -> float16 only: the CPU interpreter truncates float32 -> bfloat16 casts instead of rounding.
+        (1, 128, torch.float32, torch.float16),
+    ],
+)
+def test_store_kv_matches_reference(
+    num_kv_heads: int, head_dim: int, key_dtype: torch.dtype, cache_dtype: torch.dtype
+) -> None:
+    """Guards against wrong slot -> (block, offset) arithmetic, writing padded lanes (slot -1),
+    dropping heads when num_kv_heads is not a power of two or exceeds one program's head block,
+    and skipping the cast to the cache dtype."""
+    gen = torch.Generator().manual_seed(1)
+    num_tokens, num_blocks, block_size = 12, 5, 16
+    kv = torch.randn(num_tokens, 3 * num_kv_heads, head_dim, generator=gen).to(DEVICE, key_dtype)  # like a fused qkv
+    key, value = kv[:, num_kv_heads : 2 * num_kv_heads], kv[:, 2 * num_kv_heads :]
+    slot_mapping = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens].to(DEVICE)
+    slot_mapping[[2, 7]] = -1
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(DEVICE, cache_dtype)
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(DEVICE, cache_dtype)
+    k_expected, v_expected = k_cache.clone(), v_cache.clone()
+    store_kv(key, value, k_expected, v_expected, slot_mapping)
+
+    k_before = k_cache.clone()
+    store_kv_triton(key, value, k_cache, v_cache, slot_mapping)
+
+    assert torch.equal(k_cache, k_expected), f"k_cache max diff {(k_cache.float() - k_expected.float()).abs().max()}"
+    assert torch.equal(v_cache, v_expected), f"v_cache max diff {(v_cache.float() - v_expected.float()).abs().max()}"
+    num_changed = (k_cache != k_before).any(-1).any(-1).sum().item()
+    assert num_changed == num_tokens - 2, f"{num_changed} slots changed, expected {num_tokens - 2} (two are -1)"
+
+
+PREFILL_CASES = {
+    # name: (q_lens, context_lens, num_heads, num_kv_heads, head_dim, block_size)
+    "ragged_no_prefix": ([5, 17, 33], [5, 17, 33], 4, 2, 32, 16),
+    "cached_prefixes": ([7, 1, 20, 3], [16, 40, 36, 48], 4, 2, 32, 16),
+    "gqa_8_to_1_bs32_d16": ([9, 40], [9, 70], 8, 1, 16, 32),
+    "two_query_tiles_d64": ([PREFILL_BLOCK_M + 6], [PREFILL_BLOCK_M + 11], 2, 2, 64, 16),
+    "d128_bs32": ([12, 3], [12, 50], 4, 1, 128, 32),
+}
+
+
+@pytest.mark.parametrize("case", PREFILL_CASES)
+def test_prefill_attention_matches_reference(case: str) -> None:
+    """Guards against a wrong causal mask with cached prefixes (chunks that start mid-block, at a
+    block boundary, or are one token long), cu_seqlens/ragged indexing, block-table lookups across
+    blocks, GQA head mapping, query tiles past the first, masked head_dim padding, and reading
+    slots past context_len or through padding entries (those hold NaN here)."""
+    q_lens, context_lens, num_heads, num_kv_heads, head_dim, block_size = PREFILL_CASES[case]
+    batch = make_batch(q_lens, context_lens, num_heads, num_kv_heads, head_dim, block_size)
+    _check_prefill(batch, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_prefill_attention_16bit(dtype: torch.dtype) -> None:
+    """Guards against 16-bit inputs breaking the float32 accumulation or the output cast."""
+    batch = make_batch(*PREFILL_CASES["cached_prefixes"], dtype=dtype, seed=2)
+    _check_prefill(batch, dtype)
+
+
+def _check_prefill(batch: PagedBatch, dtype: torch.dtype) -> None:
+    scale = batch.query.shape[-1] ** -0.5
+    with nan_filled_empty():
+        out = paged_prefill_attention_triton(
+            batch.query, batch.k_poisoned, batch.v_poisoned, batch.cu_seqlens_q, batch.max_seqlen_q,
+            batch.context_lens, batch.max_context_len, batch.block_tables, scale,
+        )  # fmt: skip
+    assert_close(out, reference_attention(batch, scale), dtype)
+
+
+DECODE_CASES = {
+    # name: (context_lens, num_heads, num_kv_heads, head_dim, block_size, num_splits)
+    "auto_splits": ([300, 37, 513, 1], 4, 2, 32, 16, None),
+    "one_split": ([300, 37, 513, 1], 4, 2, 32, 16, 1),
+    "more_splits_than_needed": ([300, 37, 513, 1], 4, 2, 32, 16, 16),
+    "gqa_8_to_1_d128_bs32": ([200, 65], 8, 1, 128, 32, 2),
+    "mha_d16_bs64": ([150, 7, 64], 2, 2, 16, 64, 3),
+    "d64": ([100, 257], 4, 2, 64, 16, None),
+    "d80_not_pow2": ([129, 40], 4, 1, 80, 16, 2),
+}
+
+
+@pytest.mark.parametrize("case", DECODE_CASES)
+def test_decode_attention_matches_reference(case: str) -> None:
+    """Guards against a wrong split-KV merge (log-sum-exp weights, empty splits of short sequences,
+    a split ending mid-tile), GQA groups padded to 16 rows for tl.dot, block-table lookups over long
+    shuffled tables, and reading slots past context_len (those hold NaN here)."""
+    context_lens, num_heads, num_kv_heads, head_dim, block_size, num_splits = DECODE_CASES[case]
+    batch = make_batch([1] * len(context_lens), context_lens, num_heads, num_kv_heads, head_dim, block_size)
+    _check_decode(batch, torch.float32, num_splits)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode_attention_16bit(dtype: torch.dtype) -> None:
+    """Guards against 16-bit inputs breaking the float32 partial results or the output cast."""
+    batch = make_batch([1] * 4, *DECODE_CASES["auto_splits"][:-1], dtype=dtype, seed=3)
+    _check_decode(batch, dtype, num_splits=3)
+
+
+def _check_decode(batch: PagedBatch, dtype: torch.dtype, num_splits: int | None) -> None:
+    scale = batch.query.shape[-1] ** -0.5
+    with nan_filled_empty():
+        out = paged_decode_attention_triton(
+            batch.query, batch.k_poisoned, batch.v_poisoned, batch.context_lens, batch.max_context_len,
+            batch.block_tables, scale, num_splits,
+        )  # fmt: skip
+    assert_close(out, reference_attention(batch, scale), dtype)
+
+
+def test_decode_empty_context_gives_zeros() -> None:
+    """Guards against NaN from a padded decode lane (context_len 0) whose splits are all empty."""
+    batch = make_batch([1, 1], [1, 20], 4, 2, 32, 16)
+    context_lens = batch.context_lens.clone()
+    context_lens[0] = 0
+    with nan_filled_empty():
+        out = paged_decode_attention_triton(
+            batch.query, batch.k_poisoned, batch.v_poisoned, context_lens, 20, batch.block_tables, 0.2
+        )
+    assert torch.equal(out[0], torch.zeros_like(out[0])), f"padded lane gave {out[0]}"
+    assert_close(out[1:], reference_attention(batch, 0.2)[1:], torch.float32)
+
+
+def test_default_num_splits() -> None:
+    """Guards against a heuristic that splits short contexts or leaves a small batch's GPU idle."""
+    assert default_num_splits(num_seqs=256, num_kv_heads=8, max_context_len=1000) == 1
+    assert default_num_splits(num_seqs=1, num_kv_heads=8, max_context_len=100) == 1
+    assert default_num_splits(num_seqs=1, num_kv_heads=8, max_context_len=8192) == 32
+    assert default_num_splits(num_seqs=64, num_kv_heads=8, max_context_len=8192) == 2
