@@ -45,6 +45,10 @@ class EngineConfig:
         _check_positive_int("max_num_seqs", self.max_num_seqs)
         _check_positive_int("max_model_len", self.max_model_len)
         _check_positive_int("tensor_parallel_size", self.tensor_parallel_size)
+        if self.tensor_parallel_size != 1:
+            raise ValueError(
+                f"tensor_parallel_size={self.tensor_parallel_size}: only 1 is implemented so far (issue #4)"
+            )
         size = self.kvcache_block_size
         if not isinstance(size, int) or size < MIN_BLOCK_SIZE or size & (size - 1):
             raise ValueError(f"kvcache_block_size must be a power of two >= {MIN_BLOCK_SIZE}, got {size!r}")
