@@ -10,10 +10,11 @@ from contextlib import contextmanager
 import torch
 
 from nanovllm.config import EngineConfig
+from nanovllm.engine.cuda_graphs import DecodeGraphs
 from nanovllm.engine.model_inputs import ModelInputs, build_model_inputs
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
-from nanovllm.kernels.backends import select_attention_backend
+from nanovllm.kernels.backends import Kernels, select_attention_backend
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.sampler import Sampler
 from nanovllm.models.arch import ModelArch
@@ -59,18 +60,26 @@ class ModelRunner:
         self.block_size = config.kvcache_block_size
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, arch)
-        self.backend = select_attention_backend(config.attention_backend, self.device)
+        # The hardware choices, made once: attention kernels, and torch.compile for the small ops on CUDA.
+        attention = select_attention_backend(config.attention_backend, self.device, self.block_size)
+        self.kernels = Kernels(attention=attention, compile_ops=self.device.type == "cuda")
         with _default_dtype(self.dtype), self.device:
-            self.model = build_model(arch, self.backend)
+            self.model = build_model(arch, self.kernels)
         if config.load_format == "dummy":
             init_dummy_weights(self.model, config.seed)
         else:
             load_safetensors(self.model, config.model)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        self.sampler = Sampler()
+        self.sampler = Sampler(self.kernels.compile_ops)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.decode_graphs: DecodeGraphs | None = None  # captured once the KV cache exists
         self.num_kvcache_blocks = self._plan_num_blocks()
         self._allocate_kv_cache(self.num_kvcache_blocks)
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self.decode_graphs = DecodeGraphs(
+                self.model, config.max_num_seqs, max_model_len, self.block_size, arch.hidden_size
+            )
+            self.decode_graphs.capture()
 
     @property
     def block_bytes(self) -> int:
@@ -128,9 +137,15 @@ class ModelRunner:
     @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> list[int]:
         """One forward pass over the batch; the next token of every sequence in it."""
-        inputs = build_model_inputs(batch, self.block_size, self.device)
-        logits = self._forward(inputs)  # [B, vocab_size]
-        return self.sampler(logits, inputs.temperatures, self.generator).tolist()
+        graphs = self.decode_graphs
+        if graphs is not None and not batch.is_prefill and graphs.can_run(len(batch.seqs)):
+            hidden_states, temperatures = graphs.run(batch)  # [B, hidden_size], [B]
+            logits = self.model.compute_logits(hidden_states)
+        else:
+            inputs = build_model_inputs(batch, self.block_size, self.device)
+            logits = self._forward(inputs)  # [B, vocab_size]
+            temperatures = inputs.temperatures
+        return self.sampler(logits, temperatures, self.generator).tolist()
 
     def _forward(self, inputs: ModelInputs) -> torch.Tensor:
         with attention_context(inputs.attention):

@@ -2,12 +2,15 @@
 
     torch       plain PyTorch (kernels/reference.py): runs anywhere; the oracle for the others
     triton      our Triton kernels: the default on CUDA when flash-attn is absent
-    flash_attn  the flash-attn package, when it imports
+    flash_attn  the flash-attn package, when it imports (KV block size a multiple of 256)
 
 Importing this module imports neither Triton nor flash-attn: a backend loads its kernels
 when it is constructed.
 """
 
+import importlib.util
+import os
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -16,29 +19,35 @@ from torch import Tensor
 from nanovllm.kernels import reference
 from nanovllm.utils.context import AttentionMetadata
 
+FLASH_ATTN_BLOCK_MULTIPLE = 256  # flash-attn's paged KV needs page sizes that are multiples of 256
+
 
 class AttentionBackend(Protocol):
     name: str
 
-    def store_kv(
-        self,
-        key: torch.Tensor,  # [N, num_kv_heads, head_dim]
-        value: torch.Tensor,  # [N, num_kv_heads, head_dim]
-        k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
-        v_cache: torch.Tensor,
-        slot_mapping: torch.Tensor,  # [N] int64, -1 = skip
-    ) -> None: ...
+    def store_kv(self, key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
+        """Write key/value [N, num_kv_heads, head_dim] into the caches at slot_mapping [N] (-1 = skip)."""
+        ...
 
     def forward(
         self,
-        query: torch.Tensor,  # [N, num_heads, head_dim]
-        key: torch.Tensor,  # [N, num_kv_heads, head_dim], already stored in the cache
-        value: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        query: Tensor,  # [N, num_heads, head_dim]
+        key: Tensor,  # [N, num_kv_heads, head_dim], already stored in the cache
+        value: Tensor,
+        k_cache: Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        v_cache: Tensor,
         metadata: AttentionMetadata,
         scale: float,
-    ) -> torch.Tensor: ...  # [N, num_heads, head_dim]
+    ) -> Tensor:  # [N, num_heads, head_dim]
+        ...
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The hardware-specific choices a model is built with, made once at engine construction."""
+
+    attention: AttentionBackend  # paged attention and KV store
+    compile_ops: bool  # torch.compile the small elementwise ops (RMSNorm, rotary, SiluAndMul)
 
 
 class TorchBackend:
@@ -59,23 +68,124 @@ class TorchBackend:
         metadata: AttentionMetadata,
         scale: float,
     ) -> Tensor:
+        m = metadata
         return reference.paged_attention(
-            query,
-            k_cache,
-            v_cache,
-            metadata.cu_seqlens_q,
-            metadata.max_seqlen_q,
-            metadata.context_lens,
-            metadata.max_context_len,
-            metadata.block_tables,
-            scale,
+            query, k_cache, v_cache, m.cu_seqlens_q, m.max_seqlen_q, m.context_lens, m.max_context_len,
+            m.block_tables, scale,
+        )  # fmt: skip
+
+
+class TritonBackend:
+    """Our Triton kernels: a prefill kernel over cached prefixes and a split-KV decode kernel."""
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        from nanovllm.kernels import triton_attention, triton_kv_store
+
+        self._attention = triton_attention
+        self._store = triton_kv_store.store_kv_triton
+
+    def store_kv(self, key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
+        self._store(key, value, k_cache, v_cache, slot_mapping)
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        metadata: AttentionMetadata,
+        scale: float,
+    ) -> Tensor:
+        m = metadata
+        if m.is_prefill:
+            return self._attention.paged_prefill_attention_triton(
+                query, k_cache, v_cache, m.cu_seqlens_q, m.max_seqlen_q, m.context_lens, m.max_context_len,
+                m.block_tables, scale,
+            )  # fmt: skip
+        return self._attention.paged_decode_attention_triton(
+            query, k_cache, v_cache, m.context_lens, m.max_context_len, m.block_tables, scale
         )
 
 
-def select_attention_backend(name: str, device: torch.device) -> AttentionBackend:
-    """The backend for ``attention_backend=name`` on ``device``; "auto" picks the fastest that works."""
+class FlashAttnBackend:
+    """flash-attn: varlen prefill reading cached prefixes through the block table, and kvcache decode."""
+
+    name = "flash_attn"
+
+    def __init__(self) -> None:
+        import flash_attn
+
+        self._varlen = flash_attn.flash_attn_varlen_func
+        self._with_kvcache = flash_attn.flash_attn_with_kvcache
+        self._store = TritonBackend().store_kv
+
+    def store_kv(self, key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
+        self._store(key, value, k_cache, v_cache, slot_mapping)
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        metadata: AttentionMetadata,
+        scale: float,
+    ) -> Tensor:
+        m = metadata
+        if m.is_prefill:
+            cu_seqlens_k = torch.nn.functional.pad(m.context_lens.cumsum(0, dtype=torch.int32), (1, 0))
+            return self._varlen(
+                query, k_cache, v_cache, cu_seqlens_q=m.cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                max_seqlen_q=m.max_seqlen_q, max_seqlen_k=m.max_context_len, softmax_scale=scale, causal=True,
+                block_table=m.block_tables,
+            )  # fmt: skip
+        out = self._with_kvcache(
+            query.unsqueeze(1), k_cache, v_cache, cache_seqlens=m.context_lens, block_table=m.block_tables,
+            softmax_scale=scale, causal=True,
+        )  # fmt: skip  # [B, 1, num_heads, head_dim]
+        return out.squeeze(1)
+
+
+def is_flash_attn_installed() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_backend_name(name: str, device_type: str, block_size: int, has_flash_attn: bool) -> str:
+    """Which backend ``attention_backend=name`` means here; an error when it cannot run.
+
+    "auto" is flash_attn when installed (and the block size suits it), else triton on CUDA, torch on CPU.
+    Triton also runs on CPU tensors under its interpreter (TRITON_INTERPRET=1), which tests use.
+    """
+    can_run_triton = device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
     if name == "auto":
-        name = "torch"
-    if name == "torch":
-        return TorchBackend()
-    raise ValueError(f"attention_backend={name!r} is not available in this build; use 'torch'")
+        if device_type != "cuda":
+            return "torch"
+        return "flash_attn" if has_flash_attn and block_size % FLASH_ATTN_BLOCK_MULTIPLE == 0 else "triton"
+    if name == "triton" and not can_run_triton:
+        raise ValueError(f"attention_backend='triton' needs a CUDA device (or TRITON_INTERPRET=1), not {device_type}")
+    if name == "flash_attn":
+        if device_type != "cuda":
+            raise ValueError(f"attention_backend='flash_attn' needs a CUDA device, not {device_type}")
+        if not has_flash_attn:
+            raise ValueError("attention_backend='flash_attn' but the flash_attn package is not installed; use 'triton'")
+        if block_size % FLASH_ATTN_BLOCK_MULTIPLE:
+            raise ValueError(
+                f"attention_backend='flash_attn' needs kvcache_block_size to be a multiple of "
+                f"{FLASH_ATTN_BLOCK_MULTIPLE}, got {block_size}; change the block size or use 'triton'"
+            )
+    return name
+
+
+def select_attention_backend(name: str, device: torch.device, block_size: int) -> AttentionBackend:
+    """Build the backend for ``attention_backend=name`` on ``device``."""
+    resolved = resolve_backend_name(name, device.type, block_size, is_flash_attn_installed())
+    backends: dict[str, type[TorchBackend | TritonBackend | FlashAttnBackend]] = {
+        "torch": TorchBackend,
+        "triton": TritonBackend,
+        "flash_attn": FlashAttnBackend,
+    }
+    return backends[resolved]()

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from nanovllm.kernels.backends import AttentionBackend
+from nanovllm.kernels.backends import Kernels
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.linear import QKVParallelLinear, RowParallelLinear
@@ -14,17 +14,18 @@ from nanovllm.models.arch import ModelArch
 class SelfAttentionBlock(nn.Module):
     """qkv projection -> (optional per-head q/k RMSNorm, as in Qwen3) -> rotary -> attention -> o projection."""
 
-    def __init__(self, arch: ModelArch, backend: AttentionBackend, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
+    def __init__(self, arch: ModelArch, kernels: Kernels, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
         super().__init__()
         self.qkv_proj = QKVParallelLinear(arch.hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads, qkv_bias)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads  # per rank
         self.head_dim = arch.head_dim
         self.o_proj = RowParallelLinear(arch.num_heads * arch.head_dim, arch.hidden_size, o_bias)
-        self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if qk_norm else None
-        self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps) if qk_norm else None
-        self.rotary = RotaryEmbedding(arch.head_dim, arch.max_position_embeddings, arch.rope)
+        compile_ops = kernels.compile_ops
+        self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, compile_ops) if qk_norm else None
+        self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, compile_ops) if qk_norm else None
+        self.rotary = RotaryEmbedding(arch.head_dim, arch.max_position_embeddings, arch.rope, compile_ops)
         scale = arch.head_dim**-0.5
-        self.attn = Attention(self.num_heads, self.num_kv_heads, arch.head_dim, scale, backend)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, arch.head_dim, scale, kernels.attention)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states)  # [N, (num_heads + 2 * num_kv_heads) * head_dim]

@@ -9,6 +9,7 @@ import math
 import torch
 from torch import nn
 
+from nanovllm.layers.compile import maybe_compile
 from nanovllm.models.arch import RopeConfig
 
 
@@ -39,9 +40,10 @@ class RotaryEmbedding(nn.Module):
     cos: torch.Tensor  # [max_position, head_dim / 2] float32
     sin: torch.Tensor  # [max_position, head_dim / 2] float32
 
-    def __init__(self, head_dim: int, max_position: int, rope: RopeConfig) -> None:
+    def __init__(self, head_dim: int, max_position: int, rope: RopeConfig, compile_ops: bool = False) -> None:
         super().__init__()
         self.head_dim = head_dim
+        self._rotate_qk = maybe_compile(apply_rotary, compile_ops)
         inv_freq = rope_inv_freq(head_dim, rope)
         positions = torch.arange(max_position, dtype=torch.float32)
         angles = torch.outer(positions, inv_freq)  # [max_position, head_dim / 2]
@@ -54,9 +56,15 @@ class RotaryEmbedding(nn.Module):
         query: torch.Tensor,  # [N, num_heads, head_dim]
         key: torch.Tensor,  # [N, num_kv_heads, head_dim]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos[positions].unsqueeze(1)  # [N, 1, head_dim / 2]
-        sin = self.sin[positions].unsqueeze(1)
-        return _rotate(query, cos, sin), _rotate(key, cos, sin)
+        return self._rotate_qk(positions, query, key, self.cos, self.sin)
+
+
+def apply_rotary(
+    positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    cos = cos_table[positions].unsqueeze(1)  # [N, 1, head_dim / 2]
+    sin = sin_table[positions].unsqueeze(1)
+    return _rotate(query, cos, sin), _rotate(key, cos, sin)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ input_ids -> embed -> [ RMSNorm -> self-attention -> +residual -> RMSNorm -> gat
 import torch
 from torch import nn
 
-from nanovllm.kernels.backends import AttentionBackend
+from nanovllm.kernels.backends import Kernels
 from nanovllm.layers.attention_block import SelfAttentionBlock
 from nanovllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import RMSNorm
@@ -16,12 +16,12 @@ from nanovllm.models.arch import ModelArch
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, backend: AttentionBackend, qkv_bias: bool, o_bias: bool, qk_norm: bool):
+    def __init__(self, arch: ModelArch, kernels: Kernels, qkv_bias: bool, o_bias: bool, qk_norm: bool):
         super().__init__()
-        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.self_attn = SelfAttentionBlock(arch, backend, qkv_bias, o_bias, qk_norm)
-        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
-        self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size)
+        self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, kernels.compile_ops)
+        self.self_attn = SelfAttentionBlock(arch, kernels, qkv_bias, o_bias, qk_norm)
+        self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, kernels.compile_ops)
+        self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size, kernels.compile_ops)
 
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
@@ -36,13 +36,13 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, arch: ModelArch, backend: AttentionBackend, qkv_bias: bool, o_bias: bool, qk_norm: bool):
+    def __init__(self, arch: ModelArch, kernels: Kernels, qkv_bias: bool, o_bias: bool, qk_norm: bool):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(arch, backend, qkv_bias, o_bias, qk_norm) for _ in range(arch.num_layers)
+            DecoderLayer(arch, kernels, qkv_bias, o_bias, qk_norm) for _ in range(arch.num_layers)
         )
-        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps)
+        self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, kernels.compile_ops)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:  # [N] -> [N, hidden]
         hidden_states = self.embed_tokens(input_ids)
@@ -68,10 +68,10 @@ class LlamaForCausalLM(nn.Module):
     qkv_bias: bool | None = None  # None: follow config.json's attention_bias
     qk_norm = False
 
-    def __init__(self, arch: ModelArch, backend: AttentionBackend) -> None:
+    def __init__(self, arch: ModelArch, kernels: Kernels) -> None:
         super().__init__()
         qkv_bias = arch.attention_bias if self.qkv_bias is None else self.qkv_bias
-        self.model = DecoderModel(arch, backend, qkv_bias, arch.attention_bias, self.qk_norm)
+        self.model = DecoderModel(arch, kernels, qkv_bias, arch.attention_bias, self.qk_norm)
         self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

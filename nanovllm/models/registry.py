@@ -1,6 +1,6 @@
 """config.json's ``architectures`` name -> the model class that implements it."""
 
-from nanovllm.kernels.backends import AttentionBackend
+from nanovllm.kernels.backends import Kernels
 from nanovllm.models.arch import ModelArch
 from nanovllm.models.llama import LlamaForCausalLM
 from nanovllm.models.qwen2 import Qwen2ForCausalLM
@@ -14,11 +14,11 @@ MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
 }
 
 
-def build_model(arch: ModelArch, backend: AttentionBackend) -> LlamaForCausalLM:
+def build_model(arch: ModelArch, kernels: Kernels) -> LlamaForCausalLM:
     model_cls = MODEL_REGISTRY.get(arch.architecture)
     if model_cls is None:
         raise ValueError(
             f"architecture {arch.architecture!r} from config.json is not supported; "
             f"supported: {', '.join(sorted(MODEL_REGISTRY))}"
         )
-    return model_cls(arch, backend)
+    return model_cls(arch, kernels)

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# One GPU-machine session: correctness checks first, then timings. Logs go to $OUT when it is set.
+# Usage: bash benchmarks/gpu_check.sh [quick|full]
+set -u
+export PYTHONUNBUFFERED=1
+out=${OUT:-/tmp/nanovllm-gpu-check}
+mkdir -p "$out"
+mode=${1:-quick}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+date -u
+timeout 300 python3 -m pytest -q -x tests/test_triton_kernels.py tests/test_gpu.py 2>&1 | tee "$out/pytest.log" | tail -15
+timeout 200 python3 benchmarks/kernels.py 2>&1 | tee "$out/kernels.log" | tail -30
+if [ "$mode" = quick ]; then
+  timeout 240 python3 bench.py --num-seqs 64 --max-input-len 512 --max-output-len 256 2>&1 | tee "$out/bench_quick.log" | tail -5
+else
+  timeout 300 python3 bench.py 2>&1 | tee "$out/bench.log" | tail -5
+  timeout 200 python3 benchmarks/host_overhead.py 2>&1 | tee "$out/host.log" | tail -8
+fi

@@ -1,0 +1,74 @@
+"""Host (CPU) time per decode step, split by stage, against the GPU time of the same step.
+
+    python benchmarks/host_overhead.py [--num-seqs 256] [--context 1000]
+
+Fills the engine with --num-seqs sequences of --context prompt tokens (Qwen3-0.6B shape,
+random weights), lets them reach decode, then times --steps decode steps: scheduling,
+staging the inputs into pinned buffers, the model run (synchronized: graph replay, LM head,
+sampling), and recording the sampled tokens. Prints medians in microseconds.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import SHAPES  # noqa: E402
+from nanovllm import LLM, SamplingParams  # noqa: E402
+from nanovllm.engine.llm_engine import LLMEngine  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--num-seqs", type=int, default=256)
+    parser.add_argument("--context", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--backend", default="auto")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(SHAPES["qwen3-0.6b"], f)
+        llm = LLM(tmp, load_format="dummy", skip_tokenizer_init=True, attention_backend=args.backend,
+                  max_num_seqs=max(args.num_seqs, 1), max_model_len=args.context + args.steps + 64)  # fmt: skip
+    engine = llm.engine
+    assert isinstance(engine, LLMEngine)
+    params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=args.steps + 32)
+    for i in range(args.num_seqs):
+        engine.scheduler.add(engine.make_sequence(i, [(i * 7 + j) % 10000 for j in range(args.context)], params))
+    while engine.scheduler.waiting:  # prefill everything
+        engine.step()
+    timings: dict[str, list[float]] = {"schedule": [], "stage": [], "run (GPU)": [], "postprocess": []}
+    graphs = engine.runner.decode_graphs
+    for _ in range(args.steps):
+        t0 = time.perf_counter()
+        batch = engine.scheduler.schedule()
+        t1 = time.perf_counter()
+        if graphs is not None:
+            graphs._stage(batch, next(b for b in graphs.buckets if b >= len(batch.seqs)))
+        t2 = time.perf_counter()
+        sampled = engine.runner.run(batch)  # ends in .tolist(): synchronized
+        torch.cuda.synchronize()
+        t3 = time.perf_counter()
+        engine.scheduler.postprocess(batch, sampled)
+        t4 = time.perf_counter()
+        for key, value in zip(timings, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            timings[key].append(value * 1e6)
+    print(
+        f"decode step, batch {args.num_seqs}, context ~{args.context}, backend {engine.runner.kernels.attention.name}"
+    )
+    for key, values in timings.items():
+        print(f"  {key:12s} median {statistics.median(values):9.1f} us")
+    host = sum(statistics.median(timings[k]) for k in ("schedule", "stage", "postprocess"))
+    print(f"  host total (schedule + stage + postprocess): {host:.1f} us")
+    llm.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""CUDA graphs for decode steps: one graph per batch-size bucket, replayed with new inputs.
+
+A decode step launches hundreds of small kernels; capturing them once in a graph and
+replaying it removes the per-launch CPU cost. A graph replays fixed memory addresses, so
+every input lives in a static device buffer sized for the largest bucket, filled each step
+from pinned host buffers with one copy each (nothing is allocated per step). A batch of B
+sequences runs the graph of the smallest bucket >= B; the padded lanes B.. get slot -1 (the
+KV store skips them) and context length 0 (attention returns zeros for them).
+
+    bucket 8, batch 5:   lanes 0-4 real | lanes 5-7 padding (slot -1, context 0)
+"""
+
+import torch
+
+from nanovllm.engine.scheduler import ScheduledBatch
+from nanovllm.models.llama import LlamaForCausalLM
+from nanovllm.utils.context import AttentionMetadata, attention_context
+
+# Batch sizes with a graph: small powers of two, then every multiple of 16 (as vLLM and nano-vllm).
+SMALL_BUCKETS = (1, 2, 4, 8)
+BUCKET_STEP = 16
+
+
+def graph_buckets(max_num_seqs: int) -> list[int]:
+    """Bucket sizes covering every batch size up to max_num_seqs, which is always included."""
+    buckets = [b for b in SMALL_BUCKETS if b < max_num_seqs]
+    buckets += range(BUCKET_STEP, max_num_seqs, BUCKET_STEP)
+    return [*buckets, max_num_seqs]
+
+
+class DecodeGraphs:
+    def __init__(
+        self, model: LlamaForCausalLM, max_num_seqs: int, max_model_len: int, block_size: int, hidden_size: int
+    ) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.buckets = graph_buckets(max_num_seqs)
+        max_blocks = (max_model_len + block_size - 1) // block_size
+        device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        shapes = {
+            "input_ids": ((max_num_seqs,), torch.int64),  # the last sampled token of each sequence
+            "positions": ((max_num_seqs,), torch.int64),
+            "slot_mapping": ((max_num_seqs,), torch.int64),
+            "context_lens": ((max_num_seqs,), torch.int32),
+            "block_tables": ((max_num_seqs, max_blocks), torch.int32),
+            "temperatures": ((max_num_seqs,), torch.float32),
+        }
+        self.host = {name: torch.zeros(shape, dtype=dt, pin_memory=True) for name, (shape, dt) in shapes.items()}
+        self.static = {name: torch.zeros(shape, dtype=dt, device=device) for name, (shape, dt) in shapes.items()}
+        self.cu_seqlens_q = torch.arange(max_num_seqs + 1, dtype=torch.int32, device=device)  # one query each
+        self.hidden_states = torch.zeros(max_num_seqs, hidden_size, dtype=dtype, device=device)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+    def _metadata(self, batch_size: int) -> AttentionMetadata:
+        s = self.static
+        return AttentionMetadata(
+            is_prefill=False,
+            cu_seqlens_q=self.cu_seqlens_q[: batch_size + 1],
+            max_seqlen_q=1,
+            context_lens=s["context_lens"][:batch_size],
+            max_context_len=self.max_model_len,  # the kernels size their grid for the longest possible context
+            slot_mapping=s["slot_mapping"][:batch_size],
+            block_tables=s["block_tables"][:batch_size],
+        )
+
+    def _forward(self, batch_size: int) -> None:
+        with attention_context(self._metadata(batch_size)):
+            out = self.model(self.static["input_ids"][:batch_size], self.static["positions"][:batch_size])
+        self.hidden_states[:batch_size] = out
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture every bucket, largest first, all sharing one memory pool."""
+        self.static["slot_mapping"].fill_(-1)  # capture runs write nothing into the KV cache
+        pool = None
+        for batch_size in reversed(self.buckets):
+            self._forward(batch_size)  # warm-up: compiles Triton and Inductor kernels outside the capture
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._forward(batch_size)
+            pool = graph.pool()
+            self.graphs[batch_size] = graph
+        torch.cuda.synchronize()
+
+    def can_run(self, batch_size: int) -> bool:
+        return bool(self.graphs) and batch_size <= self.buckets[-1]
+
+    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replay the decode graph for this batch: (hidden states [B, hidden], temperatures [B])."""
+        num_seqs = len(batch.seqs)
+        bucket = next(b for b in self.buckets if b >= num_seqs)
+        self._stage(batch, bucket)
+        for name, host in self.host.items():
+            self.static[name][:bucket].copy_(host[:bucket], non_blocking=True)
+        self.graphs[bucket].replay()
+        return self.hidden_states[:num_seqs], self.static["temperatures"][:num_seqs]
+
+    def _stage(self, batch: ScheduledBatch, bucket: int) -> None:
+        """Fill the pinned host buffers: each sequence computes its last token, at position num_tokens - 1."""
+        h = {name: t.numpy() for name, t in self.host.items()}
+        for i, seq in enumerate(batch.seqs):
+            pos = seq.num_tokens - 1
+            h["input_ids"][i] = seq.token_ids[-1]
+            h["positions"][i] = pos
+            h["context_lens"][i] = pos + 1
+            h["slot_mapping"][i] = seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
+            h["block_tables"][i, : len(seq.block_table)] = seq.block_table
+            h["temperatures"][i] = seq.params.temperature
+        num_seqs = len(batch.seqs)
+        h["slot_mapping"][num_seqs:bucket] = -1  # padded lanes: nothing stored
+        h["context_lens"][num_seqs:bucket] = 0  # padded lanes: nothing attended
