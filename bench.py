@@ -105,8 +105,7 @@ def main() -> None:
         else:
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(SHAPES[args.shape], f)
-            dtype = args.dtype if args.dtype != "auto" or on_gpu else "float32"  # CPU matmuls: float32 is fastest
-            llm = LLM(tmp, load_format="dummy", skip_tokenizer_init=True, dtype=dtype, **engine_args)
+            llm = LLM(tmp, load_format="dummy", skip_tokenizer_init=True, dtype=args.dtype, **engine_args)
         prompts, params = make_workload(
             workload["num_seqs"], min_len, workload["max_input_len"], workload["max_output_len"]
         )

@@ -1,4 +1,4 @@
-"""Shared test setup. Fixtures that build tiny model directories live in model_fixtures.py."""
+"""Shared test setup. The tiny-model fixtures below build their directories with model_fixtures.py."""
 
 import os
 from collections.abc import Callable
