@@ -31,12 +31,15 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--backend", default="auto")
+    parser.add_argument("--eager", action="store_true", help="no CUDA graphs (per-op profile)")
+    parser.add_argument("--profile", action="store_true", help="print the GPU time of each op over 5 steps")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(SHAPES["qwen3-0.6b"], f)
         llm = LLM(tmp, load_format="dummy", skip_tokenizer_init=True, attention_backend=args.backend,
-                  max_num_seqs=max(args.num_seqs, 1), max_model_len=args.context + args.steps + 64)  # fmt: skip
+                  max_num_seqs=max(args.num_seqs, 1), max_model_len=args.context + args.steps + 64,
+                  enforce_eager=args.eager)  # fmt: skip
     engine = llm.engine
     assert isinstance(engine, LLMEngine)
     params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=args.steps + 32)
@@ -67,6 +70,12 @@ def main() -> None:
         print(f"  {key:12s} median {statistics.median(values):9.1f} us")
     host = sum(statistics.median(timings[k]) for k in ("schedule", "stage", "postprocess"))
     print(f"  host total (schedule + stage + postprocess): {host:.1f} us")
+    if args.profile:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                batch = engine.scheduler.schedule()
+                engine.scheduler.postprocess(batch, engine.runner.run(batch))
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
     llm.close()
 
 
