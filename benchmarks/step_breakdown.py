@@ -39,10 +39,8 @@ def main() -> None:
         t0 = time.perf_counter()
         batch = engine.scheduler.schedule()
         engine.scheduler.postprocess(batch, engine.runner.run(batch))
-        if batch.is_prefill:
-            key = "prefill"
-        else:
-            key = f"decode B<={next(g for g in DECODE_GROUPS if len(batch.seqs) <= g)}"
+        group = next(g for g in DECODE_GROUPS if len(batch.seqs) <= g)
+        key = "prefill" if batch.is_prefill else f"decode B<={group}"
         totals[key][0] += time.perf_counter() - t0
         totals[key][1] += 1
     print(f"total {time.perf_counter() - start:.2f} s, preemptions {engine.scheduler.num_preemptions}, "

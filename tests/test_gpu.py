@@ -10,6 +10,7 @@ from nanovllm import LLM, SamplingParams
 from nanovllm.engine.model_inputs import build_model_inputs
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
+from nanovllm.kernels.backends import is_flash_attn_installed
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -46,8 +47,10 @@ def test_cuda_graphs_equal_eager(tiny_models: dict[str, Path], dtype: str) -> No
     assert graphs == eager
 
 
-def prefill_logits(model_dir: Path, backend: str) -> torch.Tensor:
-    with LLM(str(model_dir), dtype="bfloat16", attention_backend=backend, enforce_eager=True, **ARGS) as llm:
+def prefill_logits(model_dir: Path, backend: str, block_size: int = 16) -> torch.Tensor:
+    """bf16 logits of one prefill over 6 prompts, half of them behind a cached prefix."""
+    args = {**ARGS, "kvcache_block_size": block_size, "num_kvcache_blocks": 64 * 16 // block_size + 8}
+    with LLM(str(model_dir), dtype="bfloat16", attention_backend=backend, enforce_eager=True, **args) as llm:
         assert llm.engine is not None
         runner = llm.engine.runner
         seqs = [Sequence(i, p, GREEDY) for i, p in enumerate(prompts(6, seed=1))]
@@ -72,3 +75,24 @@ def test_kv_cache_sized_from_free_memory(tiny_models: dict[str, Path]) -> None:
     with LLM(str(tiny_models["qwen3"]), gpu_memory_utilization=0.3, **args) as llm:
         assert llm.engine is not None and llm.engine.runner.num_kvcache_blocks > 1000
         assert len(llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0].token_ids) == GREEDY.max_tokens
+
+
+needs_flash_attn = pytest.mark.skipif(not is_flash_attn_installed(), reason="needs the flash_attn package")
+
+
+@needs_flash_attn
+def test_flash_attn_logits_close_to_torch(tiny_models: dict[str, Path]) -> None:
+    """Guards against misusing flash-attn's paged API (cu_seqlens_k, block_table, causal alignment)."""
+    ref = prefill_logits(tiny_models["qwen3"], "torch", block_size=256)
+    out = prefill_logits(tiny_models["qwen3"], "flash_attn", block_size=256)
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel < 2e-2, f"relative error of flash_attn bf16 logits vs torch: {rel:.2e}"
+
+
+@needs_flash_attn
+def test_flash_attn_cuda_graphs_equal_eager(tiny_models: dict[str, Path]) -> None:
+    """Guards against flash-attn's kvcache decode reading stale inputs when replayed inside a CUDA graph."""
+    args = dict(dtype="bfloat16", kvcache_block_size=256, num_kvcache_blocks=32)
+    graphs = greedy_tokens(tiny_models["qwen3"], attention_backend="flash_attn", **args)
+    eager = greedy_tokens(tiny_models["qwen3"], attention_backend="flash_attn", enforce_eager=True, **args)
+    assert graphs == eager
