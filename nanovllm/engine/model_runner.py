@@ -75,8 +75,7 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphs | None = None  # captured once the KV cache exists
         self.num_kvcache_blocks = self._plan_num_blocks()
         self._allocate_kv_cache(self.num_kvcache_blocks)
-        # The torch reference sizes tensors from data (repeat_interleave), which a CUDA graph cannot capture.
-        if self.device.type == "cuda" and not config.enforce_eager and attention.name != "torch":
+        if self.device.type == "cuda" and not config.enforce_eager and attention.is_graph_capturable:
             self.decode_graphs = DecodeGraphs(
                 self.model, config.max_num_seqs, max_model_len, self.block_size, arch.hidden_size
             )

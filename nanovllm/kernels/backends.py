@@ -24,6 +24,7 @@ FLASH_ATTN_BLOCK_MULTIPLE = 256  # flash-attn's paged KV needs page sizes that a
 
 class AttentionBackend(Protocol):
     name: str
+    is_graph_capturable: bool  # whether a CUDA graph can capture it (no shapes computed from data)
 
     def store_kv(self, key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
         """Write key/value [N, num_kv_heads, head_dim] into the caches at slot_mapping [N] (-1 = skip)."""
@@ -54,6 +55,7 @@ class TorchBackend:
     """The reference: gathers each sequence's cache and calls scaled_dot_product_attention."""
 
     name = "torch"
+    is_graph_capturable = False  # repeat_interleave sizes its output from data
 
     def store_kv(self, key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
         reference.store_kv(key, value, k_cache, v_cache, slot_mapping)
@@ -79,6 +81,7 @@ class TritonBackend:
     """Our Triton kernels: a prefill kernel over cached prefixes and a split-KV decode kernel."""
 
     name = "triton"
+    is_graph_capturable = True
 
     def __init__(self) -> None:
         from nanovllm.kernels import triton_attention, triton_kv_store
@@ -110,20 +113,20 @@ class TritonBackend:
         )
 
 
-class FlashAttnBackend:
-    """flash-attn: varlen prefill reading cached prefixes through the block table, and kvcache decode."""
+class FlashAttnBackend(TritonBackend):
+    """flash-attn: varlen prefill reading cached prefixes through the block table, and kvcache decode.
+
+    It has no KV-store kernel of its own, so it keeps our Triton one (inherited ``store_kv``).
+    """
 
     name = "flash_attn"
 
     def __init__(self) -> None:
+        super().__init__()
         import flash_attn
 
         self._varlen = flash_attn.flash_attn_varlen_func
         self._with_kvcache = flash_attn.flash_attn_with_kvcache
-        self._store = TritonBackend().store_kv
-
-    def store_kv(self, key: Tensor, value: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mapping: Tensor) -> None:
-        self._store(key, value, k_cache, v_cache, slot_mapping)
 
     def forward(
         self,
