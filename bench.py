@@ -16,6 +16,7 @@ import os
 import random
 import tempfile
 import time
+from typing import Any
 
 import torch
 
@@ -74,6 +75,14 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def build_dummy_llm(shape: str, **engine_args: Any) -> LLM:
+    """An engine over random weights of a built-in shape; no tokenizer, so prompts are token ids."""
+    with tempfile.TemporaryDirectory() as tmp:  # only config.json is read, at construction
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(SHAPES[shape], f)
+        return LLM(tmp, load_format="dummy", skip_tokenizer_init=True, **engine_args)
+
+
 def make_workload(num_seqs: int, min_len: int, max_input_len: int, max_output_len: int) -> tuple[list, list]:
     random.seed(0)
     prompts = [
@@ -99,21 +108,18 @@ def main() -> None:
     engine_args = dict(
         max_model_len=args.max_model_len, enforce_eager=args.enforce_eager, attention_backend=args.backend
     )
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.model:
-            llm = LLM(args.model, dtype=args.dtype, **engine_args)
-        else:
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump(SHAPES[args.shape], f)
-            llm = LLM(tmp, load_format="dummy", skip_tokenizer_init=True, dtype=args.dtype, **engine_args)
-        prompts, params = make_workload(
-            workload["num_seqs"], min_len, workload["max_input_len"], workload["max_output_len"]
-        )
-        llm.generate(["Benchmark: "] if llm.engine and llm.engine.tokenizer else [[1, 2, 3]], use_tqdm=False)
-        start = time.perf_counter()
-        outputs = llm.generate(prompts, params, use_tqdm=False)
-        elapsed = time.perf_counter() - start
-        llm.close()
+    if args.model:
+        llm = LLM(args.model, dtype=args.dtype, **engine_args)
+    else:
+        llm = build_dummy_llm(args.shape, dtype=args.dtype, **engine_args)
+    prompts, params = make_workload(
+        workload["num_seqs"], min_len, workload["max_input_len"], workload["max_output_len"]
+    )
+    llm.generate(["Benchmark: "] if llm.engine and llm.engine.tokenizer else [[1, 2, 3]], use_tqdm=False)
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    elapsed = time.perf_counter() - start
+    llm.close()
     num_output_tokens = sum(len(out.token_ids) for out in outputs)
     print(f"Total: {num_output_tokens} tok, Time: {elapsed:.2f} s, Throughput: {num_output_tokens / elapsed:.2f} tok/s")
 

@@ -9,19 +9,17 @@ sampling), and recording the sampled tokens. Prints medians in microseconds.
 """
 
 import argparse
-import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import SHAPES  # noqa: E402
-from nanovllm import LLM, SamplingParams  # noqa: E402
+from bench import build_dummy_llm  # noqa: E402
+from nanovllm import SamplingParams  # noqa: E402
 from nanovllm.engine.llm_engine import LLMEngine  # noqa: E402
 
 
@@ -34,12 +32,8 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs (per-op profile)")
     parser.add_argument("--profile", action="store_true", help="print the GPU time of each op over 5 steps")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(SHAPES["qwen3-0.6b"], f)
-        llm = LLM(tmp, load_format="dummy", skip_tokenizer_init=True, attention_backend=args.backend,
-                  max_num_seqs=max(args.num_seqs, 1), max_model_len=args.context + args.steps + 64,
-                  enforce_eager=args.eager)  # fmt: skip
+    llm = build_dummy_llm("qwen3-0.6b", attention_backend=args.backend, max_num_seqs=max(args.num_seqs, 1),
+                          max_model_len=args.context + args.steps + 64, enforce_eager=args.eager)  # fmt: skip
     engine = llm.engine
     assert isinstance(engine, LLMEngine)
     params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=args.steps + 32)

@@ -6,27 +6,21 @@ Runs bench.py's GPU workload (Qwen3-0.6B shape, random weights) step by step and
 total time of prefill steps and of decode steps grouped by batch size, with step counts.
 """
 
-import json
 import os
 import sys
-import tempfile
 import time
 from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import GPU_WORKLOAD, SHAPES, make_workload  # noqa: E402
-from nanovllm import LLM  # noqa: E402
+from bench import GPU_WORKLOAD, build_dummy_llm, make_workload  # noqa: E402
 from nanovllm.engine.llm_engine import LLMEngine  # noqa: E402
 
 DECODE_GROUPS = (1, 16, 64, 128, 192, 256, 512)  # upper bounds of the batch-size groups reported
 
 
 def main() -> None:
-    with tempfile.TemporaryDirectory() as tmp:
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(SHAPES["qwen3-0.6b"], f)
-        llm = LLM(tmp, load_format="dummy", skip_tokenizer_init=True)
+    llm = build_dummy_llm("qwen3-0.6b")
     engine = llm.engine
     assert isinstance(engine, LLMEngine)
     llm.generate([[1, 2, 3]], use_tqdm=False)
