@@ -8,7 +8,7 @@ from nanovllm.sampling_params import SamplingParams
 class SequenceStatus(Enum):
     WAITING = auto()  # queued for prefill (new, mid-chunked-prefill, or preempted)
     RUNNING = auto()  # prompt fully prefilled; decoding one token per step
-    FINISHED = auto()  # stopped by EOS or max_tokens; its blocks are freed
+    FINISHED = auto()  # stopped by EOS or max_tokens, or aborted; its blocks are freed
 
 
 class Sequence:
@@ -23,7 +23,7 @@ class Sequence:
     """
 
     def __init__(self, request_id: int, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self.request_id = request_id  # position of the request among those the engine was given
+        self.request_id = request_id  # a number no other sequence of this engine has
         self.token_ids = list(prompt_token_ids)  # prompt followed by generated tokens
         self.num_prompt_tokens = len(prompt_token_ids)  # tokens of the prompt
         self.params = params
@@ -32,7 +32,7 @@ class Sequence:
         self.num_cached_tokens = 0  # of those, tokens found in the prefix cache rather than computed
         self.block_table: list[int] = []  # cache block ids, in order of the tokens they hold
         self.block_hashes: list[int] = []  # chained hash of each full block already registered or matched
-        self.finish_reason: str | None = None  # "stop" (EOS) or "length" (max_tokens)
+        self.finish_reason: str | None = None  # "stop" (EOS), "length" (max_tokens) or "abort"
 
     def __len__(self) -> int:
         return len(self.token_ids)
