@@ -38,7 +38,7 @@ def main() -> None:
     assert isinstance(engine, LLMEngine)
     params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=args.steps + 32)
     for i in range(args.num_seqs):
-        engine.scheduler.add(engine.make_sequence([(i * 7 + j) % 10000 for j in range(args.context)], params))
+        engine.add_request([(i * 7 + j) % 10000 for j in range(args.context)], params, stream_text=False)
     while engine.scheduler.waiting:  # prefill everything
         engine.step()
     timings: dict[str, list[float]] = {"schedule": [], "stage": [], "run (GPU)": [], "postprocess": []}
