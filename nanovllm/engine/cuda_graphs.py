@@ -45,7 +45,6 @@ class DecodeGraphs:
             "slot_mapping": ((max_num_seqs,), torch.int64),
             "context_lens": ((max_num_seqs,), torch.int32),
             "block_tables": ((max_num_seqs, max_blocks), torch.int32),
-            "temperatures": ((max_num_seqs,), torch.float32),
         }
         self.host = {name: torch.zeros(shape, dtype=dt, pin_memory=True) for name, (shape, dt) in shapes.items()}
         self.static = {name: torch.zeros(shape, dtype=dt, device=device) for name, (shape, dt) in shapes.items()}
@@ -87,15 +86,15 @@ class DecodeGraphs:
     def can_run(self, batch_size: int) -> bool:
         return bool(self.graphs) and batch_size <= self.buckets[-1]
 
-    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Replay the decode graph for this batch: (hidden states [B, hidden], temperatures [B])."""
+    def run(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Replay the decode graph for this batch: its hidden states [B, hidden_size]."""
         num_seqs = len(batch.seqs)
         bucket = next(b for b in self.buckets if b >= num_seqs)
         self._stage(batch, bucket)
         for name, host in self.host.items():
             self.static[name][:bucket].copy_(host[:bucket], non_blocking=True)
         self.graphs[bucket].replay()
-        return self.hidden_states[:num_seqs], self.static["temperatures"][:num_seqs]
+        return self.hidden_states[:num_seqs]
 
     def _stage(self, batch: ScheduledBatch, bucket: int) -> None:
         """Fill the pinned host buffers: each sequence computes its last token, at position num_tokens - 1."""
@@ -107,7 +106,6 @@ class DecodeGraphs:
             h["context_lens"][i] = pos + 1
             h["slot_mapping"][i] = seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
             h["block_tables"][i, : len(seq.block_table)] = seq.block_table
-            h["temperatures"][i] = seq.params.temperature
         num_seqs = len(batch.seqs)
         h["slot_mapping"][num_seqs:bucket] = -1  # padded lanes: nothing stored
         h["context_lens"][num_seqs:bucket] = 0  # padded lanes: nothing attended

@@ -60,12 +60,12 @@ class LLMEngine:
         self.arch = load_model_arch(config.model)
         self.max_model_len = effective_max_model_len(config, self.arch)
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.model)
-        self.runner = ModelRunner(config, self.arch, self.max_model_len)
+        eos_ids = read_eos_token_ids(config.model, self.arch, self.tokenizer)
+        self.runner = ModelRunner(config, self.arch, self.max_model_len, eos_ids)
         block_manager = BlockManager(
             self.runner.num_kvcache_blocks, config.kvcache_block_size, config.enable_prefix_caching
         )
         limits = SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
-        eos_ids = read_eos_token_ids(config.model, self.arch, self.tokenizer)
         self.scheduler = Scheduler(block_manager, limits, eos_ids)
 
     @property

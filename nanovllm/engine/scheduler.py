@@ -11,7 +11,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from nanovllm.engine.block_manager import BlockManager
-from nanovllm.engine.sequence import Sequence, SequenceStatus
+from nanovllm.engine.sequence import Sequence, SequenceStatus, StepSamples
 
 
 @dataclass(frozen=True)
@@ -121,15 +121,16 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def postprocess(self, batch: ScheduledBatch, sampled_token_ids: list[int]) -> list[Sequence]:
+    def postprocess(self, batch: ScheduledBatch, samples: StepSamples) -> list[Sequence]:
         """Record what the step computed and sampled; return the sequences that finished."""
         finished: list[Sequence] = []
-        for seq, num_new, token_id in zip(batch.seqs, batch.num_new_tokens, sampled_token_ids, strict=True):
+        for row, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
             seq.num_computed_tokens += num_new
             self.block_manager.register_computed(seq)
             if seq.num_computed_tokens < seq.num_tokens:
                 continue  # a prompt chunk that is not the last: its sample is not a real token
-            seq.token_ids.append(token_id)
+            token_id = samples.token_ids[row]
+            seq.append_token(token_id, samples.sampled_logprobs[row], samples.top_logprobs[row])
             seq.finish_reason = self._finish_reason(seq, token_id)
             if seq.finish_reason is not None:
                 seq.status = SequenceStatus.FINISHED
