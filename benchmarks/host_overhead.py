@@ -38,7 +38,7 @@ def main() -> None:
     assert isinstance(engine, LLMEngine)
     params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=args.steps + 32)
     for i in range(args.num_seqs):
-        engine.scheduler.add(engine.make_sequence(i, [(i * 7 + j) % 10000 for j in range(args.context)], params))
+        engine.scheduler.add(engine.make_sequence([(i * 7 + j) % 10000 for j in range(args.context)], params))
     while engine.scheduler.waiting:  # prefill everything
         engine.step()
     timings: dict[str, list[float]] = {"schedule": [], "stage": [], "run (GPU)": [], "postprocess": []}
@@ -48,7 +48,7 @@ def main() -> None:
         batch = engine.scheduler.schedule()
         t1 = time.perf_counter()
         if graphs is not None:
-            graphs._stage(batch, next(b for b in graphs.buckets if b >= len(batch.seqs)))
+            graphs.staging.stage(batch, next(b for b in graphs.buckets if b >= len(batch.seqs)))
         t2 = time.perf_counter()
         sampled = engine.runner.run(batch)  # ends in .tolist(): synchronized
         torch.cuda.synchronize()

@@ -25,8 +25,8 @@ def main() -> None:
     assert isinstance(engine, LLMEngine)
     llm.generate([[1, 2, 3]], use_tqdm=False)
     prompts, params = make_workload(GPU_WORKLOAD["num_seqs"], 100, 1024, 1024)
-    for i, (prompt, sp) in enumerate(zip(prompts, params, strict=True)):
-        engine.scheduler.add(engine.make_sequence(i, prompt, sp))
+    for prompt, sp in zip(prompts, params, strict=True):
+        engine.scheduler.add(engine.make_sequence(prompt, sp))
     totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     start = time.perf_counter()
     while engine.scheduler.has_unfinished():

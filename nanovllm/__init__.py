@@ -1,7 +1,7 @@
 """nanovllm: fast offline LLM batch inference in a few readable files."""
 
 from nanovllm.llm import LLM
-from nanovllm.outputs import RequestOutput
+from nanovllm.outputs import RequestOutput, StreamOutput
 from nanovllm.sampling_params import SamplingParams
 
-__all__ = ["LLM", "RequestOutput", "SamplingParams"]
+__all__ = ["LLM", "RequestOutput", "SamplingParams", "StreamOutput"]

@@ -1,5 +1,6 @@
 """The user-facing facade: ``LLM(model, **engine_args).generate(prompts, sampling_params)``."""
 
+from collections.abc import Iterator
 from collections.abc import Sequence as SequenceLike
 from types import TracebackType
 from typing import Any
@@ -7,7 +8,7 @@ from typing import Any
 from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import PrefixCacheStats
 from nanovllm.engine.llm_engine import LLMEngine, Prompt
-from nanovllm.outputs import RequestOutput
+from nanovllm.outputs import RequestOutput, StreamOutput
 from nanovllm.sampling_params import SamplingParams
 
 
@@ -26,6 +27,18 @@ class LLM:
     ) -> list[RequestOutput]:
         """Complete every prompt (a string or a list of token ids); outputs come back in input order."""
         return self._engine().generate(prompts, sampling_params or SamplingParams(), use_tqdm)
+
+    def stream(
+        self,
+        prompts: SequenceLike[Prompt],
+        sampling_params: SamplingParams | SequenceLike[SamplingParams] | None = None,
+    ) -> Iterator[StreamOutput]:
+        """Like generate, but yields each step's new tokens and text per request as they are sampled.
+
+        A prompt's ``request_id`` is its index in ``prompts`` as a string. Breaking out of the loop
+        aborts the requests still running and frees their KV cache.
+        """
+        return self._engine().stream(prompts, sampling_params or SamplingParams())
 
     def prefix_cache_stats(self) -> PrefixCacheStats:
         """Prompt tokens looked up in the prefix cache so far, and how many were found."""

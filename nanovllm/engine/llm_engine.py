@@ -1,20 +1,24 @@
 """The engine loop: tokenize requests, schedule a batch, run the model, record the tokens, repeat."""
 
+import itertools
 import json
 import os
 import time
+from collections.abc import Iterator
 from collections.abc import Sequence as SequenceLike
+from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager, PrefixCacheStats
+from nanovllm.engine.detokenizer import IncrementalDetokenizer
 from nanovllm.engine.model_runner import ModelRunner
-from nanovllm.engine.scheduler import Scheduler, SchedulerLimits
+from nanovllm.engine.scheduler import ScheduledBatch, Scheduler, SchedulerLimits
 from nanovllm.engine.sequence import Sequence
 from nanovllm.models.arch import ModelArch, load_model_arch
-from nanovllm.outputs import RequestOutput
+from nanovllm.outputs import RequestOutput, StreamOutput
 from nanovllm.sampling_params import SamplingParams
 
 Prompt = str | list[int]
@@ -54,6 +58,26 @@ def read_eos_token_ids(model_dir: str, arch: ModelArch, tokenizer: PreTrainedTok
     return eos_ids
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load, for logs and metrics."""
+
+    num_running: int  # requests prefilled and decoding
+    num_waiting: int  # requests queued for prefill (new, mid-chunk or preempted)
+    kv_cache_usage: float  # share of KV-cache blocks held by unfinished requests, 0..1
+    prefix_cache_queries: int  # prompt tokens looked up in the prefix cache so far
+    prefix_cache_hits: int  # of those, tokens found cached
+
+
+@dataclass
+class Request:
+    """An unfinished request: its sequence and, when its text is streamed, its detokenizer."""
+
+    request_id: str  # the caller's id, unique among unfinished requests
+    seq: Sequence
+    detokenizer: IncrementalDetokenizer | None  # None: no text per step (generate decodes once at the end)
+
+
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
@@ -67,35 +91,107 @@ class LLMEngine:
         )
         limits = SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
         self.scheduler = Scheduler(block_manager, limits, eos_ids)
+        self.requests: dict[str, Request] = {}  # unfinished requests by id
+        self._requests_by_seq: dict[int, Request] = {}  # the same requests by Sequence.request_id
+        self._seq_counter = itertools.count()  # numbers sequences, and names requests added without an id
 
     @property
     def prefix_cache_stats(self) -> PrefixCacheStats:
         return self.scheduler.block_manager.stats
 
-    def make_sequence(self, request_id: int, prompt: Prompt, params: SamplingParams) -> Sequence:
+    def stats(self) -> EngineStats:
+        block_manager = self.scheduler.block_manager
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_cache_usage=1.0 - block_manager.num_free_blocks / block_manager.num_blocks,
+            prefix_cache_queries=block_manager.stats.num_queried_tokens,
+            prefix_cache_hits=block_manager.stats.num_hit_tokens,
+        )
+
+    def make_sequence(self, prompt: Prompt, params: SamplingParams) -> Sequence:
         """Tokenize and check one request; raises before anything is queued."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError(f"prompt {request_id} is a string but skip_tokenizer_init=True; give token ids")
+                raise ValueError("a prompt is a string but skip_tokenizer_init=True; give token ids")
             token_ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
             token_ids = list(prompt)
             bad = [t for t in token_ids if not 0 <= t < self.arch.vocab_size]
             if bad:
-                raise ValueError(f"prompt {request_id} has token ids outside [0, {self.arch.vocab_size}): {bad[:5]}")
+                raise ValueError(f"the prompt has token ids outside [0, {self.arch.vocab_size}): {bad[:5]}")
         else:
-            raise TypeError(f"prompt {request_id} must be a str or a list of int token ids, got {type(prompt)}")
-        seq = Sequence(request_id, token_ids, params)
+            raise TypeError(f"a prompt must be a str or a list of int token ids, got {type(prompt).__name__}")
+        seq = Sequence(next(self._seq_counter), token_ids, params)
         self.scheduler.check_request(seq)
         return seq
 
-    def step(self) -> tuple[list[Sequence], int, bool]:
-        """Run one batch; returns (finished sequences, tokens computed, whether it was a prefill)."""
+    def add_request(
+        self, prompt: Prompt, params: SamplingParams, request_id: str | None = None, stream_text: bool = True
+    ) -> str:
+        """Queue one request; it runs from the next step on. Returns its id.
+
+        With ``stream_text`` each step's output carries the text its tokens completed.
+        """
+        if request_id is not None and request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already running; ids must be unique")
+        seq = self.make_sequence(prompt, params)
+        request_id = f"req-{seq.request_id}" if request_id is None else request_id
+        self._enqueue(request_id, seq, stream_text)
+        return request_id
+
+    def _enqueue(self, request_id: str, seq: Sequence, stream_text: bool) -> None:
+        stream = stream_text and self.tokenizer is not None
+        detokenizer = IncrementalDetokenizer(self.tokenizer) if stream and self.tokenizer is not None else None
+        request = Request(request_id, seq, detokenizer)
+        self.requests[request_id] = self._requests_by_seq[seq.request_id] = request
+        self.scheduler.add(seq)
+
+    def _forget(self, request: Request) -> None:
+        del self.requests[request.request_id]
+        del self._requests_by_seq[request.seq.request_id]
+
+    def abort_request(self, request_id: str) -> bool:
+        """Stop a request and free its KV blocks now; False if no such request is unfinished."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return False
+        self._forget(request)
+        self.scheduler.abort(request.seq)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def step(self) -> list[StreamOutput]:
+        """Run one batch; one output per request that got tokens or finished in it."""
+        return self._step()[0]
+
+    def _step(self) -> tuple[list[StreamOutput], ScheduledBatch]:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             raise RuntimeError("the scheduler found nothing it could run although requests are pending")
+        num_tokens_before = [seq.num_tokens for seq in batch.seqs]
         sampled = self.runner.run(batch)
-        return self.scheduler.postprocess(batch, sampled), batch.num_tokens, batch.is_prefill
+        self.scheduler.postprocess(batch, sampled)
+        outputs = []
+        for seq, num_before in zip(batch.seqs, num_tokens_before, strict=True):
+            if seq.num_tokens == num_before and not seq.is_finished:
+                continue  # a prompt chunk that is not the last: nothing sampled yet
+            request = self._requests_by_seq[seq.request_id]
+            outputs.append(self._stream_output(request, seq.token_ids[num_before:]))
+            if seq.is_finished:
+                self._forget(request)
+        return outputs, batch
+
+    def _stream_output(self, request: Request, new_token_ids: list[int]) -> StreamOutput:
+        text_delta = ""
+        if request.detokenizer is not None:
+            text_delta = request.detokenizer.push(new_token_ids)
+            if request.seq.is_finished:
+                text_delta += request.detokenizer.flush()
+        seq = request.seq
+        return StreamOutput(request.request_id, new_token_ids, text_delta, seq.is_finished, seq.finish_reason)
 
     def generate(
         self,
@@ -103,36 +199,85 @@ class LLMEngine:
         sampling_params: SamplingParams | SequenceLike[SamplingParams],
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs in input order."""
+        seqs = self._make_sequences("generate", prompts, sampling_params)
+        request_ids = [f"gen-{seq.request_id}" for seq in seqs]
+        for request_id, seq in zip(request_ids, seqs, strict=True):
+            self._enqueue(request_id, seq, stream_text=False)
+        try:
+            self._run_to_completion(len(seqs), use_tqdm)
+        finally:
+            self.abort_all()  # after an error or interrupt, leave the engine empty and usable
+        return [self._to_output(i, rid, seq) for i, (rid, seq) in enumerate(zip(request_ids, seqs, strict=True))]
+
+    def stream(
+        self, prompts: SequenceLike[Prompt], sampling_params: SamplingParams | SequenceLike[SamplingParams]
+    ) -> Iterator[StreamOutput]:
+        """Run every prompt, yielding what each step adds; a prompt's request id is its index as a string.
+
+        Leaving the loop early (break, exception) aborts the requests still running.
+        """
+        seqs = self._make_sequences("stream", prompts, sampling_params)  # bad input raises here, not when iterated
+        return self._stream_sequences(seqs)
+
+    def _stream_sequences(self, seqs: list[Sequence]) -> Iterator[StreamOutput]:
+        self._check_idle("stream")
+        for index, seq in enumerate(seqs):
+            self._enqueue(str(index), seq, stream_text=True)
+        try:
+            while self.requests:
+                yield from self.step()
+        finally:
+            self.abort_all()
+
+    def _make_sequences(
+        self, caller: str, prompts: SequenceLike[Prompt], sampling_params: SamplingParams | SequenceLike[SamplingParams]
+    ) -> list[Sequence]:
+        """Check every request before queueing any; the engine must be idle."""
         if isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError(
                 f"got {len(prompts)} prompts but {len(sampling_params)} SamplingParams; give one or one each"
             )
-        seqs = [self.make_sequence(i, p, sp) for i, (p, sp) in enumerate(zip(prompts, sampling_params, strict=True))]
-        for seq in seqs:
-            self.scheduler.add(seq)
+        self._check_idle(caller)
+        pairs = zip(prompts, sampling_params, strict=True)
+        return [self._make_indexed_sequence(i, prompt, params) for i, (prompt, params) in enumerate(pairs)]
+
+    def _make_indexed_sequence(self, index: int, prompt: Prompt, params: SamplingParams) -> Sequence:
         try:
-            self._run_to_completion(len(seqs), use_tqdm)
-        finally:
-            self.scheduler.abort_all()  # after an error or interrupt, leave the engine empty and usable
-        return [self._to_output(seq) for seq in seqs]
+            return self.make_sequence(prompt, params)
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"prompt {index}: {e}") from e
+
+    def _check_idle(self, caller: str) -> None:
+        if self.requests:
+            raise RuntimeError(
+                f"{caller}() needs an idle engine, but {len(self.requests)} requests added with add_request are "
+                "unfinished; step() them to completion or abort them first"
+            )
+
+    def abort_all(self) -> None:
+        """Drop every unfinished request and free its blocks."""
+        self.scheduler.abort_all()
+        self.requests.clear()
+        self._requests_by_seq.clear()
 
     def _run_to_completion(self, num_requests: int, use_tqdm: bool) -> None:
         with tqdm(total=num_requests, desc="Generating", dynamic_ncols=True, disable=not use_tqdm) as bar:
             rates = {"prefill": 0.0, "decode": 0.0}
-            while self.scheduler.has_unfinished():
+            while self.requests:
                 start = time.perf_counter()
-                finished, num_tokens, is_prefill = self.step()
-                rates["prefill" if is_prefill else "decode"] = num_tokens / (time.perf_counter() - start)
+                outputs, batch = self._step()
+                rates["prefill" if batch.is_prefill else "decode"] = batch.num_tokens / (time.perf_counter() - start)
                 bar.set_postfix({f"{k} tok/s": f"{v:,.0f}" for k, v in rates.items()}, refresh=False)
-                bar.update(len(finished))
+                bar.update(sum(output.finished for output in outputs))
 
-    def _to_output(self, seq: Sequence) -> RequestOutput:
+    def _to_output(self, index: int, request_id: str, seq: Sequence) -> RequestOutput:
         assert seq.finish_reason is not None, "outputs are built only for finished sequences"
         text = (
             "" if self.tokenizer is None else str(self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True))
         )
         return RequestOutput(
-            seq.request_id, seq.token_ids[: seq.num_prompt_tokens], seq.output_token_ids, text, seq.finish_reason
+            index, request_id, seq.token_ids[: seq.num_prompt_tokens], seq.output_token_ids, text, seq.finish_reason
         )

@@ -147,6 +147,18 @@ class Scheduler:
             return "length"
         return None
 
+    def abort(self, seq: Sequence) -> None:
+        """Drop one unfinished sequence, wherever it is queued, and free its blocks at once."""
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        elif seq in self.running:
+            self.running.remove(seq)
+        else:
+            return
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = "abort"
+
     def abort_all(self) -> None:
         """Drop every unfinished sequence and free its blocks."""
         for seq in (*self.waiting, *self.running):

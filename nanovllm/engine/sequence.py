@@ -21,7 +21,7 @@ class StepSamples:
 class SequenceStatus(Enum):
     WAITING = auto()  # queued for prefill (new, mid-chunked-prefill, or preempted)
     RUNNING = auto()  # prompt fully prefilled; decoding one token per step
-    FINISHED = auto()  # stopped by EOS or max_tokens; its blocks are freed
+    FINISHED = auto()  # stopped by EOS or max_tokens, or aborted; its blocks are freed
 
 
 class Sequence:
@@ -40,7 +40,7 @@ class Sequence:
     ) -> None:
         self.seq_id = next(_SEQ_IDS)  # unique among all sequences of this process
         self.sample_index = sample_index  # which of the request's n completions this is
-        self.request_id = request_id  # position of the request among those the engine was given
+        self.request_id = request_id  # a number no other request of this engine has
         self.token_ids = list(prompt_token_ids)  # prompt followed by generated tokens
         self.num_prompt_tokens = len(prompt_token_ids)  # tokens of the prompt
         self.params = params
@@ -49,7 +49,7 @@ class Sequence:
         self.num_cached_tokens = 0  # of those, tokens found in the prefix cache rather than computed
         self.block_table: list[int] = []  # cache block ids, in order of the tokens they hold
         self.block_hashes: list[int] = []  # chained hash of each full block already registered or matched
-        self.finish_reason: str | None = None  # "stop" (EOS) or "length" (max_tokens)
+        self.finish_reason: str | None = None  # "stop" (EOS), "length" (max_tokens) or "abort"
         self.cumulative_logprob = 0.0  # sum of the sampled tokens' logprobs (kept when logprobs were asked)
         self.output_logprobs: list[dict[int, float]] = []  # per output token: top-N + sampled, when asked
 

@@ -1,0 +1,54 @@
+"""Incremental detokenization: the text each new token adds, without splitting a character.
+
+Byte-level tokenizers can split one character over several tokens (an emoji is often three or
+four byte tokens). Decoding such a partial sequence yields U+FFFD, so a delta is emitted only
+once the decoded window no longer ends in it. Decoding only a short window of recent tokens,
+rather than the whole completion each step, keeps the cost per token constant:
+
+    token_ids:  | ... already emitted ... | prefix | unread |
+                                          ^ prefix_offset   ^ read_offset
+    delta = decode(prefix + unread) minus decode(prefix)
+
+The prefix gives the tokenizer the context it needs (e.g. for a leading space).
+"""
+
+from transformers import PreTrainedTokenizerBase
+
+REPLACEMENT_CHAR = "\ufffd"  # what a decoder yields for an incomplete multi-byte character
+
+
+class IncrementalDetokenizer:
+    """Turns one completion's growing token ids into text deltas whose concatenation is its text."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, skip_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.token_ids: list[int] = []  # the completion's tokens so far
+        self.prefix_offset = 0  # start of the context window decoded with the unread tokens
+        self.read_offset = 0  # tokens before this index are already part of `text`
+        self.text = ""  # the text emitted so far: the concatenation of every delta
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return str(self.tokenizer.decode(token_ids, skip_special_tokens=self.skip_special_tokens))
+
+    def push(self, new_token_ids: list[int]) -> str:
+        """Add tokens; return the text they complete ("" while a character is still incomplete)."""
+        self.token_ids.extend(new_token_ids)
+        prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
+        window_text = self._decode(self.token_ids[self.prefix_offset :])
+        if window_text.endswith(REPLACEMENT_CHAR) or len(window_text) <= len(prefix_text):
+            return ""  # an incomplete character, or tokens with no text (skipped specials): wait
+        delta = window_text[len(prefix_text) :]
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.token_ids)
+        self.text += delta
+        return delta
+
+    def flush(self) -> str:
+        """At the end of the completion: whatever is still held back (a character that never completed)."""
+        if self.read_offset == len(self.token_ids):
+            return ""
+        prefix_text = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
+        delta = self._decode(self.token_ids[self.prefix_offset :])[len(prefix_text) :]
+        self.prefix_offset = self.read_offset = len(self.token_ids)
+        self.text += delta
+        return delta

@@ -1,0 +1,108 @@
+"""The request-level API: add_request / step / abort_request, LLM.stream, and incremental detokenization."""
+
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.engine.detokenizer import IncrementalDetokenizer
+
+ARGS = dict(device="cpu", dtype="float32", kvcache_block_size=16, max_model_len=128, num_kvcache_blocks=64)
+PROMPTS = ["Hello, world!", "The scheduler decides", "Once upon a time there was", "An inference engine"]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_models: dict[str, Path]):
+    with LLM(str(tiny_models["qwen3"]), **ARGS) as llm:
+        yield llm
+
+
+def test_detokenizer_deltas_join_to_decoded_text(tiny_models: dict[str, Path]) -> None:
+    """Guards against a multi-byte character split over byte tokens reaching the stream as U+FFFD."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["qwen3"])
+    text = "naïve café → 😀 done"  # none of these non-ASCII characters is a single token of the tiny BPE
+    token_ids = tokenizer.encode(text)
+    detokenizer = IncrementalDetokenizer(tokenizer)
+    deltas = [detokenizer.push([token_id]) for token_id in token_ids]
+    deltas.append(detokenizer.flush())
+    assert "".join(deltas) == text, deltas
+    assert not any("\ufffd" in delta for delta in deltas), deltas
+    assert len(token_ids) > len(text.encode()) // 2, "the test needs characters split over several tokens"
+
+
+def test_stream_matches_generate(llm: LLM) -> None:
+    """Guards against streamed tokens or text that differ from what generate returns for the same request."""
+    params = SamplingParams(temperature=0.0, max_tokens=20)
+    expected = llm.generate(PROMPTS, params, use_tqdm=False)
+    token_ids: dict[str, list[int]] = {str(i): [] for i in range(len(PROMPTS))}
+    texts = dict.fromkeys(token_ids, "")
+    finish_reasons: dict[str, str | None] = {}
+    for out in llm.stream(PROMPTS, params):
+        assert out.request_id not in finish_reasons, f"output after the request finished: {out}"
+        token_ids[out.request_id] += out.new_token_ids
+        texts[out.request_id] += out.text_delta
+        if out.finished:
+            finish_reasons[out.request_id] = out.finish_reason
+    for i, exp in enumerate(expected):
+        assert token_ids[str(i)] == exp.token_ids
+        assert texts[str(i)] == exp.text, (texts[str(i)], exp.text)
+        assert finish_reasons[str(i)] == exp.finish_reason
+
+
+def test_requests_added_while_others_run(llm: LLM) -> None:
+    """Guards against a request that joins a running batch getting different tokens than it gets alone."""
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    alone = [out.token_ids for out in llm.generate(PROMPTS[:2], params, use_tqdm=False)]
+    engine = llm.engine
+    assert engine is not None
+    first = engine.add_request(PROMPTS[0], params)
+    collected: dict[str, list[int]] = {first: []}
+    for _ in range(3):
+        for out in engine.step():
+            collected[out.request_id] += out.new_token_ids
+    second = engine.add_request(PROMPTS[1], params, request_id="late")
+    collected[second] = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            collected[out.request_id] += out.new_token_ids
+    assert [collected[first], collected["late"]] == alone
+
+
+def test_abort_frees_blocks_and_bad_calls_raise(llm: LLM) -> None:
+    """Guards against an aborted request keeping its KV blocks, and against id reuse or generate mid-run."""
+    engine = llm.engine
+    assert engine is not None
+    block_manager = engine.scheduler.block_manager
+    params = SamplingParams(temperature=0.0, max_tokens=50, ignore_eos=True)
+    request_id = engine.add_request(PROMPTS[2] * 3, params, request_id="r1")
+    with pytest.raises(ValueError, match="already running"):
+        engine.add_request(PROMPTS[0], params, request_id="r1")
+    engine.step()
+    assert engine.stats().kv_cache_usage > 0
+    with pytest.raises(RuntimeError, match="idle engine"):
+        llm.generate(PROMPTS[:1], params, use_tqdm=False)
+    assert engine.abort_request(request_id)
+    assert not engine.abort_request(request_id), "a second abort must report that nothing was running"
+    assert block_manager.num_free_blocks == block_manager.num_blocks
+    assert engine.stats().kv_cache_usage == 0.0
+    assert not engine.has_unfinished_requests()
+
+
+def test_leaving_a_stream_early_aborts_its_requests(llm: LLM) -> None:
+    """Guards against a consumer that stops iterating leaving requests (and their blocks) in the engine."""
+    engine = llm.engine
+    assert engine is not None
+    stream = llm.stream(PROMPTS, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
+    for _ in stream:
+        break
+    stream.close()  # what a for loop's break does once the generator is collected
+    assert not engine.has_unfinished_requests()
+    assert engine.scheduler.block_manager.num_free_blocks == engine.scheduler.block_manager.num_blocks
+
+
+def test_stream_checks_input_when_called(llm: LLM) -> None:
+    """Guards against bad input surfacing only on the first iteration, or after some requests were queued."""
+    with pytest.raises(ValueError, match="prompt 1"):
+        llm.stream(["fine", []], SamplingParams())
+    assert llm.engine is not None and not llm.engine.has_unfinished_requests()
