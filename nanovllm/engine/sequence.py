@@ -50,6 +50,7 @@ class Sequence:
         self.block_table: list[int] = []  # cache block ids, in order of the tokens they hold
         self.block_hashes: list[int] = []  # chained hash of each full block already registered or matched
         self.finish_reason: str | None = None  # "stop" (EOS), "length" (max_tokens) or "abort"
+        self.stop_reason: int | str | None = None  # the stop token id or stop string that ended it; None for EOS
         self.cumulative_logprob = 0.0  # sum of the sampled tokens' logprobs (kept when logprobs were asked)
         self.output_logprobs: list[dict[int, float]] = []  # per output token: top-N + sampled, when asked
 
