@@ -163,3 +163,25 @@ def test_beam_search_equals_reference(llm: LLM, model_dir: str, beam_width: int)
     assert got == pytest.approx([b.cumulative_logprob for b in expected], abs=1e-3)
     if beam_width == 1:
         assert result.sequences[0].token_ids == llm.generate([prompt], GREEDY, use_tqdm=False)[0].token_ids[:4]
+
+
+def test_completion_text_multibyte_stop_string(model_dir: str) -> None:
+    """Guards against U+FFFD in deltas when byte tokens split a character, and against a stop string made of
+    split characters being missed or leaking into the stream before the cut."""
+    from transformers import AutoTokenizer
+
+    from nanovllm.engine.completion_text import CompletionText
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    source = "naïve café → 😀 done"
+    token_ids = tokenizer.encode(source)
+    assert len(token_ids) > len(source.encode()) // 2, "the test needs characters split over several tokens"
+    text = CompletionText(tokenizer, SamplingParams(stop="→ 😀"))
+    deltas = []
+    for token_id in token_ids:
+        stop = text.push([token_id])
+        deltas.append(text.take_delta(is_finished=stop is not None))
+        if stop is not None:
+            break
+    assert stop == "→ 😀" and text.text == "naïve café ", text.text
+    assert "".join(deltas) == "naïve café " and not any("\ufffd" in d for d in deltas), deltas
