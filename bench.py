@@ -72,6 +72,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--top-p", type=float, default=1.0, help="top_p of every request (default 1.0 = off)")
+    parser.add_argument("--top-k", type=int, default=0, help="top_k of every request (default 0 = off)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="of every request (default 1.0 = off)")
     return parser.parse_args()
 
 
@@ -83,13 +86,16 @@ def build_dummy_llm(shape: str, **engine_args: Any) -> LLM:
         return LLM(tmp, load_format="dummy", skip_tokenizer_init=True, **engine_args)
 
 
-def make_workload(num_seqs: int, min_len: int, max_input_len: int, max_output_len: int) -> tuple[list, list]:
+def make_workload(
+    num_seqs: int, min_len: int, max_input_len: int, max_output_len: int, **sampling: Any
+) -> tuple[list, list]:
+    """nano-vllm's workload; ``sampling`` adds SamplingParams fields (top_p, top_k, ...) to every request."""
     random.seed(0)
     prompts = [
         [random.randint(0, 10000) for _ in range(random.randint(min_len, max_input_len))] for _ in range(num_seqs)
     ]
     params = [
-        SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=random.randint(min_len, max_output_len))
+        SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=random.randint(min_len, max_output_len), **sampling)
         for _ in range(num_seqs)
     ]
     return prompts, params
@@ -112,8 +118,9 @@ def main() -> None:
         llm = LLM(args.model, dtype=args.dtype, **engine_args)
     else:
         llm = build_dummy_llm(args.shape, dtype=args.dtype, **engine_args)
+    sampling = dict(top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty)
     prompts, params = make_workload(
-        workload["num_seqs"], min_len, workload["max_input_len"], workload["max_output_len"]
+        workload["num_seqs"], min_len, workload["max_input_len"], workload["max_output_len"], **sampling
     )
     llm.generate(["Benchmark: "] if llm.engine and llm.engine.tokenizer else [[1, 2, 3]], use_tqdm=False)
     start = time.perf_counter()

@@ -6,9 +6,10 @@ from types import TracebackType
 from typing import Any
 
 from nanovllm.config import EngineConfig
+from nanovllm.engine.beam_search import beam_search
 from nanovllm.engine.block_manager import PrefixCacheStats
 from nanovllm.engine.llm_engine import LLMEngine, Prompt
-from nanovllm.outputs import RequestOutput, StreamOutput
+from nanovllm.outputs import BeamSearchOutput, RequestOutput, StreamOutput
 from nanovllm.sampling_params import SamplingParams
 
 
@@ -39,6 +40,21 @@ class LLM:
         aborts the requests still running and frees their KV cache.
         """
         return self._engine().stream(prompts, sampling_params or SamplingParams())
+
+    def beam_search(
+        self,
+        prompts: SequenceLike[Prompt],
+        beam_width: int,
+        max_tokens: int,
+        length_penalty: float = 1.0,
+        ignore_eos: bool = False,
+    ) -> list[BeamSearchOutput]:
+        """The ``beam_width`` most likely completions of each prompt (vLLM's beam search), best score first.
+
+        Scores are cumulative logprob / len(prompt + completion) ** length_penalty; a beam ends at EOS
+        (unless ignore_eos) or after max_tokens tokens.
+        """
+        return beam_search(self._engine(), list(prompts), beam_width, max_tokens, length_penalty, ignore_eos)
 
     def prefix_cache_stats(self) -> PrefixCacheStats:
         """Prompt tokens looked up in the prefix cache so far, and how many were found."""

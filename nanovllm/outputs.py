@@ -1,7 +1,22 @@
 """What the engine hands back: a whole completion per prompt, or what one step added to a request."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+TokenLogprobs = dict[int, float]  # token id -> logprob from the raw logits: the top-N plus the sampled token
+
+
+@dataclass(frozen=True)
+class CompletionOutput:
+    """One of a request's n completions (vLLM's CompletionOutput)."""
+
+    index: int  # which of the n completions, 0..n-1
+    text: str  # the completion's text, cut before a matched stop string unless include_stop_str_in_output
+    token_ids: list[int]  # the completion's tokens (a stop string's tokens stay here even when cut from text)
+    cumulative_logprob: float | None  # sum of the sampled tokens' logprobs; None unless logprobs was set
+    logprobs: list[TokenLogprobs] | None  # per generated token; None unless logprobs was set
+    finish_reason: str  # "stop" (EOS, stop token or stop string), "length" or "abort"
+    stop_reason: int | str | None  # the stop token id or stop string that ended it; None for EOS or length
 
 
 @dataclass(frozen=True)
@@ -14,6 +29,7 @@ class RequestOutput:
     token_ids: list[int]  # the completion only, without the prompt
     text: str  # the completion, decoded without special tokens ("" with skip_tokenizer_init)
     finish_reason: str  # "stop" (an end-of-sequence token) or "length" (max_tokens reached)
+    outputs: list[CompletionOutput] = field(default_factory=list)  # all n completions; the fields above are [0]'s
 
     def __getitem__(self, key: str) -> Any:
         if key not in self.__dataclass_fields__:
@@ -30,3 +46,24 @@ class StreamOutput:
     text_delta: str  # text those tokens completed; a split multi-byte character waits for its last token
     finished: bool  # no more outputs follow for this request
     finish_reason: str | None  # "stop", "length" or "abort" once finished, else None
+    sample_index: int = 0  # which of the request's n completions these tokens extend (finished is per completion)
+    logprobs: list[TokenLogprobs] | None = None  # per new token, when the request asked for logprobs
+    stop_reason: int | str | None = None  # once finished: the stop token id or stop string; None for EOS or length
+
+
+@dataclass(frozen=True)
+class BeamSearchSequence:
+    """One finished beam (vLLM's BeamSearchSequence, with the completion apart from the prompt)."""
+
+    token_ids: list[int]  # the completion's tokens, without the prompt
+    cumulative_logprob: float  # sum of the tokens' logprobs under the model
+    score: float  # cumulative_logprob / len(prompt + completion) ** length_penalty (EOS not counted)
+    text: str  # the completion, decoded ("" with skip_tokenizer_init)
+    finish_reason: str  # "stop" (ended by EOS) or "length" (max_tokens reached)
+
+
+@dataclass(frozen=True)
+class BeamSearchOutput:
+    """The best beams of one prompt, best score first."""
+
+    sequences: list[BeamSearchSequence]

@@ -4,7 +4,7 @@ import pytest
 
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.scheduler import Scheduler, SchedulerLimits
-from nanovllm.engine.sequence import Sequence, SequenceStatus
+from nanovllm.engine.sequence import Sequence, SequenceStatus, StepSamples
 from nanovllm.sampling_params import SamplingParams
 
 BLOCK_SIZE = 16
@@ -23,7 +23,8 @@ def make_seq(request_id: int, num_prompt_tokens: int, max_tokens: int = 4) -> Se
 
 def run_step(scheduler: Scheduler, token: int = SAMPLED):
     batch = scheduler.schedule()
-    return batch, scheduler.postprocess(batch, [token] * len(batch.seqs))
+    num_rows = len(batch.seqs)
+    return batch, scheduler.postprocess(batch, StepSamples([token] * num_rows, [None] * num_rows, [None] * num_rows))
 
 
 def test_prefill_then_decode_until_max_tokens() -> None:

@@ -81,15 +81,15 @@ class DecodeGraphs:
     def can_run(self, batch_size: int) -> bool:
         return bool(self.graphs) and batch_size <= self.buckets[-1]
 
-    def run(self, batch: ScheduledBatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Replay the decode graph for this batch: (hidden states [B, hidden], temperatures [B])."""
+    def run(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Replay the decode graph for this batch: its hidden states [B, hidden_size]."""
         num_seqs = len(batch.seqs)
         bucket = next(b for b in self.buckets if b >= num_seqs)
         self.staging.stage(batch, bucket)
         for name, host in self.staging.host.items():
             self.static[name][:bucket].copy_(host[:bucket], non_blocking=True)
         self.graphs[bucket].replay()
-        return self.hidden_states[:num_seqs], self.static["temperatures"][:num_seqs]
+        return self.hidden_states[:num_seqs]
 
 
 class DecodeStaging:
@@ -103,7 +103,6 @@ class DecodeStaging:
             "slot_mapping": ((max_num_seqs,), torch.int64),
             "context_lens": ((max_num_seqs,), torch.int32),
             "block_tables": ((max_num_seqs, max_blocks), torch.int32),
-            "temperatures": ((max_num_seqs,), torch.float32),
         }
         self.host = {name: torch.zeros(shape, dtype=dt, pin_memory=pin_memory) for name, (shape, dt) in shapes.items()}
         self.arrays = {name: t.numpy() for name, t in self.host.items()}  # numpy views of the same memory
@@ -122,7 +121,6 @@ class DecodeStaging:
         h["input_ids"][:num_seqs] = [seq.token_ids[-1] for seq in seqs]
         h["positions"][:num_seqs] = positions
         h["context_lens"][:num_seqs] = positions + 1
-        h["temperatures"][:num_seqs] = [seq.params.temperature for seq in seqs]
         self._stage_block_tables(seqs)
         # slot of position p = block_tables[lane, p // block_size] * block_size + p % block_size
         block_ids = h["block_tables"][np.arange(num_seqs), positions // self.block_size]  # [B]

@@ -13,8 +13,9 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager, PrefixCacheStats
-from nanovllm.engine.detokenizer import IncrementalDetokenizer
 from nanovllm.engine.model_runner import ModelRunner
+from nanovllm.engine.request import Request
+from nanovllm.engine.sampling_metadata import check_params_for_vocab
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler, SchedulerLimits
 from nanovllm.engine.sequence import Sequence
 from nanovllm.models.arch import ModelArch, load_model_arch
@@ -69,27 +70,18 @@ class EngineStats:
     prefix_cache_hits: int  # of those, tokens found cached
 
 
-@dataclass
-class Request:
-    """An unfinished request: its sequence and, when its text is streamed, its detokenizer."""
-
-    request_id: str  # the caller's id, unique among unfinished requests
-    seq: Sequence
-    detokenizer: IncrementalDetokenizer | None  # None: no text per step (generate decodes once at the end)
-
-
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.arch = load_model_arch(config.model)
         self.max_model_len = effective_max_model_len(config, self.arch)
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.model)
-        self.runner = ModelRunner(config, self.arch, self.max_model_len)
+        eos_ids = read_eos_token_ids(config.model, self.arch, self.tokenizer)
+        self.runner = ModelRunner(config, self.arch, self.max_model_len, eos_ids)
         block_manager = BlockManager(
             self.runner.num_kvcache_blocks, config.kvcache_block_size, config.enable_prefix_caching
         )
         limits = SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
-        eos_ids = read_eos_token_ids(config.model, self.arch, self.tokenizer)
         self.scheduler = Scheduler(block_manager, limits, eos_ids)
         self.requests: dict[str, Request] = {}  # unfinished requests by id
         self._requests_by_seq: dict[int, Request] = {}  # the same requests by Sequence.request_id
@@ -122,6 +114,7 @@ class LLMEngine:
                 raise ValueError(f"the prompt has token ids outside [0, {self.arch.vocab_size}): {bad[:5]}")
         else:
             raise TypeError(f"a prompt must be a str or a list of int token ids, got {type(prompt).__name__}")
+        check_params_for_vocab(params, self.arch.vocab_size)
         seq = Sequence(next(self._seq_counter), token_ids, params)
         self.scheduler.check_request(seq)
         return seq
@@ -140,16 +133,19 @@ class LLMEngine:
         self._enqueue(request_id, seq, stream_text)
         return request_id
 
-    def _enqueue(self, request_id: str, seq: Sequence, stream_text: bool) -> None:
-        stream = stream_text and self.tokenizer is not None
-        detokenizer = IncrementalDetokenizer(self.tokenizer) if stream and self.tokenizer is not None else None
-        request = Request(request_id, seq, detokenizer)
-        self.requests[request_id] = self._requests_by_seq[seq.request_id] = request
+    def _enqueue(self, request_id: str, seq: Sequence, stream_text: bool) -> Request:
+        sibling_ids = [next(self._seq_counter) for _ in range(seq.params.n - 1)]
+        request = Request.build(request_id, seq, sibling_ids, self.tokenizer, stream_text)
+        self.requests[request_id] = request
+        for sample in request.seqs:
+            self._requests_by_seq[sample.request_id] = request
         self.scheduler.add(seq)
+        return request
 
     def _forget(self, request: Request) -> None:
         del self.requests[request.request_id]
-        del self._requests_by_seq[request.seq.request_id]
+        for seq in request.seqs:
+            del self._requests_by_seq[seq.request_id]
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request and free its KV blocks now; False if no such request is unfinished."""
@@ -157,7 +153,8 @@ class LLMEngine:
         if request is None:
             return False
         self._forget(request)
-        self.scheduler.abort(request.seq)
+        for seq in request.seqs[: request.num_queued]:
+            self.scheduler.abort(seq)
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -175,23 +172,45 @@ class LLMEngine:
         sampled = self.runner.run(batch)
         self.scheduler.postprocess(batch, sampled)
         outputs = []
+        finished: dict[str, Request] = {}
         for seq, num_before in zip(batch.seqs, num_tokens_before, strict=True):
             if seq.num_tokens == num_before and not seq.is_finished:
                 continue  # a prompt chunk that is not the last: nothing sampled yet
             request = self._requests_by_seq[seq.request_id]
-            outputs.append(self._stream_output(request, seq.token_ids[num_before:]))
-            if seq.is_finished:
-                self._forget(request)
+            outputs.append(self._stream_output(request, seq, num_before))
+            for sibling in request.siblings_to_queue():
+                self.scheduler.add(sibling, first=True)
+            if request.is_finished:
+                finished[request.request_id] = request  # forgotten after the loop: n > 1 may finish several rows
+        for request in finished.values():
+            self._forget(request)
         return outputs, batch
 
-    def _stream_output(self, request: Request, new_token_ids: list[int]) -> StreamOutput:
+    def _stream_output(self, request: Request, seq: Sequence, num_tokens_before: int) -> StreamOutput:
+        """Detokenize the new tokens, end the completion if they complete a stop string, and report them."""
+        new_token_ids = seq.token_ids[num_tokens_before:]
+        text = request.texts[seq.sample_index]
         text_delta = ""
-        if request.detokenizer is not None:
-            text_delta = request.detokenizer.push(new_token_ids)
-            if request.seq.is_finished:
-                text_delta += request.detokenizer.flush()
-        seq = request.seq
-        return StreamOutput(request.request_id, new_token_ids, text_delta, seq.is_finished, seq.finish_reason)
+        if text is not None:
+            stop_string = text.push(new_token_ids)
+            if stop_string is not None:
+                self.scheduler.stop(seq, stop_string)
+            if seq.is_finished:
+                text.finish()
+            text_delta = text.take_delta(seq.is_finished)
+        logprobs = None
+        if seq.params.logprobs is not None:
+            logprobs = seq.output_logprobs[len(seq.output_logprobs) - len(new_token_ids) :]
+        return StreamOutput(
+            request.request_id,
+            new_token_ids,
+            text_delta,
+            seq.is_finished,
+            seq.finish_reason,
+            seq.sample_index,
+            logprobs,
+            seq.stop_reason,
+        )
 
     def generate(
         self,
@@ -201,14 +220,12 @@ class LLMEngine:
     ) -> list[RequestOutput]:
         """Run every prompt to completion; outputs in input order."""
         seqs = self._make_sequences("generate", prompts, sampling_params)
-        request_ids = [f"gen-{seq.request_id}" for seq in seqs]
-        for request_id, seq in zip(request_ids, seqs, strict=True):
-            self._enqueue(request_id, seq, stream_text=False)
+        requests = [self._enqueue(f"gen-{seq.request_id}", seq, stream_text=False) for seq in seqs]
         try:
-            self._run_to_completion(len(seqs), use_tqdm)
+            self._run_to_completion(sum(seq.params.n for seq in seqs), use_tqdm)
         finally:
             self.abort_all()  # after an error or interrupt, leave the engine empty and usable
-        return [self._to_output(i, rid, seq) for i, (rid, seq) in enumerate(zip(request_ids, seqs, strict=True))]
+        return [request.to_output(i, self.tokenizer) for i, request in enumerate(requests)]
 
     def stream(
         self, prompts: SequenceLike[Prompt], sampling_params: SamplingParams | SequenceLike[SamplingParams]
@@ -272,12 +289,3 @@ class LLMEngine:
                 rates["prefill" if batch.is_prefill else "decode"] = batch.num_tokens / (time.perf_counter() - start)
                 bar.set_postfix({f"{k} tok/s": f"{v:,.0f}" for k, v in rates.items()}, refresh=False)
                 bar.update(sum(output.finished for output in outputs))
-
-    def _to_output(self, index: int, request_id: str, seq: Sequence) -> RequestOutput:
-        assert seq.finish_reason is not None, "outputs are built only for finished sequences"
-        text = (
-            "" if self.tokenizer is None else str(self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True))
-        )
-        return RequestOutput(
-            index, request_id, seq.token_ids[: seq.num_prompt_tokens], seq.output_token_ids, text, seq.finish_reason
-        )

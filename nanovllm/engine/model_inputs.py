@@ -15,7 +15,6 @@ class ModelInputs:
     positions: torch.Tensor  # [N] int64, each token's position in its sequence
     attention: AttentionMetadata  # where the tokens sit in the batch and the KV cache
     last_token_indices: torch.Tensor  # [B] int64, row of each sequence's last new token in the flat batch
-    temperatures: torch.Tensor  # [B] float32, sampling temperature per sequence (0 = greedy)
 
 
 def build_model_inputs(batch: ScheduledBatch, block_size: int, device: torch.device) -> ModelInputs:
@@ -58,5 +57,4 @@ def build_model_inputs(batch: ScheduledBatch, block_size: int, device: torch.dev
         positions=to_device(positions, torch.int64),
         attention=metadata,
         last_token_indices=cu_seqlens[1:].long() - 1,
-        temperatures=to_device([seq.params.temperature for seq in batch.seqs], torch.float32),
     )

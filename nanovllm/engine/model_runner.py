@@ -1,10 +1,10 @@
 """Runs the model: builds it, loads weights, owns the KV cache, and turns a batch into sampled tokens.
 
 The runner is written so that every tensor-parallel rank runs the same code: it takes a
-:class:`ScheduledBatch`, and rank 0's return value is the sampled token ids.
+:class:`ScheduledBatch`, and rank 0's return value is what was sampled (:class:`StepSamples`).
 """
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -12,6 +12,7 @@ import torch
 from nanovllm.config import EngineConfig
 from nanovllm.engine.cuda_graphs import DecodeGraphs
 from nanovllm.engine.model_inputs import ModelInputs, build_model_inputs
+from nanovllm.engine.sampling_metadata import SamplingMetadataBuilder, StepSamples
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.kernels.backends import Kernels, select_attention_backend
@@ -53,7 +54,9 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 class ModelRunner:
-    def __init__(self, config: EngineConfig, arch: ModelArch, max_model_len: int) -> None:
+    def __init__(
+        self, config: EngineConfig, arch: ModelArch, max_model_len: int, eos_token_ids: Collection[int] = ()
+    ) -> None:
         self.config = config
         self.arch = arch
         self.max_model_len = max_model_len  # config.max_model_len clamped to the model's limit
@@ -72,6 +75,7 @@ class ModelRunner:
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.sampler = Sampler(self.kernels.compile_ops)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.sampling = SamplingMetadataBuilder(config.max_num_seqs, arch.vocab_size, self.device, eos_token_ids)
         self.decode_graphs: DecodeGraphs | None = None  # captured once the KV cache exists
         self.num_kvcache_blocks = self._plan_num_blocks()
         self._allocate_kv_cache(self.num_kvcache_blocks)
@@ -135,17 +139,20 @@ class ModelRunner:
             attn.bind_kv_cache(self.kv_cache[0, i], self.kv_cache[1, i])
 
     @torch.inference_mode()
-    def run(self, batch: ScheduledBatch) -> list[int]:
-        """One forward pass over the batch; the next token of every sequence in it."""
+    def run(self, batch: ScheduledBatch) -> StepSamples:
+        """One forward pass over the batch; the next token of every sequence in it (and logprobs if asked)."""
         graphs = self.decode_graphs
         if graphs is not None and not batch.is_prefill and graphs.can_run(len(batch.seqs)):
-            hidden_states, temperatures = graphs.run(batch)  # [B, hidden_size], [B]
-            logits = self.model.compute_logits(hidden_states)
+            logits = self.model.compute_logits(graphs.run(batch))  # [B, vocab_size]
         else:
-            inputs = build_model_inputs(batch, self.block_size, self.device)
-            logits = self._forward(inputs)  # [B, vocab_size]
-            temperatures = inputs.temperatures
-        return self.sampler(logits, temperatures, self.generator).tolist()
+            logits = self._forward(build_model_inputs(batch, self.block_size, self.device))  # [B, vocab_size]
+        return self._sample(batch, logits)
+
+    def _sample(self, batch: ScheduledBatch, logits: torch.Tensor) -> StepSamples:
+        """The one place that samples: the logits pipeline, then the penalty table counts the new tokens."""
+        output = self.sampler(logits, self.sampling.build(batch), self.generator)
+        self.sampling.record(output)
+        return self.sampling.to_host(output, batch.seqs)
 
     def _forward(self, inputs: ModelInputs) -> torch.Tensor:
         with attention_context(inputs.attention):

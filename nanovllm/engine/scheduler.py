@@ -11,7 +11,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from nanovllm.engine.block_manager import BlockManager
-from nanovllm.engine.sequence import Sequence, SequenceStatus
+from nanovllm.engine.sequence import Sequence, SequenceStatus, StepSamples
 
 
 @dataclass(frozen=True)
@@ -62,9 +62,13 @@ class Scheduler:
                 f"{self.block_manager.num_blocks}; raise num_kvcache_blocks or shorten the request"
             )
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Sequence, first: bool = False) -> None:
+        """Queue a sequence for prefill: at the tail, or at the head when ``first`` (it runs next)."""
         self.check_request(seq)
-        self.waiting.append(seq)
+        if first:
+            self.waiting.appendleft(seq)
+        else:
+            self.waiting.append(seq)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -121,16 +125,17 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def postprocess(self, batch: ScheduledBatch, sampled_token_ids: list[int]) -> list[Sequence]:
+    def postprocess(self, batch: ScheduledBatch, samples: StepSamples) -> list[Sequence]:
         """Record what the step computed and sampled; return the sequences that finished."""
         finished: list[Sequence] = []
-        for seq, num_new, token_id in zip(batch.seqs, batch.num_new_tokens, sampled_token_ids, strict=True):
+        for row, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
             seq.num_computed_tokens += num_new
             self.block_manager.register_computed(seq)
             if seq.num_computed_tokens < seq.num_tokens:
                 continue  # a prompt chunk that is not the last: its sample is not a real token
-            seq.token_ids.append(token_id)
-            seq.finish_reason = self._finish_reason(seq, token_id)
+            token_id = samples.token_ids[row]
+            seq.append_token(token_id, samples.sampled_logprobs[row], samples.top_logprobs[row])
+            seq.finish_reason, seq.stop_reason = self._finish_reason(seq, token_id)
             if seq.finish_reason is not None:
                 seq.status = SequenceStatus.FINISHED
                 self.block_manager.free(seq)
@@ -139,12 +144,27 @@ class Scheduler:
             self.running = deque(seq for seq in self.running if not seq.is_finished)
         return finished
 
-    def _finish_reason(self, seq: Sequence, token_id: int) -> str | None:
-        if not seq.params.ignore_eos and token_id in self.eos_token_ids:
-            return "stop"
-        if seq.num_output_tokens >= seq.params.max_tokens:
-            return "length"
-        return None
+    def _finish_reason(self, seq: Sequence, token_id: int) -> tuple[str | None, int | None]:
+        """(finish_reason, stop_reason): EOS stops with stop_reason None, a stop_token_ids entry names itself.
+
+        Before min_tokens the sampler masks both, so neither can appear here.
+        """
+        params = seq.params
+        if params.stop_token_ids and token_id in params.stop_token_ids:
+            return "stop", token_id
+        if not params.ignore_eos and token_id in self.eos_token_ids:
+            return "stop", None
+        if seq.num_output_tokens >= params.max_tokens:
+            return "length", None
+        return None, None
+
+    def stop(self, seq: Sequence, stop_reason: str) -> None:
+        """Finish a sequence that a stop string ended (found by the engine in the detokenized text)."""
+        if not seq.is_finished:  # else the same step ended it by a token or length; the stop string still wins
+            self.running.remove(seq)
+            self.block_manager.free(seq)
+            seq.status = SequenceStatus.FINISHED
+        seq.finish_reason, seq.stop_reason = "stop", stop_reason
 
     def abort(self, seq: Sequence) -> None:
         """Drop one unfinished sequence, wherever it is queued, and free its blocks at once."""

@@ -1,8 +1,21 @@
 """A request as the engine tracks it: its tokens, how far its KV cache is computed, and its blocks."""
 
+import itertools
+from dataclasses import dataclass
 from enum import Enum, auto
 
 from nanovllm.sampling_params import SamplingParams
+
+_SEQ_IDS = itertools.count()  # a process-wide unique id per Sequence, for per-sequence device state
+
+
+@dataclass(frozen=True)
+class StepSamples:
+    """What one step sampled, on the host, one entry per batch row."""
+
+    token_ids: list[int]  # the sampled token of each row
+    sampled_logprobs: list[float | None]  # raw logprob of each sampled token; None where logprobs were not asked
+    top_logprobs: list[dict[int, float] | None]  # token id -> logprob: the row's top-N plus the sampled token
 
 
 class SequenceStatus(Enum):
@@ -22,8 +35,12 @@ class Sequence:
                                             o1 was just sampled, its K/V comes next step.
     """
 
-    def __init__(self, request_id: int, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        self.request_id = request_id  # a number no other sequence of this engine has
+    def __init__(
+        self, request_id: int, prompt_token_ids: list[int], params: SamplingParams, sample_index: int = 0
+    ) -> None:
+        self.seq_id = next(_SEQ_IDS)  # unique among all sequences of this process
+        self.sample_index = sample_index  # which of the request's n completions this is
+        self.request_id = request_id  # a number no other request of this engine has
         self.token_ids = list(prompt_token_ids)  # prompt followed by generated tokens
         self.num_prompt_tokens = len(prompt_token_ids)  # tokens of the prompt
         self.params = params
@@ -33,6 +50,9 @@ class Sequence:
         self.block_table: list[int] = []  # cache block ids, in order of the tokens they hold
         self.block_hashes: list[int] = []  # chained hash of each full block already registered or matched
         self.finish_reason: str | None = None  # "stop" (EOS), "length" (max_tokens) or "abort"
+        self.stop_reason: int | str | None = None  # the stop token id or stop string that ended it; None for EOS
+        self.cumulative_logprob = 0.0  # sum of the sampled tokens' logprobs (kept when logprobs were asked)
+        self.output_logprobs: list[dict[int, float]] = []  # per output token: top-N + sampled, when asked
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -52,6 +72,12 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
+
+    def append_token(self, token_id: int, logprob: float | None, top_logprobs: dict[int, float] | None) -> None:
+        self.token_ids.append(token_id)
+        if logprob is not None and top_logprobs is not None:
+            self.cumulative_logprob += logprob
+            self.output_logprobs.append(top_logprobs)
 
     def num_blocks_needed(self, block_size: int) -> int:
         """Blocks that hold every token of the sequence so far."""

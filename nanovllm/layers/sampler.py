@@ -1,4 +1,16 @@
-"""Turn each sequence's last-token logits into its next token."""
+"""Turn each sequence's last-token logits into its next token, vLLM's logits pipeline batched over rows.
+
+    raw logits ─┬─> log_softmax ─> logprobs (top-N and the sampled token's)
+                └─> logit bias, min_tokens mask ─> penalties ─┬─> argmax                   (greedy rows)
+                                                              └─> / temperature ─> min_p ─> top-k, top-p ─> draw
+
+Every step is a tensor op over the whole batch; per-row settings come in as [B] tensors
+(:class:`SamplingTensors`, built by ``engine/sampling_metadata.py``). A batch that needs none of
+the transforms (greedy and temperature-only rows) takes the short path: :func:`sample`.
+"""
+
+import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -6,28 +18,98 @@ from torch import nn
 from nanovllm.layers.compile import maybe_compile
 
 MIN_TEMPERATURE = 1e-5  # temperatures below this would overflow the division; greedy rows are chosen separately
+UINT32_MASK = 0xFFFFFFFF
+# Odd multipliers < 2**31 for the 32-bit mixer, so that x * c stays below 2**63 in int64 (no overflow).
+MIX_MULTIPLIERS = (0x7FEB352D, 0x2C1B3C6D)
+UNIFORM_BITS = 24  # float32 holds 24 significant bits; the hash's top 24 bits become a uniform in (0, 1)
+
+
+@dataclass(frozen=True)
+class PenaltyTensors:
+    """What the three penalties read: per-slot token counts kept on the device across steps."""
+
+    output_counts: torch.Tensor  # [num_slots, vocab_size] int32, times each token occurs in the slot's output
+    prompt_mask: torch.Tensor  # [num_slots, vocab_size] bool, whether each token occurs in the slot's prompt
+    slots: torch.Tensor  # [B] int64, the table row of each batch row
+    repetition: torch.Tensor  # [B] float32; 1 = off
+    frequency: torch.Tensor  # [B] float32; 0 = off
+    presence: torch.Tensor  # [B] float32; 0 = off
+
+
+@dataclass(frozen=True)
+class TokenEntries:
+    """A sparse set of (row, token) logits entries: logit_bias values or tokens masked by min_tokens."""
+
+    rows: torch.Tensor  # [K] int64, batch row of each entry
+    token_ids: torch.Tensor  # [K] int64
+    values: torch.Tensor  # [K] float32, added to the logit (-inf masks the token)
+
+
+@dataclass(frozen=True)
+class SamplingTensors:
+    """One batch's sampling settings on the device, one row per sequence, plus which stages are needed."""
+
+    temperatures: torch.Tensor  # [B] float32; 0 = greedy
+    top_ks: torch.Tensor  # [B] int64; vocab_size = off
+    top_ps: torch.Tensor  # [B] float32; 1 = off
+    min_ps: torch.Tensor  # [B] float32; 0 = off
+    logit_edits: TokenEntries | None  # logit_bias entries and min_tokens masks; None when no row has any
+    penalties: PenaltyTensors | None  # None when no row uses a penalty
+    seed_keys: torch.Tensor | None  # [B, 2] int64, two 32-bit hash keys per row (seed, position); None = no seeds
+    is_seeded: torch.Tensor | None  # [B] bool, rows whose noise comes from seed_keys rather than the generator
+    max_top_k: int | None  # the largest top_k when every row has one (topk instead of a full sort), else None
+    use_top_k_top_p: bool  # some row has top_k or top_p
+    use_min_p: bool  # some row has min_p
+    is_all_greedy: bool  # every row is greedy: no noise needed
+    num_logprobs: int | None  # most top logprobs any row asks for; None = no row asks
+
+    @property
+    def is_temperature_only(self) -> bool:
+        """No stage but temperature: the short path applies."""
+        return not (self.use_top_k_top_p or self.use_min_p or self.logit_edits or self.penalties)
+
+
+@dataclass(frozen=True)
+class SamplerOutput:
+    token_ids: torch.Tensor  # [B] int64, the sampled token of each row
+    sampled_logprobs: torch.Tensor | None  # [B] float32, raw-logits logprob of each sampled token
+    top_logprobs: torch.Tensor | None  # [B, num_logprobs] float32, largest first
+    top_token_ids: torch.Tensor | None  # [B, num_logprobs] int64
 
 
 class Sampler(nn.Module):
-    """Greedy rows take the argmax; the others sample from softmax(logits / temperature).
+    """Greedy rows take the argmax; the others draw from softmax(transformed logits / temperature).
 
-    Sampling uses the exponential race (equivalent to Gumbel-max): with E_i ~ Exp(1) drawn
+    The draw is the exponential race (equivalent to Gumbel-max): with E_i ~ Exp(1) drawn
     independently, argmax_i p_i / E_i is distributed as p. One pass, no cumulative sums.
     """
 
     def __init__(self, compile_ops: bool = False) -> None:
         super().__init__()
         self._sample = maybe_compile(sample, compile_ops)
+        self._sample_transformed = maybe_compile(sample_transformed, compile_ops)
+        self._seeded_noise = maybe_compile(seeded_noise, compile_ops)
 
     def forward(
-        self,
-        logits: torch.Tensor,  # [B, vocab_size]
-        temperatures: torch.Tensor,  # [B] float32; 0 = greedy
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:  # [B] int64
-        # The exponential noise is drawn outside the compiled function, so a seeded generator keeps working.
-        noise = torch.empty_like(logits, dtype=torch.float32).exponential_(1.0, generator=generator)
-        return self._sample(logits, temperatures, noise)
+        self, logits: torch.Tensor, t: SamplingTensors, generator: torch.Generator | None = None
+    ) -> SamplerOutput:  # logits: [B, vocab_size]
+        if t.is_all_greedy and t.is_temperature_only:
+            token_ids = logits.argmax(dim=-1)  # [B]
+        else:
+            # Drawn outside the compiled function, so a seeded generator keeps working.
+            noise = torch.empty_like(logits, dtype=torch.float32).exponential_(1.0, generator=generator)
+            if t.seed_keys is not None and t.is_seeded is not None:
+                noise = self._seeded_noise(noise, t.seed_keys, t.is_seeded)
+            if t.is_temperature_only:
+                token_ids = self._sample(logits, t.temperatures, noise)
+            else:
+                token_ids = self._sample_transformed(logits, t, noise)
+        if t.num_logprobs is None:
+            return SamplerOutput(token_ids, None, None, None)
+        logprobs = torch.log_softmax(logits.float(), dim=-1)  # [B, vocab_size], from the raw logits
+        sampled = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)  # [B]
+        top_logprobs, top_token_ids = logprobs.topk(t.num_logprobs, dim=-1)  # [B, num_logprobs] each
+        return SamplerOutput(token_ids, sampled, top_logprobs, top_token_ids)
 
 
 def sample(logits: torch.Tensor, temperatures: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -38,3 +120,89 @@ def sample(logits: torch.Tensor, temperatures: torch.Tensor, noise: torch.Tensor
     probs = torch.softmax(scaled, dim=-1)  # [B, vocab_size]
     sampled_ids = (probs / noise).argmax(dim=-1)
     return torch.where(temperatures == 0, greedy_ids, sampled_ids)
+
+
+def sample_transformed(logits: torch.Tensor, t: SamplingTensors, noise: torch.Tensor) -> torch.Tensor:
+    """The whole pipeline, in vLLM's order; each stage is skipped when no row of the batch uses it."""
+    logits = logits.float()
+    if t.logit_edits is not None:
+        logits = apply_token_entries(logits, t.logit_edits)
+    if t.penalties is not None:
+        logits = apply_penalties(logits, t.penalties)
+    greedy_ids = logits.argmax(dim=-1)  # [B]
+    logits = logits / t.temperatures.clamp_min(MIN_TEMPERATURE).unsqueeze(1)
+    if t.use_min_p:
+        logits = apply_min_p(logits, t.min_ps)
+    if t.use_top_k_top_p:
+        logits = apply_top_k_top_p(logits, t.top_ks, t.top_ps, t.max_top_k)
+    sampled_ids = (torch.softmax(logits, dim=-1) / noise).argmax(dim=-1)  # [B]
+    return torch.where(t.temperatures == 0, greedy_ids, sampled_ids)
+
+
+def apply_token_entries(logits: torch.Tensor, entries: TokenEntries) -> torch.Tensor:
+    """Add each entry's value to logits[row, token] (a -inf value masks the token)."""
+    return logits.index_put((entries.rows, entries.token_ids), entries.values, accumulate=True)
+
+
+def apply_penalties(logits: torch.Tensor, p: PenaltyTensors) -> torch.Tensor:
+    """Repetition over prompt + output tokens (divide positive logits, multiply negative ones), then
+    frequency (times the output count) and presence (once per output token) subtracted."""
+    counts = p.output_counts[p.slots]  # [B, vocab_size]
+    is_in_output = counts > 0
+    is_seen = is_in_output | p.prompt_mask[p.slots]
+    repetition = torch.where(is_seen, p.repetition.unsqueeze(1), 1.0)  # [B, vocab_size]
+    logits = torch.where(logits > 0, logits / repetition, logits * repetition)
+    logits = logits - p.frequency.unsqueeze(1) * counts
+    return logits - p.presence.unsqueeze(1) * is_in_output
+
+
+def apply_min_p(logits: torch.Tensor, min_ps: torch.Tensor) -> torch.Tensor:
+    """Mask tokens with p < min_p * p_max. In log space: logit < max_logit + log(min_p); min_p = 0 masks nothing."""
+    threshold = logits.amax(dim=-1, keepdim=True) + torch.log(min_ps).unsqueeze(1)  # [B, 1]
+    return logits.masked_fill(logits < threshold, -math.inf)
+
+
+def apply_top_k_top_p(
+    logits: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor, max_top_k: int | None
+) -> torch.Tensor:
+    """Keep each row's top_k largest logits, then the smallest prefix (by rank) whose probability reaches top_p.
+
+    Both cuts are a threshold on the logit value, so tokens tied with the boundary token are kept.
+    The boundary token itself (the one whose probability crosses top_p) is kept, as in vLLM.
+    When every row has a top_k, only the max_top_k largest logits are sorted, not the whole vocabulary.
+    """
+    vocab_size = logits.shape[-1]
+    if max_top_k is not None:
+        ranked = logits.topk(min(max_top_k, vocab_size), dim=-1).values  # [B, K], largest first
+    else:
+        ranked = logits.sort(dim=-1, descending=True).values  # [B, vocab_size]
+    kth_idx = (top_ks.clamp(1, ranked.shape[-1]) - 1).unsqueeze(1)  # [B, 1]
+    ranked = ranked.masked_fill(ranked < ranked.gather(1, kth_idx), -math.inf)
+    probs = torch.softmax(ranked, dim=-1)  # [B, K]
+    mass_above = probs.cumsum(dim=-1) - probs  # [B, K] probability of the tokens ranked above each one
+    is_kept = ((mass_above < top_ps.unsqueeze(1)) | (top_ps.unsqueeze(1) >= 1.0)) & (ranked > -math.inf)
+    cut = ranked.masked_fill(~is_kept, math.inf).amin(dim=-1, keepdim=True)  # [B, 1] smallest kept logit
+    return logits.masked_fill(logits < cut, -math.inf)
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A bijective 32-bit integer mixer (xorshift-multiply rounds) on int64 values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = (x * MIX_MULTIPLIERS[0]) & UINT32_MASK
+    x = x ^ (x >> 15)
+    x = (x * MIX_MULTIPLIERS[1]) & UINT32_MASK
+    return x ^ (x >> 16)
+
+
+def seeded_noise(noise: torch.Tensor, seed_keys: torch.Tensor, is_seeded: torch.Tensor) -> torch.Tensor:
+    """Exp(1) noise of seeded rows replaced by a counter-based hash of (row keys, token id).
+
+    Why a hash and not a torch.Generator per seeded row: the noise of one row then depends only on
+    its own (seed, output position) keys and the token id, never on which rows share the batch or
+    on launch order, and the whole batch is still one elementwise kernel with no per-row launches.
+    """
+    token_ids = torch.arange(noise.shape[-1], device=noise.device).unsqueeze(0)  # [1, vocab_size]
+    keys_a, keys_b = seed_keys[:, 0:1], seed_keys[:, 1:2]  # [B, 1] each
+    bits = mix32((mix32(token_ids ^ keys_a) + keys_b) & UINT32_MASK)  # [B, vocab_size] in [0, 2**32)
+    uniform = ((bits >> (32 - UNIFORM_BITS)).float() + 0.5) / float(1 << UNIFORM_BITS)  # in (0, 1)
+    return torch.where(is_seeded.unsqueeze(1), -torch.log(uniform), noise)

@@ -1,0 +1,81 @@
+"""Time the sampler alone: temperature-only short path vs the full pipeline (python benchmarks/sampler.py).
+
+Batch 256, Qwen3's vocabulary (151936), float32 logits; ms per call (median). On CUDA the sampler
+is torch.compile'd as the engine does it; on CPU it runs eagerly. Configurations:
+
+    temperature      temperature=0.6 only (the short path, as bench.py's default workload)
+    top_k_top_p_rep  top_k=50, top_p=0.95, repetition_penalty=1.1 (the issue's performance target)
+    top_p_only       top_p=0.95 (no top_k on any row: a full-vocabulary sort)
+    seeded           temperature=0.6 with a seed per request (hashed noise)
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
+
+from nanovllm.engine.sampling_metadata import SamplingMetadataBuilder  # noqa: E402
+from nanovllm.engine.scheduler import ScheduledBatch  # noqa: E402
+from nanovllm.engine.sequence import Sequence  # noqa: E402
+from nanovllm.layers.sampler import Sampler  # noqa: E402
+from nanovllm.sampling_params import SamplingParams  # noqa: E402
+
+CONFIGS = {
+    "temperature": dict(temperature=0.6),
+    "top_k_top_p_rep": dict(temperature=0.6, top_k=50, top_p=0.95, repetition_penalty=1.1),
+    "top_p_only": dict(temperature=0.6, top_p=0.95),
+    "seeded": dict(temperature=0.6, seed=0),
+}
+
+
+def time_config(name: str, batch_size: int, vocab_size: int, device: torch.device, repeats: int) -> float:
+    """Median ms of one sampler call (metadata build + sample + penalty update + copy to host) on a decode batch."""
+    params = SamplingParams(**CONFIGS[name])  # type: ignore[arg-type]
+    seqs = []
+    for i in range(batch_size):
+        seq = Sequence(i, [(i * 7 + j) % vocab_size for j in range(512)], params)
+        seq.token_ids += [(i + j) % vocab_size for j in range(256)]
+        seq.num_computed_tokens = seq.num_tokens - 1
+        seqs.append(seq)
+    batch = ScheduledBatch(seqs, [1] * batch_size, is_prefill=False)
+    builder = SamplingMetadataBuilder(batch_size, vocab_size, device)
+    sampler = Sampler(compile_ops=device.type == "cuda")
+    generator = torch.Generator(device=device).manual_seed(0)
+    logits = torch.randn(batch_size, vocab_size, device=device)
+    times = []
+    for i in range(repeats + 3):  # the first calls compile and fill caches
+        start = time.perf_counter()
+        output = sampler(logits, builder.build(batch), generator)
+        builder.record(output)
+        builder.to_host(output, seqs)  # synchronizes
+        if i >= 3:
+            times.append((time.perf_counter() - start) * 1e3)
+        for seq, token_id in zip(seqs, output.token_ids.tolist(), strict=True):
+            seq.token_ids.append(token_id)
+            seq.num_computed_tokens += 1
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--vocab-size", type=int, default=151936)
+    parser.add_argument("--repeats", type=int, default=20)
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    mode = "compiled" if device.type == "cuda" else "eager"
+    print(f"sampler, batch {args.batch_size}, vocab {args.vocab_size}, {device} ({mode})")
+    base = None
+    for name in CONFIGS:
+        ms = time_config(name, args.batch_size, args.vocab_size, device, args.repeats)
+        base = base or ms
+        print(f"  {name:16s} {ms:8.3f} ms/call  ({ms / base:.2f}x temperature-only)")
+
+
+if __name__ == "__main__":
+    main()

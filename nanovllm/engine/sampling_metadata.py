@@ -1,0 +1,251 @@
+"""A batch's SamplingParams as the sampler's device tensors, rebuilt only when the batch changes.
+
+Decode steps usually run the same sequences in the same order as the step before, so the
+per-row tensors of :class:`~nanovllm.layers.sampler.SamplingTensors` are cached under the
+batch's identity (sequence ids, which rows are still below min_tokens, which rows sample a real
+token). Only seeded rows need something new every step: their (seed, output position) hash keys.
+"""
+
+import dataclasses
+import struct
+from collections import OrderedDict
+from collections.abc import Collection
+from dataclasses import dataclass
+
+import torch
+import xxhash
+
+from nanovllm.engine.scheduler import ScheduledBatch
+from nanovllm.engine.sequence import Sequence, StepSamples
+from nanovllm.layers.sampler import PenaltyTensors, SamplerOutput, SamplingTensors, TokenEntries
+from nanovllm.sampling_params import SamplingParams
+
+UINT64_MOD = 1 << 64
+
+
+def check_params_for_vocab(params: SamplingParams, vocab_size: int) -> None:
+    """Token ids in a request's sampling settings must exist in the model's vocabulary."""
+    for name, ids in (("logit_bias", params.logit_bias or {}), ("stop_token_ids", params.stop_token_ids or [])):
+        bad = [t for t in ids if t >= vocab_size]
+        if bad:
+            raise ValueError(f"SamplingParams.{name} has token ids >= vocab_size={vocab_size}: {bad[:5]}")
+    if params.logprobs is not None and params.logprobs > vocab_size:
+        raise ValueError(f"SamplingParams.logprobs={params.logprobs} exceeds vocab_size={vocab_size}")
+
+
+def seed_hash_keys(seed: int, sample_index: int, output_position: int) -> tuple[int, int]:
+    """Two 32-bit keys naming one draw of one seeded completion; the sampler hashes them with each token id."""
+    digest = xxhash.xxh64_intdigest(struct.pack("<QQQ", seed % UINT64_MOD, sample_index, output_position))
+    return digest & 0xFFFFFFFF, digest >> 32
+
+
+class PenaltyTable:
+    """Prompt-token masks and output-token counts of the sequences that use penalties, one row (slot) each.
+
+    The table lives on the device and is updated in place after every step, so penalties never copy
+    token lists to the device. It is a cache: a sequence outside the current batch may lose its slot
+    (least recently used first), and a slot whose count disagrees with its sequence is rebuilt from
+    the sequence's tokens. Allocated on first use: 5 bytes x num_slots x vocab_size.
+    """
+
+    def __init__(self, num_slots: int, vocab_size: int, device: torch.device) -> None:
+        self.num_slots = num_slots
+        self.vocab_size = vocab_size
+        self.device = device
+        self.output_counts: torch.Tensor | None = None  # [num_slots, vocab_size] int32
+        self.prompt_mask: torch.Tensor | None = None  # [num_slots, vocab_size] bool
+        self.slot_of: OrderedDict[int, int] = OrderedDict()  # seq_id -> slot, least recently used first
+        self.num_counted: list[int] = [0] * num_slots  # output tokens counted in each slot
+
+    def slots_for(self, seqs: list[Sequence]) -> list[int]:
+        """A slot per sequence, in sync with its tokens; every sequence of the list keeps its slot."""
+        if self.output_counts is None:
+            shape = (self.num_slots, self.vocab_size)
+            self.output_counts = torch.zeros(shape, dtype=torch.int32, device=self.device)
+            self.prompt_mask = torch.zeros(shape, dtype=torch.bool, device=self.device)
+        in_batch = {seq.seq_id for seq in seqs}
+        slots = []
+        for seq in seqs:
+            slot = self.slot_of.pop(seq.seq_id, None)
+            if slot is None:
+                slot = self._free_slot(in_batch)
+                self._rebuild(slot, seq)
+            elif self.num_counted[slot] != seq.num_output_tokens:
+                self._rebuild(slot, seq)
+            self.slot_of[seq.seq_id] = slot
+            slots.append(slot)
+        return slots
+
+    def _free_slot(self, in_batch: Collection[int]) -> int:
+        used = set(self.slot_of.values())
+        for slot in range(self.num_slots):
+            if slot not in used:
+                return slot
+        victim = next(seq_id for seq_id in self.slot_of if seq_id not in in_batch)
+        return self.slot_of.pop(victim)
+
+    def _rebuild(self, slot: int, seq: Sequence) -> None:
+        assert self.output_counts is not None and self.prompt_mask is not None
+        prompt_ids = torch.tensor(seq.token_ids[: seq.num_prompt_tokens], device=self.device)
+        output_ids = torch.tensor(seq.output_token_ids, dtype=torch.int64, device=self.device)
+        self.prompt_mask[slot].zero_()
+        self.prompt_mask[slot, prompt_ids] = True
+        self.output_counts[slot].zero_()
+        self.output_counts[slot].index_put_((output_ids,), torch.ones_like(output_ids, dtype=torch.int32), True)
+        self.num_counted[slot] = seq.num_output_tokens
+
+    def record(self, slots: torch.Tensor, token_ids: torch.Tensor, host_slots: list[int]) -> None:
+        """Count each slot's newly sampled token (slots [K] int64, token_ids [K] int64, on the device)."""
+        assert self.output_counts is not None
+        ones = torch.ones_like(token_ids, dtype=torch.int32)
+        self.output_counts.index_put_((slots, token_ids), ones, accumulate=True)
+        for slot in host_slots:
+            self.num_counted[slot] += 1
+
+
+@dataclass(frozen=True)
+class _BatchTensors:
+    tensors: SamplingTensors  # everything but the per-step seed keys
+    penalty_record_rows: torch.Tensor | None  # [K] int64, batch rows whose real sample the penalty table counts
+    penalty_record_slots: torch.Tensor | None  # [K] int64, their slots
+    host_record_slots: list[int]  # the same slots on the host
+    seeded_rows: list[int]  # batch rows with a seed
+
+
+class SamplingMetadataBuilder:
+    """Builds :class:`SamplingTensors` for each batch and keeps the penalty table in step with the samples."""
+
+    def __init__(
+        self, max_num_seqs: int, vocab_size: int, device: torch.device, eos_token_ids: Collection[int] = ()
+    ) -> None:
+        self.vocab_size = vocab_size
+        self.device = device
+        self.eos_token_ids = sorted(eos_token_ids)  # masked while a sequence is below its min_tokens
+        self.penalty_table = PenaltyTable(max_num_seqs, vocab_size, device)
+        self._cache_key: tuple[object, ...] | None = None
+        self._cached: _BatchTensors | None = None
+
+    def build(self, batch: ScheduledBatch) -> SamplingTensors:
+        """The batch's sampling tensors, reusing last step's when the batch is the same."""
+        seqs = batch.seqs
+        is_real = [s.num_computed_tokens + n == s.num_tokens for s, n in zip(seqs, batch.num_new_tokens, strict=True)]
+        below_min = tuple(i for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens)
+        key = (tuple(s.seq_id for s in seqs), below_min, tuple(is_real))
+        if key != self._cache_key or self._cached is None:
+            self._cached = self._build_batch(seqs, set(below_min), is_real)
+            self._cache_key = key
+        cached = self._cached
+        if not cached.seeded_rows:
+            return cached.tensors
+        keys = [(0, 0)] * len(seqs)
+        for row in cached.seeded_rows:
+            seq = seqs[row]
+            keys[row] = seed_hash_keys(seq.params.seed or 0, seq.sample_index, seq.num_output_tokens)
+        return dataclasses.replace(cached.tensors, seed_keys=self._to_device(keys, torch.int64))
+
+    def record(self, output: SamplerOutput) -> None:
+        """Count the step's real samples in the penalty table (on the device, no sync)."""
+        cached = self._cached
+        if cached is None or cached.penalty_record_rows is None or cached.penalty_record_slots is None:
+            return
+        token_ids = output.token_ids[cached.penalty_record_rows]  # [K]
+        self.penalty_table.record(cached.penalty_record_slots, token_ids, cached.host_record_slots)
+
+    def _build_batch(self, seqs: list[Sequence], below_min: set[int], is_real: list[bool]) -> _BatchTensors:
+        params = [seq.params for seq in seqs]
+        top_ks = [p.top_k_or_none or self.vocab_size for p in params]
+        has_top_k = [p.top_k_or_none is not None for p in params]
+        asked = [p.logprobs for p in params if p.logprobs is not None]
+        penalty_rows = [i for i, p in enumerate(params) if p.has_penalties]
+        seeded_rows = [i for i, p in enumerate(params) if p.seed is not None]
+        tensors = SamplingTensors(
+            temperatures=self._to_device([p.temperature for p in params], torch.float32),
+            top_ks=self._to_device(top_ks, torch.int64),
+            top_ps=self._to_device([p.top_p for p in params], torch.float32),
+            min_ps=self._to_device([p.min_p for p in params], torch.float32),
+            logit_edits=self._logit_edits(params, below_min),
+            penalties=None,
+            seed_keys=None,
+            is_seeded=self._to_device([p.seed is not None for p in params], torch.bool) if seeded_rows else None,
+            max_top_k=max(top_ks) if all(has_top_k) else None,
+            use_top_k_top_p=any(has_top_k) or any(p.top_p < 1.0 for p in params),
+            use_min_p=any(p.min_p > 0.0 for p in params),
+            is_all_greedy=all(p.is_greedy for p in params),
+            num_logprobs=max(asked) if asked else None,
+        )
+        if not penalty_rows:
+            return _BatchTensors(tensors, None, None, [], seeded_rows)
+        slots = self.penalty_table.slots_for([seqs[i] for i in penalty_rows])
+        slot_of_row = dict(zip(penalty_rows, slots, strict=True))
+        record_rows = [i for i in penalty_rows if is_real[i]]
+        record_slots = [slot_of_row[i] for i in record_rows]
+        tensors = dataclasses.replace(tensors, penalties=self._penalties(params, slot_of_row))
+        return _BatchTensors(
+            tensors,
+            self._to_device(record_rows, torch.int64),
+            self._to_device(record_slots, torch.int64),
+            record_slots,
+            seeded_rows,
+        )
+
+    def _penalties(self, params: list[SamplingParams], slot_of_row: dict[int, int]) -> PenaltyTensors:
+        table = self.penalty_table
+        assert table.output_counts is not None and table.prompt_mask is not None
+        # Rows without penalties read slot 0 with neutral factors, so the whole batch is one tensor op.
+        return PenaltyTensors(
+            output_counts=table.output_counts,
+            prompt_mask=table.prompt_mask,
+            slots=self._to_device([slot_of_row.get(i, 0) for i in range(len(params))], torch.int64),
+            repetition=self._to_device([p.repetition_penalty for p in params], torch.float32),
+            frequency=self._to_device([p.frequency_penalty for p in params], torch.float32),
+            presence=self._to_device([p.presence_penalty for p in params], torch.float32),
+        )
+
+    def _logit_edits(self, params: list[SamplingParams], below_min: set[int]) -> TokenEntries | None:
+        """logit_bias entries, and -inf on EOS and stop_token_ids for rows below min_tokens."""
+        rows: list[int] = []
+        token_ids: list[int] = []
+        values: list[float] = []
+        for row, p in enumerate(params):
+            for token_id, bias in (p.logit_bias or {}).items():
+                rows.append(row)
+                token_ids.append(token_id)
+                values.append(bias)
+            if row in below_min:
+                banned = set(p.stop_token_ids or []) | (set() if p.ignore_eos else set(self.eos_token_ids))
+                rows.extend([row] * len(banned))
+                token_ids.extend(sorted(banned))
+                values.extend([-float("inf")] * len(banned))
+        if not rows:
+            return None
+        return TokenEntries(
+            self._to_device(rows, torch.int64),
+            self._to_device(token_ids, torch.int64),
+            self._to_device(values, torch.float32),
+        )
+
+    def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
+        pin = self.device.type == "cuda"
+        return torch.tensor(values, dtype=dtype, pin_memory=pin).to(self.device, non_blocking=True)
+
+    def to_host(self, output: SamplerOutput, seqs: list[Sequence]) -> StepSamples:
+        """Bring the samples to the host: token ids always, logprobs only for rows that asked."""
+        token_ids = output.token_ids.tolist()
+        num_rows = len(token_ids)
+        if output.sampled_logprobs is None or output.top_logprobs is None or output.top_token_ids is None:
+            return StepSamples(token_ids, [None] * num_rows, [None] * num_rows)
+        sampled = output.sampled_logprobs.tolist()
+        top_values, top_ids = output.top_logprobs.tolist(), output.top_token_ids.tolist()
+        sampled_out: list[float | None] = []
+        top_out: list[dict[int, float] | None] = []
+        for row, seq in enumerate(seqs):
+            num = seq.params.logprobs
+            if num is None:
+                sampled_out.append(None)
+                top_out.append(None)
+                continue
+            entries = dict(zip(top_ids[row][:num], top_values[row][:num], strict=True))
+            entries[token_ids[row]] = sampled[row]
+            sampled_out.append(sampled[row])
+            top_out.append(entries)
+        return StepSamples(token_ids, sampled_out, top_out)
