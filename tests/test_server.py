@@ -103,6 +103,17 @@ def test_completion_matches_offline_generate(server: Server) -> None:
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12, chunks[-1]
 
 
+def test_n_choices_and_batched_prompts(server: Server) -> None:
+    """Guards against choices of one call mixed up, misnumbered or miscounted when each is its own request."""
+    expected = [server.expected_text(prompt, 6) for prompt in PROMPTS[:2]]
+    out = server.client().completions.create(
+        model=MODEL_NAME, prompt=PROMPTS[:2], n=2, max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
+    )
+    texts = [choice.text for choice in sorted(out.choices, key=lambda choice: choice.index)]
+    assert texts == [expected[0], expected[0], expected[1], expected[1]], (texts, expected)
+    assert out.usage is not None and out.usage.completion_tokens == 4 * 6, out.usage
+
+
 def test_chat_matches_offline_generate(server: Server) -> None:
     """Guards against a chat prompt rendered differently from the tokenizer's template, or a bad chunk format."""
     client = server.client()
