@@ -1,6 +1,7 @@
 """The OpenAI-compatible server on a tiny model over loopback: the official client, streaming, load, bad input."""
 
 import asyncio
+import dataclasses
 import json
 import socket
 import threading
@@ -20,6 +21,9 @@ from nanovllm.engine.async_llm import AsyncLLM
 
 uvicorn = pytest.importorskip("uvicorn")
 from nanovllm.entrypoints.app import build_app  # noqa: E402  (needs the serve extra, checked just above)
+from nanovllm.entrypoints.errors import APIError  # noqa: E402
+from nanovllm.entrypoints.params import to_sampling_params  # noqa: E402
+from nanovllm.entrypoints.protocol import CompletionRequest  # noqa: E402
 
 MODEL_NAME = "tiny-qwen3"
 API_KEY = "test-key"
@@ -239,6 +243,9 @@ BAD_REQUESTS = [
     ("temperature not a number", "/v1/completions", {**GOOD_BODY, "temperature": "hot"}, None, 400, "temperature"),
     ("token id out of vocab", "/v1/completions", {**GOOD_BODY, "prompt": [1, 99999]}, None, 400, None),
     ("logprobs", "/v1/completions", {**GOOD_BODY, "logprobs": 2}, None, 400, "logprobs"),
+    ("unknown sampling field", "/v1/completions", {**GOOD_BODY, "made_up_knob": 3}, None, 400, "made_up_knob"),
+    ("n = 0", "/v1/completions", {**GOOD_BODY, "n": 0}, None, 400, "n"),
+    ("chat without messages", "/v1/chat/completions", {"model": MODEL_NAME, "messages": "hi"}, None, 400, "messages"),
     ("missing API key", "/v1/completions", GOOD_BODY, {}, 401, None),
     ("wrong API key", "/v1/completions", GOOD_BODY, {"Authorization": "Bearer nope"}, 401, None),
     ("wrong API key, models", "/v1/models", None, {"Authorization": "Bearer nope"}, 401, None),
@@ -264,6 +271,19 @@ def test_bad_input_gets_4xx_and_server_keeps_serving(
     assert error["param"] == param, error
     good = httpx.post(f"{server.base_url}/v1/completions", json=GOOD_BODY, headers=AUTH)
     assert good.status_code == 200, good.text
+
+
+def test_sampling_fields_passed_by_name() -> None:
+    """Guards against a client's sampling field being dropped silently, or a neutral default refused."""
+    fields = {"model": MODEL_NAME, "prompt": "x", "temperature": 0.5, "ignore_eos": True, "top_p": 1.0, "n": 3}
+    params = to_sampling_params(CompletionRequest(**fields), default_max_tokens=16)
+    assert (params.temperature, params.ignore_eos, params.max_tokens) == (0.5, True, 16), params
+    seeded = CompletionRequest(**fields, seed=7)
+    if "seed" in {f.name for f in dataclasses.fields(SamplingParams)}:
+        assert to_sampling_params(seeded, 16, seed_offset=2).seed == 9  # type: ignore[attr-defined]
+    with pytest.raises(APIError, match="made_up_knob") as error:
+        to_sampling_params(CompletionRequest(**fields, made_up_knob=1), default_max_tokens=16)
+    assert error.value.status_code == 400 and error.value.param == "made_up_knob", error.value
 
 
 def test_engine_error_fails_request_not_server(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:

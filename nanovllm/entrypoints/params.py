@@ -60,6 +60,8 @@ def to_sampling_params(request: SamplingRequest, default_max_tokens: int, seed_o
     fields.setdefault("max_tokens", default_max_tokens)
     if isinstance(fields.get("stop"), str):
         fields["stop"] = [fields["stop"]]
+    if fields.get("logit_bias"):
+        fields["logit_bias"] = _token_id_keys(fields["logit_bias"])
     if "seed" in fields:
         fields["seed"] += seed_offset
     known = {field.name for field in dataclasses.fields(SamplingParams)}
@@ -77,3 +79,11 @@ def to_sampling_params(request: SamplingRequest, default_max_tokens: int, seed_o
         return SamplingParams(**fields)
     except (ValueError, TypeError) as e:
         raise APIError(400, str(e)) from e
+
+
+def _token_id_keys(logit_bias: dict[str, float]) -> dict[int, float]:
+    """OpenAI sends logit_bias keyed by token ids as JSON strings; SamplingParams keys them by int."""
+    try:
+        return {int(token_id): bias for token_id, bias in logit_bias.items()}
+    except ValueError as e:
+        raise APIError(400, f"logit_bias keys must be token ids, got {sorted(logit_bias)[:5]}", "logit_bias") from e
