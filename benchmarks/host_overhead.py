@@ -48,7 +48,7 @@ def main() -> None:
         batch = engine.scheduler.schedule()
         t1 = time.perf_counter()
         if graphs is not None:
-            graphs._stage(batch, next(b for b in graphs.buckets if b >= len(batch.seqs)))
+            graphs.staging.stage(batch, next(b for b in graphs.buckets if b >= len(batch.seqs)))
         t2 = time.perf_counter()
         sampled = engine.runner.run(batch)  # ends in .tolist(): synchronized
         torch.cuda.synchronize()

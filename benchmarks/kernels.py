@@ -50,14 +50,21 @@ class Sizes:
     store_tokens: int  # tokens written by store_kv
     prefill_seqs: int  # sequences in the prefill batch
     prefill_len: int  # prompt tokens per prefill sequence (no cached prefix)
-    decode_cases: tuple[tuple[int, int], ...]  # (batch size, context tokens per sequence)
+    # (batch size, context tokens per sequence, max_context_len given to the kernel: a CUDA graph passes max_model_len)
+    decode_cases: tuple[tuple[int, int, int], ...]
     copy_bytes: int  # bytes copied to measure device bandwidth
 
 
 FULL = Sizes(
-    store_tokens=16384, prefill_seqs=8, prefill_len=1024, decode_cases=((256, 1000), (64, 8192)), copy_bytes=COPY_BYTES
+    store_tokens=16384,
+    prefill_seqs=8,
+    prefill_len=1024,
+    decode_cases=((256, 1000, 1000), (64, 8192, 8192), (64, 1000, 4096), (16, 1500, 4096)),
+    copy_bytes=COPY_BYTES,
 )
-SMOKE = Sizes(store_tokens=64, prefill_seqs=2, prefill_len=40, decode_cases=((4, 100), (2, 300)), copy_bytes=1 << 20)
+SMOKE = Sizes(
+    store_tokens=64, prefill_seqs=2, prefill_len=40, decode_cases=((4, 100, 100), (2, 300, 1024)), copy_bytes=1 << 20
+)
 
 
 @dataclass
@@ -151,15 +158,16 @@ def bench_prefill(sizes: Sizes, block_size: int, device: str, gen: torch.Generat
 
 
 def bench_decode(
-    num_seqs: int, context_len: int, block_size: int, device: str, gen: torch.Generator, copy_gbps: float
+    case: tuple[int, int, int], block_size: int, device: str, gen: torch.Generator, copy_gbps: float
 ) -> Row:
     """One decode step of num_seqs sequences with context_len cached tokens each."""
+    num_seqs, context_len, grid_context_len = case
     k_cache, v_cache, block_tables, context_lens = paged_cache(num_seqs, context_len, block_size, device, gen)
     query = torch.randn(num_seqs, NUM_HEADS, HEAD_DIM, generator=gen, device=device, dtype=DTYPE)
-    args = (context_lens, context_len, block_tables, HEAD_DIM**-0.5)
+    args = (context_lens, grid_context_len, block_tables, HEAD_DIM**-0.5)
     out = paged_decode_attention_triton(query, k_cache, v_cache, *args)
     cu_seqlens_q = torch.arange(num_seqs + 1, device=device, dtype=torch.int32)  # one query token each
-    ref_args = (cu_seqlens_q, 1, *args)
+    ref_args = (cu_seqlens_q, 1, context_lens, context_len, block_tables, HEAD_DIM**-0.5)
     ref = paged_attention(query.float(), k_cache.float(), v_cache.float(), *ref_args)
     error, is_ok = max_error(out, ref)
     del ref
@@ -169,10 +177,10 @@ def bench_decode(
     kv_bytes = num_seqs * context_len * NUM_KV_HEADS * HEAD_DIM * 2 * k_cache.element_size()  # K and V
     num_bytes = kv_bytes + 2 * query.numel() * query.element_size()  # + query read, output written
     gbps = num_bytes / triton_ms / 1e6
-    case = f"{num_seqs}x{context_len}, bs {block_size}"
-    return Row(
-        "decode", case, triton_ms, torch_ms, f"{gbps:.0f} GB/s ({100 * gbps / copy_gbps:.0f}% copy)", error, is_ok
-    )
+    grid = "" if grid_context_len == context_len else f", grid {grid_context_len}"
+    case_name = f"{num_seqs}x{context_len}, bs {block_size}{grid}"
+    throughput = f"{gbps:.0f} GB/s ({100 * gbps / copy_gbps:.0f}% copy)"
+    return Row("decode", case_name, triton_ms, torch_ms, throughput, error, is_ok)
 
 
 def copy_bandwidth_gbps(num_bytes: int, device: str) -> float:
@@ -183,13 +191,13 @@ def copy_bandwidth_gbps(num_bytes: int, device: str) -> float:
 
 
 def print_table(rows: list[Row], copy_gbps: float) -> None:
-    header = f"{'kernel':<9}{'case':<24}{'triton ms':>11}{'torch ms':>11}  {'throughput':<26}{'max err':>9}  check"
+    header = f"{'kernel':<9}{'case':<34}{'triton ms':>11}{'torch ms':>11}  {'throughput':<26}{'max err':>9}  check"
     print(f"\ndevice copy bandwidth: {copy_gbps:.0f} GB/s\n{header}\n{'-' * len(header)}")
     for row in rows:
         torch_ms = f"{row.torch_ms:.3f}" if row.torch_ms is not None else "-"
         check = "ok" if row.is_ok else "FAIL"
         print(
-            f"{row.kernel:<9}{row.case:<24}{row.triton_ms:>11.3f}{torch_ms:>11}  {row.throughput:<26}"
+            f"{row.kernel:<9}{row.case:<34}{row.triton_ms:>11.3f}{torch_ms:>11}  {row.throughput:<26}"
             f"{row.max_error:>9.2e}  {check}"
         )
 
@@ -210,8 +218,8 @@ def main() -> int:
     for block_size in BLOCK_SIZES:
         rows.append(bench_store_kv(sizes, block_size, device, gen))
         rows.append(bench_prefill(sizes, block_size, device, gen))
-        for num_seqs, context_len in sizes.decode_cases:
-            rows.append(bench_decode(num_seqs, context_len, block_size, device, gen, copy_gbps))
+        for case in sizes.decode_cases:
+            rows.append(bench_decode(case, block_size, device, gen, copy_gbps))
         if device == "cuda":
             torch.cuda.empty_cache()
     print_table(rows, copy_gbps)

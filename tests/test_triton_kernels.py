@@ -199,6 +199,8 @@ DECODE_CASES = {
     "d64": ([100, 257], 4, 2, 64, 16, None),
     "d80_not_pow2": ([129, 40], 4, 1, 80, 16, 2),
 }
+# A CUDA graph launches decode with max_context_len = max_model_len, far above the real contexts.
+GRAPH_MAX_CONTEXT_LEN = 4096
 
 
 @pytest.mark.parametrize("case", DECODE_CASES)
@@ -218,12 +220,26 @@ def test_decode_attention_16bit(dtype: torch.dtype) -> None:
     _check_decode(batch, dtype, num_splits=3)
 
 
-def _check_decode(batch: PagedBatch, dtype: torch.dtype, num_splits: int | None) -> None:
+def test_decode_attention_graph_sized_grid() -> None:
+    """Guards against splits sized for the graph's max_context_len instead of each sequence's own context
+    (most splits empty, or the merge reading splits that phase 1 never wrote)."""
+    batch = make_batch([1] * 4, [300, 37, 1100, 1], 4, 2, 32, 16)
+    _check_decode(batch, torch.float32, num_splits=8, max_context_len=GRAPH_MAX_CONTEXT_LEN, min_split_len=256)
+    _check_decode(batch, torch.float32, num_splits=None, max_context_len=GRAPH_MAX_CONTEXT_LEN, min_split_len=256)
+
+
+def _check_decode(
+    batch: PagedBatch,
+    dtype: torch.dtype,
+    num_splits: int | None,
+    max_context_len: int | None = None,
+    min_split_len: int = 1,  # 1: the tiny test contexts still use every split they are given
+) -> None:
     scale = batch.query.shape[-1] ** -0.5
     with nan_filled_empty():
         out = paged_decode_attention_triton(
-            batch.query, batch.k_poisoned, batch.v_poisoned, batch.context_lens, batch.max_context_len,
-            batch.block_tables, scale, num_splits,
+            batch.query, batch.k_poisoned, batch.v_poisoned, batch.context_lens,
+            max_context_len or batch.max_context_len, batch.block_tables, scale, num_splits, min_split_len,
         )  # fmt: skip
     assert_close(out, reference_attention(batch, scale), dtype)
 

@@ -10,9 +10,11 @@ KV store skips them) and context length 0 (attention returns zeros for them).
     bucket 8, batch 5:   lanes 0-4 real | lanes 5-7 padding (slot -1, context 0)
 """
 
+import numpy as np
 import torch
 
 from nanovllm.engine.scheduler import ScheduledBatch
+from nanovllm.engine.sequence import Sequence
 from nanovllm.models.llama import LlamaForCausalLM
 from nanovllm.utils.context import AttentionMetadata, attention_context
 
@@ -39,16 +41,8 @@ class DecodeGraphs:
         max_blocks = (max_model_len + block_size - 1) // block_size
         device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
-        shapes = {
-            "input_ids": ((max_num_seqs,), torch.int64),  # the last sampled token of each sequence
-            "positions": ((max_num_seqs,), torch.int64),
-            "slot_mapping": ((max_num_seqs,), torch.int64),
-            "context_lens": ((max_num_seqs,), torch.int32),
-            "block_tables": ((max_num_seqs, max_blocks), torch.int32),
-            "temperatures": ((max_num_seqs,), torch.float32),
-        }
-        self.host = {name: torch.zeros(shape, dtype=dt, pin_memory=True) for name, (shape, dt) in shapes.items()}
-        self.static = {name: torch.zeros(shape, dtype=dt, device=device) for name, (shape, dt) in shapes.items()}
+        self.staging = DecodeStaging(max_num_seqs, max_blocks, block_size, pin_memory=True)
+        self.static = {name: torch.zeros_like(host, device=device) for name, host in self.staging.host.items()}
         self.cu_seqlens_q = torch.arange(max_num_seqs + 1, dtype=torch.int32, device=device)  # one query each
         self.hidden_states = torch.zeros(max_num_seqs, hidden_size, dtype=dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -91,23 +85,61 @@ class DecodeGraphs:
         """Replay the decode graph for this batch: (hidden states [B, hidden], temperatures [B])."""
         num_seqs = len(batch.seqs)
         bucket = next(b for b in self.buckets if b >= num_seqs)
-        self._stage(batch, bucket)
-        for name, host in self.host.items():
+        self.staging.stage(batch, bucket)
+        for name, host in self.staging.host.items():
             self.static[name][:bucket].copy_(host[:bucket], non_blocking=True)
         self.graphs[bucket].replay()
         return self.hidden_states[:num_seqs], self.static["temperatures"][:num_seqs]
 
-    def _stage(self, batch: ScheduledBatch, bucket: int) -> None:
-        """Fill the pinned host buffers: each sequence computes its last token, at position num_tokens - 1."""
-        h = {name: t.numpy() for name, t in self.host.items()}
-        for i, seq in enumerate(batch.seqs):
-            pos = seq.num_tokens - 1
-            h["input_ids"][i] = seq.token_ids[-1]
-            h["positions"][i] = pos
-            h["context_lens"][i] = pos + 1
-            h["slot_mapping"][i] = seq.block_table[pos // self.block_size] * self.block_size + pos % self.block_size
-            h["block_tables"][i, : len(seq.block_table)] = seq.block_table
-            h["temperatures"][i] = seq.params.temperature
-        num_seqs = len(batch.seqs)
+
+class DecodeStaging:
+    """Pinned host buffers holding one decode step's inputs, lane b for the b-th sequence of the batch."""
+
+    def __init__(self, max_num_seqs: int, max_blocks: int, block_size: int, pin_memory: bool) -> None:
+        self.block_size = block_size
+        shapes = {
+            "input_ids": ((max_num_seqs,), torch.int64),  # the last sampled token of each sequence
+            "positions": ((max_num_seqs,), torch.int64),
+            "slot_mapping": ((max_num_seqs,), torch.int64),
+            "context_lens": ((max_num_seqs,), torch.int32),
+            "block_tables": ((max_num_seqs, max_blocks), torch.int32),
+            "temperatures": ((max_num_seqs,), torch.float32),
+        }
+        self.host = {name: torch.zeros(shape, dtype=dt, pin_memory=pin_memory) for name, (shape, dt) in shapes.items()}
+        self.arrays = {name: t.numpy() for name, t in self.host.items()}  # numpy views of the same memory
+        self.lane_keys: list[tuple[int, int, int] | None] = [None] * max_num_seqs  # what each block-table row holds
+
+    def stage(self, batch: ScheduledBatch, bucket: int) -> None:
+        """Fill the pinned host buffers: each sequence computes its last token, at position num_tokens - 1.
+
+        One list comprehension per field and whole-array numpy arithmetic, not per-element writes:
+        this runs every decode step for every sequence, so it is host time the GPU waits for.
+        """
+        seqs = batch.seqs
+        num_seqs = len(seqs)
+        h = self.arrays
+        positions = np.array([len(seq.token_ids) - 1 for seq in seqs], dtype=np.int64)  # [B]
+        h["input_ids"][:num_seqs] = [seq.token_ids[-1] for seq in seqs]
+        h["positions"][:num_seqs] = positions
+        h["context_lens"][:num_seqs] = positions + 1
+        h["temperatures"][:num_seqs] = [seq.params.temperature for seq in seqs]
+        self._stage_block_tables(seqs)
+        # slot of position p = block_tables[lane, p // block_size] * block_size + p % block_size
+        block_ids = h["block_tables"][np.arange(num_seqs), positions // self.block_size]  # [B]
+        h["slot_mapping"][:num_seqs] = block_ids.astype(np.int64) * self.block_size + positions % self.block_size
         h["slot_mapping"][num_seqs:bucket] = -1  # padded lanes: nothing stored
         h["context_lens"][num_seqs:bucket] = 0  # padded lanes: nothing attended
+
+    def _stage_block_tables(self, seqs: list[Sequence]) -> None:
+        """Rewrite a lane's block-table row only when its sequence or its blocks changed since last step.
+
+        A block table only grows by appending, and a freed sequence gets a new list, so the list's
+        identity, its length and its last block id tell whether the row already holds it.
+        """
+        rows = self.arrays["block_tables"]
+        for lane, seq in enumerate(seqs):
+            table = seq.block_table
+            key = (id(table), len(table), table[-1])
+            if self.lane_keys[lane] != key:
+                rows[lane, : len(table)] = table
+                self.lane_keys[lane] = key

@@ -176,9 +176,21 @@ def paged_prefill_attention_triton(
 
 
 @triton.jit
+def _split_len(context_len, num_splits, min_split_len, BLOCK_N: tl.constexpr):
+    """Key positions per split of one sequence: its own context over num_splits, in whole BLOCK_N tiles.
+
+    Sized from the sequence's context, not the batch's longest possible one, so a CUDA graph
+    captured for max_model_len still spreads a short context over all its splits. No split is
+    shorter than min_split_len, so a short context uses fewer splits.
+    """
+    split_len = tl.cdiv(tl.cdiv(tl.maximum(context_len, 1), num_splits), BLOCK_N) * BLOCK_N
+    return tl.maximum(split_len, min_split_len)
+
+
+@triton.jit
 def _decode_split_kernel(
     query_ptr, k_cache_ptr, v_cache_ptr, partial_out_ptr, partial_lse_ptr, context_lens_ptr, block_tables_ptr,
-    qk_scale, num_heads, num_queries_per_kv, head_dim, block_size, num_splits, split_len,
+    qk_scale, num_heads, num_queries_per_kv, head_dim, block_size, num_splits, min_split_len,
     stride_q_seq, stride_q_head, stride_cache_block, stride_cache_slot, stride_cache_head, stride_table_seq,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     FP32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -192,6 +204,7 @@ def _decode_split_kernel(
     """
     seq_idx, kv_head_idx, split_idx = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq_idx)
+    split_len = _split_len(context_len, num_splits, min_split_len, BLOCK_N)
     split_start = split_idx * split_len
     if split_start >= context_len:
         return  # past this sequence's end: phase 2 skips this split
@@ -231,8 +244,8 @@ def _decode_split_kernel(
 
 @triton.jit
 def _decode_reduce_kernel(
-    partial_out_ptr, partial_lse_ptr, out_ptr, context_lens_ptr, num_heads, head_dim, num_splits, split_len,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    partial_out_ptr, partial_lse_ptr, out_ptr, context_lens_ptr, num_heads, head_dim, num_splits, min_split_len,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     """Phase 2 of flash decoding: merge the splits of one (sequence, query head).
 
@@ -243,6 +256,7 @@ def _decode_reduce_kernel(
     """
     seq_idx, head_idx = tl.program_id(0), tl.program_id(1)
     context_len = tl.load(context_lens_ptr + seq_idx)
+    split_len = _split_len(context_len, num_splits, min_split_len, BLOCK_N)
     split_offs = tl.arange(0, BLOCK_S)  # [BLOCK_S]
     is_active = split_offs < tl.cdiv(context_len, split_len)  # the splits phase 1 wrote
     dim_offs = tl.arange(0, BLOCK_D)
@@ -275,10 +289,12 @@ def paged_decode_attention_triton(
     block_tables: torch.Tensor,  # [B, max_blocks] int32, padded with 0
     scale: float,
     num_splits: int | None = None,
+    min_split_len: int = MIN_TOKENS_PER_SPLIT,
 ) -> torch.Tensor:  # [B, num_heads, head_dim]
     """Attention of one query token per sequence over its cache, split over the context (flash decoding).
 
-    ``num_splits`` defaults to :func:`default_num_splits`. A sequence with context_len 0 gets zeros.
+    ``num_splits`` defaults to :func:`default_num_splits`; each sequence divides its own context into
+    at most that many splits of at least ``min_split_len`` keys. A sequence with context_len 0 gets zeros.
     """
     num_seqs, num_heads, head_dim = query.shape
     num_kv_heads = k_cache.shape[2]
@@ -288,22 +304,21 @@ def paged_decode_attention_triton(
         return out
     if num_splits is None:
         num_splits = default_num_splits(num_seqs, num_kv_heads, max_context_len)
-    # Whole BLOCK_N tiles per split, so only a sequence's last tile is partial.
-    split_len = triton.cdiv(triton.cdiv(max(max_context_len, 1), num_splits), DECODE_BLOCK_N) * DECODE_BLOCK_N
     partial_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=query.device)
     partial_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=query.device)
     group_size = num_heads // num_kv_heads
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, k_cache, v_cache, partial_out, partial_lse, context_lens, block_tables,
-        scale * LOG2E, num_heads, group_size, head_dim, k_cache.shape[1], num_splits, split_len,
+        scale * LOG2E, num_heads, group_size, head_dim, k_cache.shape[1], num_splits, min_split_len,
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         BLOCK_G=max(MIN_DOT_SIZE, triton.next_power_of_2(group_size)), BLOCK_N=DECODE_BLOCK_N,
         BLOCK_D=_block_dim(head_dim), **_dot_options(query), num_warps=4,
     )  # fmt: skip
     _decode_reduce_kernel[(num_seqs, num_heads)](
-        partial_out, partial_lse, out, context_lens, num_heads, head_dim, num_splits, split_len,
-        BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=_block_dim(head_dim), num_warps=4,
+        partial_out, partial_lse, out, context_lens, num_heads, head_dim, num_splits, min_split_len,
+        BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=_block_dim(head_dim), BLOCK_N=DECODE_BLOCK_N,
+        num_warps=4,
     )  # fmt: skip
     return out
 

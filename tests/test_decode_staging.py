@@ -1,0 +1,53 @@
+"""The host side of CUDA-graph decode: staging a batch into the lanes of the pinned input buffers."""
+
+import random
+
+from nanovllm.engine.cuda_graphs import DecodeStaging
+from nanovllm.engine.scheduler import ScheduledBatch
+from nanovllm.engine.sequence import Sequence
+from nanovllm.sampling_params import SamplingParams
+
+BLOCK_SIZE = 16
+MAX_BLOCKS = 8
+
+
+def decoding_seq(request_id: int, num_tokens: int, first_block: int) -> Sequence:
+    seq = Sequence(request_id, [request_id] * num_tokens, SamplingParams(temperature=0.1 * request_id))
+    seq.block_table = list(range(first_block, first_block + seq.num_blocks_needed(BLOCK_SIZE)))
+    seq.num_computed_tokens = num_tokens - 1
+    return seq
+
+
+def check_lanes(staging: DecodeStaging, seqs: list[Sequence], bucket: int) -> None:
+    h = staging.arrays
+    for lane, seq in enumerate(seqs):
+        pos = seq.num_tokens - 1
+        slot = seq.block_table[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE
+        got = (h["input_ids"][lane], h["positions"][lane], h["context_lens"][lane], h["slot_mapping"][lane])
+        assert got == (seq.token_ids[-1], pos, pos + 1, slot), (lane, got)
+        assert list(h["block_tables"][lane, : len(seq.block_table)]) == seq.block_table, lane
+        assert abs(h["temperatures"][lane] - seq.params.temperature) < 1e-6
+    assert all(h["slot_mapping"][len(seqs) : bucket] == -1) and all(h["context_lens"][len(seqs) : bucket] == 0)
+
+
+def test_stage_matches_per_sequence_rule_across_steps() -> None:
+    """Guards against a stale block-table row when a lane gets a new block, a new sequence or a re-allocated one."""
+    rng = random.Random(0)
+    seqs = [decoding_seq(i, rng.randint(1, 80), first_block=i * MAX_BLOCKS) for i in range(6)]
+    staging = DecodeStaging(max_num_seqs=8, max_blocks=MAX_BLOCKS, block_size=BLOCK_SIZE, pin_memory=False)
+    for step in range(40):
+        for seq in seqs:  # one decode step: a sampled token, and a block when the last one is full
+            seq.token_ids.append(step)
+            if len(seq.block_table) * BLOCK_SIZE < seq.num_tokens:
+                seq.block_table.append(seq.block_table[-1] + 1)
+        if step == 10:
+            seqs[2] = decoding_seq(50, 30, first_block=3)  # a different sequence takes lane 2
+        if step == 20:
+            num_blocks = len(seqs[4].block_table)  # lane 4 re-allocated: same length, other blocks
+            seqs[4].block_table = list(range(60, 60 + num_blocks))
+        if step == 25:
+            seqs[3].block_table[-1] = 70  # copy-on-write of a shared last block replaces it in place
+        if step == 30:
+            seqs.pop(0)  # a sequence finished: every later one moves up a lane
+        staging.stage(ScheduledBatch(seqs, [1] * len(seqs), is_prefill=False), bucket=8)
+        check_lanes(staging, seqs, bucket=8)
