@@ -178,6 +178,7 @@ class OpenAIServing:
         except EngineError as e:
             raise APIError(500, str(e)) from e
         finally:
+            collect.cancel()  # a no-op once done; otherwise (handler cancelled) it would wait forever
             stream.abort()
         return JSONResponse(self._full_response(job, choices))
 
