@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server: request models, errors, metrics, handlers and the app (see nanovllm.serve)."""

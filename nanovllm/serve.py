@@ -1,0 +1,80 @@
+"""The OpenAI-compatible server: ``python -m nanovllm.serve --model DIR`` (or ``nanovllm serve --model DIR``).
+
+Every EngineConfig field is a flag: ``max_model_len`` is ``--max-model-len``, a boolean field is
+``--enforce-eager`` / ``--no-enforce-eager``. See README.md, "Serving", for the endpoints.
+"""
+
+import argparse
+import dataclasses
+import logging
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from nanovllm.config import EngineConfig
+
+DEFAULT_HOST = "127.0.0.1"  # loopback unless asked otherwise: no API is exposed to the network by surprise
+DEFAULT_PORT = 8000  # OpenAI-compatible servers' usual port
+
+
+def _flag_type(field_type: Any) -> Any:
+    """The scalar type argparse converts a field's value to (``int | None`` -> int)."""
+    if isinstance(field_type, types.UnionType) or typing.get_origin(field_type) is typing.Union:
+        return next(arg for arg in typing.get_args(field_type) if arg is not type(None))
+    return field_type
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per EngineConfig field except `model`, defaulting to the field's default."""
+    group = parser.add_argument_group("engine arguments (see README.md, 'Engine arguments')")
+    for field in dataclasses.fields(EngineConfig):
+        if field.name == "model":
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        flag_type = _flag_type(field.type)
+        if flag_type is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+        else:
+            group.add_argument(flag, type=flag_type, default=field.default, metavar=flag_type.__name__.upper())
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nanovllm serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="a Hugging Face model directory")
+    parser.add_argument("--served-model-name", help="the name clients pass as 'model' (default: --model)")
+    parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")
+    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ routes")
+    parser.add_argument("--log-level", default="info", help="uvicorn's log level (default info)")
+    add_engine_args(parser)
+    return parser
+
+
+def engine_args_from(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        field.name: getattr(args, field.name) for field in dataclasses.fields(EngineConfig) if field.name != "model"
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse the flags, build the engine (the slow part), then serve until interrupted."""
+    import uvicorn  # imported here: the library itself works without the `serve` extra
+
+    from nanovllm.engine.async_llm import AsyncLLM
+    from nanovllm.entrypoints.app import build_app
+
+    args = make_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper())
+    async_llm = AsyncLLM.from_engine_args(args.model, **engine_args_from(args))
+    try:
+        app = build_app(async_llm, args.served_model_name or args.model, args.api_key)
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        async_llm.shutdown()
+
+
+if __name__ == "__main__":
+    main()
