@@ -68,6 +68,10 @@ class LLMEngine:
         eos_ids = read_eos_token_ids(config.model, self.arch, self.tokenizer)
         self.scheduler = Scheduler(block_manager, limits, eos_ids)
 
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any. Closing twice is harmless."""
+        self.runner.close()
+
     @property
     def prefix_cache_stats(self) -> PrefixCacheStats:
         return self.scheduler.block_manager.stats

@@ -1,8 +1,11 @@
 """A request as the engine tracks it: its tokens, how far its KV cache is computed, and its blocks."""
 
+import itertools
 from enum import Enum, auto
 
 from nanovllm.sampling_params import SamplingParams
+
+_next_seq_id = itertools.count()  # engine-independent, so ids never repeat within a process
 
 
 class SequenceStatus(Enum):
@@ -24,6 +27,7 @@ class Sequence:
 
     def __init__(self, request_id: int, prompt_token_ids: list[int], params: SamplingParams) -> None:
         self.request_id = request_id  # position of the request among those the engine was given
+        self.seq_id = next(_next_seq_id)  # unique in this process; names the sequence to tensor-parallel workers
         self.token_ids = list(prompt_token_ids)  # prompt followed by generated tokens
         self.num_prompt_tokens = len(prompt_token_ids)  # tokens of the prompt
         self.params = params
