@@ -14,6 +14,7 @@ makes the next or current step on rank 0 raise an error naming its rank and exit
 
 import contextlib
 import multiprocessing as mp
+import os
 import threading
 import traceback
 import weakref
@@ -61,7 +62,7 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
         conn.send("hello")  # rank 0 waits for this before it blocks in the process group's rendezvous
         size = spec.config.tensor_parallel_size
         if spec.device.type == "cpu":
-            torch.set_num_threads(max(1, torch.get_num_threads() // size))  # N ranks share the cores
+            torch.set_num_threads(cpu_threads_per_rank(size))
         parallel.set_tensor_parallel(spec.rank, size)
         parallel.init_process_group(parallel.connect_store(spec.store_port, size), spec.device)
         runner = ModelRunner(spec.config, spec.arch, spec.max_model_len, rank=spec.rank)
@@ -75,6 +76,12 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
         raise SystemExit(1) from None
     finally:
         parallel.destroy_process_group()
+
+
+def cpu_threads_per_rank(size: int) -> int:
+    """On CPU the N ranks share the cores. More threads than cores in total is far slower, not a bit:
+    OpenMP threads spin while waiting, and a rank waiting in a collective keeps others off the cores."""
+    return max(1, (os.cpu_count() or 1) // size)
 
 
 def _receive(conn: Connection) -> WorkerCall:
@@ -115,7 +122,12 @@ class TensorParallelWorkers:
             target=_watch, args=(self.processes, stop_reader, self.failure, is_nccl), daemon=True, name="tp-watchdog"
         )
         watchdog.start()
-        self._finalizer = weakref.finalize(self, _shut_down, self.conns, self.processes, stop_writer, watchdog)
+        num_threads = torch.get_num_threads()  # rank 0 shares the cores too, until shutdown
+        if device.type == "cpu":
+            torch.set_num_threads(cpu_threads_per_rank(size))
+        self._finalizer = weakref.finalize(
+            self, _shut_down, self.conns, self.processes, stop_writer, watchdog, num_threads
+        )
         self.encoder = StepEncoder()
         try:
             self._wait_for_hello()
@@ -188,9 +200,14 @@ def _watch(processes: list[BaseProcess], stop: Connection, failure: _Failure, is
 
 
 def _shut_down(
-    conns: list[Connection], processes: list[BaseProcess], stop: Connection, watchdog: threading.Thread
+    conns: list[Connection],
+    processes: list[BaseProcess],
+    stop: Connection,
+    watchdog: threading.Thread,
+    num_threads: int,
 ) -> None:
-    stop.send(None)  # the watchdog must not report the exits that follow
+    with contextlib.suppress(OSError):  # a watchdog that already reported a death has closed its end
+        stop.send(None)  # the watchdog must not report the exits that follow
     watchdog.join()
     for conn in conns:
         with contextlib.suppress(OSError):  # that worker is already gone (BrokenPipeError is an OSError)
@@ -203,3 +220,4 @@ def _shut_down(
     for conn in conns:
         conn.close()
     parallel.destroy_process_group()  # also forgets rank 0's tensor-parallel info
+    torch.set_num_threads(num_threads)
