@@ -86,6 +86,10 @@ def init_process_group(store: dist.Store, device: torch.device) -> None:
 
 def destroy_process_group() -> None:
     """Leave the process group and forget the rank, so the next engine in this process starts clean."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    reset_tensor_parallel()
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    except RuntimeError:
+        pass  # the watchdog aborted it after a worker died (NCCL); nothing is left to tear down
+    finally:
+        reset_tensor_parallel()
