@@ -3,6 +3,7 @@
     python bench.py                      # Qwen3-0.6B shape, random weights (GPU: full workload)
     python bench.py --model DIR          # a real checkpoint
     python bench.py --shape qwen3-8b     # another built-in shape
+    python bench.py --tensor-parallel-size 2   # the model split over 2 GPUs
 
 Workload (as nano-vllm's bench.py): random.seed(0); 256 requests; each prompt has
 randint(100, 1024) token ids drawn with randint(0, 10000); each request then gets
@@ -75,6 +76,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=1.0, help="top_p of every request (default 1.0 = off)")
     parser.add_argument("--top-k", type=int, default=0, help="top_k of every request (default 0 = off)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="of every request (default 1.0 = off)")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs (processes) to split the model over")
     return parser.parse_args()
 
 
@@ -112,7 +114,10 @@ def main() -> None:
     if not on_gpu:
         print(f"no GPU: running a scaled-down workload {workload}, prompts/outputs from {min_len} tokens")
     engine_args = dict(
-        max_model_len=args.max_model_len, enforce_eager=args.enforce_eager, attention_backend=args.backend
+        max_model_len=args.max_model_len,
+        enforce_eager=args.enforce_eager,
+        attention_backend=args.backend,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     if args.model:
         llm = LLM(args.model, dtype=args.dtype, **engine_args)

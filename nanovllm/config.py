@@ -10,6 +10,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from nanovllm.models.arch import ModelArch
+
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("safetensors", "dummy")
@@ -45,10 +47,6 @@ class EngineConfig:
         _check_positive_int("max_num_seqs", self.max_num_seqs)
         _check_positive_int("max_model_len", self.max_model_len)
         _check_positive_int("tensor_parallel_size", self.tensor_parallel_size)
-        if self.tensor_parallel_size != 1:
-            raise ValueError(
-                f"tensor_parallel_size={self.tensor_parallel_size}: only 1 is implemented so far (issue #4)"
-            )
         size = self.kvcache_block_size
         if not isinstance(size, int) or size < MIN_BLOCK_SIZE or size & (size - 1):
             raise ValueError(f"kvcache_block_size must be a power of two >= {MIN_BLOCK_SIZE}, got {size!r}")
@@ -69,6 +67,37 @@ class EngineConfig:
         if unknown:
             raise TypeError(f"unknown engine argument(s) {unknown}; valid ones are: {', '.join(valid)}")
         return cls(model=model, **engine_args)
+
+
+def check_tensor_parallel_split(tensor_parallel_size: int, arch: ModelArch) -> None:
+    """Refuse a tensor_parallel_size that does not split the model's heads, MLP and vocabulary evenly.
+
+    Query heads, MLP rows and vocabulary rows are divided among the ranks. Key/value heads are
+    divided too, or, when there are fewer of them than ranks, each is replicated on
+    tensor_parallel_size / num_key_value_heads ranks.
+    """
+    size = tensor_parallel_size
+    for name, value in [
+        ("num_attention_heads", arch.num_heads),
+        ("intermediate_size", arch.intermediate_size),
+        ("vocab_size", arch.vocab_size),
+    ]:
+        if value % size:
+            raise ValueError(
+                f"tensor_parallel_size={size} does not divide the model's {name}={value}; "
+                f"use a tensor_parallel_size that divides it (one of {_divisors(value)[:8]})"
+            )
+    kv = arch.num_kv_heads
+    if kv % size and size % kv:
+        raise ValueError(
+            f"tensor_parallel_size={size} and the model's num_key_value_heads={kv} must divide one another "
+            f"(KV heads are split, or replicated when fewer than the ranks); use one of {_divisors(kv)} or a "
+            f"multiple of {kv}"
+        )
+
+
+def _divisors(value: int) -> list[int]:
+    return [d for d in range(1, value + 1) if value % d == 0]
 
 
 def _check_positive_int(name: str, value: object) -> None:

@@ -61,7 +61,9 @@ class LLM:
         return self._engine().prefix_cache_stats
 
     def close(self) -> None:
-        """Release the model and the KV cache. Closing twice is harmless."""
+        """Release the model and the KV cache, and stop tensor-parallel workers. Closing twice is harmless."""
+        if self.engine is not None:
+            self.engine.close()
         self.engine = None
 
     def _engine(self) -> LLMEngine:

@@ -152,8 +152,8 @@ def test_bad_engine_arguments(model_dir: str, tmp_path: Path) -> None:
         LLM(str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="kvcache_block_size"):
         LLM(model_dir, kvcache_block_size=24)
-    with pytest.raises(ValueError, match="only 1 is implemented"):
-        LLM(model_dir, tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="does not divide the model's num_attention_heads"):
+        LLM(model_dir, tensor_parallel_size=3)
     unknown = tmp_path / "unknown_arch"
     shutil.copytree(model_dir, unknown)
     config = json.loads((unknown / "config.json").read_text())

@@ -96,3 +96,17 @@ def test_flash_attn_cuda_graphs_equal_eager(tiny_models: dict[str, Path]) -> Non
     graphs = greedy_tokens(tiny_models["qwen3"], attention_backend="flash_attn", **args)
     eager = greedy_tokens(tiny_models["qwen3"], attention_backend="flash_attn", enforce_eager=True, **args)
     assert graphs == eager
+
+
+needs_2_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+
+
+@needs_2_gpus
+@pytest.mark.parametrize("enforce_eager", [True, False])
+def test_tp2_equals_tp1_on_gpus(tiny_models: dict[str, Path], enforce_eager: bool) -> None:
+    """Guards against NCCL-only tensor-parallel bugs: a rank on the wrong GPU, collectives captured into
+    (or missing from) the decode graphs, workers replaying graphs from stale staged inputs."""
+    model_dir = tiny_models["qwen3"]
+    tp1 = greedy_tokens(model_dir, dtype="float32", enforce_eager=enforce_eager)
+    tp2 = greedy_tokens(model_dir, dtype="float32", enforce_eager=enforce_eager, tensor_parallel_size=2)
+    assert tp2 == tp1

@@ -87,6 +87,10 @@ class LLMEngine:
         self._requests_by_seq: dict[int, Request] = {}  # the same requests by Sequence.request_id
         self._seq_counter = itertools.count()  # numbers sequences, and names requests added without an id
 
+    def close(self) -> None:
+        """Stop the tensor-parallel workers, if any. Closing twice is harmless."""
+        self.runner.close()
+
     @property
     def prefix_cache_stats(self) -> PrefixCacheStats:
         return self.scheduler.block_manager.stats

@@ -1,20 +1,25 @@
 """Runs the model: builds it, loads weights, owns the KV cache, and turns a batch into sampled tokens.
 
 The runner is written so that every tensor-parallel rank runs the same code: it takes a
+The runner is written so that every tensor-parallel rank runs the same code: it takes a
 :class:`ScheduledBatch`, and rank 0's return value is what was sampled (:class:`StepSamples`).
+Rank 0's runner also starts and drives the other ranks (engine/tp_worker.py); theirs rebuild
+each batch from rank 0's messages and sample nothing.
 """
 
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 
-from nanovllm.config import EngineConfig
+from nanovllm.config import EngineConfig, check_tensor_parallel_split
 from nanovllm.engine.cuda_graphs import DecodeGraphs
 from nanovllm.engine.model_inputs import ModelInputs, build_model_inputs
 from nanovllm.engine.sampling_metadata import SamplingMetadataBuilder, StepSamples
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.tp_worker import TensorParallelWorkers
 from nanovllm.kernels.backends import Kernels, select_attention_backend
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.sampler import Sampler
@@ -23,6 +28,7 @@ from nanovllm.models.registry import build_model
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.context import attention_context
 from nanovllm.utils.loader import init_dummy_weights, load_safetensors
+from nanovllm.utils.parallel import require_no_tensor_parallel_engine
 
 CPU_KV_CACHE_BYTES = 1 << 30  # KV cache on CPU when num_kvcache_blocks is not given: 1 GiB
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -34,6 +40,20 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' was asked for but CUDA is not available; use device='cpu' or 'auto'")
     return torch.device(name)
+
+
+def rank_device(config: EngineConfig, rank: int) -> torch.device:
+    """This rank's device: one GPU per rank under tensor parallelism (cuda:rank), else the configured one."""
+    device = resolve_device(config.device)
+    size = config.tensor_parallel_size
+    if size == 1 or device.type != "cuda":
+        return device
+    if size > torch.cuda.device_count():
+        raise ValueError(
+            f"tensor_parallel_size={size} needs one GPU per rank but {torch.cuda.device_count()} are visible; "
+            "lower it or make more GPUs visible"
+        )
+    return torch.device("cuda", rank)
 
 
 def resolve_dtype(name: str, arch: ModelArch) -> torch.dtype:
@@ -54,15 +74,38 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 
 
 class ModelRunner:
+    """One rank's model shard and KV cache. Rank 0 (the default) starts ranks 1..N-1 when N > 1."""
+
     def __init__(
-        self, config: EngineConfig, arch: ModelArch, max_model_len: int, eos_token_ids: Collection[int] = ()
+        self,
+        config: EngineConfig,
+        arch: ModelArch,
+        max_model_len: int,
+        eos_token_ids: Collection[int] = (),
+        rank: int = 0,
     ) -> None:
         self.config = config
         self.arch = arch
         self.max_model_len = max_model_len  # config.max_model_len clamped to the model's limit
+        self.rank = rank  # tensor-parallel rank: 0 samples and drives, the others follow
         self.block_size = config.kvcache_block_size
-        self.device = resolve_device(config.device)
+        self.device = rank_device(config, rank)
         self.dtype = resolve_dtype(config.dtype, arch)
+        self.workers: TensorParallelWorkers | None = None  # ranks 1..N-1, held by rank 0
+        if rank == 0:
+            require_no_tensor_parallel_engine()
+            check_tensor_parallel_split(config.tensor_parallel_size, arch)
+        if rank == 0 and config.tensor_parallel_size > 1:
+            self.workers = TensorParallelWorkers(config, arch, max_model_len, self.device)
+        try:
+            self._build(eos_token_ids)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, eos_token_ids: Collection[int]) -> None:
+        """Model, weights, sampler, KV cache and decode graphs: every rank, in lockstep (collectives inside)."""
+        config, arch = self.config, self.arch
         # The hardware choices, made once: attention kernels, and torch.compile for the small ops on CUDA.
         attention = select_attention_backend(config.attention_backend, self.device, self.block_size)
         self.kernels = Kernels(attention=attention, compile_ops=self.device.type == "cuda")
@@ -77,11 +120,13 @@ class ModelRunner:
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.sampling = SamplingMetadataBuilder(config.max_num_seqs, arch.vocab_size, self.device, eos_token_ids)
         self.decode_graphs: DecodeGraphs | None = None  # captured once the KV cache exists
-        self.num_kvcache_blocks = self._plan_num_blocks()
+        self.num_kvcache_blocks = self._min_across_ranks(self._plan_num_blocks())
+        self._check_num_blocks(self.num_kvcache_blocks)
         self._allocate_kv_cache(self.num_kvcache_blocks)
         if self.device.type == "cuda" and not config.enforce_eager and attention.is_graph_capturable:
+            # Every rank captures its own graphs (their collectives included) and replays them in lockstep.
             self.decode_graphs = DecodeGraphs(
-                self.model, config.max_num_seqs, max_model_len, self.block_size, arch.hidden_size
+                self.model, config.max_num_seqs, self.max_model_len, self.block_size, arch.hidden_size
             )
             self.decode_graphs.capture()
 
@@ -93,19 +138,28 @@ class ModelRunner:
         return 2 * len(self.attention_layers) * self.block_size * layer.num_kv_heads * layer.head_dim * itemsize
 
     def _plan_num_blocks(self) -> int:
+        """KV blocks that fit on this rank."""
         if self.config.num_kvcache_blocks is not None:
-            num_blocks = self.config.num_kvcache_blocks
-        elif self.device.type == "cpu":
-            num_blocks = CPU_KV_CACHE_BYTES // self.block_bytes
-        else:
-            num_blocks = self._profile_gpu_num_blocks()
+            return self.config.num_kvcache_blocks
+        if self.device.type == "cpu":
+            return CPU_KV_CACHE_BYTES // self.block_bytes
+        return self._profile_gpu_num_blocks()
+
+    def _min_across_ranks(self, num_blocks: int) -> int:
+        """Every rank holds the same block ids, so all take the smallest count any rank can fit."""
+        if self.config.tensor_parallel_size == 1:
+            return num_blocks
+        count = torch.tensor([num_blocks], dtype=torch.int64, device=self.device)
+        dist.all_reduce(count, op=dist.ReduceOp.MIN)
+        return int(count.item())
+
+    def _check_num_blocks(self, num_blocks: int) -> None:
         if num_blocks * self.block_size < self.max_model_len:
             raise ValueError(
                 f"the KV cache holds {num_blocks} blocks x {self.block_size} tokens, less than one sequence of "
                 f"max_model_len={self.max_model_len}; lower max_model_len, or raise num_kvcache_blocks / "
                 "gpu_memory_utilization"
             )
-        return num_blocks
 
     def _profile_gpu_num_blocks(self) -> int:
         """Run the largest prefill the scheduler may send, then give the KV cache what memory is left."""
@@ -118,7 +172,7 @@ class ModelRunner:
         seqs = [Sequence(-1, [0] * seq_len, SamplingParams()) for _ in range(num_seqs)]
         for i, seq in enumerate(seqs):
             seq.block_table = list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))
-        self.run(ScheduledBatch(seqs, [seq_len] * num_seqs, is_prefill=True))
+        self._run_local(ScheduledBatch(seqs, [seq_len] * num_seqs, is_prefill=True))  # each rank its own
         torch.cuda.synchronize()
         temp_cache_bytes = num_seqs * blocks_per_seq * self.block_bytes
         self._allocate_kv_cache(0)
@@ -138,14 +192,24 @@ class ModelRunner:
         for i, attn in enumerate(self.attention_layers):
             attn.bind_kv_cache(self.kv_cache[0, i], self.kv_cache[1, i])
 
-    @torch.inference_mode()
     def run(self, batch: ScheduledBatch) -> StepSamples:
-        """One forward pass over the batch; the next token of every sequence in it (and logprobs if asked)."""
+        """One step on every rank; rank 0 returns what was sampled for every sequence, workers nothing."""
+        if self.workers is None:
+            return self._run_local(batch)
+        self.workers.send_step(batch)  # the workers run this same step on their shards meanwhile
+        with self.workers.failures_explained():
+            return self._run_local(batch)
+
+    @torch.inference_mode()
+    def _run_local(self, batch: ScheduledBatch) -> StepSamples:
+        """This rank's forward pass over the batch, then (rank 0 only) sampling."""
         graphs = self.decode_graphs
         if graphs is not None and not batch.is_prefill and graphs.can_run(len(batch.seqs)):
             logits = self.model.compute_logits(graphs.run(batch))  # [B, vocab_size]
         else:
             logits = self._forward(build_model_inputs(batch, self.block_size, self.device))  # [B, vocab_size]
+        if self.rank != 0:
+            return StepSamples([], [], [])  # the LM head gathered the full logits on rank 0 only; it samples
         return self._sample(batch, logits)
 
     def _sample(self, batch: ScheduledBatch, logits: torch.Tensor) -> StepSamples:
@@ -158,3 +222,8 @@ class ModelRunner:
         with attention_context(inputs.attention):
             hidden_states = self.model(inputs.input_ids, inputs.positions)  # [N, hidden_size]
         return self.model.compute_logits(hidden_states[inputs.last_token_indices])  # [B, vocab_size]
+
+    def close(self) -> None:
+        """Shut the workers down and leave the process group (rank 0). Closing twice is harmless."""
+        if self.workers is not None:
+            self.workers.close()

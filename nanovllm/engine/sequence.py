@@ -38,7 +38,7 @@ class Sequence:
     def __init__(
         self, request_id: int, prompt_token_ids: list[int], params: SamplingParams, sample_index: int = 0
     ) -> None:
-        self.seq_id = next(_SEQ_IDS)  # unique among all sequences of this process
+        self.seq_id = next(_SEQ_IDS)  # unique in this process: keys per-sequence device state and TP workers' copies
         self.sample_index = sample_index  # which of the request's n completions this is
         self.request_id = request_id  # a number no other request of this engine has
         self.token_ids = list(prompt_token_ids)  # prompt followed by generated tokens

@@ -1,0 +1,120 @@
+"""Tensor parallelism on real GPUs, on a random-weight model with a real config (run by tp_check.sh).
+
+    python benchmarks/tp_check.py --tp 2 [--shape qwen3-0.6b] [--dtype bfloat16]
+
+1. Greedy tokens of TP=N equal TP=1 (CUDA graphs on). In bf16 the all-reduce adds partial sums
+   in another order than one GPU's matmul, so a near-tie can flip: the first divergence is
+   printed with TP=1's top-2 logit margin at that step (a margin of a few bf16 ulps is a tie).
+2. TP=N with CUDA graphs equals TP=N eager.
+3. A worker killed mid-run makes generate() raise within a few seconds (NCCL: the watchdog aborts).
+"""
+
+import argparse
+import os
+import random
+import signal
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "tests")]
+from model_fixtures import write_tiny_model  # noqa: E402
+
+from bench import SHAPES  # noqa: E402
+from nanovllm import LLM, SamplingParams  # noqa: E402
+from nanovllm.engine.model_inputs import build_model_inputs  # noqa: E402
+from nanovllm.engine.scheduler import ScheduledBatch  # noqa: E402
+from nanovllm.engine.sequence import Sequence  # noqa: E402
+from nanovllm.engine.tp_worker import WorkerDiedError  # noqa: E402
+
+CONFIG_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                 "num_hidden_layers", "vocab_size", "max_position_embeddings", "tie_word_embeddings")  # fmt: skip
+PARAMS = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+ARGS = dict(kvcache_block_size=256, max_model_len=2048, gpu_memory_utilization=0.5, skip_tokenizer_init=True)
+
+
+def prompts(num: int = 16) -> list[list[int]]:
+    rng = random.Random(0)
+    return [[rng.randrange(500) for _ in range(rng.randint(20, 300))] for _ in range(num)]
+
+
+def greedy(model_dir: str, dtype: str, **args: object) -> list[list[int]]:
+    start = time.perf_counter()
+    with LLM(model_dir, dtype=dtype, **{**ARGS, **args}) as llm:
+        tokens = [out.token_ids for out in llm.generate(prompts(), PARAMS, use_tqdm=False)]
+    print(f"  {args or 'TP=1'}: {time.perf_counter() - start:.1f} s (engine start included)")
+    return tokens
+
+
+def top2_margin(model_dir: str, dtype: str, token_ids: list[int]) -> float:
+    """TP=1's logit margin between its top two tokens after ``token_ids``."""
+    with LLM(model_dir, dtype=dtype, enforce_eager=True, **ARGS) as llm:
+        assert llm.engine is not None
+        seq = Sequence(0, token_ids, PARAMS)
+        llm.engine.scheduler.block_manager.allocate(seq)
+        seq.num_computed_tokens = 0  # compute every position, cached or not
+        batch = ScheduledBatch([seq], [seq.num_tokens], is_prefill=True)
+        runner = llm.engine.runner
+        with torch.inference_mode():
+            logits = runner._forward(build_model_inputs(batch, runner.block_size, runner.device))[0].float()
+        top2 = logits.topk(2).values
+        return float(top2[0] - top2[1])
+
+
+def compare(name: str, want: list[list[int]], got: list[list[int]], model_dir: str, dtype: str) -> bool:
+    for i, (a, b) in enumerate(zip(want, got, strict=True)):
+        if a != b:
+            step = next(k for k, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
+            margin = top2_margin(model_dir, dtype, prompts()[i] + a[:step])
+            print(f"  {name}: FIRST DIVERGENCE seq {i} step {step}: {a[step]} vs {b[step]}", end="")
+            print(f", TP=1 top-2 logit margin there {margin:.4g}")
+            return False
+    print(f"  {name}: all {len(want)} sequences equal")
+    return True
+
+
+def kill_worker_mid_run(model_dir: str, dtype: str, tp: int) -> None:
+    llm = LLM(model_dir, dtype=dtype, tensor_parallel_size=tp, **ARGS)
+    assert llm.engine is not None and llm.engine.runner.workers is not None
+    pid = llm.engine.runner.workers.processes[-1].pid
+    assert pid is not None
+    killed_at: list[float] = []
+
+    def kill() -> None:
+        killed_at.append(time.monotonic())
+        os.kill(pid, signal.SIGKILL)
+
+    threading.Timer(2.0, kill).start()
+    try:
+        llm.generate(prompts(64), SamplingParams(temperature=0.0, max_tokens=1024, ignore_eos=True), use_tqdm=False)
+        print("  kill: FAILED, generate finished without an error")
+    except WorkerDiedError as e:
+        print(f"  kill: raised {time.monotonic() - killed_at[0]:.1f} s after the kill: {e}")
+    llm.close()
+    llm.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-0.6b")
+    parser.add_argument("--dtype", default="bfloat16")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        shape = SHAPES[args.shape]
+        model_dir = str(write_tiny_model(Path(tmp), "qwen3", **{k: shape[k] for k in CONFIG_FIELDS}))
+        print(f"{args.shape} config, random weights, {args.dtype}, TP={args.tp}")
+        tp1 = greedy(model_dir, args.dtype)
+        tpn = greedy(model_dir, args.dtype, tensor_parallel_size=args.tp)
+        tpn_eager = greedy(model_dir, args.dtype, tensor_parallel_size=args.tp, enforce_eager=True)
+        compare(f"TP={args.tp} vs TP=1", tp1, tpn, model_dir, args.dtype)
+        compare(f"TP={args.tp} graphs vs eager", tpn_eager, tpn, model_dir, args.dtype)
+        kill_worker_mid_run(model_dir, args.dtype, args.tp)
+
+
+if __name__ == "__main__":
+    main()
