@@ -155,3 +155,28 @@ def test_bad_tensor_parallel_sizes(tiny_model_dir) -> None:
     with pytest.raises(ValueError, match="num_key_value_heads=6 must divide one another"):
         LLM(odd_kv, tensor_parallel_size=4, **BASE_ARGS)
     assert_no_tensor_parallel_left()
+
+
+def test_tp2_rich_sampling_equals_tp1(tiny_models: dict[str, Path]) -> None:
+    """Guards against tensor parallelism breaking what rank 0 alone decides: seeded draws through top-k/top-p,
+    penalties, n samples that join after the first one's prefill, and stop strings (the workers must follow
+    sequences that finish early or appear mid-run)."""
+    params = [
+        SamplingParams(temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.2, seed=7, max_tokens=16),
+        SamplingParams(n=2, temperature=1.0, min_p=0.05, presence_penalty=0.5, seed=3, max_tokens=12),
+        SamplingParams(temperature=0.0, stop=["e"], max_tokens=16),
+    ]
+    prompts = ["Hello, world! How are", "The scheduler decides which", "Once upon a time there was"]
+
+    def completions(llm: LLM) -> list[list[tuple[list[int], str]]]:
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+        return [[(c.token_ids, c.text) for c in out.outputs] for out in outputs]
+
+    model_dir = str(tiny_models["qwen3"])
+    with LLM(model_dir, num_kvcache_blocks=64, **BASE_ARGS) as llm:
+        expected = completions(llm)
+    with LLM(model_dir, tensor_parallel_size=2, num_kvcache_blocks=64, **BASE_ARGS) as llm:
+        got = completions(llm)
+    assert got == expected, f"TP=2 {got} != TP=1 {expected}"
+    assert len(got[1]) == 2, "n=2 must give two completions"
+    assert_no_tensor_parallel_left()
