@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # One GPU-machine session: correctness checks first, then timings. Logs go to $OUT when it is set.
-# Usage: bash benchmarks/gpu_check.sh [quick|full]
+# Usage: bash benchmarks/gpu_check.sh quick|full|serving
+#   quick    GPU tests, kernels, a short bench
+#   full     GPU tests, kernels, bench.py temperature-only and with top-k/top-p/repetition penalty, host overhead
+#   serving  the sampler alone, then the server under 64 concurrent streams (needs the serve extra installed)
 set -u
 export PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/nanovllm-gpu-check}
@@ -9,11 +12,18 @@ mode=${1:-quick}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 date -u
+if [ "$mode" = serving ]; then
+  timeout 120 python3 benchmarks/sampler.py 2>&1 | tee "$out/sampler.log" | tail -8
+  timeout 400 python3 benchmarks/serve_load.py --dummy-shape qwen3-0.6b --num-requests 512 --concurrency 64 \
+    --prompt-len 128 --max-tokens 128 2>&1 | tee "$out/serve_load.log" | tail -15
+  exit 0
+fi
 timeout 300 python3 -m pytest -q -x tests/test_triton_kernels.py tests/test_gpu.py 2>&1 | tee "$out/pytest.log" | tail -15
 timeout 200 python3 benchmarks/kernels.py 2>&1 | tee "$out/kernels.log" | tail -30
 if [ "$mode" = quick ]; then
   timeout 240 python3 bench.py --num-seqs 64 --max-input-len 512 --max-output-len 256 2>&1 | tee "$out/bench_quick.log" | tail -5
 else
-  timeout 300 python3 bench.py 2>&1 | tee "$out/bench.log" | tail -5
+  timeout 300 python3 bench.py 2>&1 | tee "$out/bench.log" | tail -1
+  timeout 300 python3 bench.py --top-p 0.95 --top-k 50 --repetition-penalty 1.1 2>&1 | tee "$out/bench_sampling.log" | tail -1
   timeout 200 python3 benchmarks/host_overhead.py 2>&1 | tee "$out/host.log" | tail -8
 fi
