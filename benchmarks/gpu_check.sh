@@ -18,7 +18,7 @@ if [ "$mode" = serving ]; then
     --prompt-len 128 --max-tokens 128 2>&1 | tee "$out/serve_load.log" | tail -15
   exit 0
 fi
-timeout 300 python3 -m pytest -q -x tests/test_triton_kernels.py tests/test_gpu.py 2>&1 | tee "$out/pytest.log" | tail -15
+timeout 300 python3 -m pytest -q tests/test_triton_kernels.py tests/test_gpu.py 2>&1 | tee "$out/pytest.log" | tail -15
 timeout 200 python3 benchmarks/kernels.py 2>&1 | tee "$out/kernels.log" | tail -30
 if [ "$mode" = quick ]; then
   timeout 240 python3 bench.py --num-seqs 64 --max-input-len 512 --max-output-len 256 2>&1 | tee "$out/bench_quick.log" | tail -5

@@ -47,6 +47,28 @@ def test_cuda_graphs_equal_eager(tiny_models: dict[str, Path], dtype: str) -> No
     assert graphs == eager
 
 
+def test_rich_sampling_on_gpu_matches_cpu(tiny_models: dict[str, Path]) -> None:
+    """Guards against the compiled sampler (CUDA) computing another pipeline than the eager one (CPU), and
+    against CUDA graphs or the penalty table breaking seeded draws: seeded noise is a hash of (seed, position,
+    token), the same on every device, so float32 runs must pick the same tokens."""
+    params = [
+        SamplingParams(temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.2, seed=7, max_tokens=24),
+        SamplingParams(n=2, temperature=1.0, min_p=0.05, frequency_penalty=0.5, seed=3, max_tokens=24),
+        SamplingParams(temperature=0.7, top_p=0.8, presence_penalty=0.3, seed=11, max_tokens=24, logprobs=2),
+    ]
+    batch = [p[:40] for p in prompts(3, seed=2)]
+
+    def completions(**args: object) -> list[list[list[int]]]:
+        with LLM(str(tiny_models["qwen3"]), dtype="float32", **{**ARGS, **args}) as llm:
+            return [[c.token_ids for c in out.outputs] for out in llm.generate(batch, params, use_tqdm=False)]
+
+    cpu = completions(device="cpu", attention_backend="torch")
+    eager = completions(enforce_eager=True)
+    graphs = completions(enforce_eager=False)
+    assert eager == cpu, f"CUDA eager {eager} != CPU {cpu}"
+    assert graphs == eager, f"CUDA graphs {graphs} != eager {eager}"
+
+
 def prefill_logits(model_dir: Path, backend: str, block_size: int = 16) -> torch.Tensor:
     """bf16 logits of one prefill over 6 prompts, half of them behind a cached prefix."""
     args = {**ARGS, "kvcache_block_size": block_size, "num_kvcache_blocks": 64 * 16 // block_size + 8}
