@@ -31,12 +31,18 @@ def main() -> None:
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs (per-op profile)")
     parser.add_argument("--profile", action="store_true", help="print the GPU time of each op over 5 steps")
+    parser.add_argument("--top-p", type=float, default=1.0, help="top_p of every request (default 1.0 = off)")
+    parser.add_argument("--top-k", type=int, default=0, help="top_k of every request (default 0 = off)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0, help="of every request (default 1.0 = off)")
     args = parser.parse_args()
     llm = build_dummy_llm("qwen3-0.6b", attention_backend=args.backend, max_num_seqs=max(args.num_seqs, 1),
                           max_model_len=args.context + args.steps + 64, enforce_eager=args.eager)  # fmt: skip
     engine = llm.engine
     assert isinstance(engine, LLMEngine)
-    params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=args.steps + 32)
+    params = SamplingParams(
+        temperature=0.6, top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+        ignore_eos=True, max_tokens=args.steps + 32,
+    )  # fmt: skip
     for i in range(args.num_seqs):
         engine.add_request([(i * 7 + j) % 10000 for j in range(args.context)], params, stream_text=False)
     while engine.scheduler.waiting:  # prefill everything
@@ -65,11 +71,14 @@ def main() -> None:
     host = sum(statistics.median(timings[k]) for k in ("schedule", "stage", "postprocess"))
     print(f"  host total (schedule + stage + postprocess): {host:.1f} us")
     if args.profile:
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        with torch.profiler.profile(activities=activities) as prof:
             for _ in range(5):
                 batch = engine.scheduler.schedule()
                 engine.scheduler.postprocess(batch, engine.runner.run(batch))
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+        table = prof.key_averages()
+        print(table.table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=60))
+        print(table.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
     llm.close()
 
 

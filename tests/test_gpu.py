@@ -69,6 +69,38 @@ def test_rich_sampling_on_gpu_matches_cpu(tiny_models: dict[str, Path]) -> None:
     assert graphs == eager, f"CUDA graphs {graphs} != eager {eager}"
 
 
+SAMPLER_CONFIGS = {
+    "top_p_only": dict(top_p=0.9),
+    "top_k_only": dict(top_k=50),
+    "top_k_top_p_rep": dict(top_k=50, top_p=0.95, repetition_penalty=1.1),
+    "min_p_freq": dict(min_p=0.05, frequency_penalty=0.4, presence_penalty=0.2),
+    "bias_min_tokens": dict(logit_bias={5: 3.0, 7: -100.0}, min_tokens=10),
+}
+
+
+@pytest.mark.parametrize("config", SAMPLER_CONFIGS)
+def test_compiled_sampler_full_vocab(config: str) -> None:
+    """Guards against Inductor failing or miscompiling the pipeline at a real vocabulary size (151,936
+    tokens split its reductions; a tiny test vocabulary does not): compiled CUDA equals eager CUDA."""
+    from nanovllm.engine.sampling_metadata import SamplingMetadataBuilder
+    from nanovllm.layers.sampler import Sampler
+
+    vocab_size, device = 151936, torch.device("cuda")
+    gen = torch.Generator().manual_seed(0)
+    # Mixed rows: half use the config, half are temperature-only; seeds make the draws device-independent.
+    params = [SamplingParams(temperature=0.7, seed=i, **(SAMPLER_CONFIGS[config] if i % 2 else {})) for i in range(64)]
+    seqs = [Sequence(i, torch.randint(vocab_size, (20,), generator=gen).tolist(), p) for i, p in enumerate(params)]
+    for seq in seqs:
+        seq.num_computed_tokens = seq.num_tokens - 1  # decoding: the last token is the new one
+    logits = torch.randn(len(seqs), vocab_size, generator=gen).to(device) * 3
+    batch = ScheduledBatch(seqs, [1] * len(seqs), is_prefill=False)
+    tokens = {}
+    for compiled in (False, True):
+        builder = SamplingMetadataBuilder(len(seqs), vocab_size, device, eos_token_ids={7})
+        tokens[compiled] = Sampler(compile_ops=compiled)(logits, builder.build(batch)).token_ids.tolist()
+    assert tokens[True] == tokens[False], f"compiled {tokens[True]} != eager {tokens[False]}"
+
+
 def prefill_logits(model_dir: Path, backend: str, block_size: int = 16) -> torch.Tensor:
     """bf16 logits of one prefill over 6 prompts, half of them behind a cached prefix."""
     args = {**ARGS, "kvcache_block_size": block_size, "num_kvcache_blocks": 64 * 16 // block_size + 8}

@@ -162,6 +162,10 @@ def apply_min_p(logits: torch.Tensor, min_ps: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(logits < threshold, -math.inf)
 
 
+# Left out of the compiled graph: with a 151,936-token vocabulary Inductor (torch 2.11) splits the
+# reductions and then fails to generate the gather of each row's k-th value ("list indices must be
+# integers", seen on an H100). The sort or topk inside is a library kernel either way.
+@torch.compiler.disable
 def apply_top_k_top_p(
     logits: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor, max_top_k: int | None
 ) -> torch.Tensor:
