@@ -87,7 +87,11 @@ def init_process_group(store: dist.Store, device: torch.device) -> None:
 def destroy_process_group() -> None:
     """Leave the process group and forget the rank, so the next engine in this process starts clean."""
     try:
-        if dist.is_initialized():
+        if dist.is_initialized() and dist.get_backend() == "nccl":
+            # NCCL's destroy waits on every peer's communicator, and once the workers have exited it can
+            # wait forever (seen on 4 H200s after decode graphs were captured). Aborting needs no peer.
+            dist.distributed_c10d._abort_process_group()
+        elif dist.is_initialized():
             dist.destroy_process_group()
     except RuntimeError:
         pass  # the watchdog aborted it after a worker died (NCCL); nothing is left to tear down
