@@ -104,8 +104,12 @@ class Scheduler:
     def _schedule_decode(self) -> ScheduledBatch:
         seqs: list[Sequence] = []
         max_batch = min(self.limits.max_num_seqs, self.limits.max_num_batched_tokens)
+        block_size = self.block_manager.block_size
         while self.running and len(seqs) < max_batch:
             seq = self.running.popleft()
+            if len(seq.block_table) * block_size >= len(seq.token_ids):
+                seqs.append(seq)  # the newest token already has a slot: most steps, so checked inline
+                continue
             while not self.block_manager.can_append(seq):
                 if self.running:
                     self._preempt(self.running.pop())  # the newest running sequence makes room
@@ -130,7 +134,8 @@ class Scheduler:
         finished: list[Sequence] = []
         for row, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
             seq.num_computed_tokens += num_new
-            self.block_manager.register_computed(seq)
+            if seq.num_computed_tokens // self.block_manager.block_size > len(seq.block_hashes):
+                self.block_manager.register_computed(seq)  # a block filled up (checked inline: rarely true)
             if seq.num_computed_tokens < seq.num_tokens:
                 continue  # a prompt chunk that is not the last: its sample is not a real token
             token_id = samples.token_ids[row]
