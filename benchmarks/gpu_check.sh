@@ -3,7 +3,8 @@
 # Usage: bash benchmarks/gpu_check.sh quick|full|serving
 #   quick    GPU tests, kernels, a short bench
 #   full     GPU tests, kernels, bench.py temperature-only and with top-k/top-p/repetition penalty, host overhead
-#   serving  the sampler alone, then the server under 64 concurrent streams (needs the serve extra installed)
+#   serving  the sampler alone, then the server under 64 concurrent streams (needs the serve extra installed;
+#            fastapi 0.120 with starlette 0.48 where the image has no opentelemetry, which fastapi 0.165 imports)
 set -u
 export PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/nanovllm-gpu-check}
