@@ -1,6 +1,6 @@
 """What the engine hands back: a whole completion per prompt, or what one step added to a request."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 TokenLogprobs = dict[int, float]  # token id -> logprob from the raw logits: the top-N plus the sampled token
@@ -21,19 +21,33 @@ class CompletionOutput:
 
 @dataclass(frozen=True)
 class RequestOutput:
-    """One prompt's completion. ``out["text"]`` and ``out["token_ids"]`` work as in nano-vllm."""
+    """One prompt's completions. ``token_ids``, ``text`` and ``finish_reason`` are the first completion's,
+    and ``out["text"]`` and ``out["token_ids"]`` work as in nano-vllm."""
 
     index: int  # position of the prompt in the list given to generate()
     request_id: str  # the engine's id for the request
     prompt_token_ids: list[int]  # the prompt, tokenized
-    token_ids: list[int]  # the completion only, without the prompt
-    text: str  # the completion, decoded without special tokens ("" with skip_tokenizer_init)
-    finish_reason: str  # "stop" (an end-of-sequence token) or "length" (max_tokens reached)
-    outputs: list[CompletionOutput] = field(default_factory=list)  # all n completions; the fields above are [0]'s
+    outputs: list[CompletionOutput]  # all n completions, by index
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The first completion's tokens, without the prompt."""
+        return self.outputs[0].token_ids
+
+    @property
+    def text(self) -> str:
+        """The first completion, decoded without special tokens ("" with skip_tokenizer_init)."""
+        return self.outputs[0].text
+
+    @property
+    def finish_reason(self) -> str:
+        """The first completion's: "stop" (EOS, stop token or stop string), "length" or "abort"."""
+        return self.outputs[0].finish_reason
 
     def __getitem__(self, key: str) -> Any:
-        if key not in self.__dataclass_fields__:
-            raise KeyError(f"{key!r}; RequestOutput has {sorted(self.__dataclass_fields__)}")
+        keys = [*self.__dataclass_fields__, "token_ids", "text", "finish_reason"]
+        if key not in keys:
+            raise KeyError(f"{key!r}; RequestOutput has {sorted(keys)}")
         return getattr(self, key)
 
 

@@ -1,7 +1,6 @@
 """Runs the model: builds it, loads weights, owns the KV cache, and turns a batch into sampled tokens.
 
 The runner is written so that every tensor-parallel rank runs the same code: it takes a
-The runner is written so that every tensor-parallel rank runs the same code: it takes a
 :class:`ScheduledBatch`, and rank 0's return value is what was sampled (:class:`StepSamples`).
 Rank 0's runner also starts and drives the other ranks (engine/tp_worker.py); theirs rebuild
 each batch from rank 0's messages and sample nothing.

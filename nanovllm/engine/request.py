@@ -56,9 +56,7 @@ class Request:
         """The finished request as generate() returns it; the top-level fields are the first completion's."""
         completions = [self._completion(i, tokenizer) for i in range(len(self.seqs))]
         first = self.seqs[0]
-        prompt = first.token_ids[: first.num_prompt_tokens]
-        best = completions[0]
-        return RequestOutput(index, self.request_id, prompt, best.token_ids, best.text, best.finish_reason, completions)
+        return RequestOutput(index, self.request_id, first.token_ids[: first.num_prompt_tokens], completions)
 
     def _completion(self, index: int, tokenizer: PreTrainedTokenizerBase | None) -> CompletionOutput:
         seq, text = self.seqs[index], self.texts[index]
