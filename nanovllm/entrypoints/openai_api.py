@@ -216,7 +216,10 @@ class OpenAIServing:
             stream.abort()  # the client went away (or the engine failed): free the KV blocks now
 
     def _chunk(self, job: Job, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        kind = "chat.completion.chunk" if job.is_chat else "text_completion"
+        return self._envelope(job, "chat.completion.chunk" if job.is_chat else "text_completion", choices)
+
+    def _envelope(self, job: Job, kind: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        """The fields every response and stream chunk of one request shares, around its choices."""
         return {
             "id": job.response_id,
             "object": kind,
@@ -241,11 +244,4 @@ class OpenAIServing:
                 body["text"] = text
             bodies.append(body)
         kind = "chat.completion" if job.is_chat else "text_completion"
-        return {
-            "id": job.response_id,
-            "object": kind,
-            "created": job.created,
-            "model": self.model_name,
-            "choices": bodies,
-            "usage": job.usage(choices),
-        }
+        return {**self._envelope(job, kind, bodies), "usage": job.usage(choices)}
