@@ -29,7 +29,7 @@ class NewSequence:
     token_ids: list[int]  # every token so far, prompt and generated (a preempted sequence has both)
     block_table: list[int]  # its KV-cache block ids
     num_computed_tokens: int  # tokens whose K/V is already cached (a prefix-cache hit), before this step
-    params: SamplingParams  # its sampling settings (the runner stages temperatures on every rank)
+    params: SamplingParams  # its sampling settings (a Sequence needs them; workers never sample)
     num_new_tokens: int  # tokens it computes this step
 
 
