@@ -180,3 +180,31 @@ def test_tp2_rich_sampling_equals_tp1(tiny_models: dict[str, Path]) -> None:
     assert got == expected, f"TP=2 {got} != TP=1 {expected}"
     assert len(got[1]) == 2, "n=2 must give two completions"
     assert_no_tensor_parallel_left()
+
+
+def test_stuck_rank0_exits_with_the_reason() -> None:
+    """Guards the NCCL last resort (seen on 4 H200s): when aborting the group cannot free rank 0 from a
+    collective that waits on a dead worker, the process must exit naming the worker, not hang."""
+    script = (
+        "import time, nanovllm.engine.tp_worker as w\n"
+        "w.STUCK_EXIT_S = 0.5\n"
+        "w._exit_if_stuck(w._Failure(message='rank 3 exited with code -9'))\n"
+        "time.sleep(30)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "rank 3 exited with code -9" in result.stderr and "exiting the process" in result.stderr
+
+
+def test_rank0_that_raised_is_not_exited() -> None:
+    """Guards against the last resort killing a process whose engine did raise WorkerDiedError."""
+    script = (
+        "import nanovllm.engine.tp_worker as w\n"
+        "w.STUCK_EXIT_S = 0.5\n"
+        "failure = w._Failure(message='rank 1 exited with code -9')\n"
+        "failure.raised.set()\n"
+        "w._exit_if_stuck(failure)\n"
+        "print('still here')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "still here" in result.stdout

@@ -91,6 +91,7 @@ class ModelRunner:
         self.device = rank_device(config, rank)
         self.dtype = resolve_dtype(config.dtype, arch)
         self.workers: TensorParallelWorkers | None = None  # ranks 1..N-1, held by rank 0
+        self.decode_graphs: DecodeGraphs | None = None  # captured once the KV cache exists
         if rank == 0:
             require_no_tensor_parallel_engine()
             check_tensor_parallel_split(config.tensor_parallel_size, arch)
@@ -118,7 +119,6 @@ class ModelRunner:
         self.sampler = Sampler(self.kernels.compile_ops)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.sampling = SamplingMetadataBuilder(config.max_num_seqs, arch.vocab_size, self.device, eos_token_ids)
-        self.decode_graphs: DecodeGraphs | None = None  # captured once the KV cache exists
         self.num_kvcache_blocks = self._min_across_ranks(self._plan_num_blocks())
         self._check_num_blocks(self.num_kvcache_blocks)
         self._allocate_kv_cache(self.num_kvcache_blocks)
@@ -208,7 +208,7 @@ class ModelRunner:
         else:
             logits = self._forward(build_model_inputs(batch, self.block_size, self.device))  # [B, vocab_size]
         if self.rank != 0:
-            return StepSamples([], [], [])  # the LM head gathered the full logits on rank 0 only; it samples
+            return StepSamples([], [], [])  # rank 0 alone samples
         return self._sample(batch, logits)
 
     def _sample(self, batch: ScheduledBatch, logits: torch.Tensor) -> StepSamples:
@@ -223,6 +223,14 @@ class ModelRunner:
         return self.model.compute_logits(hidden_states[inputs.last_token_indices])  # [B, vocab_size]
 
     def close(self) -> None:
-        """Shut the workers down and leave the process group (rank 0). Closing twice is harmless."""
+        """Free the decode graphs, then (rank 0) shut the workers down and leave the process group.
+
+        Graphs go first: a graph that captured NCCL collectives keeps their communicator busy, and
+        leaving the group while one exists can hang (pytorch/pytorch#115388). Closing twice is harmless.
+        """
+        if self.decode_graphs is not None:
+            self.decode_graphs = None
+            if self.workers is None or self.workers.failure.message is None:
+                torch.cuda.synchronize(self.device)  # after a worker died the replay may never finish
         if self.workers is not None:
             self.workers.close()

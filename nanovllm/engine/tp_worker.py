@@ -3,24 +3,26 @@
 Rank 0 lives in the user's process and drives; the workers only follow:
 
     rank 0:  Scheduler -> ScheduledBatch -> StepEncoder -> RunStep --Pipe--> each worker
-             ModelRunner.run(batch): forward pass, LM head gathers the logits here, sample
+             ModelRunner.run(batch): forward pass, LM head all-gathers the logits, sample
     rank r:  Pipe -> SequenceMirror -> the same ScheduledBatch -> ModelRunner.run(batch): forward pass only
 
 The forward passes meet in the collectives of the parallel layers (all-reduce after each
-row-parallel linear and the embedding, gather of the logits). Workers are started with the
+row-parallel linear and the embedding, all-gather of the logits). Workers are started with the
 ``spawn`` method (a fresh interpreter: CUDA cannot be forked) and watched: a worker that exits
 makes the next or current step on rank 0 raise an error naming its rank and exit code.
 """
 
 import contextlib
+import faulthandler
 import multiprocessing as mp
 import os
+import sys
 import threading
 import traceback
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 
@@ -36,6 +38,7 @@ from nanovllm.utils import parallel
 WORKER_START_TIMEOUT_S = 300  # a worker imports torch and nanovllm before it says hello; slow on a busy CPU box
 WORKER_EXIT_GRACE_S = 5.0  # after a failed collective, how long to wait for the worker that caused it to exit
 WORKER_JOIN_TIMEOUT_S = 10.0  # at shutdown, how long a worker gets to leave the group before it is killed
+STUCK_EXIT_S = 30.0  # after a worker died (NCCL), how long rank 0 gets to raise before the process exits
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     """A worker's whole life: join the group, build the runner, run every RunStep until Shutdown."""
     from nanovllm.engine.model_runner import ModelRunner  # here: model_runner imports this module
 
+    runner = None
     try:
         conn.send("hello")  # rank 0 waits for this before it blocks in the process group's rendezvous
         size = spec.config.tensor_parallel_size
@@ -75,6 +79,8 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
         traceback.print_exc()
         raise SystemExit(1) from None
     finally:
+        if runner is not None:
+            runner.close()  # frees its decode graphs before the group is left
         parallel.destroy_process_group()
 
 
@@ -165,6 +171,7 @@ class TensorParallelWorkers:
             raise
 
     def _error(self, context: str) -> WorkerDiedError:
+        self.failure.raised.set()
         dead = [f"rank {r} (pid {p.pid}) exited with code {p.exitcode}" for r, p in self._ranked() if not p.is_alive()]
         what = "; ".join(dead) if dead else context
         return WorkerDiedError(
@@ -183,6 +190,7 @@ class TensorParallelWorkers:
 @dataclass
 class _Failure:
     message: str | None = None  # set by the watchdog when a worker exits while the engine is open
+    raised: threading.Event = field(default_factory=threading.Event)  # rank 0 raised WorkerDiedError
 
 
 def _watch(processes: list[BaseProcess], stop: Connection, failure: _Failure, is_nccl: bool) -> None:
@@ -192,11 +200,30 @@ def _watch(processes: list[BaseProcess], stop: Connection, failure: _Failure, is
     if stop in ready:
         return
     rank = sentinels[next(s for s in ready if s in sentinels)]
+    processes[rank - 1].join(1.0)  # reap it, so its exit code is known (the sentinel can fire first)
     failure.message = f"rank {rank} exited with code {processes[rank - 1].exitcode}"
     if is_nccl and dist.is_initialized():
         # NCCL does not notice a dead peer: rank 0 would wait in its collective until the group's timeout.
         # Aborting the communicators makes that pending collective return with an error now.
+        threading.Thread(target=_exit_if_stuck, args=(failure,), daemon=True, name="tp-stuck-exit").start()
         dist.distributed_c10d._abort_process_group()
+
+
+def _exit_if_stuck(failure: _Failure) -> None:
+    """The last resort when the abort cannot free rank 0 (it waits inside NCCL on the dead peer).
+
+    Such a process can run nothing more on its GPU, and torch's own NCCL watchdog would end it at the
+    collective timeout; ending it now, with the reason, is better than a silent wait of minutes.
+    """
+    if not failure.raised.wait(STUCK_EXIT_S):
+        sys.stderr.write(
+            f"nanovllm: tensor-parallel worker failure: {failure.message}. Rank 0 is stuck in an NCCL call "
+            f"that waits for it and could not be freed in {STUCK_EXIT_S:.0f} s; exiting the process. "
+            "Where each thread was:\n"
+        )
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        sys.stderr.flush()
+        os._exit(1)
 
 
 def _shut_down(
@@ -208,7 +235,7 @@ def _shut_down(
 ) -> None:
     with contextlib.suppress(OSError):  # a watchdog that already reported a death has closed its end
         stop.send(None)  # the watchdog must not report the exits that follow
-    watchdog.join()
+    watchdog.join(WORKER_JOIN_TIMEOUT_S)  # it may be aborting the NCCL group after a worker died
     for conn in conns:
         with contextlib.suppress(OSError):  # that worker is already gone (BrokenPipeError is an OSError)
             conn.send(Shutdown())
@@ -219,5 +246,8 @@ def _shut_down(
             process.join()
     for conn in conns:
         conn.close()
-    parallel.destroy_process_group()  # also forgets rank 0's tensor-parallel info
+    if watchdog.is_alive():  # still aborting NCCL after a worker died: leaving the group would wait behind it
+        parallel.reset_tensor_parallel()
+    else:
+        parallel.destroy_process_group()  # also forgets rank 0's tensor-parallel info
     torch.set_num_threads(num_threads)

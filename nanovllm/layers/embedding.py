@@ -37,15 +37,22 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """Hidden states to vocabulary logits; rank 0 gathers the full vocabulary."""
+    """Hidden states to vocabulary logits; every rank ends with the full vocabulary (rank 0 samples).
+
+    An all-gather, not a gather to rank 0: NCCL runs a gather as point-to-point sends, and on 2 H200s a
+    worker killed mid-decode left rank 0 stuck inside the gather's host call, with the watchdog's abort
+    (engine/tp_worker.py) stuck behind it. The workers' copies cost little: B x vocab values per step.
+    """
 
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
         super().__init__(vocab_size, hidden_size)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [B, hidden] -> [B, vocab] (rank 0)
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [B, hidden] -> [B, vocab]
         logits = F.linear(hidden_states, self.weight)  # [B, vocab_size_per_rank]
         if self.tp.size == 1:
             return logits
-        parts = [torch.empty_like(logits) for _ in range(self.tp.size)] if self.tp.rank == 0 else None
-        dist.gather(logits, parts, dst=0)
-        return torch.cat(parts, dim=-1) if parts is not None else logits
+        num_rows = logits.shape[0]
+        parts = logits.new_empty(self.tp.size * num_rows, self.vocab_size_per_rank)  # rank r's rows at r*B..
+        dist.all_gather_into_tensor(parts, logits.contiguous())
+        by_rank = parts.view(self.tp.size, num_rows, self.vocab_size_per_rank)
+        return by_rank.permute(1, 0, 2).reshape(num_rows, -1)  # [B, vocab]: rank r's slice at columns r*V/tp..

@@ -6,6 +6,7 @@ NCCL between GPUs, gloo between CPU processes. The ranks meet at a TCPStore that
 opens on a free port (the OS picks it), so two engines on one host never collide.
 """
 
+import os
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -74,6 +75,9 @@ def init_process_group(store: dist.Store, device: torch.device) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        # Connect every NCCL channel now rather than at a collective's first use: a later host call then
+        # never waits for a peer, which could be a worker that has died (see engine/tp_worker.py).
+        os.environ.setdefault("NCCL_RUNTIME_CONNECT", "0")
     dist.init_process_group(
         backend,
         store=store,
