@@ -1,9 +1,10 @@
-"""Host time of the scheduler alone per decode step, no model and no GPU (python benchmarks/scheduler_host.py).
+"""Host time per decode step without a model or GPU (python benchmarks/scheduler_host.py).
 
 Fills a scheduler with --num-seqs sequences of --context prompt tokens, prefills them on paper (a
-fixed sampled token, nothing run), then times schedule() and postprocess() of --steps decode steps
-at batch --num-seqs and prints the medians in microseconds. The GPU counterpart, with staging and
-the model run, is benchmarks/host_overhead.py.
+fixed sampled token, nothing run), then times --steps decode steps at batch --num-seqs: schedule(),
+staging the inputs into the CUDA-graph lanes (host buffers, not pinned), building the sampling
+tensors (on the CPU) and postprocess(), and prints the medians in microseconds. The GPU
+counterpart, with the model run, is benchmarks/host_overhead.py.
 """
 
 import argparse
@@ -14,12 +15,17 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import torch  # noqa: E402
+
 from nanovllm.engine.block_manager import BlockManager  # noqa: E402
+from nanovllm.engine.cuda_graphs import DecodeStaging  # noqa: E402
+from nanovllm.engine.sampling_metadata import SamplingMetadataBuilder  # noqa: E402
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler, SchedulerLimits  # noqa: E402
 from nanovllm.engine.sequence import Sequence, StepSamples  # noqa: E402
 from nanovllm.sampling_params import SamplingParams  # noqa: E402
 
 SAMPLED_TOKEN_ID = 5  # what every step "samples"; never an EOS id here
+VOCAB_SIZE = 151936  # Qwen3's
 
 
 def samples_for(batch: ScheduledBatch) -> StepSamples:
@@ -44,17 +50,25 @@ def main() -> None:
     while scheduler.waiting:
         batch = scheduler.schedule()
         scheduler.postprocess(batch, samples_for(batch))
-    schedule_us, postprocess_us = [], []
+    staging = DecodeStaging(args.num_seqs, blocks_per_seq, args.block_size, pin_memory=False)
+    sampling = SamplingMetadataBuilder(args.num_seqs, VOCAB_SIZE, torch.device("cpu"))
+    timings: dict[str, list[float]] = {"schedule": [], "stage": [], "sampling": [], "postprocess": []}
     for _ in range(args.steps):
-        start = time.perf_counter()
+        t0 = time.perf_counter()
         batch = scheduler.schedule()
-        scheduled = time.perf_counter()
+        t1 = time.perf_counter()
+        staging.stage(batch, args.num_seqs)
+        t2 = time.perf_counter()
+        sampling.build(batch)
+        t3 = time.perf_counter()
         scheduler.postprocess(batch, samples_for(batch))
-        schedule_us.append((scheduled - start) * 1e6)
-        postprocess_us.append((time.perf_counter() - scheduled) * 1e6)
+        t4 = time.perf_counter()
+        for key, seconds in zip(timings, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            timings[key].append(seconds * 1e6)
     print(f"decode step, batch {args.num_seqs}, context ~{args.context}, block size {args.block_size}")
-    print(f"  schedule     median {statistics.median(schedule_us):7.1f} us")
-    print(f"  postprocess  median {statistics.median(postprocess_us):7.1f} us")
+    for key, values in timings.items():
+        print(f"  {key:12s} median {statistics.median(values):7.1f} us")
+    print(f"  total        {sum(statistics.median(v) for v in timings.values()):7.1f} us")
 
 
 if __name__ == "__main__":

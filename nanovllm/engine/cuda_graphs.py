@@ -10,6 +10,8 @@ KV store skips them) and context length 0 (attention returns zeros for them).
     bucket 8, batch 5:   lanes 0-4 real | lanes 5-7 padding (slot -1, context 0)
 """
 
+from collections.abc import Iterable
+
 import numpy as np
 import torch
 
@@ -107,35 +109,57 @@ class DecodeStaging:
         self.host = {name: torch.zeros(shape, dtype=dt, pin_memory=pin_memory) for name, (shape, dt) in shapes.items()}
         self.arrays = {name: t.numpy() for name, t in self.host.items()}  # numpy views of the same memory
         self.lane_keys: list[tuple[int, int, int] | None] = [None] * max_num_seqs  # what each block-table row holds
+        self.last_seqs: list[Sequence] = []  # the sequences staged last step, lane by lane
 
     def stage(self, batch: ScheduledBatch, bucket: int) -> None:
         """Fill the pinned host buffers: each sequence computes its last token, at position num_tokens - 1.
 
         One list comprehension per field and whole-array numpy arithmetic, not per-element writes:
-        this runs every decode step for every sequence, so it is host time the GPU waits for.
+        this runs every decode step for every sequence, so it is host time the GPU waits for. Most
+        steps run the same sequences as the step before, each one token further: then positions and
+        context lengths move up by one in place, and only lanes that began a block re-read their table.
         """
         seqs = batch.seqs
         num_seqs = len(seqs)
         h = self.arrays
-        positions = np.array([len(seq.token_ids) - 1 for seq in seqs], dtype=np.int64)  # [B]
         h["input_ids"][:num_seqs] = [seq.token_ids[-1] for seq in seqs]
-        h["positions"][:num_seqs] = positions
-        h["context_lens"][:num_seqs] = positions + 1
-        self._stage_block_tables(seqs)
+        # `==` on lists of Sequences compares identities, in C. The same sequences as last time, with no
+        # other step in between (forget() is called after every step run without this staging), are
+        # one token further, with their block tables only appended to.
+        if seqs == self.last_seqs and self._one_token_further(seqs):
+            positions = h["positions"][:num_seqs]
+            positions += 1
+            h["context_lens"][:num_seqs] += 1
+            self._stage_block_tables(seqs, np.flatnonzero(positions % self.block_size == 0).tolist())
+        else:
+            positions = np.array([len(seq.token_ids) - 1 for seq in seqs], dtype=np.int64)  # [B]
+            h["positions"][:num_seqs] = positions
+            h["context_lens"][:num_seqs] = positions + 1
+            self._stage_block_tables(seqs, range(num_seqs))
+            self.last_seqs = list(seqs)
         # slot of position p = block_tables[lane, p // block_size] * block_size + p % block_size
         block_ids = h["block_tables"][np.arange(num_seqs), positions // self.block_size]  # [B]
         h["slot_mapping"][:num_seqs] = block_ids.astype(np.int64) * self.block_size + positions % self.block_size
         h["slot_mapping"][num_seqs:bucket] = -1  # padded lanes: nothing stored
         h["context_lens"][num_seqs:bucket] = 0  # padded lanes: nothing attended
 
-    def _stage_block_tables(self, seqs: list[Sequence]) -> None:
-        """Rewrite a lane's block-table row only when its sequence or its blocks changed since last step.
+    def _one_token_further(self, seqs: list[Sequence]) -> bool:
+        """Whether the first lane gained exactly one token since it was staged (not staged twice for one step)."""
+        return len(seqs[0].token_ids) - 1 == self.arrays["positions"][0] + 1
+
+    def forget(self) -> None:
+        """A step ran without this staging (a prefill, or an eager decode): the next stage() starts afresh."""
+        self.last_seqs = []
+
+    def _stage_block_tables(self, seqs: list[Sequence], lanes: Iterable[int]) -> None:
+        """Rewrite a lane's block-table row (of those in ``lanes``) only when its sequence or blocks changed.
 
         A block table only grows by appending, and a freed sequence gets a new list, so the list's
         identity, its length and its last block id tell whether the row already holds it.
         """
         rows = self.arrays["block_tables"]
-        for lane, seq in enumerate(seqs):
+        for lane in lanes:
+            seq = seqs[lane]
             table = seq.block_table
             key = (id(table), len(table), table[-1])
             if self.lane_keys[lane] != key:

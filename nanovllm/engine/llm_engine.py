@@ -85,6 +85,7 @@ class LLMEngine:
         self.scheduler = Scheduler(block_manager, limits, eos_ids)
         self.requests: dict[str, Request] = {}  # unfinished requests by id
         self._requests_by_seq: dict[int, Request] = {}  # the same requests by Sequence.request_id
+        self._checked_per_step: set[str] = set()  # ids of requests with text to follow or siblings to queue
         self._seq_counter = itertools.count()  # numbers sequences, and names requests added without an id
 
     def close(self) -> None:
@@ -143,11 +144,14 @@ class LLMEngine:
         self.requests[request_id] = request
         for sample in request.seqs:
             self._requests_by_seq[sample.request_id] = request
+        if len(request.seqs) > 1 or any(text is not None for text in request.texts):
+            self._checked_per_step.add(request_id)
         self.scheduler.add(seq)
         return request
 
     def _forget(self, request: Request) -> None:
         del self.requests[request.request_id]
+        self._checked_per_step.discard(request.request_id)
         for seq in request.seqs:
             del self._requests_by_seq[seq.request_id]
 
@@ -172,7 +176,7 @@ class LLMEngine:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             raise RuntimeError("the scheduler found nothing it could run although requests are pending")
-        num_tokens_before = [seq.num_tokens for seq in batch.seqs]
+        num_tokens_before = [len(seq.token_ids) for seq in batch.seqs]
         sampled = self.runner.run(batch)
         self.scheduler.postprocess(batch, sampled)
         outputs = []
@@ -189,6 +193,26 @@ class LLMEngine:
         for request in finished.values():
             self._forget(request)
         return outputs, batch
+
+    def _step_quietly(self) -> tuple[int, ScheduledBatch]:
+        """A step for generate(): (sequences finished, batch), building no per-row outputs.
+
+        When no request has text to follow (stop strings) or siblings to queue (n > 1), only the rows
+        that finished need the engine's attention: at batch 256 that saves a Python loop over every
+        row of every step, host time the GPU would wait for. Otherwise it is step()'s loop.
+        """
+        if self._checked_per_step:
+            outputs, batch = self._step()
+            return sum(output.finished for output in outputs), batch
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            raise RuntimeError("the scheduler found nothing it could run although requests are pending")
+        finished_seqs = self.scheduler.postprocess(batch, self.runner.run(batch))
+        for seq in finished_seqs:
+            request = self._requests_by_seq[seq.request_id]
+            if request.is_finished:  # n = 1 here, so each request finishes once
+                self._forget(request)
+        return len(finished_seqs), batch
 
     def _stream_output(self, request: Request, seq: Sequence, num_tokens_before: int) -> StreamOutput:
         """Detokenize the new tokens, end the completion if they complete a stop string, and report them."""
@@ -289,7 +313,7 @@ class LLMEngine:
             rates = {"prefill": 0.0, "decode": 0.0}
             while self.requests:
                 start = time.perf_counter()
-                outputs, batch = self._step()
+                num_finished, batch = self._step_quietly()
                 rates["prefill" if batch.is_prefill else "decode"] = batch.num_tokens / (time.perf_counter() - start)
                 bar.set_postfix({f"{k} tok/s": f"{v:,.0f}" for k, v in rates.items()}, refresh=False)
-                bar.update(sum(output.finished for output in outputs))
+                bar.update(num_finished)

@@ -206,6 +206,8 @@ class ModelRunner:
         if graphs is not None and not batch.is_prefill and graphs.can_run(len(batch.seqs)):
             logits = self.model.compute_logits(graphs.run(batch))  # [B, vocab_size]
         else:
+            if graphs is not None:
+                graphs.staging.forget()  # sequences may have been preempted and recomputed in this step
             logits = self._forward(build_model_inputs(batch, self.block_size, self.device))  # [B, vocab_size]
         if self.rank != 0:
             return StepSamples([], [], [])  # rank 0 alone samples

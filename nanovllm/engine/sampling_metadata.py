@@ -1,9 +1,10 @@
 """A batch's SamplingParams as the sampler's device tensors, rebuilt only when the batch changes.
 
 Decode steps usually run the same sequences in the same order as the step before, so the
-per-row tensors of :class:`~nanovllm.layers.sampler.SamplingTensors` are cached under the
-batch's identity (sequence ids, which rows are still below min_tokens, which rows sample a real
-token). Only seeded rows need something new every step: their (seed, output position) hash keys.
+per-row tensors of :class:`~nanovllm.layers.sampler.SamplingTensors` are kept from the last
+decode step and reused while the batch holds the same sequences and the same rows are still
+below min_tokens. Only seeded rows need something new every step: their (seed, output position)
+hash keys.
 """
 
 import dataclasses
@@ -110,6 +111,9 @@ class _BatchTensors:
     penalty_record_slots: torch.Tensor | None  # [K] int64, their slots
     host_record_slots: list[int]  # the same slots on the host
     seeded_rows: list[int]  # batch rows with a seed
+    decode_seqs: list[Sequence] | None = None  # the decode batch these were built for; None after a prefill
+    min_tokens_rows: tuple[int, ...] = ()  # rows with a min_tokens, the only ones whose masking can change
+    below_min: tuple[int, ...] = ()  # of those, the rows below their min_tokens when built
 
 
 class SamplingMetadataBuilder:
@@ -122,19 +126,24 @@ class SamplingMetadataBuilder:
         self.device = device
         self.eos_token_ids = sorted(eos_token_ids)  # masked while a sequence is below its min_tokens
         self.penalty_table = PenaltyTable(max_num_seqs, vocab_size, device)
-        self._cache_key: tuple[object, ...] | None = None
         self._cached: _BatchTensors | None = None
 
     def build(self, batch: ScheduledBatch) -> SamplingTensors:
         """The batch's sampling tensors, reusing last step's when the batch is the same."""
         seqs = batch.seqs
-        is_real = [s.num_computed_tokens + n == s.num_tokens for s, n in zip(seqs, batch.num_new_tokens, strict=True)]
-        below_min = tuple(i for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens)
-        key = (tuple(s.seq_id for s in seqs), below_min, tuple(is_real))
-        if key != self._cache_key or self._cached is None:
-            self._cached = self._build_batch(seqs, set(below_min), is_real)
-            self._cache_key = key
         cached = self._cached
+        # `==` on lists of Sequences compares identities, in C: cheap next to rebuilding at batch 256.
+        if batch.is_prefill or cached is None or cached.decode_seqs != seqs or self._below_min_changed(cached):
+            is_real = [
+                s.num_computed_tokens + n == s.num_tokens for s, n in zip(seqs, batch.num_new_tokens, strict=True)
+            ]
+            min_tokens_rows = tuple(i for i, s in enumerate(seqs) if s.params.min_tokens > 0)
+            below_min = tuple(i for i in min_tokens_rows if seqs[i].num_output_tokens < seqs[i].params.min_tokens)
+            cached = self._build_batch(seqs, set(below_min), is_real)
+            decode_seqs = None if batch.is_prefill else list(seqs)
+            self._cached = cached = dataclasses.replace(
+                cached, decode_seqs=decode_seqs, min_tokens_rows=min_tokens_rows, below_min=below_min
+            )
         if not cached.seeded_rows:
             return cached.tensors
         keys = [(0, 0)] * len(seqs)
@@ -142,6 +151,14 @@ class SamplingMetadataBuilder:
             seq = seqs[row]
             keys[row] = seed_hash_keys(seq.params.seed or 0, seq.sample_index, seq.num_output_tokens)
         return dataclasses.replace(cached.tensors, seed_keys=self._to_device(keys, torch.int64))
+
+    @staticmethod
+    def _below_min_changed(cached: _BatchTensors) -> bool:
+        """Whether a row of the cached decode batch has reached its min_tokens since it was built."""
+        seqs = cached.decode_seqs
+        assert seqs is not None
+        rows = cached.min_tokens_rows
+        return tuple(i for i in rows if seqs[i].num_output_tokens < seqs[i].params.min_tokens) != cached.below_min
 
     def record(self, output: SamplerOutput) -> None:
         """Count the step's real samples in the penalty table (on the device, no sync)."""
