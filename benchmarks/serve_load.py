@@ -14,7 +14,10 @@ below --max-token-id (ids the tiny tokenizer knows) and exactly --max-tokens out
 (ignore_eos). --concurrency clients send them back to back until --num-requests are done or
 --duration-s has passed. Each SSE chunk carries one engine step's tokens of one request, so
 the time to the first chunk is the time to first token and the gaps between chunks are the
-inter-token latencies. A warm-up round (one request per client, not counted) runs first.
+inter-token latencies. A warm-up round (one request per client, not counted) runs first. The
+server's own time-to-first-token and inter-token histograms (/metrics, read before and after the
+timed run) are reported too: a gap between the two views is time spent outside the engine and
+response path (HTTP parsing, the socket, the load client itself).
 """
 
 import argparse
@@ -38,6 +41,10 @@ sys.path.insert(0, os.path.join(REPO_ROOT, "tests"))
 
 SERVED_MODEL_NAME = "load-test"
 WARMUP_MAX_TOKENS = 8  # output tokens of each warm-up request
+SERVER_LATENCIES = {  # histograms of the server's /metrics reported next to the client's figures
+    "nanovllm:time_to_first_token_seconds": "time to first token",
+    "nanovllm:inter_token_latency_seconds": "inter-token latency",
+}
 
 
 @dataclass
@@ -170,6 +177,34 @@ def report(timings: list[RequestTiming], elapsed_s: float) -> None:
     print(f"end-to-end latency: p50 {percentile(e2e_s, 50):.2f} s, p99 {percentile(e2e_s, 99):.2f} s")
 
 
+def server_histograms(base_url: str) -> dict[str, dict[float, float]]:
+    """The server's latency histograms from /metrics: metric name -> {bucket upper bound (s): cumulative count}."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    histograms: dict[str, dict[float, float]] = {}
+    for family in text_string_to_metric_families(httpx.get(f"{base_url}/metrics", timeout=10).text):
+        if family.name in SERVER_LATENCIES:
+            buckets = {float(s.labels["le"]): s.value for s in family.samples if s.name.endswith("_bucket")}
+            histograms[family.name] = buckets
+    return histograms
+
+
+def bucket_percentile(before: dict[float, float], after: dict[float, float], pct: float) -> float:
+    """The smallest bucket bound holding pct% of the observations made between two scrapes; NaN if none."""
+    counts = {le: after[le] - before.get(le, 0.0) for le in sorted(after)}
+    total = counts[float("inf")] if counts else 0.0
+    return next((le for le, count in counts.items() if total and count >= pct / 100 * total), float("nan"))
+
+
+def report_server_side(before: dict[str, dict[float, float]], after: dict[str, dict[float, float]]) -> None:
+    """What the server measured over the timed run: from the request's arrival in its handler to the chunk
+    handed to the response, so HTTP parsing, the socket and the client are outside it."""
+    for name, label in SERVER_LATENCIES.items():
+        if name in after:
+            p50, p99 = (bucket_percentile(before.get(name, {}), after[name], pct) * 1e3 for pct in (50, 99))
+            print(f"server side, {label}: p50 <= {p50:g} ms, p99 <= {p99:g} ms (histogram bucket bounds)")
+
+
 def main() -> None:
     args = parse_args()
     server = None
@@ -188,9 +223,11 @@ def main() -> None:
             args.model_name = SERVED_MODEL_NAME
         try:
             asyncio.run(run_load(args, base_url, args.concurrency, WARMUP_MAX_TOKENS))
+            histograms_before = server_histograms(base_url)
             start_s = time.perf_counter()
             timings = asyncio.run(run_load(args, base_url, args.num_requests, args.max_tokens))
             report(timings, time.perf_counter() - start_s)
+            report_server_side(histograms_before, server_histograms(base_url))
         finally:
             if server is not None:
                 server.terminate()
