@@ -1,10 +1,11 @@
 """Tensor parallelism on real GPUs, on a random-weight model with a real config (run by tp_check.sh).
 
-    python benchmarks/tp_check.py --tp 2 [--shape qwen3-0.6b] [--dtype bfloat16]
+    python benchmarks/tp_check.py --tp 2 [--shape qwen3-0.6b|tiny] [--dtype bfloat16]
 
 1. Greedy tokens of TP=N equal TP=1 (CUDA graphs on). In bf16 the all-reduce adds partial sums
-   in another order than one GPU's matmul, so a near-tie can flip: the first divergence is
-   printed with TP=1's top-2 logits at that step (a gap of a bf16 ulp or two is a tie).
+   in another order than one GPU's matmul, so a near-tie can flip: the first divergences are
+   printed with TP=1's top-2 logits at that step (a gap of a bf16 ulp or two is a tie), and the
+   top-5 logprobs of every step where both runs saw the same tokens are compared with a tolerance.
 2. TP=N with CUDA graphs equals TP=N eager.
 3. A worker killed mid-run makes generate() raise within a few seconds (NCCL: the watchdog aborts).
 """
@@ -31,10 +32,14 @@ from nanovllm.engine.model_inputs import build_model_inputs  # noqa: E402
 from nanovllm.engine.scheduler import ScheduledBatch  # noqa: E402
 from nanovllm.engine.sequence import Sequence  # noqa: E402
 from nanovllm.engine.tp_worker import WorkerDiedError  # noqa: E402
+from nanovllm.outputs import CompletionOutput  # noqa: E402
 
 CONFIG_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                  "num_hidden_layers", "vocab_size", "max_position_embeddings", "tie_word_embeddings")  # fmt: skip
-PARAMS = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+PARAMS = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True, logprobs=5)
+# Largest logprob difference accepted where both runs saw the same tokens: two bf16 steps of a logit in
+# [16, 32), where these random-weight models' top logits sit; a few float32 roundings otherwise.
+LOGPROB_TOLERANCE = {"bfloat16": 0.25, "float16": 0.03, "float32": 1e-3}
 ARGS = dict(kvcache_block_size=256, max_model_len=2048, gpu_memory_utilization=0.5, skip_tokenizer_init=True)
 
 
@@ -43,12 +48,12 @@ def prompts(num: int = 16) -> list[list[int]]:
     return [[rng.randrange(500) for _ in range(rng.randint(20, 300))] for _ in range(num)]
 
 
-def greedy(model_dir: str, dtype: str, **args: object) -> list[list[int]]:
+def greedy(model_dir: str, dtype: str, **args: object) -> list[CompletionOutput]:
     start = time.perf_counter()
     with LLM(model_dir, dtype=dtype, **{**ARGS, **args}) as llm:
-        tokens = [out.token_ids for out in llm.generate(prompts(), PARAMS, use_tqdm=False)]
+        completions = [out.outputs[0] for out in llm.generate(prompts(), PARAMS, use_tqdm=False)]
     print(f"  {args or 'TP=1'}: {time.perf_counter() - start:.1f} s (engine start included)")
-    return tokens
+    return completions
 
 
 def top2_logits(model_dir: str, dtype: str, token_ids: list[int]) -> tuple[float, float]:
@@ -66,16 +71,33 @@ def top2_logits(model_dir: str, dtype: str, token_ids: list[int]) -> tuple[float
         return float(top2[0]), float(top2[1])
 
 
-def compare(name: str, want: list[list[int]], got: list[list[int]], model_dir: str, dtype: str) -> bool:
-    differ = [i for i, (a, b) in enumerate(zip(want, got, strict=True)) if a != b]
+def logprob_differences(want: CompletionOutput, got: CompletionOutput) -> list[float]:
+    """|logprob difference| of every token both runs list, at each step both saw the same context."""
+    assert want.logprobs is not None and got.logprobs is not None
+    num_shared = next((k for k, (x, y) in enumerate(zip(want.token_ids, got.token_ids, strict=True)) if x != y), None)
+    num_steps = len(want.token_ids) if num_shared is None else num_shared + 1  # the diverging step included
+    return [
+        abs(want.logprobs[step][token] - got.logprobs[step][token])
+        for step in range(num_steps)
+        for token in want.logprobs[step].keys() & got.logprobs[step].keys()
+    ]
+
+
+def compare(name: str, want: list[CompletionOutput], got: list[CompletionOutput], model_dir: str, dtype: str) -> bool:
+    differ = [i for i, (a, b) in enumerate(zip(want, got, strict=True)) if a.token_ids != b.token_ids]
     print(f"  {name}: {len(want) - len(differ)} of {len(want)} sequences equal")
+    deltas = sorted(d for a, b in zip(want, got, strict=True) for d in logprob_differences(a, b))
+    tolerance = LOGPROB_TOLERANCE.get(dtype, 0.25)
+    verdict = "within" if deltas[-1] <= tolerance else "OUTSIDE"
+    print(f"    logprobs where both saw the same tokens ({len(deltas)} values): max |diff| {deltas[-1]:.3g}, ", end="")
+    print(f"median {deltas[len(deltas) // 2]:.3g}: {verdict} the tolerance {tolerance:g}")
     for i in differ[:2]:
-        a, b = want[i], got[i]
+        a, b = want[i].token_ids, got[i].token_ids
         step = next(k for k, (x, y) in enumerate(zip(a, b, strict=True)) if x != y)
         first, second = top2_logits(model_dir, dtype, prompts()[i] + a[:step])
         print(f"    seq {i} diverges at step {step}: {a[step]} vs {b[step]}", end="")
         print(f"; TP=1 top-2 logits {first:.5g}, {second:.5g}")
-    return not differ
+    return not differ and deltas[-1] <= tolerance
 
 
 def kill_worker_mid_run(model_dir: str, dtype: str, tp: int) -> None:
@@ -91,7 +113,10 @@ def kill_worker_mid_run(model_dir: str, dtype: str, tp: int) -> None:
 
     threading.Timer(2.0, kill).start()
     try:
-        llm.generate(prompts(64), SamplingParams(temperature=0.0, max_tokens=1024, ignore_eos=True), use_tqdm=False)
+        max_tokens = llm.engine.max_model_len - 300  # prompts are at most 300 tokens; run well past the kill
+        llm.generate(
+            prompts(64), SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True), use_tqdm=False
+        )
         print("  kill: FAILED, generate finished without an error")
     except WorkerDiedError as e:
         print(f"  kill: raised {time.monotonic() - killed_at[0]:.1f} s after the kill: {e}")
@@ -102,14 +127,14 @@ def kill_worker_mid_run(model_dir: str, dtype: str, tp: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tp", type=int, default=2)
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-0.6b")
+    parser.add_argument("--shape", choices=["tiny", *sorted(SHAPES)], default="qwen3-0.6b", help="tiny: CPU-sized")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--hang-dump-s", type=float, default=500, help="print every thread's stack and exit after this")
     args = parser.parse_args()
     faulthandler.dump_traceback_later(args.hang_dump_s, exit=True)  # a hang shows where, not just a timeout
     with tempfile.TemporaryDirectory() as tmp:
-        shape = SHAPES[args.shape]
-        model_dir = str(write_tiny_model(Path(tmp), "qwen3", **{k: shape[k] for k in CONFIG_FIELDS}))
+        shape = SHAPES.get(args.shape, {})
+        model_dir = str(write_tiny_model(Path(tmp), "qwen3", **{k: shape[k] for k in CONFIG_FIELDS if k in shape}))
         print(f"{args.shape} config, random weights, {args.dtype}, TP={args.tp}")
         tp1 = greedy(model_dir, args.dtype)
         tpn = greedy(model_dir, args.dtype, tensor_parallel_size=args.tp)
