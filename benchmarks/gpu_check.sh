@@ -15,8 +15,10 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 date -u
 if [ "$mode" = serving ]; then
   timeout 120 python3 benchmarks/sampler.py 2>&1 | tee "$out/sampler.log" | tail -8
-  timeout 400 python3 benchmarks/serve_load.py --dummy-shape qwen3-0.6b --num-requests 512 --concurrency 64 \
-    --prompt-len 128 --max-tokens 128 2>&1 | tee "$out/serve_load.log" | tail -15
+  for processes in 1 4; do  # one load process, then four: shows how much of the latency is the client's own
+    timeout 300 python3 benchmarks/serve_load.py --dummy-shape qwen3-0.6b --num-requests 512 --concurrency 64 \
+      --prompt-len 128 --max-tokens 128 --processes "$processes" 2>&1 | tee "$out/serve_load_p$processes.log" | tail -8
+  done
   exit 0
 fi
 timeout 300 python3 -m pytest -q tests/test_triton_kernels.py tests/test_gpu.py 2>&1 | tee "$out/pytest.log" | tail -15

@@ -23,6 +23,7 @@ response path (HTTP parsing, the socket, the load client itself).
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import random
 import socket
@@ -30,8 +31,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -65,6 +68,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--server-args", default="", help="extra flags for nanovllm.serve, e.g. '--dtype float32'")
     parser.add_argument("--num-requests", type=int, default=256, help="requests to send (default 256)")
     parser.add_argument("--concurrency", type=int, default=64, help="requests in flight at once (default 64)")
+    parser.add_argument(
+        "--processes", type=int, default=1, help="load processes sharing the clients (default 1); one Python "
+        "process parsing thousands of chunks a second can itself delay what it measures"
+    )  # fmt: skip
     parser.add_argument("--duration-s", type=float, default=120.0, help="stop sending after this long (default 120)")
     parser.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per request (default 128)")
     parser.add_argument("--max-tokens", type=int, default=128, help="output tokens per request (default 128)")
@@ -130,8 +137,11 @@ async def one_request(client: httpx.AsyncClient, body: dict) -> RequestTiming:
     return timing
 
 
-async def run_load(args: argparse.Namespace, base_url: str, num_requests: int, max_tokens: int) -> list[RequestTiming]:
-    rng = random.Random(0)
+async def run_load(
+    args: argparse.Namespace, base_url: str, num_requests: int, max_tokens: int, concurrency: int, seed: int
+) -> list[RequestTiming]:
+    """One client process: `concurrency` clients sending `num_requests` requests in all."""
+    rng = random.Random(seed)
     bodies = [
         {
             "model": args.model_name,
@@ -146,15 +156,36 @@ async def run_load(args: argparse.Namespace, base_url: str, num_requests: int, m
     ]
     timings: list[RequestTiming] = []
     deadline = time.perf_counter() + args.duration_s
-    limits = httpx.Limits(max_connections=args.concurrency)
+    limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(base_url=base_url, timeout=None, limits=limits) as client:
 
         async def worker() -> None:
             while bodies and time.perf_counter() < deadline:
                 timings.append(await one_request(client, bodies.pop()))
 
-        await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
     return timings
+
+
+def run_load_in_process(*load_args: Any) -> list[RequestTiming]:
+    return asyncio.run(run_load(*load_args))
+
+
+def run_clients(
+    pool: ProcessPoolExecutor, args: argparse.Namespace, base_url: str, num_requests: int, max_tokens: int
+) -> list[RequestTiming]:
+    """Spread the requests and the clients over --processes load processes (each parses its own streams)."""
+    num = args.processes
+    futures = []
+    for i in range(num):
+        load = (args, base_url, share(num_requests, num, i), max_tokens, share(args.concurrency, num, i), i)
+        futures.append(pool.submit(run_load_in_process, *load))
+    return [timing for future in futures for timing in future.result()]
+
+
+def share(total: int, num_parts: int, index: int) -> int:
+    """Part `index` of `total` split into `num_parts` near-equal integer parts."""
+    return total // num_parts + (index < total % num_parts)
 
 
 def percentile(values: list[float], pct: float) -> float:
@@ -165,7 +196,9 @@ def percentile(values: list[float], pct: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(pct / 100 * len(ordered)) - 1))]
 
 
-def report(timings: list[RequestTiming], elapsed_s: float) -> None:
+def report(timings: list[RequestTiming]) -> None:
+    # From the first request sent to the last chunk received: the load processes' start-up is outside it.
+    elapsed_s = max(t.chunk_s[-1] for t in timings if t.chunk_s) - min(t.start_s for t in timings)
     ttft_ms = [(t.chunk_s[0] - t.start_s) * 1e3 for t in timings if t.chunk_s]
     itl_ms = [(b - a) * 1e3 for t in timings for a, b in zip(t.chunk_s, t.chunk_s[1:], strict=False)]
     e2e_s = [t.chunk_s[-1] - t.start_s for t in timings if t.chunk_s]
@@ -222,11 +255,10 @@ def main() -> None:
             base_url = f"http://127.0.0.1:{port}"
             args.model_name = SERVED_MODEL_NAME
         try:
-            asyncio.run(run_load(args, base_url, args.concurrency, WARMUP_MAX_TOKENS))
-            histograms_before = server_histograms(base_url)
-            start_s = time.perf_counter()
-            timings = asyncio.run(run_load(args, base_url, args.num_requests, args.max_tokens))
-            report(timings, time.perf_counter() - start_s)
+            with ProcessPoolExecutor(args.processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+                run_clients(pool, args, base_url, args.concurrency, WARMUP_MAX_TOKENS)
+                histograms_before = server_histograms(base_url)
+                report(run_clients(pool, args, base_url, args.num_requests, args.max_tokens))
             report_server_side(histograms_before, server_histograms(base_url))
         finally:
             if server is not None:

@@ -22,6 +22,7 @@ from nanovllm.engine.async_llm import AsyncLLM
 uvicorn = pytest.importorskip("uvicorn")
 from nanovllm.entrypoints.app import build_app  # noqa: E402  (needs the serve extra, checked just above)
 from nanovllm.entrypoints.errors import APIError  # noqa: E402
+from nanovllm.entrypoints.openai_api import sse  # noqa: E402
 from nanovllm.entrypoints.params import to_sampling_params  # noqa: E402
 from nanovllm.entrypoints.protocol import CompletionRequest  # noqa: E402
 
@@ -325,3 +326,12 @@ def test_models_health_and_metrics(server: Server) -> None:
         assert name in metrics, (name, sorted(metrics))
     assert metrics["nanovllm:generation_tokens_total"] >= 3 and metrics["nanovllm:prompt_tokens_total"] > 0, metrics
     assert metrics["nanovllm:time_to_first_token_seconds_count"] >= 1, metrics
+
+
+def test_sse_event_is_one_line_for_line_splitting_clients() -> None:
+    """Guards against a completion whose text holds U+0085, U+2028 or U+2029 breaking a stream for clients
+    that split lines as str.splitlines does (httpx's aiter_lines): JSON leaves those characters raw."""
+    text = "a\x85b\u2028c\u2029d é"
+    event = sse({"text": text})
+    assert [line for line in event.splitlines() if line] == [event.strip()]
+    assert json.loads(event.strip().removeprefix("data: "))["text"] == text

@@ -30,8 +30,14 @@ DISCONNECT_POLL_S = 0.5  # how often a non-streaming request checks that its cli
 CLIENT_CLOSED_STATUS = 499  # nginx's "client closed request": nobody reads it, the log does
 
 
+# Characters that JSON leaves raw but that Python's str.splitlines (and so line readers built on it, such
+# as httpx's aiter_lines) treats as line ends: escaped, so one event stays on one line for every client.
+_LINE_BREAKS_JSON_KEEPS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(payload: dict[str, Any]) -> str:
-    return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+    """One Server-Sent Event: a single ``data:`` line of JSON."""
+    return f"data: {json.dumps(payload, ensure_ascii=False).translate(_LINE_BREAKS_JSON_KEEPS)}\n\n"
 
 
 @dataclass
