@@ -101,6 +101,22 @@ def test_leaving_a_stream_early_aborts_its_requests(llm: LLM) -> None:
     assert engine.scheduler.block_manager.num_free_blocks == engine.scheduler.block_manager.num_blocks
 
 
+def test_generate_after_an_abandoned_stream_steps_quietly(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards against requests that needed per-row work (text to follow, n > 1) outliving their abort and
+    sending every later generate() through the slow per-row loop."""
+    engine = llm.engine
+    assert engine is not None
+    stream = llm.stream(PROMPTS, SamplingParams(temperature=0.8, max_tokens=40, n=2, stop=["zz"]))
+    for _ in stream:
+        break
+    stream.close()
+    per_row_steps = []
+    real_step = engine._step
+    monkeypatch.setattr(engine, "_step", lambda: per_row_steps.append(1) or real_step())
+    outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    assert [len(out.token_ids) for out in outputs] == [8] * len(PROMPTS) and not per_row_steps
+
+
 def test_stream_checks_input_when_called(llm: LLM) -> None:
     """Guards against bad input surfacing only on the first iteration, or after some requests were queued."""
     with pytest.raises(ValueError, match="prompt 1"):

@@ -307,6 +307,7 @@ class LLMEngine:
         self.scheduler.abort_all()
         self.requests.clear()
         self._requests_by_seq.clear()
+        self._checked_per_step.clear()
 
     def _run_to_completion(self, num_requests: int, use_tqdm: bool) -> None:
         with tqdm(total=num_requests, desc="Generating", dynamic_ncols=True, disable=not use_tqdm) as bar:
