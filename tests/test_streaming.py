@@ -18,12 +18,15 @@ def llm(tiny_models: dict[str, Path]):
         yield llm
 
 
-def test_detokenizer_deltas_join_to_decoded_text(tiny_models: dict[str, Path]) -> None:
-    """Guards against a multi-byte character split over byte tokens reaching the stream as U+FFFD."""
-    tokenizer = AutoTokenizer.from_pretrained(tiny_models["qwen3"])
+@pytest.mark.parametrize("clean_up_spaces", [False, True], ids=["backend-decode", "tokenizer-decode"])
+def test_detokenizer_deltas_join_to_decoded_text(tiny_models: dict[str, Path], clean_up_spaces: bool) -> None:
+    """Guards against a multi-byte character split over byte tokens reaching the stream as U+FFFD, on both
+    decode paths (the Rust backend directly, or the tokenizer's decode when it cleans up spaces)."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["qwen3"], clean_up_tokenization_spaces=clean_up_spaces)
     text = "naïve café → 😀 done"  # none of these non-ASCII characters is a single token of the tiny BPE
     token_ids = tokenizer.encode(text)
     detokenizer = IncrementalDetokenizer(tokenizer)
+    assert (detokenizer._backend is None) == clean_up_spaces
     deltas = [detokenizer.push([token_id]) for token_id in token_ids]
     deltas.append(detokenizer.flush())
     assert "".join(deltas) == text, deltas

@@ -23,12 +23,19 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        # A fast tokenizer's decode() is its Rust backend's decode plus optional space clean-up; without
+        # the clean-up, calling the backend directly gives the same text in a third of the time (this
+        # runs twice per completion per step).
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._backend = None if getattr(tokenizer, "clean_up_tokenization_spaces", True) else backend
         self.token_ids: list[int] = []  # the completion's tokens so far
         self.prefix_offset = 0  # start of the context window decoded with the unread tokens
         self.read_offset = 0  # tokens before this index are already part of `text`
         self.text = ""  # the text emitted so far: the concatenation of every delta
 
     def _decode(self, token_ids: list[int]) -> str:
+        if self._backend is not None:
+            return str(self._backend.decode(token_ids, skip_special_tokens=self.skip_special_tokens))
         return str(self.tokenizer.decode(token_ids, skip_special_tokens=self.skip_special_tokens))
 
     def push(self, new_token_ids: list[int]) -> str:

@@ -182,13 +182,14 @@ class LLMEngine:
         outputs = []
         finished: dict[str, Request] = {}
         for seq, num_before in zip(batch.seqs, num_tokens_before, strict=True):
-            if seq.num_tokens == num_before and not seq.is_finished:
+            if len(seq.token_ids) == num_before and not seq.is_finished:
                 continue  # a prompt chunk that is not the last: nothing sampled yet
             request = self._requests_by_seq[seq.request_id]
             outputs.append(self._stream_output(request, seq, num_before))
-            for sibling in request.siblings_to_queue():
-                self.scheduler.add(sibling, first=True)
-            if request.is_finished:
+            if request.num_queued < len(request.seqs):
+                for sibling in request.siblings_to_queue():
+                    self.scheduler.add(sibling, first=True)
+            if seq.is_finished and request.is_finished:
                 finished[request.request_id] = request  # forgotten after the loop: n > 1 may finish several rows
         for request in finished.values():
             self._forget(request)

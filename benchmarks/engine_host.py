@@ -1,0 +1,80 @@
+"""The engine's own host time per decode step, the model run left out (python benchmarks/engine_host.py).
+
+Builds an engine on the tiny test model (CPU), prefills --num-seqs requests of --context prompt
+tokens, then replaces the model run with a stub that "samples" a fixed token at once, so what is
+timed is everything the engine does around the run: scheduling, postprocessing, and turning the
+step into outputs. Three loops of --steps decode steps each, medians in microseconds:
+
+    step()             one StreamOutput per row, no text (LLM.stream without a tokenizer, the server's loop)
+    step(), text       the same with incremental detokenization of every row (stream_text=True)
+    generate's step    _step_quietly(): only finished rows get attention
+
+Scheduler-level parts (and graph staging, sampling tensors) alone: benchmarks/scheduler_host.py.
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [REPO_ROOT, os.path.join(REPO_ROOT, "tests")]
+
+from model_fixtures import write_tiny_model  # noqa: E402
+
+from nanovllm import LLM, SamplingParams  # noqa: E402
+from nanovllm.engine.llm_engine import LLMEngine  # noqa: E402
+from nanovllm.engine.scheduler import ScheduledBatch  # noqa: E402
+from nanovllm.engine.sequence import StepSamples  # noqa: E402
+
+SAMPLED_TOKEN_ID = 5  # what every stubbed step samples; not an EOS id of the tiny tokenizer
+
+
+def stubbed_run(batch: ScheduledBatch) -> StepSamples:
+    num_rows = len(batch.seqs)
+    return StepSamples([SAMPLED_TOKEN_ID] * num_rows, [None] * num_rows, [None] * num_rows)
+
+
+def time_steps(engine: LLMEngine, args: argparse.Namespace, stream_text: bool, quiet: bool) -> float:
+    """Median microseconds of one decode step's engine work, over --steps steps at batch --num-seqs."""
+    params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=args.steps + 8)
+    for i in range(args.num_seqs):
+        engine.add_request([(i * 7 + j) % 300 for j in range(args.context)], params, stream_text=stream_text)
+    while engine.scheduler.waiting:  # prefill with the real model
+        engine.step()
+    real_run, engine.runner.run = engine.runner.run, stubbed_run
+    micros = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        if quiet:
+            engine._step_quietly()
+        else:
+            engine.step()
+        micros.append((time.perf_counter() - start) * 1e6)
+    engine.runner.run = real_run
+    engine.abort_all()
+    return statistics.median(micros)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-seqs", type=int, default=256)
+    parser.add_argument("--context", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=200)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = str(write_tiny_model(Path(tmp), "qwen3"))
+        with LLM(model_dir, max_num_seqs=args.num_seqs, kvcache_block_size=256, enforce_eager=True) as llm:
+            engine = llm.engine
+            assert isinstance(engine, LLMEngine)
+            print(f"engine work per decode step, batch {args.num_seqs}, context ~{args.context} (model run stubbed)")
+            for label, stream_text, quiet in (("step()", False, False), ("step(), text", True, False),
+                                              ("generate's step", False, True)):  # fmt: skip
+                print(f"  {label:16s} median {time_steps(engine, args, stream_text, quiet):8.1f} us")
+
+
+if __name__ == "__main__":
+    main()
