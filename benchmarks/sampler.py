@@ -38,7 +38,7 @@ def time_config(name: str, batch_size: int, vocab_size: int, device: torch.devic
     params = SamplingParams(**CONFIGS[name])  # type: ignore[arg-type]
     seqs = []
     for i in range(batch_size):
-        seq = Sequence(i, [(i * 7 + j) % vocab_size for j in range(512)], params)
+        seq = Sequence([(i * 7 + j) % vocab_size for j in range(512)], params)
         seq.token_ids += [(i + j) % vocab_size for j in range(256)]
         seq.num_computed_tokens = seq.num_tokens - 1
         seqs.append(seq)

@@ -46,7 +46,7 @@ def main() -> None:
     scheduler = Scheduler(block_manager, SchedulerLimits(args.num_seqs, 1 << 20, max_model_len), eos_token_ids={0})
     params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=args.steps + 1)
     for i in range(args.num_seqs):
-        scheduler.add(Sequence(i, [(i * 7 + j) % 10000 for j in range(args.context)], params))
+        scheduler.add(Sequence([(i * 7 + j) % 10000 for j in range(args.context)], params))
     while scheduler.waiting:
         batch = scheduler.schedule()
         scheduler.postprocess(batch, samples_for(batch))

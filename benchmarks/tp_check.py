@@ -60,7 +60,7 @@ def top2_logits(model_dir: str, dtype: str, token_ids: list[int]) -> tuple[float
     """TP=1's two largest logits after ``token_ids``."""
     with LLM(model_dir, dtype=dtype, enforce_eager=True, **ARGS) as llm:
         assert llm.engine is not None
-        seq = Sequence(0, token_ids, PARAMS)
+        seq = Sequence(token_ids, PARAMS)
         llm.engine.scheduler.block_manager.allocate(seq)
         seq.num_computed_tokens = 0  # compute every position, cached or not
         batch = ScheduledBatch([seq], [seq.num_tokens], is_prefill=True)

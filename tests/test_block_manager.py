@@ -7,8 +7,8 @@ from nanovllm.sampling_params import SamplingParams
 BLOCK_SIZE = 16
 
 
-def make_seq(token_ids: list[int], request_id: int = 0) -> Sequence:
-    return Sequence(request_id, token_ids, SamplingParams())
+def make_seq(token_ids: list[int]) -> Sequence:
+    return Sequence(token_ids, SamplingParams())
 
 
 def compute_all(manager: BlockManager, seq: Sequence) -> None:
@@ -34,11 +34,11 @@ def test_blocks_register_only_after_compute() -> None:
     manager = BlockManager(num_blocks=8, block_size=BLOCK_SIZE)
     first = make_seq(list(range(40)))
     manager.allocate(first)
-    second = make_seq(list(range(40)), request_id=1)
+    second = make_seq(list(range(40)))
     manager.allocate(second)  # same prompt, but nothing of the first is computed yet
     assert second.num_cached_tokens == 0, second.num_cached_tokens
     compute_all(manager, first)
-    third = make_seq(list(range(40)), request_id=2)
+    third = make_seq(list(range(40)))
     manager.allocate(third)
     assert third.num_cached_tokens == 2 * BLOCK_SIZE, third.num_cached_tokens
     assert third.block_table[:2] == first.block_table[:2], (third.block_table, first.block_table)
@@ -51,7 +51,7 @@ def test_fully_cached_prompt_still_computes_its_last_block() -> None:
     first = make_seq(list(range(2 * BLOCK_SIZE)))
     manager.allocate(first)
     compute_all(manager, first)
-    again = make_seq(list(range(2 * BLOCK_SIZE)), request_id=1)
+    again = make_seq(list(range(2 * BLOCK_SIZE)))
     manager.allocate(again)
     assert again.num_computed_tokens == BLOCK_SIZE < again.num_tokens, again.num_computed_tokens
 
@@ -63,15 +63,15 @@ def test_freed_blocks_stay_cached_until_evicted_lru_first() -> None:
     manager.allocate(old)
     compute_all(manager, old)
     manager.free(old)
-    new = make_seq([2] * (BLOCK_SIZE + 1), request_id=1)
+    new = make_seq([2] * (BLOCK_SIZE + 1))
     manager.allocate(new)
     compute_all(manager, new)
     manager.free(new)
     # Both prefixes are free yet findable. Taking two blocks evicts the old prefix's blocks first.
-    taker = make_seq([3] * (BLOCK_SIZE + 1), request_id=2)
+    taker = make_seq([3] * (BLOCK_SIZE + 1))
     manager.allocate(taker)
-    old_again = make_seq([1] * (BLOCK_SIZE + 1), request_id=3)
-    new_again = make_seq([2] * (BLOCK_SIZE + 1), request_id=4)
+    old_again = make_seq([1] * (BLOCK_SIZE + 1))
+    new_again = make_seq([2] * (BLOCK_SIZE + 1))
     assert manager._find_cached_prefix(old_again)[0] == [], "the least recently freed prefix should be evicted"
     assert len(manager._find_cached_prefix(new_again)[0]) == 1, "the recently freed prefix should survive"
 
@@ -83,10 +83,10 @@ def test_can_allocate_counts_cached_free_blocks_once() -> None:
     manager.allocate(first)
     compute_all(manager, first)
     manager.free(first)
-    same_prefix_longer = make_seq(list(range(2 * BLOCK_SIZE)) + [7] * (BLOCK_SIZE + 1), request_id=1)
+    same_prefix_longer = make_seq(list(range(2 * BLOCK_SIZE)) + [7] * (BLOCK_SIZE + 1))
     # Needs 4 blocks: 2 cached (free) + 2 new, but only 3 exist.
     assert not manager.can_allocate(same_prefix_longer)
-    same_prefix = make_seq(list(range(2 * BLOCK_SIZE)) + [7], request_id=2)
+    same_prefix = make_seq(list(range(2 * BLOCK_SIZE)) + [7])
     assert manager.can_allocate(same_prefix)
     manager.allocate(same_prefix)
     assert same_prefix.num_cached_tokens == 2 * BLOCK_SIZE
@@ -114,7 +114,7 @@ def test_hit_counter_and_disabled_caching() -> None:
         first = make_seq(list(range(BLOCK_SIZE + 4)))
         manager.allocate(first)
         compute_all(manager, first)
-        second = make_seq(list(range(BLOCK_SIZE + 4)), request_id=1)
+        second = make_seq(list(range(BLOCK_SIZE + 4)))
         manager.allocate(second)
         stats = manager.stats
         assert stats.num_hit_tokens == expected_hits, (enabled, stats)

@@ -11,8 +11,8 @@ BLOCK_SIZE = 16
 MAX_BLOCKS = 8
 
 
-def decoding_seq(request_id: int, num_tokens: int, first_block: int) -> Sequence:
-    seq = Sequence(request_id, [request_id] * num_tokens, SamplingParams(temperature=0.1 * request_id))
+def decoding_seq(index: int, num_tokens: int, first_block: int) -> Sequence:
+    seq = Sequence([index] * num_tokens, SamplingParams(temperature=0.1 * index))
     seq.block_table = list(range(first_block, first_block + seq.num_blocks_needed(BLOCK_SIZE)))
     seq.num_computed_tokens = num_tokens - 1
     return seq

@@ -89,7 +89,7 @@ def test_compiled_sampler_full_vocab(config: str) -> None:
     gen = torch.Generator().manual_seed(0)
     # Mixed rows: half use the config, half are temperature-only; seeds make the draws device-independent.
     params = [SamplingParams(temperature=0.7, seed=i, **(SAMPLER_CONFIGS[config] if i % 2 else {})) for i in range(64)]
-    seqs = [Sequence(i, torch.randint(vocab_size, (20,), generator=gen).tolist(), p) for i, p in enumerate(params)]
+    seqs = [Sequence(torch.randint(vocab_size, (20,), generator=gen).tolist(), p) for p in params]
     for seq in seqs:
         seq.num_computed_tokens = seq.num_tokens - 1  # decoding: the last token is the new one
     logits = torch.randn(len(seqs), vocab_size, generator=gen).to(device) * 3
@@ -107,7 +107,7 @@ def prefill_logits(model_dir: Path, backend: str, block_size: int = 16) -> torch
     with LLM(str(model_dir), dtype="bfloat16", attention_backend=backend, enforce_eager=True, **args) as llm:
         assert llm.engine is not None
         runner = llm.engine.runner
-        seqs = [Sequence(i, p, GREEDY) for i, p in enumerate(prompts(6, seed=1))]
+        seqs = [Sequence(p, GREEDY) for p in prompts(6, seed=1)]
         for seq in seqs:
             llm.engine.scheduler.block_manager.allocate(seq)
         batch = ScheduledBatch(seqs, [seq.num_tokens for seq in seqs], is_prefill=True)

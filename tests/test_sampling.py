@@ -30,8 +30,8 @@ def make_batch(params: list[SamplingParams], seed: int = 0, num_outputs: int = 5
     """A decode batch: each sequence has a random prompt and `num_outputs` random output tokens."""
     rng = random.Random(seed)
     seqs = []
-    for i, p in enumerate(params):
-        seq = Sequence(i, [rng.randrange(VOCAB) for _ in range(rng.randint(3, 9))], p)
+    for p in params:
+        seq = Sequence([rng.randrange(VOCAB) for _ in range(rng.randint(3, 9))], p)
         seq.token_ids += [rng.randrange(VOCAB) for _ in range(num_outputs)]
         seq.num_computed_tokens = seq.num_tokens - 1
         seqs.append(seq)
@@ -199,7 +199,7 @@ def test_sampled_frequencies_match_distribution(params: SamplingParams) -> None:
         SamplingParams(**{**params.__dict__, "seed": None if params.seed is None else params.seed + i})
         for i in range(num_draws)
     ]
-    seqs = [Sequence(i, [0], p) for i, p in enumerate(draw_params)]
+    seqs = [Sequence([0], p) for p in draw_params]
     batch = ScheduledBatch(seqs, [1] * num_draws, is_prefill=True)
     b = SamplingMetadataBuilder(max_num_seqs=num_draws, vocab_size=vocab, device=CPU)
     generator = torch.Generator().manual_seed(0)

@@ -17,8 +17,8 @@ def make_scheduler(num_blocks: int = 16, max_num_seqs: int = 8, max_tokens: int 
     return Scheduler(BlockManager(num_blocks, BLOCK_SIZE), limits, eos_token_ids={EOS})
 
 
-def make_seq(request_id: int, num_prompt_tokens: int, max_tokens: int = 4) -> Sequence:
-    return Sequence(request_id, [1 + request_id] * num_prompt_tokens, SamplingParams(max_tokens=max_tokens))
+def make_seq(index: int, num_prompt_tokens: int, max_tokens: int = 4) -> Sequence:
+    return Sequence([1 + index] * num_prompt_tokens, SamplingParams(max_tokens=max_tokens))
 
 
 def run_step(scheduler: Scheduler, token: int = SAMPLED):
@@ -46,7 +46,7 @@ def test_eos_stops_unless_ignored() -> None:
     """Guards against ignoring EOS, and against ignore_eos being ignored."""
     scheduler = make_scheduler()
     stops = make_seq(0, 4)
-    keeps_going = Sequence(1, [3] * 4, SamplingParams(max_tokens=2, ignore_eos=True))
+    keeps_going = Sequence([3] * 4, SamplingParams(max_tokens=2, ignore_eos=True))
     scheduler.add(stops)
     scheduler.add(keeps_going)
     _, finished = run_step(scheduler, token=EOS)

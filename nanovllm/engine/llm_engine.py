@@ -1,6 +1,5 @@
 """The engine loop: tokenize requests, schedule a batch, run the model, record the tokens, repeat."""
 
-import itertools
 import json
 import os
 import time
@@ -84,9 +83,8 @@ class LLMEngine:
         limits = SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
         self.scheduler = Scheduler(block_manager, limits, eos_ids)
         self.requests: dict[str, Request] = {}  # unfinished requests by id
-        self._requests_by_seq: dict[int, Request] = {}  # the same requests by Sequence.request_id
+        self._requests_by_seq: dict[int, Request] = {}  # the same requests by Sequence.seq_id
         self._checked_per_step: set[str] = set()  # ids of requests with text to follow or siblings to queue
-        self._seq_counter = itertools.count()  # numbers sequences, and names requests added without an id
 
     def close(self) -> None:
         """Stop the tensor-parallel workers, if any. Closing twice is harmless."""
@@ -120,7 +118,7 @@ class LLMEngine:
         else:
             raise TypeError(f"a prompt must be a str or a list of int token ids, got {type(prompt).__name__}")
         check_params_for_vocab(params, self.arch.vocab_size)
-        seq = Sequence(next(self._seq_counter), token_ids, params)
+        seq = Sequence(token_ids, params)
         self.scheduler.check_request(seq)
         return seq
 
@@ -134,16 +132,15 @@ class LLMEngine:
         if request_id is not None and request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running; ids must be unique")
         seq = self.make_sequence(prompt, params)
-        request_id = f"req-{seq.request_id}" if request_id is None else request_id
+        request_id = f"req-{seq.seq_id}" if request_id is None else request_id
         self._enqueue(request_id, seq, stream_text)
         return request_id
 
     def _enqueue(self, request_id: str, seq: Sequence, stream_text: bool) -> Request:
-        sibling_ids = [next(self._seq_counter) for _ in range(seq.params.n - 1)]
-        request = Request.build(request_id, seq, sibling_ids, self.tokenizer, stream_text)
+        request = Request.build(request_id, seq, self.tokenizer, stream_text)
         self.requests[request_id] = request
         for sample in request.seqs:
-            self._requests_by_seq[sample.request_id] = request
+            self._requests_by_seq[sample.seq_id] = request
         if len(request.seqs) > 1 or any(text is not None for text in request.texts):
             self._checked_per_step.add(request_id)
         self.scheduler.add(seq)
@@ -153,7 +150,7 @@ class LLMEngine:
         del self.requests[request.request_id]
         self._checked_per_step.discard(request.request_id)
         for seq in request.seqs:
-            del self._requests_by_seq[seq.request_id]
+            del self._requests_by_seq[seq.seq_id]
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request and free its KV blocks now; False if no such request is unfinished."""
@@ -184,7 +181,7 @@ class LLMEngine:
         for seq, num_before in zip(batch.seqs, num_tokens_before, strict=True):
             if len(seq.token_ids) == num_before and not seq.is_finished:
                 continue  # a prompt chunk that is not the last: nothing sampled yet
-            request = self._requests_by_seq[seq.request_id]
+            request = self._requests_by_seq[seq.seq_id]
             outputs.append(self._stream_output(request, seq, num_before))
             if request.num_queued < len(request.seqs):
                 for sibling in request.siblings_to_queue():
@@ -210,7 +207,7 @@ class LLMEngine:
             raise RuntimeError("the scheduler found nothing it could run although requests are pending")
         finished_seqs = self.scheduler.postprocess(batch, self.runner.run(batch))
         for seq in finished_seqs:
-            request = self._requests_by_seq[seq.request_id]
+            request = self._requests_by_seq[seq.seq_id]
             if request.is_finished:  # n = 1 here, so each request finishes once
                 self._forget(request)
         return len(finished_seqs), batch
@@ -249,7 +246,7 @@ class LLMEngine:
     ) -> list[RequestOutput]:
         """Run every prompt to completion; outputs in input order."""
         seqs = self._make_sequences("generate", prompts, sampling_params)
-        requests = [self._enqueue(f"gen-{seq.request_id}", seq, stream_text=False) for seq in seqs]
+        requests = [self._enqueue(f"gen-{seq.seq_id}", seq, stream_text=False) for seq in seqs]
         try:
             self._run_to_completion(sum(seq.params.n for seq in seqs), use_tqdm)
         finally:

@@ -168,7 +168,7 @@ class ModelRunner:
         num_seqs = max(1, min(self.config.max_num_batched_tokens // seq_len, self.config.max_num_seqs))
         blocks_per_seq = (seq_len + self.block_size - 1) // self.block_size
         self._allocate_kv_cache(num_seqs * blocks_per_seq)  # a temporary cache just big enough
-        seqs = [Sequence(-1, [0] * seq_len, SamplingParams()) for _ in range(num_seqs)]
+        seqs = [Sequence([0] * seq_len, SamplingParams()) for _ in range(num_seqs)]
         for i, seq in enumerate(seqs):
             seq.block_table = list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))
         self._run_local(ScheduledBatch(seqs, [seq_len] * num_seqs, is_prefill=True))  # each rank its own

@@ -27,13 +27,12 @@ class Request:
         cls,
         request_id: str,
         first: Sequence,
-        sibling_ids: list[int],
         tokenizer: PreTrainedTokenizerBase | None,
         stream_text: bool,
     ) -> "Request":
-        """``first`` plus n - 1 siblings with the same prompt (their Sequence.request_id from sibling_ids)."""
+        """``first`` plus its n - 1 siblings: new sequences with the same prompt and params."""
         prompt = first.token_ids[: first.num_prompt_tokens]
-        siblings = [Sequence(seq_id, prompt, first.params, i + 1) for i, seq_id in enumerate(sibling_ids)]
+        siblings = [Sequence(prompt, first.params, index) for index in range(1, first.params.n)]
         seqs = [first, *siblings]
         needs_text = tokenizer is not None and (stream_text or bool(first.params.stop_strings))
         texts = [CompletionText(tokenizer, first.params) if needs_text and tokenizer else None for _ in seqs]

@@ -35,12 +35,9 @@ class Sequence:
                                             o1 was just sampled, its K/V comes next step.
     """
 
-    def __init__(
-        self, request_id: int, prompt_token_ids: list[int], params: SamplingParams, sample_index: int = 0
-    ) -> None:
-        self.seq_id = next(_SEQ_IDS)  # unique in this process: keys per-sequence device state and TP workers' copies
+    def __init__(self, prompt_token_ids: list[int], params: SamplingParams, sample_index: int = 0) -> None:
+        self.seq_id = next(_SEQ_IDS)  # unique in this process: keys the engine's requests, device state, TP copies
         self.sample_index = sample_index  # which of the request's n completions this is
-        self.request_id = request_id  # a number no other request of this engine has
         self.token_ids = list(prompt_token_ids)  # prompt followed by generated tokens
         self.num_prompt_tokens = len(prompt_token_ids)  # tokens of the prompt
         self.params = params

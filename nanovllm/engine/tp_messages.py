@@ -108,7 +108,7 @@ class SequenceMirror:
         seqs: list[Sequence] = []
         for item in step.seqs:
             if isinstance(item, NewSequence):
-                seq = Sequence(-1, item.token_ids, item.params)
+                seq = Sequence(item.token_ids, item.params)
                 seq.block_table = list(item.block_table)
                 seq.num_computed_tokens = item.num_computed_tokens
                 self.seqs[item.seq_id] = seq
