@@ -132,14 +132,18 @@ class Scheduler:
     def postprocess(self, batch: ScheduledBatch, samples: StepSamples) -> list[Sequence]:
         """Record what the step computed and sampled; return the sequences that finished."""
         finished: list[Sequence] = []
-        for row, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
+        block_size = self.block_manager.block_size
+        rows = zip(
+            batch.seqs, batch.num_new_tokens, samples.token_ids, samples.sampled_logprobs, samples.top_logprobs,
+            strict=True,
+        )  # fmt: skip
+        for seq, num_new, token_id, logprob, top_logprobs in rows:
             seq.num_computed_tokens += num_new
-            if seq.num_computed_tokens // self.block_manager.block_size > len(seq.block_hashes):
+            if seq.num_computed_tokens // block_size > len(seq.block_hashes):
                 self.block_manager.register_computed(seq)  # a block filled up (checked inline: rarely true)
-            if seq.num_computed_tokens < seq.num_tokens:
+            if seq.num_computed_tokens < len(seq.token_ids):
                 continue  # a prompt chunk that is not the last: its sample is not a real token
-            token_id = samples.token_ids[row]
-            seq.append_token(token_id, samples.sampled_logprobs[row], samples.top_logprobs[row])
+            seq.append_token(token_id, logprob, top_logprobs)
             seq.finish_reason, seq.stop_reason = self._finish_reason(seq, token_id)
             if seq.finish_reason is not None:
                 seq.status = SequenceStatus.FINISHED
@@ -159,7 +163,7 @@ class Scheduler:
             return "stop", token_id
         if not params.ignore_eos and token_id in self.eos_token_ids:
             return "stop", None
-        if seq.num_output_tokens >= params.max_tokens:
+        if len(seq.token_ids) - seq.num_prompt_tokens >= params.max_tokens:  # num_output_tokens, inlined: per row
             return "length", None
         return None, None
 
