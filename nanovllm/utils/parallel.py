@@ -75,8 +75,8 @@ def init_process_group(store: dist.Store, device: torch.device) -> None:
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        # Connect every NCCL channel now rather than at a collective's first use: a later host call then
-        # never waits for a peer, which could be a worker that has died (see engine/tp_worker.py).
+        # Connect every NCCL channel now rather than at a collective's first use, so that a later host
+        # call need not wait to connect to a peer that may have died (see engine/tp_worker.py).
         os.environ.setdefault("NCCL_RUNTIME_CONNECT", "0")
     dist.init_process_group(
         backend,
