@@ -188,7 +188,7 @@ def test_stuck_rank0_exits_with_the_reason() -> None:
     script = (
         "import time, nanovllm.engine.tp_worker as w\n"
         "w.STUCK_EXIT_S = 0.5\n"
-        "w._exit_if_stuck(w._Failure(message='rank 3 exited with code -9'))\n"
+        "w._exit_if_stuck(w._Failure(message='rank 3 exited with code -9', in_step=True))\n"
         "time.sleep(30)\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
@@ -196,15 +196,16 @@ def test_stuck_rank0_exits_with_the_reason() -> None:
     assert "rank 3 exited with code -9" in result.stderr and "exiting the process" in result.stderr
 
 
-def test_settled_failure_is_not_exited() -> None:
-    """Guards against the last resort killing a process that is not stuck: its engine raised, or the abort
-    returned (an idle engine raises at its next step, however late that comes)."""
+def test_rank0_not_stuck_is_not_exited() -> None:
+    """Guards against the last resort killing a process that is not stuck: its engine raised, or it sat
+    between steps (an idle engine raises at its next step, however late that comes)."""
     script = (
         "import nanovllm.engine.tp_worker as w\n"
         "w.STUCK_EXIT_S = 0.5\n"
-        "failure = w._Failure(message='rank 1 exited with code -9')\n"
-        "failure.settled.set()\n"
-        "w._exit_if_stuck(failure)\n"
+        "raised = w._Failure(message='rank 1 exited with code -9', in_step=True)\n"
+        "raised.raised.set()\n"
+        "w._exit_if_stuck(raised)\n"
+        "w._exit_if_stuck(w._Failure(message='rank 1 exited with code -9', in_step=False))\n"
         "print('still here')\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)

@@ -38,7 +38,7 @@ from nanovllm.utils import parallel
 WORKER_START_TIMEOUT_S = 300  # a worker imports torch and nanovllm before it says hello; slow on a busy CPU box
 WORKER_EXIT_GRACE_S = 5.0  # after a failed collective, how long to wait for the worker that caused it to exit
 WORKER_JOIN_TIMEOUT_S = 10.0  # at shutdown, how long a worker gets to leave the group before it is killed
-STUCK_EXIT_S = 30.0  # after a worker died (NCCL), how long the abort may take before the process exits
+STUCK_EXIT_S = 30.0  # after a worker died (NCCL), how long rank 0 may stay in its step before the process exits
 
 
 @dataclass(frozen=True)
@@ -162,6 +162,7 @@ class TensorParallelWorkers:
     @contextmanager
     def failures_explained(self) -> Iterator[None]:
         """Turn a failed collective into an error naming the worker that died, when one did."""
+        self.failure.in_step = True
         try:
             yield
         except Exception as e:
@@ -169,9 +170,11 @@ class TensorParallelWorkers:
             if any(p.exitcode is not None for p in self.processes):
                 raise self._error(f"a collective failed ({type(e).__name__})") from e
             raise
+        finally:
+            self.failure.in_step = False
 
     def _error(self, context: str) -> WorkerDiedError:
-        self.failure.settled.set()
+        self.failure.raised.set()
         dead = [f"rank {r} (pid {p.pid}) exited with code {p.exitcode}" for r, p in self._ranked() if not p.is_alive()]
         what = "; ".join(dead) if dead else context
         return WorkerDiedError(
@@ -190,9 +193,8 @@ class TensorParallelWorkers:
 @dataclass
 class _Failure:
     message: str | None = None  # set by the watchdog when a worker exits while the engine is open
-    # Set once rank 0 raised WorkerDiedError, or the watchdog's abort of the NCCL group returned (then
-    # nothing can hold rank 0, and its next step raises). Unset 30 s after a death: rank 0 is stuck.
-    settled: threading.Event = field(default_factory=threading.Event)
+    raised: threading.Event = field(default_factory=threading.Event)  # rank 0 raised WorkerDiedError
+    in_step: bool = False  # rank 0 is inside a step's forward pass (its collectives), not between steps
 
 
 def _watch(processes: list[BaseProcess], stop: Connection, failure: _Failure, is_nccl: bool) -> None:
@@ -209,16 +211,16 @@ def _watch(processes: list[BaseProcess], stop: Connection, failure: _Failure, is
         # Aborting the communicators makes that pending collective return with an error now.
         threading.Thread(target=_exit_if_stuck, args=(failure,), daemon=True, name="tp-stuck-exit").start()
         dist.distributed_c10d._abort_process_group()
-        failure.settled.set()
 
 
 def _exit_if_stuck(failure: _Failure) -> None:
-    """The last resort when the abort cannot free rank 0: it hangs, as rank 0 does, inside NCCL.
+    """The last resort when the abort cannot free rank 0 from the step it is in (it waits inside NCCL).
 
     Such a process can run nothing more on its GPU, and torch's own NCCL watchdog would end it at the
-    collective timeout; ending it now, with the reason, is better than a silent wait of minutes.
+    collective timeout; ending it now, with the reason, is better than a silent wait of minutes. A rank 0
+    between steps is not stuck: its next step raises, however late that comes.
     """
-    if not failure.settled.wait(STUCK_EXIT_S):
+    if not failure.raised.wait(STUCK_EXIT_S) and failure.in_step:
         sys.stderr.write(
             f"nanovllm: tensor-parallel worker failure: {failure.message}. Rank 0 is stuck in an NCCL call "
             f"that waits for it and could not be freed in {STUCK_EXIT_S:.0f} s; exiting the process. "
