@@ -11,6 +11,7 @@ from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.sampler import (
     Sampler,
+    SamplingTensors,
     apply_min_p,
     apply_penalties,
     apply_token_entries,
@@ -301,3 +302,34 @@ def test_sampling_params_validation() -> None:
         SamplingParams(n=2, temperature=0.0)
     assert SamplingParams(top_k=-1).top_k_or_none is None and SamplingParams(top_k=0).top_k_or_none is None
     assert SamplingParams(stop="x").stop_strings == ("x",)
+
+
+def test_reused_decode_tensors_follow_min_tokens_and_batch_changes() -> None:
+    """Guards against the decode-step reuse of sampling tensors keeping a min_tokens mask after the row
+    reached min_tokens, or serving one batch's tensors to a different batch."""
+    builder = SamplingMetadataBuilder(max_num_seqs=4, vocab_size=VOCAB, device=CPU, eos_token_ids={EOS})
+    held = SamplingParams(temperature=0.5, min_tokens=7)
+    free = SamplingParams(temperature=0.9)
+    seqs = [Sequence([1, 2, 3], held), Sequence([4, 5], free)]
+    for seq in seqs:
+        seq.token_ids += [6] * 5  # 5 outputs: the first row is 2 short of its min_tokens
+        seq.num_computed_tokens = len(seq.token_ids) - 1
+
+    def decode_step() -> tuple[SamplingTensors, ScheduledBatch]:
+        batch = ScheduledBatch(list(seqs), [1] * len(seqs), is_prefill=False)
+        return builder.build(batch), batch
+
+    first, _ = decode_step()
+    assert first.logit_edits is not None and first.logit_edits.rows.tolist() == [0]  # EOS masked on row 0
+    for seq in seqs:
+        seq.token_ids.append(6)
+        seq.num_computed_tokens += 1
+    assert decode_step()[0] is first, "same batch, same masking: the tensors are reused"
+    for seq in seqs:
+        seq.token_ids.append(6)  # 7 outputs: row 0 reached its min_tokens
+        seq.num_computed_tokens += 1
+    released, _ = decode_step()
+    assert released is not first and released.logit_edits is None
+    seqs.reverse()  # another batch (the same sequences in other rows)
+    reordered, _ = decode_step()
+    assert reordered is not released and reordered.temperatures.tolist() == pytest.approx([0.9, 0.5])
