@@ -47,6 +47,20 @@ def test_cuda_graphs_equal_eager(tiny_models: dict[str, Path], dtype: str) -> No
     assert graphs == eager
 
 
+def test_cuda_graphs_equal_eager_under_preemption(tiny_models: dict[str, Path]) -> None:
+    """Guards the graph staging's in-place update for an unchanged batch: a sequence preempted and
+    recomputed (its blocks re-allocated) must not replay with its old block-table row."""
+    tokens, preemptions = {}, {}
+    for eager in (True, False):
+        args = {**ARGS, "num_kvcache_blocks": 24, "max_model_len": 256}  # 384 slots for 16 prompts: preemption
+        with LLM(str(tiny_models["qwen3"]), dtype="float32", enforce_eager=eager, **args) as llm:
+            outputs = llm.generate(prompts(16, seed=5), GREEDY, use_tqdm=False)
+            assert llm.engine is not None
+            tokens[eager], preemptions[eager] = [o.token_ids for o in outputs], llm.engine.scheduler.num_preemptions
+    assert preemptions[False] > 0, "the test needs preemption"
+    assert tokens[False] == tokens[True]
+
+
 def test_rich_sampling_on_gpu_matches_cpu(tiny_models: dict[str, Path]) -> None:
     """Guards against the compiled sampler (CUDA) computing another pipeline than the eager one (CPU), and
     against CUDA graphs or the penalty table breaking seeded draws: seeded noise is a hash of (seed, position,
