@@ -215,7 +215,10 @@ def server_histograms(base_url: str) -> dict[str, dict[float, float]]:
     from prometheus_client.parser import text_string_to_metric_families
 
     histograms: dict[str, dict[float, float]] = {}
-    for family in text_string_to_metric_families(httpx.get(f"{base_url}/metrics", timeout=10).text):
+    response = httpx.get(f"{base_url}/metrics", timeout=10)
+    if response.status_code != 200:
+        return histograms  # a server without Prometheus metrics: only the client's view is reported
+    for family in text_string_to_metric_families(response.text):
         if family.name in SERVER_LATENCIES:
             buckets = {float(s.labels["le"]): s.value for s in family.samples if s.name.endswith("_bucket")}
             histograms[family.name] = buckets
