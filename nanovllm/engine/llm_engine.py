@@ -169,10 +169,14 @@ class LLMEngine:
         """Run one batch; one output per request that got tokens or finished in it."""
         return self._step()[0]
 
-    def _step(self) -> tuple[list[StreamOutput], ScheduledBatch]:
+    def _schedule(self) -> ScheduledBatch:
         batch = self.scheduler.schedule()
         if not batch.seqs:
             raise RuntimeError("the scheduler found nothing it could run although requests are pending")
+        return batch
+
+    def _step(self) -> tuple[list[StreamOutput], ScheduledBatch]:
+        batch = self._schedule()
         num_tokens_before = [len(seq.token_ids) for seq in batch.seqs]
         sampled = self.runner.run(batch)
         self.scheduler.postprocess(batch, sampled)
@@ -202,9 +206,7 @@ class LLMEngine:
         if self._checked_per_step:
             outputs, batch = self._step()
             return sum(output.finished for output in outputs), batch
-        batch = self.scheduler.schedule()
-        if not batch.seqs:
-            raise RuntimeError("the scheduler found nothing it could run although requests are pending")
+        batch = self._schedule()
         finished_seqs = self.scheduler.postprocess(batch, self.runner.run(batch))
         for seq in finished_seqs:
             request = self._requests_by_seq[seq.seq_id]
