@@ -105,11 +105,6 @@ class Scheduler:
         seqs: list[Sequence] = []
         max_batch = min(self.limits.max_num_seqs, self.limits.max_num_batched_tokens)
         block_size = self.block_manager.block_size
-        if len(self.running) <= max_batch and all(
-            len(seq.block_table) * block_size >= len(seq.token_ids) for seq in self.running
-        ):  # every newest token already has a slot (most steps): all run, in order, nothing to allocate
-            seqs = list(self.running)
-            return ScheduledBatch(seqs, [1] * len(seqs), is_prefill=False)
         while self.running and len(seqs) < max_batch:
             seq = self.running.popleft()
             if len(seq.block_table) * block_size >= len(seq.token_ids):
