@@ -1,10 +1,12 @@
 """Host time per decode step without a model or GPU (python benchmarks/scheduler_host.py).
 
-Fills a scheduler with --num-seqs sequences of --context prompt tokens, prefills them on paper (a
-fixed sampled token, nothing run), then times --steps decode steps at batch --num-seqs: schedule(),
-staging the inputs into the CUDA-graph lanes (host buffers, not pinned), building the sampling
-tensors (on the CPU) and postprocess(), and prints the medians in microseconds. The GPU
-counterpart, with the model run, is benchmarks/host_overhead.py.
+Fills a scheduler with --num-seqs sequences of about --context prompt tokens (lengths spread over
+--spread tokens, so that, as in bench.py, some sequence begins a new KV block on most steps; 0 gives
+every sequence the same length), prefills them on paper (a fixed sampled token, nothing run), then
+times --steps decode steps at batch --num-seqs: schedule(), staging the inputs into the CUDA-graph
+lanes (host buffers, not pinned), building the sampling tensors (on the CPU) and postprocess(), and
+prints the medians in microseconds. The GPU counterpart, with the model run, is
+benchmarks/host_overhead.py.
 """
 
 import argparse
@@ -39,14 +41,16 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--block-size", type=int, default=256)
+    parser.add_argument("--spread", type=int, default=256, help="prompt lengths span this many tokens (default 256)")
     args = parser.parse_args()
-    blocks_per_seq = (args.context + args.steps) // args.block_size + 2
+    blocks_per_seq = (args.context + args.spread + args.steps) // args.block_size + 2
     block_manager = BlockManager(args.num_seqs * blocks_per_seq, args.block_size)
-    max_model_len = args.context + args.steps + 1
+    max_model_len = args.context + args.spread + args.steps + 1
     scheduler = Scheduler(block_manager, SchedulerLimits(args.num_seqs, 1 << 20, max_model_len), eos_token_ids={0})
     params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=args.steps + 1)
     for i in range(args.num_seqs):
-        scheduler.add(Sequence([(i * 7 + j) % 10000 for j in range(args.context)], params))
+        num_prompt_tokens = args.context + i * args.spread // args.num_seqs
+        scheduler.add(Sequence([(i * 7 + j) % 10000 for j in range(num_prompt_tokens)], params))
     while scheduler.waiting:
         batch = scheduler.schedule()
         scheduler.postprocess(batch, samples_for(batch))
