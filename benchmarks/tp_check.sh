@@ -8,6 +8,7 @@ export PYTHONUNBUFFERED=1
 export NCCL_NVLS_ENABLE=0  # no NVLink multicast (NVLS): it needs fabric support that shared machines may lack
 out=${OUT:-/tmp/nanovllm-tp-check}
 mode=${1:-check}
+case "$mode" in check|bench) ;; *) echo "usage: bash benchmarks/tp_check.sh check | bench [SHAPE ...]" >&2; exit 2 ;; esac
 mkdir -p "$out"
 num_gpus=$(nvidia-smi --query-gpu=name --format=csv,noheader | wc -l)
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
