@@ -81,7 +81,9 @@ class Sampler(nn.Module):
     """Greedy rows take the argmax; the others draw from softmax(transformed logits / temperature).
 
     The draw is the exponential race (equivalent to Gumbel-max): with E_i ~ Exp(1) drawn
-    independently, argmax_i p_i / E_i is distributed as p. One pass, no cumulative sums.
+    independently, argmax_i p_i / E_i is distributed as p. No cumulative sums, and no softmax
+    either: p_i = exp(s_i) / Z for the scaled logits s, and log is increasing, so
+    argmax_i p_i / E_i = argmax_i (s_i - log E_i), one pass over the logits.
     """
 
     def __init__(self, compile_ops: bool = False) -> None:
@@ -117,9 +119,13 @@ def sample(logits: torch.Tensor, temperatures: torch.Tensor, noise: torch.Tensor
     logits = logits.float()
     greedy_ids = logits.argmax(dim=-1)
     scaled = logits / temperatures.clamp_min(MIN_TEMPERATURE).unsqueeze(1)
-    probs = torch.softmax(scaled, dim=-1)  # [B, vocab_size]
-    sampled_ids = (probs / noise).argmax(dim=-1)
+    sampled_ids = race_winners(scaled, noise)
     return torch.where(temperatures == 0, greedy_ids, sampled_ids)
+
+
+def race_winners(scaled_logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """argmax(softmax(scaled_logits) / noise) per row, as argmax(scaled_logits - log(noise)): no softmax pass."""
+    return (scaled_logits - noise.log()).argmax(dim=-1)  # [B]
 
 
 def sample_transformed(logits: torch.Tensor, t: SamplingTensors, noise: torch.Tensor) -> torch.Tensor:
@@ -135,7 +141,7 @@ def sample_transformed(logits: torch.Tensor, t: SamplingTensors, noise: torch.Te
         logits = apply_min_p(logits, t.min_ps)
     if t.use_top_k_top_p:
         logits = apply_top_k_top_p(logits, t.top_ks, t.top_ps, t.max_top_k)
-    sampled_ids = (torch.softmax(logits, dim=-1) / noise).argmax(dim=-1)  # [B]
+    sampled_ids = race_winners(logits, noise)  # [B]
     return torch.where(t.temperatures == 0, greedy_ids, sampled_ids)
 
 
