@@ -5,9 +5,10 @@ from torch import nn
 
 from nanovllm.kernels.backends import Kernels
 from nanovllm.layers.attention import Attention
-from nanovllm.layers.layernorm import RMSNorm
+from nanovllm.layers.compile import maybe_compile
+from nanovllm.layers.layernorm import RMSNorm, rms_norm
 from nanovllm.layers.linear import QKVParallelLinear, RowParallelLinear
-from nanovllm.layers.rotary import RotaryEmbedding
+from nanovllm.layers.rotary import RotaryEmbedding, apply_rotary
 from nanovllm.models.arch import ModelArch
 
 
@@ -24,6 +25,7 @@ class SelfAttentionBlock(nn.Module):
         self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, compile_ops) if qk_norm else None
         self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, compile_ops) if qk_norm else None
         self.rotary = RotaryEmbedding(arch.head_dim, arch.max_position_embeddings, arch.rope, compile_ops)
+        self._norm_and_rotate = maybe_compile(norm_and_rotate, compile_ops)
         scale = arch.head_dim**-0.5
         self.attn = Attention(self.num_heads, self.num_kv_heads, arch.head_dim, scale, kernels.attention)
 
@@ -35,7 +37,29 @@ class SelfAttentionBlock(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [N, num_kv_heads, head_dim]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(positions, q, k)
+            q, k = self._norm_and_rotate(
+                positions, q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, self.rotary.cos,
+                self.rotary.sin,
+            )  # fmt: skip
+        else:
+            q, k = self.rotary(positions, q, k)
         out = self.attn(q, k, v)  # [N, num_heads, head_dim]
         return self.o_proj(out.flatten(1, 2))  # [N, hidden_size]
+
+
+def norm_and_rotate(
+    positions: torch.Tensor,  # [N]
+    query: torch.Tensor,  # [N, num_heads, head_dim]
+    key: torch.Tensor,  # [N, num_kv_heads, head_dim]
+    q_weight: torch.Tensor,  # [head_dim]
+    k_weight: torch.Tensor,  # [head_dim]
+    eps: float,
+    cos_table: torch.Tensor,  # [max_position, head_dim / 2]
+    sin_table: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-head RMSNorm of queries and keys, then rotary: what q_norm, k_norm and rotary do one after another.
+
+    Compiled as one function, Inductor makes one kernel of the norm and rotation of each tensor:
+    four small kernels per layer become two, and a decode step runs them in every layer.
+    """
+    return apply_rotary(positions, rms_norm(query, q_weight, eps), rms_norm(key, k_weight, eps), cos_table, sin_table)
