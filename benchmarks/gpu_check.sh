@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One GPU-machine session: correctness checks first, then timings. Logs go to $OUT when it is set.
-# Usage: bash benchmarks/gpu_check.sh quick|full|serving
+# Usage: bash benchmarks/gpu_check.sh quick|full|serving|breakdown
 #   quick    GPU tests, kernels, a short bench
+#   breakdown  bench.py, then its time per decode step against the floor, then the same with a GPU profile
 #   full     GPU tests, kernels, bench.py temperature-only and with top-k/top-p/repetition penalty, host overhead
 #   serving  the sampler alone, then the server under 64 concurrent streams (needs the serve extra installed;
 #            fastapi 0.120 with starlette 0.48 where the image has no opentelemetry, which fastapi 0.165 imports)
@@ -19,6 +20,12 @@ if [ "$mode" = serving ]; then
     timeout 300 python3 benchmarks/serve_load.py --dummy-shape qwen3-0.6b --num-requests 512 --concurrency 64 \
       --prompt-len 128 --max-tokens 128 --processes "$processes" 2>&1 | tee "$out/serve_load_p$processes.log" | tail -8
   done
+  exit 0
+fi
+if [ "$mode" = breakdown ]; then
+  timeout 150 python3 bench.py 2>&1 | tee "$out/bench.log" | tail -1
+  timeout 150 python3 benchmarks/step_breakdown.py 2>&1 | tee "$out/breakdown.log" | tail -12
+  timeout 200 python3 benchmarks/step_breakdown.py --profile 2>&1 | tee "$out/breakdown_profile.log" | tail -45
   exit 0
 fi
 timeout 300 python3 -m pytest -q tests/test_triton_kernels.py tests/test_gpu.py 2>&1 | tee "$out/pytest.log" | tail -15

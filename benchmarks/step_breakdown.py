@@ -1,46 +1,79 @@
 """Where bench.py's time goes: wall time of every engine step, summed by kind and batch size.
 
-    python benchmarks/step_breakdown.py
+    python benchmarks/step_breakdown.py [--profile]
 
 Runs bench.py's GPU workload (Qwen3-0.6B shape, random weights) step by step and prints the
 total time of prefill steps and of decode steps grouped by batch size, with step counts.
+Each decode group is set against its floor: every step must read the weights once and the
+K/V of every cached token, at the copy rate measured here. ``--profile`` also records the GPU
+kernels of the whole run and prints their total time by kernel, and the GPU's idle share.
 """
 
+import argparse
 import os
 import sys
 import time
 from collections import defaultdict
 
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import GPU_WORKLOAD, build_dummy_llm, make_workload  # noqa: E402
+from benchmarks.kernels import copy_bandwidth_gbps  # noqa: E402
 from nanovllm.engine.llm_engine import LLMEngine  # noqa: E402
 
 DECODE_GROUPS = (1, 16, 64, 128, 192, 256, 512)  # upper bounds of the batch-size groups reported
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--profile", action="store_true", help="also print GPU time by kernel (slows the host)")
+    args = parser.parse_args()
     llm = build_dummy_llm("qwen3-0.6b")
     engine = llm.engine
     assert isinstance(engine, LLMEngine)
+    runner = engine.runner
     llm.generate([[1, 2, 3]], use_tqdm=False)
+    copy_gbps = copy_bandwidth_gbps(1 << 30, "cuda")
+    weight_bytes = sum(p.numel() * p.element_size() for p in runner.model.parameters())
+    kv_bytes_per_token = runner.block_bytes // runner.block_size
+    print(f"copy {copy_gbps:.0f} GB/s, weights {weight_bytes / 1e9:.2f} GB, KV {kv_bytes_per_token} B/token")
     prompts, params = make_workload(GPU_WORKLOAD["num_seqs"], 100, 1024, 1024)
     for prompt, sp in zip(prompts, params, strict=True):
         engine.scheduler.add(engine.make_sequence(prompt, sp))
-    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0, 0.0])  # seconds, steps, floor seconds
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) if args.profile else None
+    if profiler is not None:
+        profiler.start()
     start = time.perf_counter()
     while engine.scheduler.has_unfinished():
         t0 = time.perf_counter()
         batch = engine.scheduler.schedule()
-        engine.scheduler.postprocess(batch, engine.runner.run(batch))
+        engine.scheduler.postprocess(batch, runner.run(batch))
+        elapsed = time.perf_counter() - t0
         group = next(g for g in DECODE_GROUPS if len(batch.seqs) <= g)
         key = "prefill" if batch.is_prefill else f"decode B<={group}"
-        totals[key][0] += time.perf_counter() - t0
+        floor = 0.0
+        if not batch.is_prefill:  # the tokens cached before the step, plus the new one
+            cached_tokens = sum(seq.num_tokens - 1 for seq in batch.seqs)
+            floor = (weight_bytes + cached_tokens * kv_bytes_per_token) / (copy_gbps * 1e9)
+        totals[key][0] += elapsed
         totals[key][1] += 1
-    print(f"total {time.perf_counter() - start:.2f} s, preemptions {engine.scheduler.num_preemptions}, "
-          f"KV blocks {engine.runner.num_kvcache_blocks}")  # fmt: skip
-    for key, (seconds, steps) in sorted(totals.items()):
-        print(f"  {key:16s} {seconds:7.2f} s in {steps:5d} steps = {1e3 * seconds / steps:7.2f} ms/step")
+        totals[key][2] += floor
+    wall = time.perf_counter() - start
+    print(f"total {wall:.2f} s, preemptions {engine.scheduler.num_preemptions}, KV blocks {runner.num_kvcache_blocks}")
+    for key, (seconds, steps, floor) in sorted(totals.items()):
+        versus = f"  floor {1e3 * floor / steps:6.2f} ms/step ({100 * floor / seconds:3.0f}%)" if floor else ""
+        print(f"  {key:16s} {seconds:7.2f} s in {steps:5d} steps = {1e3 * seconds / steps:7.2f} ms/step{versus}")
+    decode_floor = sum(floor for _, _, floor in totals.values())
+    print(f"  decode floor in all {decode_floor:.2f} s")
+    if profiler is not None:
+        profiler.stop()
+        events = profiler.key_averages()
+        gpu_us = sum(e.self_device_time_total for e in events)
+        print(f"GPU kernel time {gpu_us / 1e6:.2f} s of {wall:.2f} s wall (profiled run; the host is slower)")
+        print(events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70))
     llm.close()
 
 
