@@ -72,6 +72,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--backend", default="auto", help="attention_backend: auto, torch, triton, flash_attn")
     parser.add_argument("--max-model-len", type=int, default=4096)
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    parser.add_argument("--no-async-scheduling", action="store_true", help="run each step before scheduling the next")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--top-p", type=float, default=1.0, help="top_p of every request (default 1.0 = off)")
     parser.add_argument("--top-k", type=int, default=0, help="top_k of every request (default 0 = off)")
@@ -116,6 +117,7 @@ def main() -> None:
     engine_args = dict(
         max_model_len=args.max_model_len,
         enforce_eager=args.enforce_eager,
+        async_scheduling=not args.no_async_scheduling,
         attention_backend=args.backend,
         tensor_parallel_size=args.tensor_parallel_size,
     )

@@ -52,7 +52,7 @@ def time_config(name: str, batch_size: int, vocab_size: int, device: torch.devic
         start = time.perf_counter()
         output = sampler(logits, builder.build(batch), generator)
         builder.record(output)
-        builder.to_host(output, seqs)  # synchronizes
+        builder.to_host(output).wait(seqs)  # synchronizes
         if i >= 3:
             times.append((time.perf_counter() - start) * 1e3)
         for seq, token_id in zip(seqs, output.token_ids.tolist(), strict=True):

@@ -30,6 +30,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9  # share of GPU memory the engine may use, KV cache included
     tensor_parallel_size: int = 1  # processes (GPUs) the model is split over
     enforce_eager: bool = False  # True turns CUDA graphs off
+    async_scheduling: bool = True  # generate() schedules each step while the device runs the one before
     kvcache_block_size: int = 256  # tokens per KV-cache block: a power of two, >= 16
     num_kvcache_blocks: int | None = None  # KV-cache blocks; None = as many as memory allows
     enable_prefix_caching: bool = True  # reuse the KV blocks of prompts' shared prefixes

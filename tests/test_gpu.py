@@ -61,6 +61,21 @@ def test_cuda_graphs_equal_eager_under_preemption(tiny_models: dict[str, Path]) 
     assert tokens[False] == tokens[True]
 
 
+def test_scheduling_ahead_equals_in_turn_with_graphs(tiny_models: dict[str, Path]) -> None:
+    """Guards the device-side feed of pending tokens into the decode graphs (feed_rows, last_sampled), the
+    pinned staging buffers refilled while the previous step may still copy from them, and rows wasted on
+    sequences that a stop token ended."""
+    batch = prompts(20, seed=9)
+    with LLM(str(tiny_models["qwen3"]), dtype="float32", async_scheduling=False, **ARGS) as llm:
+        plain = llm.generate(batch, GREEDY, use_tqdm=False)
+        stops = [SamplingParams(temperature=0.0, max_tokens=24, stop_token_ids=[o.token_ids[5]]) for o in plain]
+        expected = [(o.token_ids, o.finish_reason) for o in llm.generate(batch, stops, use_tqdm=False)]
+    assert sum(reason == "stop" for _, reason in expected) >= 5, "the test needs rows ended by stop tokens"
+    with LLM(str(tiny_models["qwen3"]), dtype="float32", async_scheduling=True, **ARGS) as llm:
+        assert [o.token_ids for o in llm.generate(batch, GREEDY, use_tqdm=False)] == [o.token_ids for o in plain]
+        assert [(o.token_ids, o.finish_reason) for o in llm.generate(batch, stops, use_tqdm=False)] == expected
+
+
 def test_rich_sampling_on_gpu_matches_cpu(tiny_models: dict[str, Path]) -> None:
     """Guards against the compiled sampler (CUDA) computing another pipeline than the eager one (CPU), and
     against CUDA graphs or the penalty table breaking seeded draws: seeded noise is a hash of (seed, position,

@@ -7,6 +7,10 @@ from pinned host buffers with one copy each (nothing is allocated per step). A b
 sequences runs the graph of the smallest bucket >= B; the padded lanes B.. get slot -1 (the
 KV store skips them) and context length 0 (attention returns zeros for them).
 
+A lane's input token comes from the host, or, when its ``feed_rows`` entry r is >= 0, from row
+r of the runner's ``last_sampled``: the previous step's samples, still on the device when the
+engine launches a step before the previous one has reached the host.
+
     bucket 8, batch 5:   lanes 0-4 real | lanes 5-7 padding (slot -1, context 0)
 """
 
@@ -34,9 +38,16 @@ def graph_buckets(max_num_seqs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(
-        self, model: LlamaForCausalLM, max_num_seqs: int, max_model_len: int, block_size: int, hidden_size: int
+        self,
+        model: LlamaForCausalLM,
+        max_num_seqs: int,
+        max_model_len: int,
+        block_size: int,
+        hidden_size: int,
+        last_sampled: torch.Tensor,  # [max_num_seqs] int64, the previous step's samples (see feed_rows)
     ) -> None:
         self.model = model
+        self.last_sampled = last_sampled
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.buckets = graph_buckets(max_num_seqs)
@@ -48,6 +59,9 @@ class DecodeGraphs:
         self.cu_seqlens_q = torch.arange(max_num_seqs + 1, dtype=torch.int32, device=device)  # one query each
         self.hidden_states = torch.zeros(max_num_seqs, hidden_size, dtype=dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # Recorded after each step's copies out of the pinned buffers: the next step must not refill them
+        # before those copies ran, which is not implied when the engine launches steps ahead of the GPU.
+        self.inputs_copied = torch.cuda.Event()
 
     def _metadata(self, batch_size: int) -> AttentionMetadata:
         s = self.static
@@ -62,8 +76,11 @@ class DecodeGraphs:
         )
 
     def _forward(self, batch_size: int) -> None:
+        feed_rows = self.static["feed_rows"][:batch_size]
+        fed = self.last_sampled[feed_rows.clamp(min=0)]
+        input_ids = torch.where(feed_rows >= 0, fed, self.static["input_ids"][:batch_size])
         with attention_context(self._metadata(batch_size)):
-            out = self.model(self.static["input_ids"][:batch_size], self.static["positions"][:batch_size])
+            out = self.model(input_ids, self.static["positions"][:batch_size])
         self.hidden_states[:batch_size] = out
 
     @torch.inference_mode()
@@ -83,13 +100,15 @@ class DecodeGraphs:
     def can_run(self, batch_size: int) -> bool:
         return bool(self.graphs) and batch_size <= self.buckets[-1]
 
-    def run(self, batch: ScheduledBatch) -> torch.Tensor:
+    def run(self, batch: ScheduledBatch, feed_rows: np.ndarray | None = None) -> torch.Tensor:
         """Replay the decode graph for this batch: its hidden states [B, hidden_size]."""
         num_seqs = len(batch.seqs)
         bucket = next(b for b in self.buckets if b >= num_seqs)
-        self.staging.stage(batch, bucket)
+        self.inputs_copied.synchronize()
+        self.staging.stage(batch, bucket, feed_rows)
         for name, host in self.staging.host.items():
             self.static[name][:bucket].copy_(host[:bucket], non_blocking=True)
+        self.inputs_copied.record()
         self.graphs[bucket].replay()
         return self.hidden_states[:num_seqs]
 
@@ -101,6 +120,7 @@ class DecodeStaging:
         self.block_size = block_size
         shapes = {
             "input_ids": ((max_num_seqs,), torch.int64),  # the last sampled token of each sequence
+            "feed_rows": ((max_num_seqs,), torch.int64),  # -1, or the row of last_sampled that holds it
             "positions": ((max_num_seqs,), torch.int64),
             "slot_mapping": ((max_num_seqs,), torch.int64),
             "context_lens": ((max_num_seqs,), torch.int32),
@@ -111,7 +131,7 @@ class DecodeStaging:
         self.lane_keys: list[tuple[int, int, int] | None] = [None] * max_num_seqs  # what each block-table row holds
         self.last_seqs: list[Sequence] = []  # the sequences staged last step, lane by lane
 
-    def stage(self, batch: ScheduledBatch, bucket: int) -> None:
+    def stage(self, batch: ScheduledBatch, bucket: int, feed_rows: np.ndarray | None = None) -> None:
         """Fill the pinned host buffers: each sequence computes its last token, at position num_tokens - 1.
 
         One list comprehension per field and whole-array numpy arithmetic, not per-element writes:
@@ -122,7 +142,8 @@ class DecodeStaging:
         seqs = batch.seqs
         num_seqs = len(seqs)
         h = self.arrays
-        h["input_ids"][:num_seqs] = [seq.token_ids[-1] for seq in seqs]
+        h["input_ids"][:num_seqs] = [seq.token_ids[-1] for seq in seqs]  # PENDING_TOKEN where fed
+        h["feed_rows"][:num_seqs] = -1 if feed_rows is None else feed_rows
         # `==` on lists of Sequences compares identities, in C. The same sequences as last time, with no
         # other step in between (forget() is called after every step run without this staging), are
         # one token further, with their block tables only appended to.
@@ -141,6 +162,7 @@ class DecodeStaging:
         block_ids = h["block_tables"][np.arange(num_seqs), positions // self.block_size]  # [B]
         h["slot_mapping"][:num_seqs] = block_ids.astype(np.int64) * self.block_size + positions % self.block_size
         h["slot_mapping"][num_seqs:bucket] = -1  # padded lanes: nothing stored
+        h["feed_rows"][num_seqs:bucket] = -1
         h["context_lens"][num_seqs:bucket] = 0  # padded lanes: nothing attended
 
     def _one_token_further(self, seqs: list[Sequence]) -> bool:

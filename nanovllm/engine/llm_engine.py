@@ -14,7 +14,7 @@ from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager, PrefixCacheStats
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.request import Request
-from nanovllm.engine.sampling_metadata import check_params_for_vocab
+from nanovllm.engine.sampling_metadata import HostSamples, check_params_for_vocab
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler, SchedulerLimits
 from nanovllm.engine.sequence import Sequence
 from nanovllm.models.arch import ModelArch, load_model_arch
@@ -207,12 +207,29 @@ class LLMEngine:
             outputs, batch = self._step()
             return sum(output.finished for output in outputs), batch
         batch = self._schedule()
-        finished_seqs = self.scheduler.postprocess(batch, self.runner.run(batch))
+        return self._forget_finished(self.scheduler.postprocess(batch, self.runner.run(batch))), batch
+
+    def _forget_finished(self, finished_seqs: list[Sequence]) -> int:
+        """Forget the requests of sequences that finished (n = 1: each request finishes once); returns how many."""
         for seq in finished_seqs:
             request = self._requests_by_seq[seq.seq_id]
-            if request.is_finished:  # n = 1 here, so each request finishes once
+            if request.is_finished:
                 self._forget(request)
-        return len(finished_seqs), batch
+        return len(finished_seqs)
+
+    def _can_schedule_ahead(self) -> bool:
+        """Whether generate() may launch each step before the previous one's tokens reach the host.
+
+        Not under tensor parallelism (the workers take each step's tokens from rank 0's messages),
+        nor when a request follows its text or queues siblings (per-row work after every step), nor
+        with penalties (the penalty table rebuilds a row from its tokens on the host).
+        """
+        return (
+            self.config.async_scheduling
+            and self.runner.workers is None
+            and not self._checked_per_step
+            and not any(seq.params.has_penalties for request in self.requests.values() for seq in request.seqs)
+        )
 
     def _stream_output(self, request: Request, seq: Sequence, num_tokens_before: int) -> StreamOutput:
         """Detokenize the new tokens, end the completion if they complete a stop string, and report them."""
@@ -312,9 +329,41 @@ class LLMEngine:
     def _run_to_completion(self, num_requests: int, use_tqdm: bool) -> None:
         with tqdm(total=num_requests, desc="Generating", dynamic_ncols=True, disable=not use_tqdm) as bar:
             rates = {"prefill": 0.0, "decode": 0.0}
-            while self.requests:
-                start = time.perf_counter()
-                num_finished, batch = self._step_quietly()
-                rates["prefill" if batch.is_prefill else "decode"] = batch.num_tokens / (time.perf_counter() - start)
+            steps = self._steps_ahead() if self._can_schedule_ahead() else self._steps_in_turn()
+            start = time.perf_counter()
+            for num_finished, batch in steps:
+                now = time.perf_counter()
+                rates["prefill" if batch.is_prefill else "decode"] = batch.num_tokens / (now - start)
+                start = now
                 bar.set_postfix({f"{k} tok/s": f"{v:,.0f}" for k, v in rates.items()}, refresh=False)
                 bar.update(num_finished)
+
+    def _steps_in_turn(self) -> Iterator[tuple[int, ScheduledBatch]]:
+        """(sequences finished, batch) per step, each step run to its end before the next is scheduled."""
+        while self.requests:
+            yield self._step_quietly()
+
+    def _steps_ahead(self) -> Iterator[tuple[int, ScheduledBatch]]:
+        """The same steps with the host one step ahead of the device: step N+1 is scheduled and launched
+        while step N runs, so the device does not wait for the host's bookkeeping between steps.
+
+            host:    schedule N+1 | launch N+1 | wait for N, record its tokens | advance N+1 | schedule N+2
+            device:  ...... step N ...........| step N+1 .........................................
+
+        Step N+1's sequences hold a PENDING_TOKEN for the token step N samples; the device reads that
+        token from step N's samples (ModelRunner.launch). A sequence that step N ends with a stop token
+        has a wasted row in step N+1, skipped when it is recorded. Yields (sequences finished, batch N).
+        """
+        in_flight: tuple[ScheduledBatch, list[int], HostSamples] | None = None  # batch, rows with a token, samples
+        while self.requests:
+            batch = self.scheduler.schedule()
+            launched = self.runner.launch(batch, in_flight[0] if in_flight else None) if batch.seqs else None
+            if in_flight is not None:
+                landed, rows, samples = in_flight
+                finished = self.scheduler.record_samples(landed, rows, samples.wait(landed.seqs))
+                yield self._forget_finished(finished), landed
+            elif launched is None:
+                raise RuntimeError("the scheduler found nothing it could run although requests are pending")
+            in_flight = None if launched is None else (batch, self.scheduler.advance(batch), launched)
+        if in_flight is not None:  # only rows wasted on sequences that had ended: let the device finish them
+            in_flight[2].wait(in_flight[0].seqs)

@@ -6,18 +6,20 @@ Rank 0's runner also starts and drives the other ranks (engine/tp_worker.py); th
 each batch from rank 0's messages and sample nothing.
 """
 
+import dataclasses
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from nanovllm.config import EngineConfig, check_tensor_parallel_split
 from nanovllm.engine.cuda_graphs import DecodeGraphs
 from nanovllm.engine.model_inputs import ModelInputs, build_model_inputs
-from nanovllm.engine.sampling_metadata import SamplingMetadataBuilder, StepSamples
+from nanovllm.engine.sampling_metadata import HostSamples, SamplingMetadataBuilder
 from nanovllm.engine.scheduler import ScheduledBatch
-from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.sequence import Sequence, StepSamples
 from nanovllm.engine.tp_worker import TensorParallelWorkers
 from nanovllm.kernels.backends import Kernels, select_attention_backend
 from nanovllm.layers.attention import Attention
@@ -119,14 +121,18 @@ class ModelRunner:
         self.sampler = Sampler(self.kernels.compile_ops)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.sampling = SamplingMetadataBuilder(config.max_num_seqs, arch.vocab_size, self.device, eos_token_ids)
+        # The last step's sampled tokens, row by row, for a step launched before they reach the host (launch()).
+        self.last_sampled = torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device)
+        self._all_rows = np.arange(config.max_num_seqs, dtype=np.int64)
         self.num_kvcache_blocks = self._min_across_ranks(self._plan_num_blocks())
         self._check_num_blocks(self.num_kvcache_blocks)
         self._allocate_kv_cache(self.num_kvcache_blocks)
         if self.device.type == "cuda" and not config.enforce_eager and attention.is_graph_capturable:
             # Every rank captures its own graphs (their collectives included) and replays them in lockstep.
             self.decode_graphs = DecodeGraphs(
-                self.model, config.max_num_seqs, self.max_model_len, self.block_size, arch.hidden_size
-            )
+                self.model, config.max_num_seqs, self.max_model_len, self.block_size, arch.hidden_size,
+                self.last_sampled,
+            )  # fmt: skip
             self.decode_graphs.capture()
 
     @property
@@ -171,7 +177,8 @@ class ModelRunner:
         seqs = [Sequence([0] * seq_len, SamplingParams()) for _ in range(num_seqs)]
         for i, seq in enumerate(seqs):
             seq.block_table = list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq))
-        self._run_local(ScheduledBatch(seqs, [seq_len] * num_seqs, is_prefill=True))  # each rank its own
+        batch = ScheduledBatch(seqs, [seq_len] * num_seqs, is_prefill=True)
+        self._launch_local(batch, None).wait(seqs)  # each rank its own
         torch.cuda.synchronize()
         temp_cache_bytes = num_seqs * blocks_per_seq * self.block_bytes
         self._allocate_kv_cache(0)
@@ -194,30 +201,56 @@ class ModelRunner:
     def run(self, batch: ScheduledBatch) -> StepSamples:
         """One step on every rank; rank 0 returns what was sampled for every sequence, workers nothing."""
         if self.workers is None:
-            return self._run_local(batch)
+            return self._launch_local(batch, None).wait(batch.seqs)
         self.workers.send_step(batch)  # the workers run this same step on their shards meanwhile
         with self.workers.failures_explained():
-            return self._run_local(batch)
+            return self._launch_local(batch, None).wait(batch.seqs)
+
+    def launch(self, batch: ScheduledBatch, in_flight: ScheduledBatch | None) -> HostSamples:
+        """Queue one step and return before it has run (one rank only); ``.wait(batch.seqs)`` gives its samples.
+
+        ``in_flight`` is the step launched before this one, if its samples have not been recorded yet:
+        each of its sequences that is in ``batch`` has a PENDING_TOKEN as its newest token, and this
+        step reads that token on the device, from the earlier step's samples.
+        """
+        if self.workers is not None:
+            raise RuntimeError("launch() drives a single rank; with tensor parallelism use run()")
+        return self._launch_local(batch, in_flight)
 
     @torch.inference_mode()
-    def _run_local(self, batch: ScheduledBatch) -> StepSamples:
-        """This rank's forward pass over the batch, then (rank 0 only) sampling."""
+    def _launch_local(self, batch: ScheduledBatch, in_flight: ScheduledBatch | None) -> HostSamples:
+        """This rank's forward pass over the batch, then (rank 0 only) sampling, all queued on the device."""
+        feed_rows = None if in_flight is None or batch.is_prefill else self._feed_rows(batch, in_flight)
         graphs = self.decode_graphs
         if graphs is not None and not batch.is_prefill and graphs.can_run(len(batch.seqs)):
-            logits = self.model.compute_logits(graphs.run(batch))  # [B, vocab_size]
+            logits = self.model.compute_logits(graphs.run(batch, feed_rows))  # [B, vocab_size]
         else:
             if graphs is not None:
                 graphs.staging.forget()  # sequences may have been preempted and recomputed in this step
-            logits = self._forward(build_model_inputs(batch, self.block_size, self.device))  # [B, vocab_size]
+            inputs = build_model_inputs(batch, self.block_size, self.device)
+            if feed_rows is not None:  # a decode step: one input token per row
+                rows = torch.from_numpy(feed_rows).to(self.device, non_blocking=True)
+                fed = self.last_sampled[rows.clamp(min=0)]
+                inputs = dataclasses.replace(inputs, input_ids=torch.where(rows >= 0, fed, inputs.input_ids))
+            logits = self._forward(inputs)  # [B, vocab_size]
         if self.rank != 0:
-            return StepSamples([], [], [])  # rank 0 alone samples
+            return HostSamples(None)  # rank 0 alone samples
         return self._sample(batch, logits)
 
-    def _sample(self, batch: ScheduledBatch, logits: torch.Tensor) -> StepSamples:
+    def _feed_rows(self, batch: ScheduledBatch, in_flight: ScheduledBatch) -> np.ndarray:
+        """Row of each sequence in the in-flight step (its newest token is that row's sample), else -1."""
+        seqs = batch.seqs
+        if seqs == in_flight.seqs:  # identities, compared in C: the same batch one token further, most steps
+            return self._all_rows[: len(seqs)]
+        row_of = {id(seq): row for row, seq in enumerate(in_flight.seqs)}
+        return np.array([row_of.get(id(seq), -1) for seq in seqs], dtype=np.int64)
+
+    def _sample(self, batch: ScheduledBatch, logits: torch.Tensor) -> HostSamples:
         """The one place that samples: the logits pipeline, then the penalty table counts the new tokens."""
         output = self.sampler(logits, self.sampling.build(batch), self.generator)
         self.sampling.record(output)
-        return self.sampling.to_host(output, batch.seqs)
+        self.last_sampled[: output.token_ids.numel()].copy_(output.token_ids)  # what the next step may feed on
+        return self.sampling.to_host(output)
 
     def _forward(self, inputs: ModelInputs) -> torch.Tensor:
         with attention_context(inputs.attention):

@@ -245,14 +245,43 @@ class SamplingMetadataBuilder:
         pin = self.device.type == "cuda"
         return torch.tensor(values, dtype=dtype, pin_memory=pin).to(self.device, non_blocking=True)
 
-    def to_host(self, output: SamplerOutput, seqs: list[Sequence]) -> StepSamples:
-        """Bring the samples to the host: token ids always, logprobs only for rows that asked."""
-        token_ids = output.token_ids.tolist()
+    def to_host(self, output: SamplerOutput) -> "HostSamples":
+        """Start copying the samples to the host: token ids always, logprobs when some row asked. No sync."""
+        return HostSamples(output)
+
+
+class HostSamples:
+    """One step's samples on their way to the host; wait() blocks until they are there.
+
+    On CUDA the copies go into pinned memory behind an event, so the host can schedule the next
+    step while this one finishes; elsewhere they are plain synchronous copies.
+    """
+
+    def __init__(self, output: SamplerOutput | None) -> None:
+        self._tensors: list[torch.Tensor] = []  # token ids, then sampled, top logprobs and top ids when asked
+        self._ready: torch.cuda.Event | None = None
+        if output is None:  # a tensor-parallel worker: rank 0 samples
+            return
+        on_cuda = output.token_ids.is_cuda
+        for tensor in (output.token_ids, output.sampled_logprobs, output.top_logprobs, output.top_token_ids):
+            if tensor is not None:
+                host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=on_cuda)
+                self._tensors.append(host.copy_(tensor, non_blocking=on_cuda))
+        if on_cuda:
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def wait(self, seqs: list[Sequence]) -> StepSamples:
+        """The samples as lists, one entry per row of ``seqs`` (the batch they were sampled for)."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        if not self._tensors:
+            return StepSamples([], [], [])
+        token_ids = self._tensors[0].tolist()
         num_rows = len(token_ids)
-        if output.sampled_logprobs is None or output.top_logprobs is None or output.top_token_ids is None:
+        if len(self._tensors) == 1:
             return StepSamples(token_ids, [None] * num_rows, [None] * num_rows)
-        sampled = output.sampled_logprobs.tolist()
-        top_values, top_ids = output.top_logprobs.tolist(), output.top_token_ids.tolist()
+        sampled, top_values, top_ids = (t.tolist() for t in self._tensors[1:])
         sampled_out: list[float | None] = []
         top_out: list[dict[int, float] | None] = []
         for row, seq in enumerate(seqs):

@@ -11,7 +11,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from nanovllm.engine.block_manager import BlockManager
-from nanovllm.engine.sequence import Sequence, SequenceStatus, StepSamples
+from nanovllm.engine.sequence import PENDING_TOKEN, Sequence, SequenceStatus, StepSamples
 
 
 @dataclass(frozen=True)
@@ -131,27 +131,67 @@ class Scheduler:
 
     def postprocess(self, batch: ScheduledBatch, samples: StepSamples) -> list[Sequence]:
         """Record what the step computed and sampled; return the sequences that finished."""
-        finished: list[Sequence] = []
+        return self.record_samples(batch, self.advance(batch), samples)
+
+    def advance(self, batch: ScheduledBatch) -> list[int]:
+        """Account for a launched step before its samples arrive; returns the rows that sample a real token.
+
+        Each such row gets a PENDING_TOKEN as its newest token, so the next step can be scheduled while
+        this one runs on the GPU. A sequence that thereby reaches max_tokens is done: it leaves the running
+        queue and frees its blocks now, and record_samples() gives its finish reason.
+        """
+        rows: list[int] = []
         block_size = self.block_manager.block_size
-        rows = zip(
-            batch.seqs, batch.num_new_tokens, samples.token_ids, samples.sampled_logprobs, samples.top_logprobs,
-            strict=True,
-        )  # fmt: skip
-        for seq, num_new, token_id, logprob, top_logprobs in rows:
+        finished = SequenceStatus.FINISHED  # a local: this loop runs for every row of every step
+        any_done = False
+        for row, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
+            if seq.status is finished:
+                continue  # a stop token ended it while this step was in flight: its row is wasted
             seq.num_computed_tokens += num_new
             if seq.num_computed_tokens // block_size > len(seq.block_hashes):
                 self.block_manager.register_computed(seq)  # a block filled up (checked inline: rarely true)
             if seq.num_computed_tokens < len(seq.token_ids):
                 continue  # a prompt chunk that is not the last: its sample is not a real token
-            seq.append_token(token_id, logprob, top_logprobs)
-            seq.finish_reason, seq.stop_reason = self._finish_reason(seq, token_id)
-            if seq.finish_reason is not None:
-                seq.status = SequenceStatus.FINISHED
-                self.block_manager.free(seq)
-                finished.append(seq)
-        if finished:
+            seq.token_ids.append(PENDING_TOKEN)
+            rows.append(row)
+            if len(seq.token_ids) - seq.num_prompt_tokens >= seq.params.max_tokens:  # num_output_tokens, inlined
+                self._end(seq)
+                any_done = True
+        if any_done:
             self.running = deque(seq for seq in self.running if not seq.is_finished)
+        return rows
+
+    def record_samples(self, batch: ScheduledBatch, rows: list[int], samples: StepSamples) -> list[Sequence]:
+        """Put the sampled tokens of ``rows`` (from advance()) in place of their PENDING_TOKENs; return the
+        sequences that finished, by a stop token or by length."""
+        finished: list[Sequence] = []
+        seqs, token_ids, logprobs = batch.seqs, samples.token_ids, samples.sampled_logprobs
+        eos_token_ids, is_finished = self.eos_token_ids, SequenceStatus.FINISHED
+        any_stopped = False
+        for row in rows:
+            seq, token_id = seqs[row], token_ids[row]
+            seq.token_ids[-1] = token_id
+            if logprobs[row] is not None:
+                seq.record_logprobs(logprobs[row], samples.top_logprobs[row])
+            # Most rows neither end by length (advance() ended those) nor sampled a stop token: checked inline.
+            if seq.status is not is_finished and not seq.params.stop_token_ids and token_id not in eos_token_ids:
+                continue
+            finish_reason, stop_reason = self._finish_reason(seq, token_id)
+            if finish_reason is None:
+                continue
+            if not seq.is_finished:  # a stop token: advance() could not know, so it is still queued
+                self._end(seq)
+                any_stopped = True
+            seq.finish_reason, seq.stop_reason = finish_reason, stop_reason
+            finished.append(seq)
+        if any_stopped:  # also from waiting: a step scheduled meanwhile may have preempted it
+            self.running = deque(seq for seq in self.running if not seq.is_finished)
+            self.waiting = deque(seq for seq in self.waiting if not seq.is_finished)
         return finished
+
+    def _end(self, seq: Sequence) -> None:
+        seq.status = SequenceStatus.FINISHED
+        self.block_manager.free(seq)
 
     def _finish_reason(self, seq: Sequence, token_id: int) -> tuple[str | None, int | None]:
         """(finish_reason, stop_reason): EOS stops with stop_reason None, a stop_token_ids entry names itself.

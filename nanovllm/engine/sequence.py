@@ -7,6 +7,9 @@ from enum import Enum, auto
 from nanovllm.sampling_params import SamplingParams
 
 _SEQ_IDS = itertools.count()  # a process-wide unique id per Sequence, for per-sequence device state
+# Stands in for a token that was sampled on the GPU but has not reached the host yet: when the engine
+# schedules a step ahead of the GPU, each running sequence holds at most one, always its last token.
+PENDING_TOKEN = -1
 
 
 @dataclass(frozen=True)
@@ -70,8 +73,8 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
 
-    def append_token(self, token_id: int, logprob: float | None, top_logprobs: dict[int, float] | None) -> None:
-        self.token_ids.append(token_id)
+    def record_logprobs(self, logprob: float | None, top_logprobs: dict[int, float] | None) -> None:
+        """Add the newest token's logprobs (when they were asked for)."""
         if logprob is not None and top_logprobs is not None:
             self.cumulative_logprob += logprob
             self.output_logprobs.append(top_logprobs)

@@ -1,0 +1,94 @@
+"""generate() with the host one step ahead of the device (async_scheduling) against steps run in turn."""
+
+from pathlib import Path
+
+import pytest
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.outputs import RequestOutput
+from tests.test_engine import BASE_ARGS, random_prompts
+
+CASES = {
+    "plain": dict(num_kvcache_blocks=256),
+    "preemption": dict(num_kvcache_blocks=6, max_model_len=64),
+    "chunked prefill": dict(num_kvcache_blocks=64, max_num_batched_tokens=13, max_num_seqs=4),
+}
+
+
+def outputs_of(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> list[tuple]:
+    outs: list[RequestOutput] = llm.generate(prompts, params, use_tqdm=False)
+    return [(o.token_ids, o.finish_reason, o.outputs[0].stop_reason, o.outputs[0].logprobs) for o in outs]
+
+
+def mixed_params(stop_tokens: list[int]) -> list[SamplingParams]:
+    """Greedy rows that end on a stop token mid-run, seeded sampling, logprobs, and lengths 1 to 24."""
+    params = []
+    for i, stop in enumerate(stop_tokens):
+        if i % 3 == 0:
+            params.append(SamplingParams(temperature=0.0, max_tokens=24, stop_token_ids=[stop]))
+        elif i % 3 == 1:
+            params.append(SamplingParams(temperature=0.9, seed=i, max_tokens=1 + 5 * i % 24, logprobs=2))
+        else:
+            params.append(SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=1))
+    return params
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_scheduling_ahead_gives_the_same_outputs(tiny_models: dict[str, Path], case: str) -> None:
+    """Guards the pending-token bookkeeping: a step launched before the previous one's tokens are on the host
+    must read those tokens on the device, waste (and not record) the row of a sequence that a stop token
+    ended meanwhile, and leave every KV block free at the end."""
+    model_dir = str(tiny_models["qwen3"])
+    args = {**BASE_ARGS, **CASES[case]}
+    max_len = 30 if case == "preemption" else 60
+    prompts = random_prompts(9, 5, max_len, seed=11)
+    with LLM(model_dir, async_scheduling=False, **args) as llm:
+        plain = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=24), use_tqdm=False)
+        stop_tokens = [out.token_ids[3] for out in plain]  # each greedy row stops by its 4th token at the latest
+        expected = outputs_of(llm, prompts, mixed_params(stop_tokens))
+    assert sum(stop == "stop" for _, stop, _, _ in expected) >= 3, "the test needs rows ended by stop tokens"
+    with LLM(model_dir, async_scheduling=True, **args) as llm:
+        engine = llm.engine
+        assert engine is not None
+        launches_ahead = 0
+        launch = engine.runner.launch
+
+        def counting_launch(batch, in_flight):  # type: ignore[no-untyped-def]
+            nonlocal launches_ahead
+            launches_ahead += in_flight is not None
+            return launch(batch, in_flight)
+
+        engine.runner.launch = counting_launch  # type: ignore[method-assign]
+        got = outputs_of(llm, prompts, mixed_params(stop_tokens))
+        block_manager = engine.scheduler.block_manager
+        assert block_manager.num_free_blocks == block_manager.num_blocks
+        if case == "preemption":
+            assert engine.scheduler.num_preemptions > 0, "the test must preempt"
+    assert launches_ahead > 10, "generate() did not schedule ahead"
+    # Logprobs to float32 rounding: a wasted row changes the batch size, and with it the matmuls' blocking.
+    assert [out[:3] for out in got] == [out[:3] for out in expected]
+    for (*_, got_logprobs), (*_, expected_logprobs) in zip(got, expected, strict=True):
+        for got_top, expected_top in zip(got_logprobs or [], expected_logprobs or [], strict=True):
+            assert got_top.keys() == expected_top.keys()
+            assert all(abs(got_top[t] - expected_top[t]) < 1e-4 for t in got_top)
+
+
+@pytest.mark.parametrize(
+    "params, ahead",
+    [
+        (SamplingParams(max_tokens=4), True),
+        (SamplingParams(repetition_penalty=1.3, max_tokens=4), False),  # the penalty table reads host tokens
+        (SamplingParams(stop=["xyz"], max_tokens=4), False),  # the text is checked after every step
+        (SamplingParams(n=2, max_tokens=4), False),  # siblings are queued after the first step
+    ],
+)
+def test_schedules_ahead_only_when_the_host_can_wait(
+    tiny_models: dict[str, Path], params: SamplingParams, ahead: bool
+) -> None:
+    """Guards against scheduling ahead where the host needs each step's tokens before the next step."""
+    for enabled in (True, False):
+        with LLM(str(tiny_models["qwen3"]), num_kvcache_blocks=64, async_scheduling=enabled, **BASE_ARGS) as llm:
+            engine = llm.engine
+            assert engine is not None
+            engine.add_request([1, 2, 3], params, stream_text=False)
+            assert engine._can_schedule_ahead() == (ahead and enabled)
