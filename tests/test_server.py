@@ -320,12 +320,16 @@ def test_models_health_and_metrics(server: Server) -> None:
         "nanovllm:prompt_tokens_total",
         "nanovllm:generation_tokens_total",
         "nanovllm:time_to_first_token_seconds_count",
+        "nanovllm:engine_time_to_first_token_seconds_count",
         "nanovllm:inter_token_latency_seconds_count",
         "nanovllm:e2e_request_latency_seconds_count",
     ):
         assert name in metrics, (name, sorted(metrics))
     assert metrics["nanovllm:generation_tokens_total"] >= 3 and metrics["nanovllm:prompt_tokens_total"] > 0, metrics
     assert metrics["nanovllm:time_to_first_token_seconds_count"] >= 1, metrics
+    # The engine thread's view of first tokens: every request that got one, seen when the step produced it.
+    assert metrics["nanovllm:engine_time_to_first_token_seconds_count"] >= 1, metrics
+    assert metrics["nanovllm:engine_time_to_first_token_seconds_sum"] > 0, metrics
 
 
 def test_sse_event_is_one_line_for_line_splitting_clients() -> None:

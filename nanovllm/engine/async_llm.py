@@ -14,6 +14,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ class _Add:
     stream: "RequestStream"  # where the requests' outputs go
     prompts: list[Prompt]  # one per request, aligned with stream.request_ids
     params: list[SamplingParams]  # one per request
+    submitted_s: float  # time.perf_counter() when the event loop queued the command
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,11 @@ class AsyncLLM:
         self._live_ids: set[str] = set()  # engine-thread side: requests added and not yet finished
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stats = engine.stats()  # snapshot published by the engine thread after each step
+        # Called from the engine thread with the seconds from add_requests() to a request's first token, as
+        # the engine thread sees it; the server's histogram of it, set against its own time to first token,
+        # tells the engine's share of that latency from the event loop's.
+        self.first_token_observers: list[Callable[[float], None]] = []
+        self._submitted_s: dict[str, float] = {}  # engine-thread side: requests with no token yet -> submit time
         self._thread = threading.Thread(target=self._run, name="nanovllm-engine", daemon=True)
         self._thread.start()
 
@@ -136,7 +143,7 @@ class AsyncLLM:
         stream = RequestStream(self, [f"{prefix}-{idx}" for idx in range(len(prompts))])
         for request_id in stream.request_ids:
             self._streams[request_id] = stream
-        self._inbox.put(_Add(stream, list(prompts), list(params)))
+        self._inbox.put(_Add(stream, list(prompts), list(params), time.perf_counter()))
         try:
             await stream.accepted
         except (ValueError, TypeError):
@@ -235,6 +242,7 @@ class AsyncLLM:
                 if self.engine.abort_request(request_id):
                     self.num_aborted_requests += 1
                 self._live_ids.discard(request_id)
+                self._submitted_s.pop(request_id, None)
             return
         added: list[str] = []
         try:
@@ -249,6 +257,7 @@ class AsyncLLM:
             self._call_in_loop(self._settle, command.stream, e)
             return
         self._live_ids.update(added)
+        self._submitted_s.update(dict.fromkeys(added, command.submitted_s))
         self._call_in_loop(self._settle, command.stream, None)
 
     def _step(self) -> None:
@@ -258,7 +267,12 @@ class AsyncLLM:
             logger.exception("an engine step failed; aborting its requests")
             self._abort_live(EngineError(f"the engine step failed ({type(e).__name__}: {e}); the request was aborted"))
             return
+        now_s = time.perf_counter()
         for out in outputs:
+            submitted_s = self._submitted_s.pop(out.request_id, None) if out.new_token_ids or out.finished else None
+            if submitted_s is not None:
+                for observe in self.first_token_observers:
+                    observe(now_s - submitted_s)
             if out.finished:
                 self._live_ids.discard(out.request_id)
         self._call_in_loop(self._deliver, outputs)
@@ -269,4 +283,5 @@ class AsyncLLM:
             if self.engine.abort_request(request_id):
                 self.num_aborted_requests += 1
         self._live_ids.clear()
+        self._submitted_s.clear()
         self._call_in_loop(self._fail, request_ids, error)
