@@ -27,6 +27,7 @@ def check_lanes(staging: DecodeStaging, seqs: list[Sequence], bucket: int) -> No
         assert got == (seq.token_ids[-1], pos, pos + 1, slot), (lane, got)
         assert list(h["block_tables"][lane, : len(seq.block_table)]) == seq.block_table, lane
     assert all(h["slot_mapping"][len(seqs) : bucket] == -1) and all(h["context_lens"][len(seqs) : bucket] == 0)
+    assert all(h["input_ids"][len(seqs) : bucket] == 0)  # a valid token for the embedding, not PENDING_TOKEN
 
 
 def test_stage_matches_per_sequence_rule_across_steps() -> None:

@@ -163,6 +163,7 @@ class DecodeStaging:
         h["slot_mapping"][:num_seqs] = block_ids.astype(np.int64) * self.block_size + positions % self.block_size
         h["slot_mapping"][num_seqs:bucket] = -1  # padded lanes: nothing stored
         h["feed_rows"][num_seqs:bucket] = -1
+        h["input_ids"][num_seqs:bucket] = 0  # padded lanes still embed a token: never a stale PENDING_TOKEN
         h["context_lens"][num_seqs:bucket] = 0  # padded lanes: nothing attended
 
     def _one_token_further(self, seqs: list[Sequence]) -> bool:
