@@ -46,16 +46,22 @@ def test_triton_needs_cuda_or_interpreter(monkeypatch: pytest.MonkeyPatch) -> No
         resolve_backend_name("triton", "cpu", 16, False)
 
 
-def test_triton_backend_matches_torch_in_the_engine(tiny_models: dict[str, Path]) -> None:
+@pytest.mark.parametrize("arch", ["qwen3", "llama"])  # Triton's norm + rotary kernel with and without q/k norm
+def test_triton_backend_matches_torch_in_the_engine(tiny_models: dict[str, Path], arch: str) -> None:
     """Guards against wiring mistakes between the engine and the Triton kernels (prefill, prefix hits, decode)."""
     args = dict(device="cpu", dtype="float32", kvcache_block_size=16, num_kvcache_blocks=32, max_model_len=128)
     prompts = [[7] * 20 + [3, 4], [7] * 20 + [5], [9, 8, 7]]  # the second finds the first's block cached
-    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
-    results = {}
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, logprobs=3)
+    results, logprobs = {}, {}
     for backend in ("torch", "triton"):
-        with LLM(str(tiny_models["qwen3"]), attention_backend=backend, **args) as llm:
+        with LLM(str(tiny_models[arch]), attention_backend=backend, **args) as llm:
             first = llm.generate(prompts[:1], params, use_tqdm=False)
             rest = llm.generate(prompts[1:], params, use_tqdm=False)
             results[backend] = [out.token_ids for out in first + rest]
+            logprobs[backend] = [
+                value for out in first + rest for top in out.outputs[0].logprobs for value in top.values()
+            ]
             assert llm.prefix_cache_stats().num_hit_tokens == 16
     assert results["triton"] == results["torch"]
+    # Logprobs too: a small error (say, q and k norm weights swapped) can leave greedy tokens unchanged.
+    assert max(abs(a - b) for a, b in zip(logprobs["triton"], logprobs["torch"], strict=True)) < 1e-4

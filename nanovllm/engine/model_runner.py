@@ -110,7 +110,9 @@ class ModelRunner:
         config, arch = self.config, self.arch
         # The hardware choices, made once: attention kernels, and torch.compile for the small ops on CUDA.
         attention = select_attention_backend(config.attention_backend, self.device, self.block_size)
-        self.kernels = Kernels(attention=attention, compile_ops=self.device.type == "cuda")
+        # Where Triton runs the attention, it also runs the queries' and keys' norm and rotary.
+        on_cuda = self.device.type == "cuda"
+        self.kernels = Kernels(attention, compile_ops=on_cuda, triton_rotary=attention.name != "torch")
         with _default_dtype(self.dtype), self.device:
             self.model = build_model(arch, self.kernels)
         if config.load_format == "dummy":

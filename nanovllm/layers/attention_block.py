@@ -26,6 +26,12 @@ class SelfAttentionBlock(nn.Module):
         self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, compile_ops) if qk_norm else None
         self.rotary = RotaryEmbedding(arch.head_dim, arch.max_position_embeddings, arch.rope, compile_ops)
         self._norm_and_rotate = maybe_compile(norm_and_rotate, compile_ops)
+        self._triton_norm_rotary = None
+        head_dim = arch.head_dim
+        if kernels.triton_rotary and head_dim & (head_dim - 1) == 0:  # the kernel splits heads in power-of-two halves
+            from nanovllm.kernels.triton_rotary import norm_rotary_triton  # imports Triton: only when chosen
+
+            self._triton_norm_rotary = norm_rotary_triton
         scale = arch.head_dim**-0.5
         self.attn = Attention(self.num_heads, self.num_kv_heads, arch.head_dim, scale, kernels.attention)
 
@@ -36,7 +42,12 @@ class SelfAttentionBlock(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)  # [N, num_heads, head_dim]
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # [N, num_kv_heads, head_dim]
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
+        if self._triton_norm_rotary is not None:
+            q_weight = None if self.q_norm is None else self.q_norm.weight
+            k_weight = None if self.k_norm is None else self.k_norm.weight
+            eps = 0.0 if self.q_norm is None else self.q_norm.eps
+            q, k = self._triton_norm_rotary(positions, q, k, q_weight, k_weight, eps, self.rotary.cos, self.rotary.sin)
+        elif self.q_norm is not None and self.k_norm is not None:
             q, k = self._norm_and_rotate(
                 positions, q, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, self.rotary.cos,
                 self.rotary.sin,
