@@ -4,7 +4,7 @@ import pytest
 
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.scheduler import Scheduler, SchedulerLimits
-from nanovllm.engine.sequence import Sequence, SequenceStatus, StepSamples
+from nanovllm.engine.sequence import PENDING_TOKEN, Sequence, SequenceStatus, StepSamples
 from nanovllm.sampling_params import SamplingParams
 
 BLOCK_SIZE = 16
@@ -108,3 +108,34 @@ def test_impossible_requests_are_refused(num_prompt_tokens: int, max_tokens: int
     with pytest.raises(ValueError, match=message):
         scheduler.add(make_seq(0, num_prompt_tokens, max_tokens=max_tokens))
     assert not scheduler.has_unfinished()
+
+
+def samples_of(tokens: list[int]) -> StepSamples:
+    return StepSamples(tokens, [None] * len(tokens), [None] * len(tokens))
+
+
+def test_step_ahead_with_a_stop_token_and_a_preemption_in_flight() -> None:
+    """Guards the two-phase bookkeeping of async scheduling: step N+1 is scheduled after advance(N) and
+    before record_samples(N). A sequence preempted by that schedule while its token was pending, then
+    ended by that token, must leave the waiting queue; a sequence ended by a stop token must not be
+    advanced again in step N+1 (its wasted row); every block must come back."""
+    scheduler = make_scheduler(num_blocks=3)  # 48 slots: two 16-token prompts fill two blocks
+    first, second = make_seq(0, 16, max_tokens=8), make_seq(1, 16, max_tokens=8)
+    scheduler.add(first)
+    scheduler.add(second)
+    prefill = scheduler.schedule()
+    rows = scheduler.advance(prefill)  # both prompts done: each holds a PENDING_TOKEN at position 16
+    assert rows == [0, 1] and first.token_ids[-1] == second.token_ids[-1] == PENDING_TOKEN
+    decode = scheduler.schedule()  # each needs a block for position 16: one is free, so `second` is preempted
+    assert decode.seqs == [first] and second.status is SequenceStatus.WAITING and scheduler.num_preemptions == 1
+    finished = scheduler.record_samples(prefill, rows, samples_of([SAMPLED, EOS]))  # second sampled EOS
+    assert finished == [second] and second.finish_reason == "stop" and second.token_ids[-1] == EOS
+    assert not scheduler.waiting and list(scheduler.running) == [first]
+    # `first` samples EOS in the decode step; the step after it was scheduled meanwhile, with a wasted row.
+    decode_rows = scheduler.advance(decode)
+    ahead = scheduler.schedule()
+    assert ahead.seqs == [first]
+    finished = scheduler.record_samples(decode, decode_rows, samples_of([EOS]))
+    assert finished == [first] and first.num_output_tokens == 2
+    assert scheduler.advance(ahead) == [] and first.num_output_tokens == 2  # the wasted row records nothing
+    assert not scheduler.has_unfinished() and scheduler.block_manager.num_free_blocks == 3
