@@ -8,6 +8,8 @@ step into outputs. Three loops of --steps decode steps each, medians in microsec
     step()             one StreamOutput per row, no text (LLM.stream without a tokenizer, the server's loop)
     step(), text       the same with incremental detokenization of every row (stream_text=True)
     generate's step    _step_quietly(): only finished rows get attention
+    generate ahead     one turn of _steps_ahead() (async scheduling): schedule, launch, record the
+                       previous step's tokens, advance; on a GPU this is what overlaps the device's step
 
 Scheduler-level parts (and graph staging, sampling tensors) alone: benchmarks/scheduler_host.py.
 """
@@ -36,6 +38,40 @@ SAMPLED_TOKEN_ID = 5  # what every stubbed step samples; not an EOS id of the ti
 def stubbed_run(batch: ScheduledBatch) -> StepSamples:
     num_rows = len(batch.seqs)
     return StepSamples([SAMPLED_TOKEN_ID] * num_rows, [None] * num_rows, [None] * num_rows)
+
+
+class StubbedSamples:
+    """What the stubbed launch returns: the step's samples, ready at once."""
+
+    def __init__(self, num_rows: int) -> None:
+        self.num_rows = num_rows
+
+    def wait(self, seqs: list) -> StepSamples:
+        return StepSamples([SAMPLED_TOKEN_ID] * self.num_rows, [None] * self.num_rows, [None] * self.num_rows)
+
+
+def stubbed_launch(batch: ScheduledBatch, in_flight: ScheduledBatch | None) -> StubbedSamples:
+    return StubbedSamples(len(batch.seqs))
+
+
+def time_steps_ahead(engine: LLMEngine, args: argparse.Namespace) -> float:
+    """Median microseconds of one turn of generate()'s loop with async scheduling, at batch --num-seqs."""
+    params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=args.steps + 8)
+    for i in range(args.num_seqs):
+        engine.add_request([(i * 7 + j) % 300 for j in range(args.context)], params, stream_text=False)
+    while engine.scheduler.waiting:  # prefill with the real model
+        engine.step()
+    real_launch, engine.runner.launch = engine.runner.launch, stubbed_launch  # type: ignore[method-assign,assignment]
+    turns = engine._steps_ahead()
+    micros = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        next(turns)
+        micros.append((time.perf_counter() - start) * 1e6)
+    turns.close()
+    engine.runner.launch = real_launch  # type: ignore[method-assign]
+    engine.abort_all()
+    return statistics.median(micros)
 
 
 def time_steps(engine: LLMEngine, args: argparse.Namespace, stream_text: bool, quiet: bool) -> float:
@@ -74,6 +110,7 @@ def main() -> None:
             for label, stream_text, quiet in (("step()", False, False), ("step(), text", True, False),
                                               ("generate's step", False, True)):  # fmt: skip
                 print(f"  {label:16s} median {time_steps(engine, args, stream_text, quiet):8.1f} us")
+            print(f"  {'generate ahead':16s} median {time_steps_ahead(engine, args):8.1f} us")
 
 
 if __name__ == "__main__":
