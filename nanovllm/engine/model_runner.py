@@ -7,6 +7,7 @@ each batch from rank 0's messages and sample nothing.
 """
 
 import dataclasses
+import gc
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 
@@ -94,6 +95,7 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype, arch)
         self.workers: TensorParallelWorkers | None = None  # ranks 1..N-1, held by rank 0
         self.decode_graphs: DecodeGraphs | None = None  # captured once the KV cache exists
+        self._memory_plan = ""  # how the KV cache was sized from free GPU memory, for error messages
         if rank == 0:
             require_no_tensor_parallel_engine()
             check_tensor_parallel_split(config.tensor_parallel_size, arch)
@@ -165,11 +167,12 @@ class ModelRunner:
             raise ValueError(
                 f"the KV cache holds {num_blocks} blocks x {self.block_size} tokens, less than one sequence of "
                 f"max_model_len={self.max_model_len}; lower max_model_len, or raise num_kvcache_blocks / "
-                "gpu_memory_utilization"
+                f"gpu_memory_utilization{self._memory_plan}"
             )
 
     def _profile_gpu_num_blocks(self) -> int:
         """Run the largest prefill the scheduler may send, then give the KV cache what memory is left."""
+        gc.collect()  # an engine closed earlier in this process may still hold the GPU through a reference cycle
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         seq_len = min(self.max_model_len, self.config.max_num_batched_tokens)
@@ -190,6 +193,12 @@ class ModelRunner:
         used_elsewhere = (total - free) - stats["allocated_bytes.all.current"]
         peak = stats["allocated_bytes.all.peak"] - temp_cache_bytes
         budget = total * self.config.gpu_memory_utilization - used_elsewhere - peak
+        gib = 1 << 30
+        self._memory_plan = (
+            f" (of {total / gib:.1f} GiB x gpu_memory_utilization={self.config.gpu_memory_utilization}, "
+            f"{used_elsewhere / gib:.1f} GiB were held outside this engine's tensors, its largest step peaked at "
+            f"{peak / gib:.1f} GiB, {max(0.0, budget) / gib:.1f} GiB were left for the KV cache)"
+        )
         return max(0, int(budget) // self.block_bytes)
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
