@@ -25,13 +25,15 @@ class SelfAttentionBlock(nn.Module):
         self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, compile_ops) if qk_norm else None
         self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, compile_ops) if qk_norm else None
         self.rotary = RotaryEmbedding(arch.head_dim, arch.max_position_embeddings, arch.rope, compile_ops)
-        self._norm_and_rotate = maybe_compile(norm_and_rotate, compile_ops)
+        # Norm and rotary of q and k: one Triton kernel where Triton runs the attention (it splits each head
+        # in power-of-two halves), else one compiled function for Qwen3's q/k norm + rotary, else rotary alone.
         self._triton_norm_rotary = None
         head_dim = arch.head_dim
-        if kernels.triton_rotary and head_dim & (head_dim - 1) == 0:  # the kernel splits heads in power-of-two halves
+        if kernels.triton_rotary and head_dim & (head_dim - 1) == 0:
             from nanovllm.kernels.triton_rotary import norm_rotary_triton  # imports Triton: only when chosen
 
             self._triton_norm_rotary = norm_rotary_triton
+        self._norm_and_rotate = maybe_compile(norm_and_rotate, compile_ops)
         scale = arch.head_dim**-0.5
         self.attn = Attention(self.num_heads, self.num_kv_heads, arch.head_dim, scale, kernels.attention)
 
