@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from nanovllm.engine.scheduler import ScheduledBatch
@@ -21,25 +22,28 @@ def build_model_inputs(batch: ScheduledBatch, block_size: int, device: torch.dev
     """Sequence b computes positions [start_b, end_b): start_b = its num_computed_tokens, end_b = start_b + new.
 
     Position p of a sequence lives in cache slot  block_table[p // block_size] * block_size + p % block_size.
+    Positions and slots are numpy arithmetic over the whole flat batch: a prefill step holds up to
+    max_num_batched_tokens tokens, and a Python loop per token would cost milliseconds of host time.
     """
+    seqs = batch.seqs
     input_ids: list[int] = []
-    positions: list[int] = []
-    slot_mapping: list[int] = []
-    cu_seqlens_q = [0]
-    context_lens: list[int] = []
-    for seq, num_new in zip(batch.seqs, batch.num_new_tokens, strict=True):
-        start, end = seq.num_computed_tokens, seq.num_computed_tokens + num_new
-        input_ids.extend(seq.token_ids[start:end])
-        positions.extend(range(start, end))
-        slot_mapping.extend(
-            seq.block_table[pos // block_size] * block_size + pos % block_size for pos in range(start, end)
-        )
-        cu_seqlens_q.append(cu_seqlens_q[-1] + num_new)
-        context_lens.append(end)
-    max_num_blocks = max(len(seq.block_table) for seq in batch.seqs)
-    block_tables = [seq.block_table + [0] * (max_num_blocks - len(seq.block_table)) for seq in batch.seqs]
+    for seq, num_new in zip(seqs, batch.num_new_tokens, strict=True):
+        input_ids.extend(seq.token_ids[seq.num_computed_tokens : seq.num_computed_tokens + num_new])
+    starts = np.array([seq.num_computed_tokens for seq in seqs], dtype=np.int64)  # [B]
+    num_new_tokens = np.array(batch.num_new_tokens, dtype=np.int64)  # [B]
+    cu_seqlens_q = np.zeros(len(seqs) + 1, dtype=np.int64)
+    np.cumsum(num_new_tokens, out=cu_seqlens_q[1:])
+    context_lens = starts + num_new_tokens  # [B]
+    # Token i of the flat batch belongs to row b = seq_of[i], at position starts[b] + (i - cu_seqlens_q[b]).
+    seq_of = np.repeat(np.arange(len(seqs)), num_new_tokens)  # [N]
+    positions = np.arange(cu_seqlens_q[-1]) + np.repeat(starts - cu_seqlens_q[:-1], num_new_tokens)  # [N]
+    max_num_blocks = max(len(seq.block_table) for seq in seqs)
+    block_tables = np.zeros((len(seqs), max_num_blocks), dtype=np.int32)  # padded with 0
+    for row, seq in enumerate(seqs):
+        block_tables[row, : len(seq.block_table)] = seq.block_table
+    slot_mapping = block_tables[seq_of, positions // block_size].astype(np.int64) * block_size + positions % block_size
 
-    def to_device(values: list[Any], dtype: torch.dtype) -> torch.Tensor:
+    def to_device(values: Any, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda").to(device, non_blocking=True)
 
     cu_seqlens = to_device(cu_seqlens_q, torch.int32)
@@ -48,7 +52,7 @@ def build_model_inputs(batch: ScheduledBatch, block_size: int, device: torch.dev
         cu_seqlens_q=cu_seqlens,
         max_seqlen_q=max(batch.num_new_tokens),
         context_lens=to_device(context_lens, torch.int32),
-        max_context_len=max(context_lens),
+        max_context_len=int(context_lens.max()),
         slot_mapping=to_device(slot_mapping, torch.int64),
         block_tables=to_device(block_tables, torch.int32),
     )
