@@ -1,0 +1,101 @@
+"""Time to first token of the engine behind the server, without HTTP: AsyncLLM driven by asyncio clients.
+
+    python benchmarks/engine_ttft.py                                  # CPU, the tiny test model
+    python benchmarks/engine_ttft.py --dummy-shape qwen3-0.6b         # GPU, random weights of a bench.py shape
+
+--concurrency clients each send --rounds requests back to back (--prompt-len random token ids,
+exactly --max-tokens output tokens), as benchmarks/serve_load.py does over HTTP. Since every request
+has the same length, the clients' requests end on the same step and the next ones arrive together:
+each round is a burst that one prefill step (or several, under --max-num-batched-tokens) takes in.
+Prints time to first token (add_requests() to the first output) p50/p90, and the engine steps that
+had prompts waiting, with their durations. Set against serve_load.py's figures, the difference is
+what HTTP, the event loop and the load client add.
+"""
+
+import argparse
+import asyncio
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [REPO_ROOT, os.path.join(REPO_ROOT, "tests")]
+
+from serve_load import write_model_dir  # noqa: E402
+
+from nanovllm import SamplingParams  # noqa: E402
+from nanovllm.engine.async_llm import AsyncLLM  # noqa: E402
+from nanovllm.outputs import StreamOutput  # noqa: E402
+
+
+async def run_clients(llm: AsyncLLM, args: argparse.Namespace) -> list[float]:
+    ttfts: list[float] = []
+    params = SamplingParams(temperature=0.6, max_tokens=args.max_tokens, ignore_eos=True)
+
+    async def client(index: int) -> None:
+        rng = random.Random(index)
+        for _ in range(args.rounds):
+            prompt = [rng.randrange(1, args.max_token_id) for _ in range(args.prompt_len)]
+            start = time.perf_counter()
+            stream = await llm.add_requests([prompt], [params])
+            first = True
+            async for _, out in stream:
+                if first and out.new_token_ids:
+                    ttfts.append(time.perf_counter() - start)
+                    first = False
+
+    await asyncio.gather(*(client(i) for i in range(args.concurrency)))
+    return ttfts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dummy-shape", help="random weights of a bench.py shape (GPU); default: the tiny model")
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=4, help="requests per client (default 4)")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--max-token-id", type=int, default=390, help="prompt ids are drawn below this")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        write_model_dir(tmp, tiny=args.dummy_shape is None, dummy_shape=args.dummy_shape)
+        engine_args = {"load_format": "dummy"} if args.dummy_shape else {}
+        llm = AsyncLLM.from_engine_args(tmp, max_num_batched_tokens=args.max_num_batched_tokens, **engine_args)
+    engine = llm.engine
+    steps: list[tuple[int, float]] = []  # (prompts waiting at the start, seconds) of each step
+    real_step = engine.step
+
+    def timed_step() -> list[StreamOutput]:
+        waiting, start = len(engine.scheduler.waiting), time.perf_counter()
+        outputs = real_step()
+        steps.append((waiting, time.perf_counter() - start))
+        return outputs
+
+    engine.step = timed_step  # type: ignore[method-assign]
+
+    async def warm_up_then_time() -> list[float]:  # AsyncLLM serves one event loop: both rounds run in it
+        await run_clients(llm, argparse.Namespace(**{**vars(args), "rounds": 1}))
+        steps.clear()
+        return await run_clients(llm, args)
+
+    try:
+        ttfts = sorted(asyncio.run(warm_up_then_time()))
+    finally:
+        llm.shutdown()
+    p50, p90 = ttfts[len(ttfts) // 2], ttfts[int(0.9 * (len(ttfts) - 1))]
+    print(f"{len(ttfts)} requests, {args.concurrency} clients: time to first token p50 {1e3 * p50:.1f} ms, "
+          f"p90 {1e3 * p90:.1f} ms")  # fmt: skip
+    with_prompts = [(waiting, seconds) for waiting, seconds in steps if waiting]
+    decode_ms = [1e3 * seconds for waiting, seconds in steps if not waiting]
+    print(f"{len(steps)} engine steps; decode-only median {statistics.median(decode_ms):.1f} ms")
+    prefill_ms = statistics.median(1e3 * seconds for _, seconds in with_prompts)
+    print(f"steps with prompts waiting: {len(with_prompts)}, median {prefill_ms:.1f} ms")
+    print("  prompts waiting at each:", [waiting for waiting, _ in with_prompts])
+
+
+if __name__ == "__main__":
+    main()
