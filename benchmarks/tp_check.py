@@ -10,8 +10,10 @@
 3. A worker killed mid-run makes generate() raise within a few seconds (NCCL: the watchdog aborts).
 
 In 16 bits, TP=1 is also run in float32: how far TP=1's and TP=N's logprobs each fall from float32
-tells whether TP=N adds error beyond what 16-bit arithmetic makes on one GPU. ``--accuracy-only``
-runs just that comparison.
+tells whether TP=N adds error beyond what 16-bit arithmetic makes on one GPU. That comparison is the
+verdict; the fixed tolerance of step 1 is only a screen. For the Qwen3-0.6B shape in bf16 (CPU, gloo),
+one device's own logprobs moved a median 0.23 from float32 (max 2.15), more than the 0.25 tolerance
+allows between two bf16 runs. ``--accuracy-only`` runs just the float32 comparison.
 """
 
 import argparse
