@@ -86,7 +86,7 @@ def main() -> None:
         ttfts = sorted(asyncio.run(warm_up_then_time()))
     finally:
         llm.shutdown()
-    p50, p90 = ttfts[len(ttfts) // 2], ttfts[int(0.9 * (len(ttfts) - 1))]
+    p50, p90 = (ttfts[min(len(ttfts) - 1, int(q * len(ttfts)))] for q in (0.5, 0.9))
     print(f"{len(ttfts)} requests, {args.concurrency} clients: time to first token p50 {1e3 * p50:.1f} ms, "
           f"p90 {1e3 * p90:.1f} ms")  # fmt: skip
     with_prompts = [(waiting, seconds) for waiting, seconds in steps if waiting]

@@ -4,7 +4,8 @@
 #   quick    GPU tests, kernels, a short bench
 #   breakdown  bench.py, then its time per decode step against the floor, then the same with a GPU profile
 #   full     GPU tests, kernels, bench.py temperature-only and with top-k/top-p/repetition penalty, host overhead
-#   serving  the sampler alone, then the server under 64 concurrent streams (needs the serve extra installed;
+#   serving  the sampler alone, the engine's time to first token without HTTP, then the server under 64
+#            concurrent streams (needs the serve extra installed;
 #            fastapi 0.120 with starlette 0.48 where the image has no opentelemetry, which fastapi 0.165 imports)
 set -u
 export PYTHONUNBUFFERED=1
@@ -16,6 +17,8 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 date -u
 if [ "$mode" = serving ]; then
   timeout 120 python3 benchmarks/sampler.py 2>&1 | tee "$out/sampler.log" | tail -8
+  # The engine's time to first token without HTTP: set against serve_load.py's, what HTTP and the client add.
+  timeout 240 python3 benchmarks/engine_ttft.py --dummy-shape qwen3-0.6b 2>&1 | tee "$out/engine_ttft.log" | tail -4
   for processes in 1 4; do  # one load process, then four: shows how much of the latency is the client's own
     timeout 300 python3 benchmarks/serve_load.py --dummy-shape qwen3-0.6b --num-requests 512 --concurrency 64 \
       --prompt-len 128 --max-tokens 128 --processes "$processes" 2>&1 | tee "$out/serve_load_p$processes.log" | tail -8
