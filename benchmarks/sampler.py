@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from nanovllm.engine.sampling_metadata import SamplingMetadataBuilder  # noqa: E402
+from nanovllm.engine.sampling_metadata import HostSamples, SamplingMetadataBuilder  # noqa: E402
 from nanovllm.engine.scheduler import ScheduledBatch  # noqa: E402
 from nanovllm.engine.sequence import Sequence  # noqa: E402
 from nanovllm.layers.sampler import Sampler  # noqa: E402
@@ -52,7 +52,7 @@ def time_config(name: str, batch_size: int, vocab_size: int, device: torch.devic
         start = time.perf_counter()
         output = sampler(logits, builder.build(batch), generator)
         builder.record(output)
-        builder.to_host(output).wait(seqs)  # synchronizes
+        HostSamples(output).wait(seqs)  # synchronizes
         if i >= 3:
             times.append((time.perf_counter() - start) * 1e3)
         for seq, token_id in zip(seqs, output.token_ids.tolist(), strict=True):

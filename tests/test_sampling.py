@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from nanovllm.engine.sampling_metadata import SamplingMetadataBuilder
+from nanovllm.engine.sampling_metadata import HostSamples, SamplingMetadataBuilder
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.sampler import (
@@ -245,7 +245,7 @@ def test_logprobs_are_raw_log_softmax() -> None:
     logits = torch.randn(3, VOCAB)
     b = builder()
     output = Sampler()(logits, b.build(batch), torch.Generator().manual_seed(0))
-    samples = b.to_host(output).wait(batch.seqs)
+    samples = HostSamples(output).wait(batch.seqs)
     reference = torch.log_softmax(logits, -1)
     top = reference[0].topk(3)
     expected = dict(zip(top.indices.tolist(), top.values.tolist(), strict=True))

@@ -19,6 +19,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
+from nanovllm.engine.model_inputs import feed_pending_tokens
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.models.llama import LlamaForCausalLM
@@ -76,9 +77,8 @@ class DecodeGraphs:
         )
 
     def _forward(self, batch_size: int) -> None:
-        feed_rows = self.static["feed_rows"][:batch_size]
-        fed = self.last_sampled[feed_rows.clamp(min=0)]
-        input_ids = torch.where(feed_rows >= 0, fed, self.static["input_ids"][:batch_size])
+        s = self.static
+        input_ids = feed_pending_tokens(s["input_ids"][:batch_size], s["feed_rows"][:batch_size], self.last_sampled)
         with attention_context(self._metadata(batch_size)):
             out = self.model(input_ids, self.static["positions"][:batch_size])
         self.hidden_states[:batch_size] = out

@@ -62,3 +62,12 @@ def build_model_inputs(batch: ScheduledBatch, block_size: int, device: torch.dev
         attention=metadata,
         last_token_indices=cu_seqlens[1:].long() - 1,
     )
+
+
+def feed_pending_tokens(input_ids: torch.Tensor, feed_rows: torch.Tensor, last_sampled: torch.Tensor) -> torch.Tensor:
+    """Decode input ids with row r of ``last_sampled`` wherever ``feed_rows`` holds r >= 0 (on the device).
+
+    A step launched before the previous one's samples reached the host has PENDING_TOKEN in their place
+    on the host; the samples themselves are still in ``last_sampled``, row by row.
+    """
+    return torch.where(feed_rows >= 0, last_sampled[feed_rows.clamp(min=0)], input_ids)

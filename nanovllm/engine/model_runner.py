@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from nanovllm.config import EngineConfig, check_tensor_parallel_split
 from nanovllm.engine.cuda_graphs import DecodeGraphs
-from nanovllm.engine.model_inputs import ModelInputs, build_model_inputs
+from nanovllm.engine.model_inputs import ModelInputs, build_model_inputs, feed_pending_tokens
 from nanovllm.engine.sampling_metadata import HostSamples, SamplingMetadataBuilder
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence, StepSamples
@@ -241,8 +241,8 @@ class ModelRunner:
             inputs = build_model_inputs(batch, self.block_size, self.device)
             if feed_rows is not None:  # a decode step: one input token per row
                 rows = torch.from_numpy(feed_rows).to(self.device, non_blocking=True)
-                fed = self.last_sampled[rows.clamp(min=0)]
-                inputs = dataclasses.replace(inputs, input_ids=torch.where(rows >= 0, fed, inputs.input_ids))
+                input_ids = feed_pending_tokens(inputs.input_ids, rows, self.last_sampled)
+                inputs = dataclasses.replace(inputs, input_ids=input_ids)
             logits = self._forward(inputs)  # [B, vocab_size]
         if self.rank != 0:
             return HostSamples(None)  # rank 0 alone samples
@@ -261,7 +261,7 @@ class ModelRunner:
         output = self.sampler(logits, self.sampling.build(batch), self.generator)
         self.sampling.record(output)
         self.last_sampled[: output.token_ids.numel()].copy_(output.token_ids)  # what the next step may feed on
-        return self.sampling.to_host(output)
+        return HostSamples(output)  # copies start now; the caller waits when it needs the tokens
 
     def _forward(self, inputs: ModelInputs) -> torch.Tensor:
         with attention_context(inputs.attention):

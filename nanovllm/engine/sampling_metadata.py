@@ -245,13 +245,10 @@ class SamplingMetadataBuilder:
         pin = self.device.type == "cuda"
         return torch.tensor(values, dtype=dtype, pin_memory=pin).to(self.device, non_blocking=True)
 
-    def to_host(self, output: SamplerOutput) -> "HostSamples":
-        """Start copying the samples to the host: token ids always, logprobs when some row asked. No sync."""
-        return HostSamples(output)
-
 
 class HostSamples:
-    """One step's samples on their way to the host; wait() blocks until they are there.
+    """One step's samples on their way to the host (token ids always, logprobs when some row asked);
+    wait() blocks until they are there.
 
     On CUDA the copies go into pinned memory behind an event, so the host can schedule the next
     step while this one finishes; elsewhere they are plain synchronous copies.
