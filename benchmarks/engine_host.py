@@ -20,6 +20,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,45 +55,44 @@ def stubbed_launch(batch: ScheduledBatch, in_flight: ScheduledBatch | None) -> S
     return StubbedSamples(len(batch.seqs))
 
 
-def time_steps_ahead(engine: LLMEngine, args: argparse.Namespace) -> float:
-    """Median microseconds of one turn of generate()'s loop with async scheduling, at batch --num-seqs."""
+def fill_and_prefill(engine: LLMEngine, args: argparse.Namespace, stream_text: bool) -> None:
+    """--num-seqs requests of --context prompt tokens, prefilled with the real model, so the next steps decode."""
     params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=args.steps + 8)
     for i in range(args.num_seqs):
-        engine.add_request([(i * 7 + j) % 300 for j in range(args.context)], params, stream_text=False)
-    while engine.scheduler.waiting:  # prefill with the real model
+        engine.add_request([(i * 7 + j) % 300 for j in range(args.context)], params, stream_text=stream_text)
+    while engine.scheduler.waiting:
         engine.step()
+
+
+def median_micros(turn: Callable[[], object], num_turns: int) -> float:
+    micros = []
+    for _ in range(num_turns):
+        start = time.perf_counter()
+        turn()
+        micros.append((time.perf_counter() - start) * 1e6)
+    return statistics.median(micros)
+
+
+def time_steps_ahead(engine: LLMEngine, args: argparse.Namespace) -> float:
+    """Median microseconds of one turn of generate()'s loop with async scheduling, at batch --num-seqs."""
+    fill_and_prefill(engine, args, stream_text=False)
     real_launch, engine.runner.launch = engine.runner.launch, stubbed_launch  # type: ignore[method-assign,assignment]
     turns = engine._steps_ahead()
-    micros = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        next(turns)
-        micros.append((time.perf_counter() - start) * 1e6)
+    micros = median_micros(lambda: next(turns), args.steps)
     turns.close()
     engine.runner.launch = real_launch  # type: ignore[method-assign]
     engine.abort_all()
-    return statistics.median(micros)
+    return micros
 
 
 def time_steps(engine: LLMEngine, args: argparse.Namespace, stream_text: bool, quiet: bool) -> float:
     """Median microseconds of one decode step's engine work, over --steps steps at batch --num-seqs."""
-    params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=args.steps + 8)
-    for i in range(args.num_seqs):
-        engine.add_request([(i * 7 + j) % 300 for j in range(args.context)], params, stream_text=stream_text)
-    while engine.scheduler.waiting:  # prefill with the real model
-        engine.step()
+    fill_and_prefill(engine, args, stream_text)
     real_run, engine.runner.run = engine.runner.run, stubbed_run
-    micros = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        if quiet:
-            engine._step_quietly()
-        else:
-            engine.step()
-        micros.append((time.perf_counter() - start) * 1e6)
+    micros = median_micros(engine._step_quietly if quiet else engine.step, args.steps)
     engine.runner.run = real_run
     engine.abort_all()
-    return statistics.median(micros)
+    return micros
 
 
 def main() -> None:

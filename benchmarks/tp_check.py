@@ -89,10 +89,15 @@ def logprob_differences(want: CompletionOutput, got: CompletionOutput) -> list[f
     ]
 
 
+def sorted_differences(want: list[CompletionOutput], got: list[CompletionOutput]) -> list[float]:
+    """Every sequence's logprob_differences, smallest first."""
+    return sorted(d for a, b in zip(want, got, strict=True) for d in logprob_differences(a, b))
+
+
 def compare(name: str, want: list[CompletionOutput], got: list[CompletionOutput], model_dir: str, dtype: str) -> bool:
     differ = [i for i, (a, b) in enumerate(zip(want, got, strict=True)) if a.token_ids != b.token_ids]
     print(f"  {name}: {len(want) - len(differ)} of {len(want)} sequences equal")
-    deltas = sorted(d for a, b in zip(want, got, strict=True) for d in logprob_differences(a, b))
+    deltas = sorted_differences(want, got)
     tolerance = LOGPROB_TOLERANCE.get(dtype, 0.25)
     verdict = "within" if deltas[-1] <= tolerance else "OUTSIDE"
     print(f"    logprobs where both saw the same tokens ({len(deltas)} values): max |diff| {deltas[-1]:.3g}, ", end="")
@@ -108,7 +113,7 @@ def compare(name: str, want: list[CompletionOutput], got: list[CompletionOutput]
 
 def distance_to_float32(name: str, exact: list[CompletionOutput], got: list[CompletionOutput]) -> float:
     """Print and return the median |logprob difference| from the float32 run, at steps with the same context."""
-    deltas = sorted(d for a, b in zip(exact, got, strict=True) for d in logprob_differences(a, b))
+    deltas = sorted_differences(exact, got)
     median = deltas[len(deltas) // 2]
     print(f"    {name} vs TP=1 float32 ({len(deltas)} values): median |diff| {median:.3g}, max {deltas[-1]:.3g}")
     return median
