@@ -44,7 +44,8 @@ def build_model_inputs(batch: ScheduledBatch, block_size: int, device: torch.dev
     slot_mapping = block_tables[seq_of, positions // block_size].astype(np.int64) * block_size + positions % block_size
 
     def to_device(values: Any, dtype: torch.dtype) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, pin_memory=device.type == "cuda").to(device, non_blocking=True)
+        host = torch.as_tensor(values, dtype=dtype)  # torch.tensor(pin_memory=True) refuses numpy arrays
+        return (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
 
     cu_seqlens = to_device(cu_seqlens_q, torch.int32)
     metadata = AttentionMetadata(
