@@ -144,6 +144,45 @@ def prefill_logits(model_dir: Path, backend: str, block_size: int = 16) -> torch
             return runner._forward(build_model_inputs(batch, runner.block_size, runner.device)).float()
 
 
+def decode_logits(model_dir: Path, backend: str, dtype: str = "bfloat16", block_size: int = 16) -> torch.Tensor:
+    """Logits [8 steps, 6, vocab] of eager decode steps after a prefill of 6 prompts. Every step is fed
+    the same fixed tokens (teacher forcing), so backends stay comparable step by step even where their
+    argmax would differ. At block size 16 the contexts cross block boundaries during the steps."""
+    args = {**ARGS, "kvcache_block_size": block_size, "num_kvcache_blocks": 64 * 16 // block_size + 8}
+    fed = torch.randint(400, (8, 6), generator=torch.Generator().manual_seed(2)).tolist()
+    with LLM(str(model_dir), dtype=dtype, attention_backend=backend, enforce_eager=True, **args) as llm:
+        assert llm.engine is not None
+        runner, block_manager = llm.engine.runner, llm.engine.scheduler.block_manager
+        seqs = [Sequence(p, GREEDY) for p in prompts(6, seed=1)]
+        for seq in seqs:
+            block_manager.allocate(seq)
+        steps = []
+        with torch.inference_mode():
+            prefill = ScheduledBatch(seqs, [seq.num_tokens for seq in seqs], is_prefill=True)
+            runner._forward(build_model_inputs(prefill, block_size, runner.device))
+            for tokens in fed:
+                for seq, token in zip(seqs, tokens, strict=True):
+                    seq.num_computed_tokens = seq.num_tokens
+                    seq.token_ids.append(token)
+                    block_manager.append_slot(seq)
+                batch = ScheduledBatch(seqs, [1] * len(seqs), is_prefill=False)
+                steps.append(runner._forward(build_model_inputs(batch, block_size, runner.device)).float())
+        return torch.stack(steps)
+
+
+def bf16_decode_errors(model_dir: Path, backend: str, block_size: int = 16) -> tuple[list[float], list[float]]:
+    """Per decode step, the relative L2 error against float32 torch logits of ``backend`` in bf16, and of
+    torch in bf16: the second is bf16's own error, the noise floor the first is judged against."""
+    ref = decode_logits(model_dir, "torch", "float32", block_size)
+
+    def errors(out: torch.Tensor) -> list[float]:
+        return [round(((o - r).norm() / r.norm()).item(), 5) for o, r in zip(out, ref, strict=True)]
+
+    return errors(decode_logits(model_dir, backend, block_size=block_size)), errors(
+        decode_logits(model_dir, "torch", block_size=block_size)
+    )
+
+
 def test_bf16_logits_close_to_torch(tiny_models: dict[str, Path]) -> None:
     """Guards against bf16-specific kernel errors (rounding of softmax weights, dtype casts)."""
     ref = prefill_logits(tiny_models["qwen3"], "torch")
@@ -160,6 +199,13 @@ def test_kv_cache_sized_from_free_memory(tiny_models: dict[str, Path]) -> None:
         assert len(llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0].token_ids) == GREEDY.max_tokens
 
 
+def test_bf16_decode_logits_within_bf16_noise(tiny_models: dict[str, Path]) -> None:
+    """Guards against decode-only kernel errors (split-KV reduction, the newest token's slot) step by step:
+    triton in bf16 may be off float32 by no more than 1.5x what torch in bf16 is."""
+    triton, noise = bf16_decode_errors(tiny_models["qwen3"], "triton")
+    assert all(t <= 1.5 * n for t, n in zip(triton, noise, strict=True)), f"triton {triton} vs torch bf16 {noise}"
+
+
 needs_flash_attn = pytest.mark.skipif(not is_flash_attn_installed(), reason="needs the flash_attn package")
 
 
@@ -170,6 +216,14 @@ def test_flash_attn_logits_close_to_torch(tiny_models: dict[str, Path]) -> None:
     out = prefill_logits(tiny_models["qwen3"], "flash_attn", block_size=256)
     rel = ((out - ref).norm() / ref.norm()).item()
     assert rel < 2e-2, f"relative error of flash_attn bf16 logits vs torch: {rel:.2e}"
+
+
+@needs_flash_attn
+def test_flash_attn_decode_logits_within_bf16_noise(tiny_models: dict[str, Path]) -> None:
+    """Guards against misusing flash_attn_with_kvcache (cache_seqlens, block_table) in decode, step by step."""
+    flash, noise = bf16_decode_errors(tiny_models["qwen3"], "flash_attn", block_size=256)
+    print(f"decode logits off float32 per step: flash_attn {flash}, torch bf16 {noise}")
+    assert all(f <= 1.5 * n for f, n in zip(flash, noise, strict=True)), f"flash_attn {flash} vs torch bf16 {noise}"
 
 
 @needs_flash_attn
