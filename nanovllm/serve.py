@@ -7,6 +7,7 @@ Every EngineConfig field is a flag: ``max_model_len`` is ``--max-model-len``, a 
 import argparse
 import dataclasses
 import logging
+import sys
 import types
 import typing
 from collections.abc import Sequence
@@ -16,6 +17,10 @@ from nanovllm.config import EngineConfig
 
 DEFAULT_HOST = "127.0.0.1"  # loopback unless asked otherwise: no API is exposed to the network by surprise
 DEFAULT_PORT = 8000  # OpenAI-compatible servers' usual port
+# The engine thread gives up the GIL whenever it waits for the device; to get it back it waits until
+# Python's switch interval runs out, 5 ms by default, while the event loop is busy writing chunks under
+# load: longer than a decode step. A short interval lets it back in quickly.
+GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 def _flag_type(field_type: Any) -> Any:
@@ -67,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from nanovllm.entrypoints.app import build_app
 
     args = make_parser().parse_args(argv)
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     logging.basicConfig(level=args.log_level.upper())
     async_llm = AsyncLLM.from_engine_args(args.model, **engine_args_from(args))
     try:

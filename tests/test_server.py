@@ -17,7 +17,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.engine.async_llm import AsyncLLM
+from nanovllm.engine.async_llm import AsyncLLM, EngineError, RequestStream
+from nanovllm.outputs import StreamOutput
 
 uvicorn = pytest.importorskip("uvicorn")
 from nanovllm.entrypoints.app import build_app  # noqa: E402  (needs the serve extra, checked just above)
@@ -339,3 +340,31 @@ def test_sse_event_is_one_line_for_line_splitting_clients() -> None:
     event = sse({"text": text})
     assert [line for line in event.splitlines() if line] == [event.strip()]
     assert json.loads(event.strip().removeprefix("data: "))["text"] == text
+
+
+def test_request_stream_take_ready_keeps_order_and_errors() -> None:
+    """Guards the server's coalesced writes: take_ready() hands over what is queued, in order, without
+    losing an output or swallowing an engine error that follows it."""
+
+    def output(request_id: str, token: int, finished: bool = False) -> StreamOutput:
+        return StreamOutput(request_id, [token], str(token), finished, "length" if finished else None)
+
+    async def run() -> tuple[list[tuple[int, int]], list[tuple[int, int]], str]:
+        stream = RequestStream(None, ["a", "b"])  # no owner: nothing here aborts
+        assert stream.take_ready() == []
+        for item in (output("a", 1), output("b", 2), output("a", 3, finished=True)):
+            stream.put(item)
+        first = await anext(stream)
+        ready = [(idx, out.new_token_ids[0]) for idx, out in [first, *stream.take_ready()]]
+        stream.put(output("b", 4))
+        stream.put(EngineError("the engine step failed"))
+        before_error = [(idx, out.new_token_ids[0]) for idx, out in stream.take_ready()]
+        with pytest.raises(EngineError) as raised:
+            await anext(stream)
+        assert stream.is_finished and [item async for item in stream] == []
+        return ready, before_error, str(raised.value)
+
+    ready, before_error, error = asyncio.run(run())
+    assert ready == [(0, 1), (1, 2), (0, 3)]
+    assert before_error == [(1, 4)]
+    assert error == "the engine step failed"

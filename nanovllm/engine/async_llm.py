@@ -66,6 +66,7 @@ class RequestStream:
         self._index_of = {request_id: idx for idx, request_id in enumerate(request_ids)}
         self._queue: asyncio.Queue[StreamOutput | BaseException] = asyncio.Queue()
         self._unfinished = set(request_ids)  # requests whose final output has not been consumed
+        self._error: BaseException | None = None  # met by take_ready(); the next turn of the iteration raises it
         self.accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def put(self, item: StreamOutput | BaseException) -> None:
@@ -75,11 +76,26 @@ class RequestStream:
         return self
 
     async def __anext__(self) -> tuple[int, StreamOutput]:
-        if not self._unfinished:
+        if self._error is None and not self._unfinished:
             raise StopAsyncIteration
-        item = await self._queue.get()
+        return self._consume(self._error or await self._queue.get())
+
+    def take_ready(self) -> list[tuple[int, StreamOutput]]:
+        """The outputs already queued, without waiting, in order. A consumer that fell behind the engine
+        (several steps' outputs waiting) handles them in one turn; an error stays for ``async for`` to raise."""
+        ready = []
+        while self._error is None and self._unfinished and not self._queue.empty():
+            item = self._queue.get_nowait()
+            if isinstance(item, BaseException):
+                self._error = item
+            else:
+                ready.append(self._consume(item))
+        return ready
+
+    def _consume(self, item: StreamOutput | BaseException) -> tuple[int, StreamOutput]:
         if isinstance(item, BaseException):
             self._unfinished.clear()
+            self._error = None
             raise item
         if item.finished:
             self._unfinished.discard(item.request_id)
