@@ -5,7 +5,7 @@
 #   breakdown  bench.py, then its time per decode step against the floor, then the same with a GPU profile
 #   full     GPU tests, kernels, bench.py temperature-only and with top-k/top-p/repetition penalty, host overhead
 #   serving  the sampler alone, the engine's time to first token without HTTP, then the server under 64
-#            concurrent streams (needs the serve extra installed;
+#            concurrent streams, engine in a thread and in a process (needs the serve extra installed;
 #            fastapi 0.120 with starlette 0.48 where the image has no opentelemetry, which fastapi 0.165 imports)
 set -u
 export PYTHONUNBUFFERED=1
@@ -19,9 +19,12 @@ if [ "$mode" = serving ]; then
   timeout 120 python3 benchmarks/sampler.py 2>&1 | tee "$out/sampler.log" | tail -8
   # The engine's time to first token without HTTP: set against serve_load.py's, what HTTP and the client add.
   timeout 240 python3 benchmarks/engine_ttft.py --dummy-shape qwen3-0.6b 2>&1 | tee "$out/engine_ttft.log" | tail -4
-  for processes in 1 4; do  # one load process, then four: shows how much of the latency is the client's own
+  # Four load processes (one alone adds latency of its own); the engine in a thread, then in its own process.
+  for engine in thread process; do
+    server_args=""; [ "$engine" = process ] && server_args="--engine-process"
     timeout 300 python3 benchmarks/serve_load.py --dummy-shape qwen3-0.6b --num-requests 512 --concurrency 64 \
-      --prompt-len 128 --max-tokens 128 --processes "$processes" 2>&1 | tee "$out/serve_load_p$processes.log" | tail -8
+      --prompt-len 128 --max-tokens 128 --processes 4 --server-args "$server_args" 2>&1 \
+      | tee "$out/serve_load_$engine.log" | tail -8
   done
   exit 0
 fi

@@ -46,7 +46,7 @@ SERVED_MODEL_NAME = "load-test"
 WARMUP_MAX_TOKENS = 8  # output tokens of each warm-up request
 SERVER_LATENCIES = {  # histograms of the server's /metrics reported next to the client's figures
     "nanovllm:time_to_first_token_seconds": "time to first token",
-    "nanovllm:engine_time_to_first_token_seconds": "time to first token in the engine thread",
+    "nanovllm:engine_time_to_first_token_seconds": "time to first token in the engine loop",
     "nanovllm:inter_token_latency_seconds": "inter-token latency",
 }
 

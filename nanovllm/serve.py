@@ -17,9 +17,9 @@ from nanovllm.config import EngineConfig
 
 DEFAULT_HOST = "127.0.0.1"  # loopback unless asked otherwise: no API is exposed to the network by surprise
 DEFAULT_PORT = 8000  # OpenAI-compatible servers' usual port
-# The engine thread gives up the GIL whenever it waits for the device; to get it back it waits until
-# Python's switch interval runs out, 5 ms by default, while the event loop is busy writing chunks under
-# load: longer than a decode step. A short interval lets it back in quickly.
+# A thread that wants the GIL back (the engine thread, or with --engine-process the thread that reads the
+# engine's events) waits until Python's switch interval runs out, 5 ms by default, while the event loop
+# is busy writing chunks under load: longer than a decode step. A short interval lets it back in quickly.
 GIL_SWITCH_INTERVAL_S = 0.0005
 
 
@@ -54,6 +54,13 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")
     parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ routes")
     parser.add_argument("--log-level", default="info", help="uvicorn's log level (default info)")
+    parser.add_argument(
+        "--engine-process",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="run the engine in a process of its own rather than a thread of the server: it then holds its own "
+        "GIL, so writing many streams does not slow its steps (default: a thread)",
+    )
     add_engine_args(parser)
     return parser
 
@@ -74,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = make_parser().parse_args(argv)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     logging.basicConfig(level=args.log_level.upper())
-    async_llm = AsyncLLM.from_engine_args(args.model, **engine_args_from(args))
+    async_llm = AsyncLLM.from_engine_args(args.model, args.engine_process, **engine_args_from(args))
     try:
         app = build_app(async_llm, args.served_model_name or args.model, args.api_key)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -368,3 +368,84 @@ def test_request_stream_take_ready_keeps_order_and_errors() -> None:
     assert ready == [(0, 1), (1, 2), (0, 3)]
     assert before_error == [(1, 4)]
     assert error == "the engine step failed"
+
+
+async def stream_text(stream: RequestStream) -> tuple[str, str | None]:
+    parts, finish_reason = [], None
+    async for _, out in stream:
+        parts.append(out.text_delta)
+        finish_reason = out.finish_reason
+    return "".join(parts), finish_reason
+
+
+async def wait_until(condition: Any, timeout_s: float = ABORT_TIMEOUT_S) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    return bool(condition())
+
+
+def test_engine_process_serves_like_the_engine_thread(server: Server) -> None:
+    """Guards the server's engine process: what crosses the pipes (outputs, errors, stats, aborts) must
+    give the same completions as the offline engine and leave no KV block held."""
+    model_dir = str(server.reference.engine.config.model)
+    greedy = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    long = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+    first_token_s: list[float] = []
+
+    async def run(llm: AsyncLLM) -> tuple[list[tuple[str, str | None]], str, float, float]:
+        llm.first_token_observers.append(first_token_s.append)
+        streams = [await llm.add_requests([prompt], [greedy]) for prompt in PROMPTS[:3]]
+        results = await asyncio.gather(*(stream_text(stream) for stream in streams))
+        with pytest.raises(ValueError) as bad:
+            await llm.add_requests([[10**9]], [greedy])  # a token id outside the vocabulary
+        stream = await llm.add_requests([PROMPTS[1]], [long])
+        await anext(stream)
+        usage_while_running = llm.stats().kv_cache_usage
+        stream.abort()
+        assert await wait_until(lambda: llm.num_aborted_requests == 1 and llm.stats().kv_cache_usage == 0.0)
+        return results, str(bad.value), usage_while_running, llm.stats().kv_cache_usage
+
+    llm = AsyncLLM.from_engine_args(model_dir, engine_process=True, **ENGINE_ARGS)
+    try:
+        assert llm.engine is None and llm.max_model_len == ENGINE_ARGS["max_model_len"]
+        results, bad_request, usage_while_running, usage_after = asyncio.run(run(llm))
+    finally:
+        llm.shutdown()
+    expected = [server.expected_text(prompt, greedy.max_tokens) for prompt in PROMPTS[:3]]
+    assert results == [(text, "length") for text in expected]
+    assert "outside" in bad_request, bad_request
+    assert usage_while_running > 0 and usage_after == 0.0
+    assert len(first_token_s) == 4 and all(seconds > 0 for seconds in first_token_s), first_token_s
+    assert not llm.is_running
+
+
+def test_engine_process_death_fails_its_requests(server: Server) -> None:
+    """Guards against a crashed engine process leaving streams waiting forever and the server saying healthy."""
+    model_dir = str(server.reference.engine.config.model)
+    long = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+
+    async def run(llm: AsyncLLM) -> str:
+        stream = await llm.add_requests([PROMPTS[0]], [long])
+        await anext(stream)
+        llm._runner._process.kill()  # type: ignore[union-attr]
+        with pytest.raises(EngineError) as error:
+            await asyncio.wait_for(stream_text(stream), ABORT_TIMEOUT_S)
+        with pytest.raises(EngineError):
+            await llm.add_requests([PROMPTS[0]], [long])
+        return str(error.value)
+
+    llm = AsyncLLM.from_engine_args(model_dir, engine_process=True, **ENGINE_ARGS)
+    try:
+        message = asyncio.run(run(llm))
+    finally:
+        llm.shutdown()
+    assert "the engine process exited" in message, message
+    assert not llm.is_running
+
+
+def test_engine_process_start_failure_raises_here(tmp_path: Path) -> None:
+    """Guards against an engine that cannot be built leaving the server waiting instead of saying why."""
+    with pytest.raises(Exception, match="config.json") as error:
+        AsyncLLM.from_engine_args(str(tmp_path), engine_process=True, **ENGINE_ARGS)
+    assert not isinstance(error.value, EngineError)

@@ -25,14 +25,14 @@ def build_app(async_llm: AsyncLLM, model_name: str, api_key: str | None = None) 
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
     metrics = ServerMetrics(async_llm)
-    tokenizer = copy.deepcopy(async_llm.engine.tokenizer)  # fast tokenizers must not be shared across threads
+    tokenizer = copy.deepcopy(async_llm.tokenizer)  # fast tokenizers must not be shared across threads
     serving = OpenAIServing(async_llm, tokenizer, model_name, metrics)
     created = int(time.time())
 
     @app.get("/health")
     async def health() -> Response:
         if not async_llm.is_running:
-            raise APIError(503, "the engine thread has stopped; restart the server")
+            raise APIError(503, "the engine has stopped; restart the server")
         return Response(status_code=200)
 
     @app.get("/metrics")

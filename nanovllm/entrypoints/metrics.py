@@ -1,7 +1,7 @@
 """Prometheus metrics of the server, in one registry per app (two servers in one process do not collide).
 
 Engine state (running/waiting requests, KV-cache usage, prefix-cache counters) is read from the
-engine thread's last stats snapshot at scrape time; latencies and token counts are recorded by the
+engine loop's last stats snapshot at scrape time; latencies and token counts are recorded by the
 request handlers as the client sees them.
 """
 
@@ -68,7 +68,7 @@ class ServerMetrics:
         )
         self.engine_time_to_first_token = Histogram(
             f"{PREFIX}engine_time_to_first_token_seconds",
-            "Request handed to the engine thread to its first token, as the engine thread sees it",
+            "Request handed to the engine to its first token, as the engine loop sees it",
             buckets=TTFT_BUCKETS_S,
             registry=self.registry,
         )
