@@ -2,14 +2,15 @@
 
     python benchmarks/engine_ttft.py                                  # CPU, the tiny test model
     python benchmarks/engine_ttft.py --dummy-shape qwen3-0.6b         # GPU, random weights of a bench.py shape
+    python benchmarks/engine_ttft.py --engine-process                 # the engine in its own process
 
 --concurrency clients each send --rounds requests back to back (--prompt-len random token ids,
 exactly --max-tokens output tokens), as benchmarks/serve_load.py does over HTTP. Since every request
 has the same length, the clients' requests end on the same step and the next ones arrive together:
 each round is a burst that one prefill step (or several, under --max-num-batched-tokens) takes in.
 Prints time to first token (add_requests() to the first output) p50/p90, and the engine steps that
-had prompts waiting, with their durations. Set against serve_load.py's figures, the difference is
-what HTTP, the event loop and the load client add.
+had prompts waiting, with their durations (not with --engine-process: the steps run elsewhere). Set
+against serve_load.py's figures, the difference is what HTTP, the event loop and the load client add.
 """
 
 import argparse
@@ -60,22 +61,27 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--max-token-id", type=int, default=390, help="prompt ids are drawn below this")
     parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
+    parser.add_argument("--engine-process", action="store_true", help="run the engine in its own process")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         write_model_dir(tmp, tiny=args.dummy_shape is None, dummy_shape=args.dummy_shape)
         engine_args = {"load_format": "dummy"} if args.dummy_shape else {}
-        llm = AsyncLLM.from_engine_args(tmp, max_num_batched_tokens=args.max_num_batched_tokens, **engine_args)
-    engine = llm.engine
+        llm = AsyncLLM.from_engine_args(
+            tmp, args.engine_process, max_num_batched_tokens=args.max_num_batched_tokens, **engine_args
+        )
     steps: list[tuple[int, float]] = []  # (prompts waiting at the start, seconds) of each step
-    real_step = engine.step
+    engine = llm.engine
+    if engine is not None:  # the engine runs in a thread here: time its steps
+        real_step = engine.step
 
-    def timed_step() -> list[StreamOutput]:
-        waiting, start = len(engine.scheduler.waiting), time.perf_counter()
-        outputs = real_step()
-        steps.append((waiting, time.perf_counter() - start))
-        return outputs
+        def timed_step() -> list[StreamOutput]:
+            assert engine is not None
+            waiting, start = len(engine.scheduler.waiting), time.perf_counter()
+            outputs = real_step()
+            steps.append((waiting, time.perf_counter() - start))
+            return outputs
 
-    engine.step = timed_step  # type: ignore[method-assign]
+        engine.step = timed_step  # type: ignore[method-assign]
 
     async def warm_up_then_time() -> list[float]:  # AsyncLLM serves one event loop: both rounds run in it
         await run_clients(llm, argparse.Namespace(**{**vars(args), "rounds": 1}))
@@ -89,6 +95,8 @@ def main() -> None:
     p50, p90 = (ttfts[min(len(ttfts) - 1, int(q * len(ttfts)))] for q in (0.5, 0.9))
     print(f"{len(ttfts)} requests, {args.concurrency} clients: time to first token p50 {1e3 * p50:.1f} ms, "
           f"p90 {1e3 * p90:.1f} ms")  # fmt: skip
+    if not steps:
+        return
     with_prompts = [(waiting, seconds) for waiting, seconds in steps if waiting]
     decode_ms = [1e3 * seconds for waiting, seconds in steps if not waiting]
     print(f"{len(steps)} engine steps; decode-only median {statistics.median(decode_ms):.1f} ms")

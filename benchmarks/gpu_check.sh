@@ -19,6 +19,8 @@ if [ "$mode" = serving ]; then
   timeout 120 python3 benchmarks/sampler.py 2>&1 | tee "$out/sampler.log" | tail -8
   # The engine's time to first token without HTTP: set against serve_load.py's, what HTTP and the client add.
   timeout 240 python3 benchmarks/engine_ttft.py --dummy-shape qwen3-0.6b 2>&1 | tee "$out/engine_ttft.log" | tail -4
+  timeout 240 python3 benchmarks/engine_ttft.py --dummy-shape qwen3-0.6b --engine-process 2>&1 \
+    | tee "$out/engine_ttft_process.log" | tail -1
   # Four load processes (one alone adds latency of its own); the engine in a thread, then in its own process.
   for engine in thread process; do
     server_args=""; [ "$engine" = process ] && server_args="--engine-process"
