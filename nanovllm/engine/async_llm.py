@@ -10,10 +10,10 @@ of two places:
 
 - a thread of this process (``AsyncLLM(engine)``): commands go through a queue.Queue and events come
   back through ``loop.call_soon_threadsafe``. Simple, and tests can reach into the engine.
-- its own process (``AsyncLLM.from_engine_args(..., engine_process=True)``, what the server uses):
-  commands and events are pickled through pipes, and a reader thread hands events to the event loop.
-  The engine then holds a GIL of its own: under many streams the event loop is busy writing chunks, and
-  in one process every step of the engine would wait for the GIL behind that work.
+- its own process (``AsyncLLM.from_engine_args(..., engine_process=True)``, ``nanovllm serve
+  --engine-process``): commands and events are pickled through pipes, and a reader thread hands events
+  to the event loop. The engine then holds a GIL of its own: under many streams the event loop is busy
+  writing chunks, and in one process every step of the engine would wait for the GIL behind that work.
 
 LLMEngine is not thread-safe; only the engine loop touches it after construction.
 """
