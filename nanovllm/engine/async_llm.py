@@ -341,8 +341,7 @@ class _EngineLoop:
                 self.emit(_Progress(outputs, first_token_s, self.engine.stats(), self.num_aborted_requests))
         except Exception as e:  # a bug in this loop: fail every caller loudly rather than hang them
             logger.exception("the engine loop crashed")
-            with contextlib.suppress(OSError):  # an engine process whose server is gone has nobody to tell
-                self.emit(_Failed(None, f"the engine loop crashed: {e!r}"))
+            self.emit(_Failed(None, f"the engine loop crashed: {e!r}"))
 
     def _apply(self, command: _Add | _Abort) -> None:
         if isinstance(command, _Abort):
@@ -506,9 +505,14 @@ def _engine_process_main(
     except Exception as e:
         events.send(_StartFailed(_picklable(e)))
         return
+
+    def emit(event: _Event) -> None:
+        with contextlib.suppress(OSError):  # the server process is gone (killed): nobody is left to tell
+            events.send(event)
+
     try:
         events.send(_Ready(engine.max_model_len, engine.stats()))
-        _EngineLoop(engine, events.send).run(lambda block: _take_from_pipe(commands, block))
+        _EngineLoop(engine, emit).run(lambda block: _take_from_pipe(commands, block))
     finally:
         engine.close()
 
