@@ -108,13 +108,19 @@ def start_server(model_dir: str, port: int, extra_args: list[str], timeout_s: fl
     command += ["--served-model-name", SERVED_MODEL_NAME, "--log-level", "warning", *extra_args]
     print("starting:", " ".join(command), flush=True)
     server = subprocess.Popen(command, cwd=REPO_ROOT)
+    wait_until_healthy(f"http://127.0.0.1:{port}", server, timeout_s)
+    return server
+
+
+def wait_until_healthy(base_url: str, server: subprocess.Popen, timeout_s: float) -> None:
+    """Return once /health answers 200; exit if the server process ends or does not get there in time."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.poll() is not None:
             raise SystemExit(f"the server exited with code {server.returncode} before it was ready")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0).status_code == 200:
-                return server
+            if httpx.get(f"{base_url}/health", timeout=1.0).status_code == 200:
+                return
         except httpx.TransportError:
             pass
         time.sleep(0.5)
