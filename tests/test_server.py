@@ -26,6 +26,7 @@ from nanovllm.entrypoints.errors import APIError  # noqa: E402
 from nanovllm.entrypoints.openai_api import sse  # noqa: E402
 from nanovllm.entrypoints.params import to_sampling_params  # noqa: E402
 from nanovllm.entrypoints.protocol import CompletionRequest  # noqa: E402
+from nanovllm.serve import engine_args_from, make_parser  # noqa: E402
 
 MODEL_NAME = "tiny-qwen3"
 API_KEY = "test-key"
@@ -273,6 +274,15 @@ def test_bad_input_gets_4xx_and_server_keeps_serving(
     assert error["param"] == param, error
     good = httpx.post(f"{server.base_url}/v1/completions", json=GOOD_BODY, headers=AUTH)
     assert good.status_code == 200, good.text
+
+
+def test_serve_flags() -> None:
+    """Guards the command line: server flags stay out of the engine's arguments, engine flags get in."""
+    args = make_parser().parse_args(["--model", "M", "--engine-process", "--max-model-len", "8", "--no-enforce-eager"])
+    engine_args = engine_args_from(args)
+    assert args.engine_process and "engine_process" not in engine_args and "model" not in engine_args
+    assert engine_args["max_model_len"] == 8 and engine_args["enforce_eager"] is False
+    assert not make_parser().parse_args(["--model", "M"]).engine_process
 
 
 def test_sampling_fields_passed_by_name() -> None:
