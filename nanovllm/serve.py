@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = make_parser().parse_args(argv)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     logging.basicConfig(level=args.log_level.upper())
-    async_llm = AsyncLLM.from_engine_args(args.model, args.engine_process, **engine_args_from(args))
+    async_llm = AsyncLLM.from_engine_args(args.model, engine_process=args.engine_process, **engine_args_from(args))
     try:
         app = build_app(async_llm, args.served_model_name or args.model, args.api_key)
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
