@@ -438,7 +438,7 @@ def test_engine_process_death_fails_its_requests(server: Server) -> None:
     async def run(llm: AsyncLLM) -> str:
         stream = await llm.add_requests([PROMPTS[0]], [long])
         await anext(stream)
-        llm._runner._process.kill()  # type: ignore[union-attr]
+        llm._runner._process.kill()
         with pytest.raises(EngineError) as error:
             await asyncio.wait_for(stream_text(stream), ABORT_TIMEOUT_S)
         with pytest.raises(EngineError):
