@@ -80,7 +80,7 @@ _Command = _Add | _Abort | _Stop
 @dataclass(frozen=True)
 class _Accepted:
     key: str  # the _Add's key
-    error: Exception | None  # add_request's ValueError or TypeError; then none of the requests was queued
+    error: Exception | None  # what add_request raised (ValueError, TypeError for bad input); then none was queued
 
 
 @dataclass(frozen=True)
@@ -356,7 +356,7 @@ class _EngineLoop:
             for request_id, prompt, params in zip(command.request_ids, command.prompts, command.params, strict=True):
                 self.engine.add_request(prompt, params, request_id)
                 added.append(request_id)
-        except (ValueError, TypeError) as e:  # invalid input: take back the ones already queued, tell the caller why
+        except Exception as e:  # invalid input (or a tokenizer's failure): take back those queued, tell the caller
             for request_id in added:
                 self.engine.abort_request(request_id)
             self.emit(_Accepted(command.key, _picklable(e)))
