@@ -65,7 +65,6 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--processes", type=int, default=1, help="load processes (default 1)")
-    parser.add_argument("--port", type=int, default=8321)
     parser.add_argument("--serve", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)  # the server child
     args = parser.parse_args()
     if args.serve is not None:
@@ -75,17 +74,18 @@ def main() -> None:
         return
 
     from model_fixtures import write_tiny_model
-    from serve_load import wait_until_healthy
+    from serve_load import free_loopback_port, wait_until_healthy
 
     with tempfile.TemporaryDirectory() as tmp:
         write_tiny_model(Path(tmp), "qwen3")
-        serve_args = ["--model", tmp, "--port", str(args.port), "--served-model-name", "load-test"]
+        port = free_loopback_port()
+        serve_args = ["--model", tmp, "--port", str(port), "--served-model-name", "load-test"]
         serve_args += ["--log-level", "warning", "--max-model-len", "1024", "--num-kvcache-blocks", "2048"]
         serve_args += ["--engine-process"] if args.engine_process else []
         times = (args.decode_ms, args.prefill_ms_per_1k, args.decode_host_ms, args.prefill_host_ms)
         env = {**os.environ, EMULATION_ENV: ",".join(map(str, times))}
         server = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", *serve_args], env=env)
-        url = f"http://127.0.0.1:{args.port}"
+        url = f"http://127.0.0.1:{port}"
         try:
             wait_until_healthy(url, server, timeout_s=300.0)
             load = [sys.executable, os.path.join(REPO_ROOT, "benchmarks", "serve_load.py"), "--url", url]
