@@ -1,5 +1,6 @@
 """Whole-engine checks of the GPU fast path. Skipped without CUDA; run on the GPU machine."""
 
+import asyncio
 import random
 from pathlib import Path
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.engine.async_llm import AsyncLLM
 from nanovllm.engine.model_inputs import build_model_inputs
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
@@ -74,6 +76,28 @@ def test_scheduling_ahead_equals_in_turn_with_graphs(tiny_models: dict[str, Path
     with LLM(str(tiny_models["qwen3"]), dtype="float32", async_scheduling=True, **ARGS) as llm:
         assert [o.token_ids for o in llm.generate(batch, GREEDY, use_tqdm=False)] == [o.token_ids for o in plain]
         assert [(o.token_ids, o.finish_reason) for o in llm.generate(batch, stops, use_tqdm=False)] == expected
+
+
+def test_engine_process_on_gpu_matches_generate(tiny_models: dict[str, Path]) -> None:
+    """Guards the server's --engine-process on CUDA: a spawned process that initializes CUDA, captures graphs
+    and streams through pipes must give generate()'s greedy tokens."""
+    batch = prompts(8, seed=5)
+    with LLM(str(tiny_models["qwen3"]), dtype="float32", **ARGS) as llm:
+        expected = [out.token_ids for out in llm.generate(batch, GREEDY, use_tqdm=False)]
+
+    async def stream_all(async_llm: AsyncLLM) -> list[list[int]]:
+        streams = [await async_llm.add_requests([prompt], [GREEDY]) for prompt in batch]
+        token_ids: list[list[int]] = [[] for _ in batch]
+        for i, stream in enumerate(streams):
+            async for _, out in stream:
+                token_ids[i] += out.new_token_ids
+        return token_ids
+
+    async_llm = AsyncLLM.from_engine_args(str(tiny_models["qwen3"]), engine_process=True, dtype="float32", **ARGS)
+    try:
+        assert asyncio.run(stream_all(async_llm)) == expected
+    finally:
+        async_llm.shutdown()
 
 
 def test_rich_sampling_on_gpu_matches_cpu(tiny_models: dict[str, Path]) -> None:
