@@ -166,8 +166,7 @@ class TensorParallelWorkers:
         try:
             yield
         except Exception as e:
-            wait([p.sentinel for p in self.processes], WORKER_EXIT_GRACE_S)
-            if any(p.exitcode is not None for p in self.processes):
+            if self.failure.reported.wait(WORKER_EXIT_GRACE_S):  # a worker died: that is why the collective failed
                 raise self._error(f"a collective failed ({type(e).__name__})") from e
             raise
         finally:
@@ -175,15 +174,13 @@ class TensorParallelWorkers:
 
     def _error(self, context: str) -> WorkerDiedError:
         self.failure.raised.set()
-        dead = [f"rank {r} (pid {p.pid}) exited with code {p.exitcode}" for r, p in self._ranked() if not p.is_alive()]
-        what = "; ".join(dead) if dead else context
+        # Which worker died, as the watchdog found when it reaped it. Asking the processes here instead would
+        # race the watchdog's reaping: the loser of two waitpid() calls reads a dead child as running.
+        what = self.failure.message if self.failure.reported.wait(WORKER_EXIT_GRACE_S) else context
         return WorkerDiedError(
             f"tensor-parallel worker failure: {what}. Its traceback, if any, is printed above. This engine "
             "cannot continue: close() it and create a new LLM."
         )
-
-    def _ranked(self) -> list[tuple[int, BaseProcess]]:
-        return list(enumerate(self.processes, start=1))
 
     def close(self) -> None:
         """Shut the workers down and leave the process group. Closing twice is harmless."""
@@ -193,6 +190,7 @@ class TensorParallelWorkers:
 @dataclass
 class _Failure:
     message: str | None = None  # set by the watchdog when a worker exits while the engine is open
+    reported: threading.Event = field(default_factory=threading.Event)  # message is set (the worker is reaped)
     raised: threading.Event = field(default_factory=threading.Event)  # rank 0 raised WorkerDiedError
     in_step: bool = False  # rank 0 is inside a step's forward pass (its collectives), not between steps
 
@@ -204,8 +202,10 @@ def _watch(processes: list[BaseProcess], stop: Connection, failure: _Failure, is
     if stop in ready:
         return
     rank = sentinels[next(s for s in ready if s in sentinels)]
-    processes[rank - 1].join(1.0)  # reap it, so its exit code is known (the sentinel can fire first)
-    failure.message = f"rank {rank} exited with code {processes[rank - 1].exitcode}"
+    process = processes[rank - 1]
+    process.join(1.0)  # reap it, so its exit code is known (the sentinel can fire first)
+    failure.message = f"rank {rank} (pid {process.pid}) exited with code {process.exitcode}"
+    failure.reported.set()
     if is_nccl and dist.is_initialized():
         # NCCL does not notice a dead peer: rank 0 would wait in its collective until the group's timeout.
         # Aborting the communicators makes that pending collective return with an error now.
