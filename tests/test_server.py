@@ -1,6 +1,7 @@
 """The OpenAI-compatible server on a tiny model over loopback: the official client, streaming, load, bad input."""
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import socket
@@ -58,12 +59,9 @@ class Server:
         return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
 
 
-@pytest.fixture(scope="module")
-def server(tiny_models: dict[str, Path]) -> Iterator[Server]:
-    """One uvicorn server in a thread for the whole module, on a loopback port the OS picked."""
-    model_dir = str(tiny_models["qwen3"])
-    async_llm = AsyncLLM.from_engine_args(model_dir, **ENGINE_ARGS)
-    app = build_app(async_llm, MODEL_NAME, api_key=API_KEY)
+@contextlib.contextmanager
+def uvicorn_in_thread(app: Any) -> Iterator[str]:
+    """``app`` served by uvicorn in a thread, on a loopback port the OS picked; yields its base URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -74,12 +72,25 @@ def server(tiny_models: dict[str, Path]) -> Iterator[Server]:
     while not uv_server.started and time.monotonic() < deadline:
         time.sleep(0.05)
     assert uv_server.started, f"uvicorn did not start within {SERVER_START_TIMEOUT_S} s"
-    with LLM(model_dir, **ENGINE_ARGS) as reference:
-        yield Server(f"http://127.0.0.1:{port}", async_llm, reference)
-    uv_server.should_exit = True
-    thread.join(SERVER_START_TIMEOUT_S)
-    async_llm.shutdown()
-    sock.close()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        uv_server.should_exit = True
+        thread.join(SERVER_START_TIMEOUT_S)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models: dict[str, Path]) -> Iterator[Server]:
+    """One server, the engine in a thread, for the whole module."""
+    model_dir = str(tiny_models["qwen3"])
+    async_llm = AsyncLLM.from_engine_args(model_dir, **ENGINE_ARGS)
+    try:
+        app = build_app(async_llm, MODEL_NAME, api_key=API_KEY)
+        with uvicorn_in_thread(app) as base_url, LLM(model_dir, **ENGINE_ARGS) as reference:
+            yield Server(base_url, async_llm, reference)
+    finally:
+        async_llm.shutdown()
 
 
 def test_completion_matches_offline_generate(server: Server) -> None:
@@ -459,3 +470,26 @@ def test_engine_process_start_failure_raises_here(tmp_path: Path) -> None:
     with pytest.raises(Exception, match="config.json") as error:
         AsyncLLM.from_engine_args(str(tmp_path), engine_process=True, **ENGINE_ARGS)
     assert not isinstance(error.value, EngineError)
+
+
+def test_engine_process_behind_http(server: Server) -> None:
+    """Guards `nanovllm serve --engine-process` end to end: the app's own tokenizer (the engine's is in the
+    other process), streamed chunks through the pipes and SSE, and chat, against the engine-thread server."""
+    model_dir = str(server.reference.engine.config.model)
+    async_llm = AsyncLLM.from_engine_args(model_dir, engine_process=True, **ENGINE_ARGS)
+    chat_body: dict[str, Any] = {"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 6}
+    try:
+        with uvicorn_in_thread(build_app(async_llm, MODEL_NAME)) as base_url:
+            client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
+            chunks = client.completions.create(
+                model=MODEL_NAME, prompt=PROMPTS[2], max_tokens=12, temperature=0, stream=True,
+                extra_body={"ignore_eos": True},
+            )  # fmt: skip
+            text = "".join(chunk.choices[0].text for chunk in chunks if chunk.choices)
+            chat = client.chat.completions.create(model=MODEL_NAME, temperature=0, **chat_body)
+    finally:
+        async_llm.shutdown()
+    assert text == server.expected_text(PROMPTS[2], 12), text
+    in_thread = server.client().chat.completions.create(model=MODEL_NAME, temperature=0, **chat_body)
+    assert chat.choices[0].message.content == in_thread.choices[0].message.content, (chat, in_thread)
+    assert chat.usage == in_thread.usage, (chat.usage, in_thread.usage)
