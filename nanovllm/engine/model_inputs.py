@@ -43,26 +43,29 @@ def build_model_inputs(batch: ScheduledBatch, block_size: int, device: torch.dev
         block_tables[row, : len(seq.block_table)] = seq.block_table
     slot_mapping = block_tables[seq_of, positions // block_size].astype(np.int64) * block_size + positions % block_size
 
-    def to_device(values: Any, dtype: torch.dtype) -> torch.Tensor:
-        host = torch.as_tensor(values, dtype=dtype)  # torch.tensor(pin_memory=True) refuses numpy arrays
-        return (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
-
-    cu_seqlens = to_device(cu_seqlens_q, torch.int32)
+    cu_seqlens = to_device(cu_seqlens_q, torch.int32, device)
     metadata = AttentionMetadata(
         is_prefill=batch.is_prefill,
         cu_seqlens_q=cu_seqlens,
         max_seqlen_q=max(batch.num_new_tokens),
-        context_lens=to_device(context_lens, torch.int32),
+        context_lens=to_device(context_lens, torch.int32, device),
         max_context_len=int(context_lens.max()),
-        slot_mapping=to_device(slot_mapping, torch.int64),
-        block_tables=to_device(block_tables, torch.int32),
+        slot_mapping=to_device(slot_mapping, torch.int64, device),
+        block_tables=to_device(block_tables, torch.int32, device),
     )
     return ModelInputs(
-        input_ids=to_device(input_ids, torch.int64),
-        positions=to_device(positions, torch.int64),
+        input_ids=to_device(input_ids, torch.int64, device),
+        positions=to_device(positions, torch.int64, device),
         attention=metadata,
         last_token_indices=cu_seqlens[1:].long() - 1,
     )
+
+
+def to_device(values: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host values (a list or a numpy array) as a ``dtype`` tensor on ``device``; on CUDA the copy goes through
+    pinned memory, so it does not block the host."""
+    host = torch.as_tensor(values, dtype=dtype)  # torch.tensor(pin_memory=True) refuses numpy arrays
+    return (host.pin_memory() if device.type == "cuda" else host).to(device, non_blocking=True)
 
 
 def feed_pending_tokens(input_ids: torch.Tensor, feed_rows: torch.Tensor, last_sampled: torch.Tensor) -> torch.Tensor:

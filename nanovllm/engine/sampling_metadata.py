@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import xxhash
 
+from nanovllm.engine.model_inputs import to_device
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence, StepSamples
 from nanovllm.layers.sampler import PenaltyTensors, SamplerOutput, SamplingTensors, TokenEntries
@@ -242,8 +243,7 @@ class SamplingMetadataBuilder:
         )
 
     def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
-        pin = self.device.type == "cuda"
-        return torch.tensor(values, dtype=dtype, pin_memory=pin).to(self.device, non_blocking=True)
+        return to_device(values, dtype, self.device)
 
 
 class HostSamples:
