@@ -25,7 +25,7 @@ import time
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO_ROOT, os.path.join(REPO_ROOT, "tests")]
 
-from serve_load import write_model_dir  # noqa: E402
+from serve_load import percentile, write_model_dir  # noqa: E402
 
 from nanovllm import SamplingParams  # noqa: E402
 from nanovllm.engine.async_llm import AsyncLLM  # noqa: E402
@@ -67,7 +67,7 @@ def main() -> None:
         write_model_dir(tmp, tiny=args.dummy_shape is None, dummy_shape=args.dummy_shape)
         engine_args = {"load_format": "dummy"} if args.dummy_shape else {}
         llm = AsyncLLM.from_engine_args(
-            tmp, args.engine_process, max_num_batched_tokens=args.max_num_batched_tokens, **engine_args
+            tmp, engine_process=args.engine_process, max_num_batched_tokens=args.max_num_batched_tokens, **engine_args
         )
     steps: list[tuple[int, float]] = []  # (prompts waiting at the start, seconds) of each step
     engine = llm.engine
@@ -89,10 +89,10 @@ def main() -> None:
         return await run_clients(llm, args)
 
     try:
-        ttfts = sorted(asyncio.run(warm_up_then_time()))
+        ttfts = asyncio.run(warm_up_then_time())
     finally:
         llm.shutdown()
-    p50, p90 = (ttfts[min(len(ttfts) - 1, int(q * len(ttfts)))] for q in (0.5, 0.9))
+    p50, p90 = percentile(ttfts, 50), percentile(ttfts, 90)  # serve_load.py's rule, so the two compare
     print(f"{len(ttfts)} requests, {args.concurrency} clients: time to first token p50 {1e3 * p50:.1f} ms, "
           f"p90 {1e3 * p90:.1f} ms")  # fmt: skip
     if not steps:

@@ -29,11 +29,12 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO_ROOT, os.path.join(REPO_ROOT, "tests")]
 
 EMULATION_ENV = "NANOVLLM_EMULATED_DEVICE"  # "DECODE_MS,PREFILL_MS_PER_1K,DECODE_HOST_MS,PREFILL_HOST_MS"
-SAMPLED_TOKEN_ID = 5  # what every emulated step samples; not an EOS id of the tiny tokenizer
 
 
 def emulate_device(decode_ms: float, prefill_ms_per_1k: float, decode_host_ms: float, prefill_host_ms: float) -> None:
     """Replace ModelRunner.run, in this process, with busy work then a sleep of the step's emulated times."""
+    from engine_host import stubbed_run  # every row "samples" the same token
+
     from nanovllm.engine.model_runner import ModelRunner
     from nanovllm.engine.scheduler import ScheduledBatch
     from nanovllm.engine.sequence import StepSamples
@@ -43,8 +44,7 @@ def emulate_device(decode_ms: float, prefill_ms_per_1k: float, decode_host_ms: f
         while time.perf_counter() < busy_until:
             pass
         time.sleep((prefill_ms_per_1k * batch.num_tokens / 1000 if batch.is_prefill else decode_ms) / 1000)
-        num_rows = len(batch.seqs)
-        return StepSamples([SAMPLED_TOKEN_ID] * num_rows, [None] * num_rows, [None] * num_rows)
+        return stubbed_run(batch)
 
     ModelRunner.run = run  # type: ignore[method-assign]
 
