@@ -154,44 +154,41 @@ def test_compiled_sampler_full_vocab(config: str) -> None:
     assert tokens[True] == tokens[False], f"compiled {tokens[True]} != eager {tokens[False]}"
 
 
-def prefill_logits(model_dir: Path, backend: str, block_size: int = 16) -> torch.Tensor:
-    """bf16 logits of one prefill over 6 prompts, half of them behind a cached prefix."""
+def teacher_forced_logits(
+    model_dir: Path, backend: str, dtype: str = "bfloat16", block_size: int = 16, num_decode_steps: int = 0
+) -> list[torch.Tensor]:
+    """Logits of one prefill over 6 prompts, then of ``num_decode_steps`` eager decode steps [6, vocab] each.
+    Every decode step is fed the same fixed tokens (teacher forcing), so backends stay comparable step by
+    step even where their argmax would differ. At block size 16 the contexts cross block boundaries."""
     args = {**ARGS, "kvcache_block_size": block_size, "num_kvcache_blocks": 64 * 16 // block_size + 8}
-    with LLM(str(model_dir), dtype="bfloat16", attention_backend=backend, enforce_eager=True, **args) as llm:
-        assert llm.engine is not None
-        runner = llm.engine.runner
-        seqs = [Sequence(p, GREEDY) for p in prompts(6, seed=1)]
-        for seq in seqs:
-            llm.engine.scheduler.block_manager.allocate(seq)
-        batch = ScheduledBatch(seqs, [seq.num_tokens for seq in seqs], is_prefill=True)
-        with torch.inference_mode():
-            return runner._forward(build_model_inputs(batch, runner.block_size, runner.device)).float()
-
-
-def decode_logits(model_dir: Path, backend: str, dtype: str = "bfloat16", block_size: int = 16) -> torch.Tensor:
-    """Logits [8 steps, 6, vocab] of eager decode steps after a prefill of 6 prompts. Every step is fed
-    the same fixed tokens (teacher forcing), so backends stay comparable step by step even where their
-    argmax would differ. At block size 16 the contexts cross block boundaries during the steps."""
-    args = {**ARGS, "kvcache_block_size": block_size, "num_kvcache_blocks": 64 * 16 // block_size + 8}
-    fed = torch.randint(400, (8, 6), generator=torch.Generator().manual_seed(2)).tolist()
+    fed = torch.randint(400, (num_decode_steps, 6), generator=torch.Generator().manual_seed(2)).tolist()
     with LLM(str(model_dir), dtype=dtype, attention_backend=backend, enforce_eager=True, **args) as llm:
         assert llm.engine is not None
         runner, block_manager = llm.engine.runner, llm.engine.scheduler.block_manager
         seqs = [Sequence(p, GREEDY) for p in prompts(6, seed=1)]
         for seq in seqs:
             block_manager.allocate(seq)
-        steps = []
         with torch.inference_mode():
             prefill = ScheduledBatch(seqs, [seq.num_tokens for seq in seqs], is_prefill=True)
-            runner._forward(build_model_inputs(prefill, block_size, runner.device))
+            logits = [runner._forward(build_model_inputs(prefill, block_size, runner.device)).float()]
             for tokens in fed:
                 for seq, token in zip(seqs, tokens, strict=True):
                     seq.num_computed_tokens = seq.num_tokens
                     seq.token_ids.append(token)
                     block_manager.append_slot(seq)
                 batch = ScheduledBatch(seqs, [1] * len(seqs), is_prefill=False)
-                steps.append(runner._forward(build_model_inputs(batch, block_size, runner.device)).float())
-        return torch.stack(steps)
+                logits.append(runner._forward(build_model_inputs(batch, block_size, runner.device)).float())
+        return logits
+
+
+def prefill_logits(model_dir: Path, backend: str, block_size: int = 16) -> torch.Tensor:
+    """bf16 logits of one prefill over 6 prompts, half of them behind a cached prefix."""
+    return teacher_forced_logits(model_dir, backend, block_size=block_size)[0]
+
+
+def decode_logits(model_dir: Path, backend: str, dtype: str = "bfloat16", block_size: int = 16) -> torch.Tensor:
+    """Logits [8 steps, 6, vocab] of teacher-forced eager decode steps after the prefill."""
+    return torch.stack(teacher_forced_logits(model_dir, backend, dtype, block_size, num_decode_steps=8)[1:])
 
 
 def bf16_decode_errors(model_dir: Path, backend: str, block_size: int = 16) -> tuple[list[float], list[float]]:
