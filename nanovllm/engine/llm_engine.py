@@ -356,14 +356,13 @@ class LLMEngine:
         """
         in_flight: tuple[ScheduledBatch, list[int], HostSamples] | None = None  # batch, rows with a token, samples
         while self.requests:
-            batch = self.scheduler.schedule()
+            # With a step in flight the batch may be empty (its sequences all ended): that step is still recorded.
+            batch = self._schedule() if in_flight is None else self.scheduler.schedule()
             launched = self.runner.launch(batch, in_flight[0] if in_flight else None) if batch.seqs else None
             if in_flight is not None:
                 landed, rows, samples = in_flight
                 finished = self.scheduler.record_samples(landed, rows, samples.wait(landed.seqs))
                 yield self._forget_finished(finished), landed
-            elif launched is None:
-                raise RuntimeError("the scheduler found nothing it could run although requests are pending")
             in_flight = None if launched is None else (batch, self.scheduler.advance(batch), launched)
         if in_flight is not None:  # only rows wasted on sequences that had ended: let the device finish them
             in_flight[2].wait(in_flight[0].seqs)
