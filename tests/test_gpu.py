@@ -220,6 +220,21 @@ def test_kv_cache_sized_from_free_memory(tiny_models: dict[str, Path]) -> None:
         assert len(llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)[0].token_ids) == GREEDY.max_tokens
 
 
+def test_engines_one_after_another_get_the_same_cache(tiny_models: dict[str, Path]) -> None:
+    """Guards against a freed engine's memory, cached by torch, pinning the next engine's weights: on
+    2 x H200 a bf16 engine's 65 GiB cache once left the next engine in the process room for no KV block."""
+    args = {k: v for k, v in ARGS.items() if k != "num_kvcache_blocks"}
+    with LLM(str(tiny_models["qwen3"]), gpu_memory_utilization=0.5, **args) as llm:
+        assert llm.engine is not None
+        first = llm.engine.runner.num_kvcache_blocks
+    assert torch.cuda.memory_reserved() < 1 << 30, "close() should give the memory back to the device"
+    dropped = LLM(str(tiny_models["qwen3"]), gpu_memory_utilization=0.5, **args)  # then dropped, not closed
+    assert dropped.engine is not None and dropped.engine.runner.num_kvcache_blocks > 0.98 * first
+    del dropped
+    with LLM(str(tiny_models["qwen3"]), gpu_memory_utilization=0.5, **args) as llm:
+        assert llm.engine is not None and llm.engine.runner.num_kvcache_blocks > 0.98 * first
+
+
 def test_bf16_decode_logits_within_bf16_noise(tiny_models: dict[str, Path]) -> None:
     """Guards against decode-only kernel errors (split-KV reduction, the newest token's slot) step by step:
     triton in bf16 may be off float32 by no more than 1.5x what torch in bf16 is."""

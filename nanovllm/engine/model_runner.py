@@ -65,6 +65,13 @@ def resolve_dtype(name: str, arch: ModelArch) -> torch.dtype:
     return DTYPES[name]
 
 
+def release_cached_gpu_memory() -> None:
+    """Give the GPU memory torch keeps cached for reuse (the tensors of closed engines) back to the device."""
+    gc.collect()  # a closed engine may still be held by a reference cycle
+    if torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 @contextmanager
 def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
     previous = torch.get_default_dtype()
@@ -110,6 +117,12 @@ class ModelRunner:
     def _build(self, eos_token_ids: Collection[int]) -> None:
         """Model, weights, sampler, KV cache and decode graphs: every rank, in lockstep (collectives inside)."""
         config, arch = self.config, self.arch
+        if self.device.type == "cuda":
+            # An engine freed earlier in this process leaves its memory in torch's cache. Our weights would
+            # be carved from those cached blocks, so they could not be released, and the profile below
+            # would count them as held elsewhere: on 2 x H200 a bf16 engine's 65 GiB cache left the
+            # next engine room for no KV block at all.
+            release_cached_gpu_memory()
         # The hardware choices, made once: attention kernels, and torch.compile for the small ops on CUDA.
         attention = select_attention_backend(config.attention_backend, self.device, self.block_size)
         # Where Triton runs the attention, it also runs the queries' and keys' norm and rotary.
@@ -172,8 +185,6 @@ class ModelRunner:
 
     def _profile_gpu_num_blocks(self) -> int:
         """Run the largest prefill the scheduler may send, then give the KV cache what memory is left."""
-        gc.collect()  # an engine closed earlier in this process may still hold the GPU through a reference cycle
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         seq_len = min(self.max_model_len, self.config.max_num_batched_tokens)
         num_seqs = max(1, min(self.config.max_num_batched_tokens // seq_len, self.config.max_num_seqs))
@@ -187,6 +198,7 @@ class ModelRunner:
         torch.cuda.synchronize()
         temp_cache_bytes = num_seqs * blocks_per_seq * self.block_bytes
         self._allocate_kv_cache(0)
+        torch.cuda.empty_cache()  # the temporary cache and the step's activations, cached but free
         free, total = torch.cuda.mem_get_info()
         stats = torch.cuda.memory_stats()
         # Memory held outside our allocator (CUDA context, other processes) plus our peak without the temp cache.
