@@ -23,7 +23,7 @@ if [ "$mode" = serving ]; then
     | tee "$out/engine_ttft_process.log" | tail -1
   # Four load processes (one alone adds latency of its own); the engine in a thread, then in its own process.
   for engine in thread process; do
-    server_args=""; [ "$engine" = process ] && server_args="--engine-process"  # "=" below: a value led by --
+    server_args="--no-engine-process"; [ "$engine" = process ] && server_args="--engine-process"  # "=": a value led by --
     timeout 300 python3 benchmarks/serve_load.py --dummy-shape qwen3-0.6b --num-requests 512 --concurrency 64 \
       --prompt-len 128 --max-tokens 128 --processes 4 --server-args="$server_args" 2>&1 \
       | tee "$out/serve_load_$engine.log" | tail -8

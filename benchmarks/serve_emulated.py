@@ -81,7 +81,7 @@ def main() -> None:
         port = free_loopback_port()
         serve_args = ["--model", tmp, "--port", str(port), "--served-model-name", "load-test"]
         serve_args += ["--log-level", "warning", "--max-model-len", "1024", "--num-kvcache-blocks", "2048"]
-        serve_args += ["--engine-process"] if args.engine_process else []
+        serve_args += ["--engine-process" if args.engine_process else "--no-engine-process"]
         times = (args.decode_ms, args.prefill_ms_per_1k, args.decode_host_ms, args.prefill_host_ms)
         env = {**os.environ, EMULATION_ENV: ",".join(map(str, times))}
         server = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", *serve_args], env=env)

@@ -17,8 +17,8 @@ from nanovllm.config import EngineConfig
 
 DEFAULT_HOST = "127.0.0.1"  # loopback unless asked otherwise: no API is exposed to the network by surprise
 DEFAULT_PORT = 8000  # OpenAI-compatible servers' usual port
-# A thread that wants the GIL back (the engine thread, or with --engine-process the thread that reads the
-# engine's events) waits until Python's switch interval runs out, 5 ms by default, while the event loop
+# A thread that wants the GIL back (the thread that reads the engine process's events, or the engine thread
+# with --no-engine-process) waits until Python's switch interval runs out, 5 ms by default, while the event loop
 # is busy writing chunks under load: longer than a decode step. A short interval lets it back in quickly.
 GIL_SWITCH_INTERVAL_S = 0.0005
 
@@ -57,9 +57,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--engine-process",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="run the engine in a process of its own rather than a thread of the server: it then holds its own "
-        "GIL, so writing many streams does not slow its steps (default: a thread)",
+        default=True,
+        help="run the engine in a process of its own, which holds its own GIL, so that writing many streams "
+        "does not slow its steps (default); --no-engine-process runs it in a thread of the server",
     )
     add_engine_args(parser)
     return parser

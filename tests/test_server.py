@@ -289,11 +289,11 @@ def test_bad_input_gets_4xx_and_server_keeps_serving(
 
 def test_serve_flags() -> None:
     """Guards the command line: server flags stay out of the engine's arguments, engine flags get in."""
-    args = make_parser().parse_args(["--model", "M", "--engine-process", "--max-model-len", "8", "--no-enforce-eager"])
+    args = make_parser().parse_args(["--model", "M", "--max-model-len", "8", "--no-enforce-eager"])
     engine_args = engine_args_from(args)
     assert args.engine_process and "engine_process" not in engine_args and "model" not in engine_args
     assert engine_args["max_model_len"] == 8 and engine_args["enforce_eager"] is False
-    assert not make_parser().parse_args(["--model", "M"]).engine_process
+    assert not make_parser().parse_args(["--model", "M", "--no-engine-process"]).engine_process
 
 
 def test_sampling_fields_passed_by_name() -> None:
@@ -473,7 +473,7 @@ def test_engine_process_start_failure_raises_here(tmp_path: Path) -> None:
 
 
 def test_engine_process_behind_http(server: Server) -> None:
-    """Guards `nanovllm serve --engine-process` end to end: the app's own tokenizer (the engine's is in the
+    """Guards `nanovllm serve` (the engine in its own process, the default) end to end: the app's own tokenizer (the engine's is in the
     other process), streamed chunks through the pipes and SSE, and chat, against the engine-thread server."""
     model_dir = str(server.reference.engine.config.model)
     async_llm = AsyncLLM.from_engine_args(model_dir, engine_process=True, **ENGINE_ARGS)
