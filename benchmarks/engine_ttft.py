@@ -15,6 +15,7 @@ against serve_load.py's figures, the difference is what HTTP, the event loop and
 
 import argparse
 import asyncio
+import contextlib
 import os
 import random
 import statistics
@@ -30,6 +31,7 @@ from serve_load import percentile, write_model_dir  # noqa: E402
 from nanovllm import SamplingParams  # noqa: E402
 from nanovllm.engine.async_llm import AsyncLLM  # noqa: E402
 from nanovllm.outputs import StreamOutput  # noqa: E402
+from nanovllm.utils.gc_freeze import startup_objects_frozen  # noqa: E402
 
 
 async def run_clients(llm: AsyncLLM, args: argparse.Namespace) -> list[float]:
@@ -62,6 +64,11 @@ def main() -> None:
     parser.add_argument("--max-token-id", type=int, default=390, help="prompt ids are drawn below this")
     parser.add_argument("--max-num-batched-tokens", type=int, default=16384)
     parser.add_argument("--engine-process", action="store_true", help="run the engine in its own process")
+    parser.add_argument(
+        "--no-gc-freeze",
+        action="store_true",
+        help="leave the startup objects to the garbage collector (the server freezes them)",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         write_model_dir(tmp, tiny=args.dummy_shape is None, dummy_shape=args.dummy_shape)
@@ -89,7 +96,9 @@ def main() -> None:
         return await run_clients(llm, args)
 
     try:
-        ttfts = asyncio.run(warm_up_then_time())
+        # As nanovllm.serve does once the engine is built.
+        with contextlib.nullcontext() if args.no_gc_freeze else startup_objects_frozen():
+            ttfts = asyncio.run(warm_up_then_time())
     finally:
         llm.shutdown()
     p50, p90 = percentile(ttfts, 50), percentile(ttfts, 90)  # serve_load.py's rule, so the two compare

@@ -77,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from nanovllm.engine.async_llm import AsyncLLM
     from nanovllm.entrypoints.app import build_app
+    from nanovllm.utils.gc_freeze import startup_objects_frozen
 
     args = make_parser().parse_args(argv)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
@@ -84,7 +85,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     async_llm = AsyncLLM.from_engine_args(args.model, engine_process=args.engine_process, **engine_args_from(args))
     try:
         app = build_app(async_llm, args.served_model_name or args.model, args.api_key)
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        with startup_objects_frozen():  # the engine (or its handle), the app and the tokenizer serve until exit
+            uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
         async_llm.shutdown()
 

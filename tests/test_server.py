@@ -3,6 +3,7 @@
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import json
 import socket
 import threading
@@ -20,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine.async_llm import AsyncLLM, EngineError, RequestStream
 from nanovllm.outputs import StreamOutput
+from nanovllm.utils.gc_freeze import startup_objects_frozen
 
 uvicorn = pytest.importorskip("uvicorn")
 from nanovllm.entrypoints.app import build_app  # noqa: E402  (needs the serve extra, checked just above)
@@ -287,6 +289,15 @@ def test_bad_input_gets_4xx_and_server_keeps_serving(
     assert good.status_code == 200, good.text
 
 
+def test_startup_objects_frozen_then_released() -> None:
+    """Guards the server's shield against full garbage collections (150+ ms stalls): what is alive on entry
+    is frozen, and everything is unfrozen on exit, so the interpreter's last collection can free it."""
+    built_at_startup = [object() for _ in range(1000)]
+    with startup_objects_frozen():
+        assert gc.get_freeze_count() >= len(built_at_startup)
+    assert gc.get_freeze_count() == 0
+
+
 def test_serve_flags() -> None:
     """Guards the command line: server flags stay out of the engine's arguments, engine flags get in."""
     args = make_parser().parse_args(["--model", "M", "--max-model-len", "8", "--no-enforce-eager"])
@@ -473,8 +484,9 @@ def test_engine_process_start_failure_raises_here(tmp_path: Path) -> None:
 
 
 def test_engine_process_behind_http(server: Server) -> None:
-    """Guards `nanovllm serve` (the engine in its own process, the default) end to end: the app's own tokenizer (the engine's is in the
-    other process), streamed chunks through the pipes and SSE, and chat, against the engine-thread server."""
+    """Guards `nanovllm serve` (the engine in its own process, the default) end to end: the app's own
+    tokenizer (the engine's is in the other process), streamed chunks through the pipes and SSE, and chat,
+    against the engine-thread server."""
     model_dir = str(server.reference.engine.config.model)
     async_llm = AsyncLLM.from_engine_args(model_dir, engine_process=True, **ENGINE_ARGS)
     chat_body: dict[str, Any] = {"messages": [{"role": "user", "content": "Hello there"}], "max_tokens": 6}

@@ -19,6 +19,7 @@ from typing import Any
 from nanovllm.config import EngineConfig
 from nanovllm.engine.engine_loop import Command, EngineLoop, Event, Failed, StopLoop, picklable
 from nanovllm.engine.llm_engine import EngineStats, LLMEngine
+from nanovllm.utils.gc_freeze import startup_objects_frozen
 
 logger = logging.getLogger(__name__)
 ENGINE_PROCESS_JOIN_TIMEOUT_S = 30.0  # after this, a shutdown kills the engine process
@@ -127,8 +128,9 @@ def _engine_process_main(
             events.send(event)
 
     try:
-        events.send(_Ready(engine.max_model_len, engine.stats()))
-        EngineLoop(engine, emit).run(lambda block: _take_from_pipe(commands, block))
+        with startup_objects_frozen():  # no full collection walks the engine while it serves
+            events.send(_Ready(engine.max_model_len, engine.stats()))
+            EngineLoop(engine, emit).run(lambda block: _take_from_pipe(commands, block))
     finally:
         engine.close()
 
