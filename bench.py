@@ -12,6 +12,7 @@ generate runs first. Without a GPU the workload is scaled down (see CPU_WORKLOAD
 """
 
 import argparse
+import gc
 import json
 import os
 import random
@@ -104,6 +105,21 @@ def make_workload(
     return prompts, params
 
 
+class FullCollectionTimer:
+    """A gc callback that times each full (oldest-generation) collection: no step is launched meanwhile."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self._start = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if info["generation"] == 2:
+            if phase == "start":
+                self._start = time.perf_counter()
+            else:
+                self.seconds.append(time.perf_counter() - self._start)
+
+
 def main() -> None:
     args = parse_args()
     on_gpu = torch.cuda.is_available()
@@ -135,11 +151,16 @@ def main() -> None:
         # warm that up too, as the default path is warmed above, so the timed run measures no compilation.
         warmup = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n, **sampling) for n in (4, 8)]
         llm.generate([[1, 2, 3], [4, 5, 6]], warmup, use_tqdm=False)
+    full_collections = FullCollectionTimer()
+    gc.callbacks.append(full_collections)
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - start
+    gc.callbacks.remove(full_collections)
     llm.close()
     num_output_tokens = sum(len(out.token_ids) for out in outputs)
+    pauses = full_collections.seconds
+    print(f"full garbage collections in the timed run: {len(pauses)}, {1e3 * sum(pauses):.0f} ms")
     print(f"Total: {num_output_tokens} tok, Time: {elapsed:.2f} s, Throughput: {num_output_tokens / elapsed:.2f} tok/s")
 
 

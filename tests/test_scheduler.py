@@ -98,6 +98,26 @@ def test_preemption_frees_newest_and_resumes_it_first() -> None:
     assert scheduler.block_manager.num_free_blocks == 4
 
 
+@pytest.mark.parametrize("num_free", [3, 2])
+def test_decode_gives_each_sequence_beginning_a_block_a_new_one(num_free: int) -> None:
+    """Guards the decode step's shortcut (one pass over the running sequences) against the general loop:
+    with a free block for every sequence whose newest token begins a block, all of them decode, oldest
+    first; with one block too few, the newest is preempted, as when the sequences are taken one by one."""
+    scheduler = make_scheduler(num_blocks=3 + num_free)
+    seqs = [make_seq(i, 16, max_tokens=8) for i in range(3)]  # each prompt fills one block exactly
+    for seq in seqs:
+        scheduler.add(seq)
+    run_step(scheduler)  # prefill; each newest token (position 16) needs a second block
+    batch = scheduler.schedule()
+    if num_free == 3:
+        assert batch.seqs == seqs and scheduler.num_preemptions == 0
+        assert [seq.block_table[1] for seq in seqs] == sorted(seq.block_table[1] for seq in seqs)
+    else:
+        assert batch.seqs == seqs[:2] and scheduler.num_preemptions == 1
+        assert seqs[2].status is SequenceStatus.WAITING and not seqs[2].block_table
+    assert all(len(seq.block_table) == 2 for seq in batch.seqs)
+
+
 @pytest.mark.parametrize(
     ("num_prompt_tokens", "max_tokens", "message"),
     [(0, 4, "empty"), (250, 10, "max_model_len"), (100, 100, "KV-cache blocks")],

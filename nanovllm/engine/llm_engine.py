@@ -332,6 +332,8 @@ class LLMEngine:
             steps = self._steps_ahead() if self._can_schedule_ahead() else self._steps_in_turn()
             start = time.perf_counter()
             for num_finished, batch in steps:
+                if not use_tqdm:
+                    continue  # the rates below are the bar's alone: no host time on them per step
                 now = time.perf_counter()
                 rates["prefill" if batch.is_prefill else "decode"] = batch.num_tokens / (now - start)
                 start = now
