@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine.async_llm import AsyncLLM
@@ -13,6 +14,7 @@ from nanovllm.engine.model_inputs import build_model_inputs
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.kernels.backends import is_flash_attn_installed
+from nanovllm.layers.sampler import sample
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -233,6 +235,18 @@ def test_engines_one_after_another_get_the_same_cache(tiny_models: dict[str, Pat
     del dropped
     with LLM(str(tiny_models["qwen3"]), gpu_memory_utilization=0.5, **args) as llm:
         assert llm.engine is not None and llm.engine.runner.num_kvcache_blocks > 0.98 * first
+
+
+def test_sampler_compiled_when_the_engine_is_built(tiny_models: dict[str, Path]) -> None:
+    """Guards against the first requests waiting for torch.compile: a server's first single-row step and
+    its first batch each compiled the sampler, stalling those requests over a second."""
+    torch._dynamo.reset()  # earlier tests' engines compiled it already; this engine must do it itself
+    params = SamplingParams(temperature=0.6, max_tokens=4, ignore_eos=True)
+    with LLM(str(tiny_models["qwen3"]), **ARGS) as llm:
+        num_graphs = len(_debug_get_cache_entry_list(sample.__code__))
+        llm.generate([[1, 2, 3]], params, use_tqdm=False)
+        llm.generate([[1, 2, 3], [4, 5, 6, 7]], params, use_tqdm=False)
+        assert num_graphs >= 2 and len(_debug_get_cache_entry_list(sample.__code__)) == num_graphs
 
 
 def test_bf16_decode_logits_within_bf16_noise(tiny_models: dict[str, Path]) -> None:

@@ -136,6 +136,8 @@ class ModelRunner:
             load_safetensors(self.model, config.model)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.sampler = Sampler(self.kernels.compile_ops)
+        if self.rank == 0 and self.kernels.compile_ops:  # rank 0 alone samples
+            self.sampler.warm_up(arch.vocab_size, self.dtype, self.device)
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.sampling = SamplingMetadataBuilder(config.max_num_seqs, arch.vocab_size, self.device, eos_token_ids)
         # The last step's sampled tokens, row by row, for a step launched before they reach the host (launch()).

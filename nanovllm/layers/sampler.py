@@ -92,6 +92,15 @@ class Sampler(nn.Module):
         self._sample_transformed = maybe_compile(sample_transformed, compile_ops)
         self._seeded_noise = maybe_compile(seeded_noise, compile_ops)
 
+    def warm_up(self, vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Compile the short path now, for one row and for several: torch.compile builds a graph for each
+        on first use, and on a GPU that took over a second, stalling a server's first requests."""
+        with torch.inference_mode():  # as the engine's steps run: grad mode is part of what a graph is kept for
+            for num_rows in (1, 2):
+                logits = torch.zeros(num_rows, vocab_size, dtype=dtype, device=device)
+                noise = torch.ones(num_rows, vocab_size, device=device)
+                self._sample(logits, torch.ones(num_rows, device=device), noise)
+
     def forward(
         self, logits: torch.Tensor, t: SamplingTensors, generator: torch.Generator | None = None
     ) -> SamplerOutput:  # logits: [B, vocab_size]
