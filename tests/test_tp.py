@@ -184,18 +184,37 @@ def test_tp2_rich_sampling_equals_tp1(tiny_models: dict[str, Path]) -> None:
     assert_no_tensor_parallel_left()
 
 
-def test_stuck_rank0_exits_with_the_reason() -> None:
+def is_running(pid: int) -> bool:
+    """Whether the process exists and is not a zombie (killed, but not reaped by its new parent yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_stuck_rank0_exits_with_the_reason_and_takes_the_workers() -> None:
     """Guards the NCCL last resort (seen on 4 H200s): when aborting the group cannot free rank 0 from a
-    collective that waits on a dead worker, the process must exit naming the worker, not hang."""
+    collective that waits on a dead worker, the process must exit naming the worker, not hang, and the
+    workers still alive (stuck in the same collective) must not outlive it."""
     script = (
-        "import time, nanovllm.engine.tp_worker as w\n"
+        "import multiprocessing, time, nanovllm.engine.tp_worker as w\n"
         "w.STUCK_EXIT_S = 0.5\n"
-        "w._exit_if_stuck(w._Failure(message='rank 3 exited with code -9', in_step=True))\n"
-        "time.sleep(30)\n"
+        "if __name__ == '__main__':\n"
+        "    worker = multiprocessing.get_context('spawn').Process(target=time.sleep, args=(60,))\n"
+        "    worker.start()\n"
+        "    print(worker.pid, flush=True)\n"
+        "    w._exit_if_stuck(w._Failure(message='rank 3 exited with code -9', in_step=True), [worker])\n"
+        "    time.sleep(30)\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "rank 3 exited with code -9" in result.stderr and "exiting the process" in result.stderr
+    worker_pid = int(result.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while is_running(worker_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not is_running(worker_pid), "the live worker outlived rank 0"
 
 
 def test_rank0_not_stuck_is_not_exited() -> None:
@@ -206,8 +225,8 @@ def test_rank0_not_stuck_is_not_exited() -> None:
         "w.STUCK_EXIT_S = 0.5\n"
         "raised = w._Failure(message='rank 1 exited with code -9', in_step=True)\n"
         "raised.raised.set()\n"
-        "w._exit_if_stuck(raised)\n"
-        "w._exit_if_stuck(w._Failure(message='rank 1 exited with code -9', in_step=False))\n"
+        "w._exit_if_stuck(raised, [])\n"
+        "w._exit_if_stuck(w._Failure(message='rank 1 exited with code -9', in_step=False), [])\n"
         "print('still here')\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)

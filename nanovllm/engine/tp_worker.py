@@ -209,16 +209,18 @@ def _watch(processes: list[BaseProcess], stop: Connection, failure: _Failure, is
     if is_nccl and dist.is_initialized():
         # NCCL does not notice a dead peer: rank 0 would wait in its collective until the group's timeout.
         # Aborting the communicators makes that pending collective return with an error now.
-        threading.Thread(target=_exit_if_stuck, args=(failure,), daemon=True, name="tp-stuck-exit").start()
+        args = (failure, processes)
+        threading.Thread(target=_exit_if_stuck, args=args, daemon=True, name="tp-stuck-exit").start()
         dist.distributed_c10d._abort_process_group()
 
 
-def _exit_if_stuck(failure: _Failure) -> None:
+def _exit_if_stuck(failure: _Failure, processes: list[BaseProcess]) -> None:
     """The last resort when the abort cannot free rank 0 from the step it is in (it waits inside NCCL).
 
     Such a process can run nothing more on its GPU, and torch's own NCCL watchdog would end it at the
     collective timeout; ending it now, with the reason, is better than a silent wait of minutes. A rank 0
-    between steps is not stuck: its next step raises, however late that comes.
+    between steps is not stuck: its next step raises, however late that comes. The workers still alive
+    wait in the same collective, so they are killed first: on 4 H200s one outlived rank 0 by minutes.
     """
     if not failure.raised.wait(STUCK_EXIT_S) and failure.in_step:
         sys.stderr.write(
@@ -228,6 +230,8 @@ def _exit_if_stuck(failure: _Failure) -> None:
         )
         faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
         sys.stderr.flush()
+        for process in processes:
+            process.kill()  # a no-op for the dead one
         os._exit(1)
 
 
