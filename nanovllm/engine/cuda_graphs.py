@@ -136,8 +136,9 @@ class DecodeStaging:
 
         One list comprehension per field and whole-array numpy arithmetic, not per-element writes:
         this runs every decode step for every sequence, so it is host time the GPU waits for. Most
-        steps run the same sequences as the step before, each one token further: then positions and
-        context lengths move up by one in place, and only lanes that began a block re-read their table.
+        steps run the same sequences as the step before, each one token further: then positions,
+        context lengths and slots move up by one in place, and only lanes that began a block re-read
+        their table.
         """
         seqs = batch.seqs
         num_seqs = len(seqs)
@@ -147,20 +148,25 @@ class DecodeStaging:
         # `==` on lists of Sequences compares identities, in C. The same sequences as last time, with no
         # other step in between (forget() is called after every step run without this staging), are
         # one token further, with their block tables only appended to.
+        # slot of position p = block_tables[lane, p // block_size] * block_size + p % block_size
         if seqs == self.last_seqs and self._one_token_further(seqs):
-            positions = h["positions"][:num_seqs]
+            positions, slots = h["positions"][:num_seqs], h["slot_mapping"][:num_seqs]
             positions += 1
             h["context_lens"][:num_seqs] += 1
-            self._stage_block_tables(seqs, np.flatnonzero(positions % self.block_size == 0).tolist())
+            slots += 1  # the next slot of the same block, except in lanes whose position begins a block:
+            new_block_lanes = np.flatnonzero(positions % self.block_size == 0).tolist()
+            self._stage_block_tables(seqs, new_block_lanes)
+            for lane in new_block_lanes:
+                slots[lane] = int(h["block_tables"][lane, positions[lane] // self.block_size]) * self.block_size
         else:
             positions = np.array([len(seq.token_ids) - 1 for seq in seqs], dtype=np.int64)  # [B]
             h["positions"][:num_seqs] = positions
             h["context_lens"][:num_seqs] = positions + 1
             self._stage_block_tables(seqs, range(num_seqs))
             self.last_seqs = list(seqs)
-        # slot of position p = block_tables[lane, p // block_size] * block_size + p % block_size
-        block_ids = h["block_tables"][np.arange(num_seqs), positions // self.block_size]  # [B]
-        h["slot_mapping"][:num_seqs] = block_ids.astype(np.int64) * self.block_size + positions % self.block_size
+            block_indices, offsets = np.divmod(positions, self.block_size)
+            block_ids = h["block_tables"][np.arange(num_seqs), block_indices]  # [B]
+            h["slot_mapping"][:num_seqs] = block_ids.astype(np.int64) * self.block_size + offsets
         h["slot_mapping"][num_seqs:bucket] = -1  # padded lanes: nothing stored
         h["feed_rows"][num_seqs:bucket] = -1
         h["input_ids"][num_seqs:bucket] = 0  # padded lanes still embed a token: never a stale PENDING_TOKEN
