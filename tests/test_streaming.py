@@ -1,5 +1,6 @@
 """The request-level API: add_request / step / abort_request, LLM.stream, and incremental detokenization."""
 
+import random
 from pathlib import Path
 
 import pytest
@@ -32,6 +33,33 @@ def test_detokenizer_deltas_join_to_decoded_text(tiny_models: dict[str, Path], c
     assert "".join(deltas) == text, deltas
     assert not any("\ufffd" in delta for delta in deltas), deltas
     assert len(token_ids) > len(text.encode()) // 2, "the test needs characters split over several tokens"
+
+
+class RefusingStream:
+    """Stands in for the backend's DecodeStream when it rejects a token (its InvalidPrefix error)."""
+
+    def step(self, tokenizer: object, token_id: int) -> str | None:
+        raise Exception("Invalid prefix encountered")
+
+
+@pytest.mark.parametrize("refuse_after", [None, 0, 7], ids=["rust-stream", "python-rule", "switch-midway"])
+def test_detokenizer_random_ids_and_a_cut_character(tiny_models: dict[str, Path], refuse_after: int | None) -> None:
+    """Guards the backend's incremental decoder and the Python rule it falls back to: on random ids (byte
+    tokens, special tokens) and on a completion cut inside a character, the deltas and the final flush
+    join to the decode of all the ids, also when the decoder refuses a token midway."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["qwen3"], clean_up_tokenization_spaces=False)
+    rng = random.Random(0)
+    emoji = tokenizer.encode("😀")
+    for token_ids in ([rng.randrange(len(tokenizer)) for _ in range(300)], tokenizer.encode("ab") + emoji[:-1]):
+        detokenizer = IncrementalDetokenizer(tokenizer)
+        deltas = []
+        for i, token_id in enumerate(token_ids):
+            if i == refuse_after:
+                detokenizer._stream = RefusingStream()  # type: ignore[assignment]
+            deltas.append(detokenizer.push([token_id]))
+        deltas.append(detokenizer.flush())
+        assert "".join(deltas) == tokenizer.decode(token_ids, skip_special_tokens=True), deltas
+    assert len(emoji) > 2, "the test needs a character split over several tokens"
 
 
 def test_stream_matches_generate(llm: LLM) -> None:

@@ -16,7 +16,7 @@ from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.request import Request
 from nanovllm.engine.sampling_metadata import HostSamples, check_params_for_vocab
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler, SchedulerLimits
-from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.sequence import Sequence, SequenceStatus
 from nanovllm.models.arch import ModelArch, load_model_arch
 from nanovllm.outputs import RequestOutput, StreamOutput
 from nanovllm.sampling_params import SamplingParams
@@ -183,14 +183,15 @@ class LLMEngine:
         outputs = []
         finished: dict[str, Request] = {}
         for seq, num_before in zip(batch.seqs, num_tokens_before, strict=True):
-            if len(seq.token_ids) == num_before and not seq.is_finished:
+            if len(seq.token_ids) == num_before and seq.status is not SequenceStatus.FINISHED:
                 continue  # a prompt chunk that is not the last: nothing sampled yet
             request = self._requests_by_seq[seq.seq_id]
-            outputs.append(self._stream_output(request, seq, num_before))
+            output = self._stream_output(request, seq, num_before)
+            outputs.append(output)
             if request.num_queued < len(request.seqs):
                 for sibling in request.siblings_to_queue():
                     self.scheduler.add(sibling, first=True)
-            if seq.is_finished and request.is_finished:
+            if output.finished and request.is_finished:
                 finished[request.request_id] = request  # forgotten after the loop: n > 1 may finish several rows
         for request in finished.values():
             self._forget(request)
@@ -234,15 +235,17 @@ class LLMEngine:
     def _stream_output(self, request: Request, seq: Sequence, num_tokens_before: int) -> StreamOutput:
         """Detokenize the new tokens, end the completion if they complete a stop string, and report them."""
         new_token_ids = seq.token_ids[num_tokens_before:]
+        finished = seq.status is SequenceStatus.FINISHED  # read once: this runs for every row of every step
         text = request.texts[seq.sample_index]
         text_delta = ""
         if text is not None:
             stop_string = text.push(new_token_ids)
             if stop_string is not None:
                 self.scheduler.stop(seq, stop_string)
-            if seq.is_finished:
+                finished = True
+            if finished:
                 text.finish()
-            text_delta = text.take_delta(seq.is_finished)
+            text_delta = text.take_delta(finished)
         logprobs = None
         if seq.params.logprobs is not None:
             logprobs = seq.output_logprobs[len(seq.output_logprobs) - len(new_token_ids) :]
@@ -250,7 +253,7 @@ class LLMEngine:
             request.request_id,
             new_token_ids,
             text_delta,
-            seq.is_finished,
+            finished,
             seq.finish_reason,
             seq.sample_index,
             logprobs,
