@@ -47,7 +47,7 @@ class IncrementalDetokenizer:
         delta = ""
         for token_id in new_token_ids:
             self.token_ids.append(token_id)
-            if self._stream is None:
+            if self._stream is None or self._backend is None:  # no stream: the Python rule, after the loop
                 continue
             try:
                 chunk = self._stream.step(self._backend, token_id)
