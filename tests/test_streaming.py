@@ -1,12 +1,14 @@
 """The request-level API: add_request / step / abort_request, LLM.stream, and incremental detokenization."""
 
+import dataclasses
+import pickle
 import random
 from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
-from nanovllm import LLM, SamplingParams
+from nanovllm import LLM, SamplingParams, StreamOutput
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
 
 ARGS = dict(device="cpu", dtype="float32", kvcache_block_size=16, max_model_len=128, num_kvcache_blocks=64)
@@ -60,6 +62,14 @@ def test_detokenizer_random_ids_and_a_cut_character(tiny_models: dict[str, Path]
         deltas.append(detokenizer.flush())
         assert "".join(deltas) == tokenizer.decode(token_ids, skip_special_tokens=True), deltas
     assert len(emoji) > 2, "the test needs a character split over several tokens"
+
+
+def test_stream_output_pickles_every_field() -> None:
+    """Guards StreamOutput.__reduce__ (the engine process pickles one per row of every step) against a
+    field added to the class but not to its pickled arguments."""
+    out = StreamOutput("req-1", [1, 2], "ab", True, "stop", 3, [{1: -0.5}, {2: -0.25}], "END")
+    assert pickle.loads(pickle.dumps(out)) == out
+    assert len(out.__reduce__()[1]) == len(dataclasses.fields(StreamOutput))
 
 
 def test_stream_matches_generate(llm: LLM) -> None:
