@@ -11,6 +11,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.decode_lanes import DecodeLanes
 from nanovllm.engine.sequence import PENDING_TOKEN, Sequence, SequenceStatus, StepSamples
 
 
@@ -28,6 +29,7 @@ class ScheduledBatch:
     seqs: list[Sequence]  # the sequences of this step, in batch order
     num_new_tokens: list[int]  # tokens each sequence computes this step (its query length)
     is_prefill: bool  # False: a decode step, exactly one new token per sequence
+    lanes: DecodeLanes | None = None  # a decode step of the whole running queue: its arrays (decode_lanes.py)
 
     @property
     def num_tokens(self) -> int:
@@ -42,6 +44,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()  # to be prefilled; the head may be mid-prefill
         self.running: deque[Sequence] = deque()  # prefilled and decoding, oldest first
         self.num_preemptions = 0  # sequences preempted so far, for logs and tests
+        # The running queue as arrays while it stays the same; None once a sequence joins or leaves it.
+        self.lanes: DecodeLanes | None = None
 
     def check_request(self, seq: Sequence) -> None:
         """Refuse a request that can never run, with an error that says why and what to change."""
@@ -99,20 +103,33 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+            self.lanes = None
         return ScheduledBatch(seqs, num_new_tokens, is_prefill=True)
 
     def _schedule_decode(self) -> ScheduledBatch:
         max_batch = min(self.limits.max_num_seqs, self.limits.max_num_batched_tokens)
         block_size = self.block_manager.block_size
+        lanes = self.lanes
+        if lanes is not None and lanes.seqs == list(self.running):  # `==` compares identities, in C
+            # Most steps: the same sequences as the last decode step, and the few whose newest token begins
+            # a block can each have a free one.
+            short_lanes = lanes.lanes_without_slot()
+            if len(short_lanes) <= self.block_manager.num_free_blocks:
+                for lane in short_lanes:
+                    self.block_manager.append_slot(lanes.seqs[lane])
+                    lanes.num_slots[lane] += self.block_manager.block_size
+                return ScheduledBatch(lanes.seqs, lanes.num_new_tokens, is_prefill=False, lanes=lanes)
+        self.lanes = None
         if len(self.running) <= max_batch:
-            # Most steps: every running sequence decodes, and the few whose newest token begins a block can
-            # each have a free one. One comprehension finds them (40% less host time than the loop below).
+            # Every running sequence decodes, and the few whose newest token begins a block can each have a
+            # free one: the running queue is settled, and its lanes take over the next steps' bookkeeping.
             seqs = list(self.running)
             short = [seq for seq in seqs if len(seq.block_table) * block_size < len(seq.token_ids)]
             if len(short) <= self.block_manager.num_free_blocks:
                 for seq in short:
                     self.block_manager.append_slot(seq)
-                return ScheduledBatch(seqs, [1] * len(seqs), is_prefill=False)
+                self.lanes = lanes = DecodeLanes(seqs, block_size, self.eos_token_ids)
+                return ScheduledBatch(seqs, lanes.num_new_tokens, is_prefill=False, lanes=lanes)
         # Otherwise oldest first, preempting the newest sequences when the cache runs out of blocks.
         seqs = []
         while self.running and len(seqs) < max_batch:
@@ -134,6 +151,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         """Free a running sequence's blocks; it is recomputed later, ahead of new prompts."""
+        self.lanes = None
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
@@ -150,6 +168,10 @@ class Scheduler:
         this one runs on the GPU. A sequence that thereby reaches max_tokens is done: it leaves the running
         queue and frees its blocks now, and record_samples() gives its finish reason.
         """
+        if batch.lanes is not None and batch.lanes is self.lanes and batch.lanes.can_advance():
+            for lane in batch.lanes.advance():
+                self.block_manager.register_computed(batch.seqs[lane])  # its computed tokens fill a block
+            return batch.lanes.rows
         if not batch.is_prefill:
             return self._advance_decode(batch)
         rows: list[int] = []
@@ -203,6 +225,8 @@ class Scheduler:
     def record_samples(self, batch: ScheduledBatch, rows: list[int], samples: StepSamples) -> list[Sequence]:
         """Put the sampled tokens of ``rows`` (from advance()) in place of their PENDING_TOKENs; return the
         sequences that finished, by a stop token or by length."""
+        if batch.lanes is not None and rows is batch.lanes.rows and batch.lanes.record(samples.token_ids):
+            return []  # advance() took the lanes' path (no row ended by length), and no row sampled a stop token
         finished: list[Sequence] = []
         seqs, token_ids, logprobs = batch.seqs, samples.token_ids, samples.sampled_logprobs
         eos_token_ids, is_finished = self.eos_token_ids, SequenceStatus.FINISHED
@@ -229,6 +253,7 @@ class Scheduler:
         return finished
 
     def _end(self, seq: Sequence) -> None:
+        self.lanes = None
         seq.status = SequenceStatus.FINISHED
         self.block_manager.free(seq)
 
@@ -249,6 +274,7 @@ class Scheduler:
     def stop(self, seq: Sequence, stop_reason: str) -> None:
         """Finish a sequence that a stop string ended (found by the engine in the detokenized text)."""
         if not seq.is_finished:  # else the same step ended it by a token or length; the stop string still wins
+            self.lanes = None
             self.running.remove(seq)
             self.block_manager.free(seq)
             seq.status = SequenceStatus.FINISHED
@@ -262,6 +288,7 @@ class Scheduler:
             self.running.remove(seq)
         else:
             return
+        self.lanes = None
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = "abort"
@@ -272,3 +299,4 @@ class Scheduler:
             self.block_manager.free(seq)
         self.waiting.clear()
         self.running.clear()
+        self.lanes = None

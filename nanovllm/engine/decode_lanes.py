@@ -1,0 +1,74 @@
+"""The running queue as one decode batch kept from step to step, for the bookkeeping of steady decoding.
+
+Most decode steps run the same sequences as the step before, each one token longer. The
+scheduler's general loops then read and write every sequence's fields, row by row, for the same
+arithmetic on every row; at batch 256 that host time is several times the rest of the step's.
+While no sequence joins or leaves the running queue, :class:`DecodeLanes` keeps each sequence's
+counts in arrays, one lane per sequence in batch order, and does that arithmetic once per step:
+
+    lane:            0     1     2    ...  255
+    num_tokens:    1031  1280  1152  ...   999   tokens, the newest (sampled, maybe still pending) included
+    num_slots:     1280  1280  1280  ...  1024   KV slots the blocks hold: len(block_table) * block_size
+    max_num_tokens 1415  2046  1300  ...  1810   the length at which max_tokens ends it
+
+    a lane needs a new block when num_tokens > num_slots       (lane 1 above)
+    a lane fills a block when its computed count, num_tokens - 1, is a multiple of block_size
+
+Anything else (a sequence that ends, joins, is preempted or asks for logprobs, a stop token in the
+samples) goes back to the scheduler's general loops, and the lanes are rebuilt once the running
+queue is settled again.
+"""
+
+from collections import deque
+from itertools import repeat
+from operator import setitem
+
+import numpy as np
+
+from nanovllm.engine.sequence import PENDING_TOKEN, Sequence
+
+
+class DecodeLanes:
+    def __init__(self, seqs: list[Sequence], block_size: int, eos_token_ids: set[int]) -> None:
+        self.seqs = seqs  # the running sequences, oldest first: each decode batch of these lanes holds this list
+        self.block_size = block_size
+        self.token_lists = [seq.token_ids for seq in seqs]  # each sequence's own token list
+        self.num_tokens = np.array([len(token_ids) for token_ids in self.token_lists], dtype=np.int64)  # [B]
+        self.num_slots = np.array([len(seq.block_table) * block_size for seq in seqs], dtype=np.int64)  # [B]
+        self.max_num_tokens = np.array(  # [B]
+            [seq.num_prompt_tokens + seq.params.max_tokens for seq in seqs], dtype=np.int64
+        )
+        self.rows = list(range(len(seqs)))  # every row samples a real token: advance()'s answer
+        self.num_new_tokens = [1] * len(seqs)  # one token each: every batch's num_new_tokens
+        # Sampled tokens that may end a row (EOS where not ignored, stop_token_ids): a step that samples
+        # none of them ends no row, which record() checks with one set operation instead of a loop.
+        self.stop_token_ids: set[int] = set()
+        for seq in seqs:
+            self.stop_token_ids.update(seq.params.stop_token_ids or ())
+            if not seq.params.ignore_eos:
+                self.stop_token_ids.update(eos_token_ids)
+        self.has_logprobs = any(seq.params.logprobs is not None for seq in seqs)  # the general loop records them
+
+    def lanes_without_slot(self) -> list[int]:
+        """Lanes whose newest token begins a block they do not have yet."""
+        return np.flatnonzero(self.num_tokens > self.num_slots).tolist()
+
+    def can_advance(self) -> bool:
+        """Whether the step being accounted ends no sequence by length (those leave the queue: general loop)."""
+        return not (self.num_tokens >= self.max_num_tokens - 1).any()
+
+    def advance(self) -> list[int]:
+        """A decode step of these lanes was launched: each sequence computed its newest token and holds a
+        PENDING_TOKEN for the one it samples. Returns the lanes whose computed tokens now fill a block."""
+        for seq, token_ids in zip(self.seqs, self.token_lists, strict=True):
+            seq.num_computed_tokens += 1
+            token_ids.append(PENDING_TOKEN)
+        self.num_tokens += 1
+        return np.flatnonzero((self.num_tokens - 1) % self.block_size == 0).tolist()
+
+    def record(self, token_ids: list[int]) -> bool:
+        """Put each lane's sample in place of its PENDING_TOKEN; False if one may end its sequence (a stop token)
+        or logprobs were asked, which the general loop then records (putting the same tokens again)."""
+        # map() in a zero-length deque: the per-row assignment runs in C, with no Python loop.
+        deque(map(setitem, self.token_lists, repeat(-1), token_ids), maxlen=0)
+        return not self.has_logprobs and self.stop_token_ids.isdisjoint(token_ids)
