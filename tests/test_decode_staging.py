@@ -2,6 +2,9 @@
 
 import random
 
+import numpy as np
+import torch
+
 from nanovllm.engine.cuda_graphs import DecodeStaging
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
@@ -77,3 +80,37 @@ def test_same_batch_fast_path_equals_full_staging() -> None:
         full.stage(batch, bucket=8)
         for name in full.arrays:
             assert (fast.arrays[name][: len(seqs)] == full.arrays[name][: len(seqs)]).all(), (step, name)
+
+
+def test_fed_lanes_skip_the_host_token_and_unfed_ones_read_it() -> None:
+    """Guards the fast path's skipped token read: a lane fed from the device's last samples (async
+    scheduling) says so in feed_rows, and a step staged without feeding reads every newest token again."""
+    seqs = [decoding_seq(i, 10 + i, first_block=i * MAX_BLOCKS) for i in range(4)]
+    staging = DecodeStaging(max_num_seqs=8, max_blocks=MAX_BLOCKS, block_size=BLOCK_SIZE, pin_memory=False)
+    all_rows = np.arange(len(seqs), dtype=np.int64)
+    for step in range(12):
+        for seq in seqs:
+            seq.token_ids.append(100 + step)
+            if len(seq.block_table) * BLOCK_SIZE < seq.num_tokens:
+                seq.block_table.append(seq.block_table[-1] + 1)
+        fed = step % 3 != 2  # two steps fed from the device, then one from the host
+        staging.stage(ScheduledBatch(seqs, [1] * len(seqs), is_prefill=False), 8, all_rows if fed else None)
+        h = staging.arrays
+        assert list(h["feed_rows"][: len(seqs)]) == (list(all_rows) if fed else [-1] * len(seqs)), step
+        if not fed:
+            check_lanes(staging, seqs, bucket=8)
+        assert list(h["positions"][: len(seqs)]) == [seq.num_tokens - 1 for seq in seqs], step
+
+
+def test_one_copy_of_the_buffer_prefix_carries_every_field_of_the_bucket() -> None:
+    """Guards the single host-to-device copy: the prefix num_bytes(bucket) of the staging buffer, viewed in
+    the same layout, must hold every field's first ``bucket`` lanes (block tables last, lane-major)."""
+    staging = DecodeStaging(max_num_seqs=40, max_blocks=MAX_BLOCKS, block_size=BLOCK_SIZE, pin_memory=False)
+    seqs = [decoding_seq(i, 3 + 5 * i, first_block=i) for i in range(20)]
+    staging.stage(ScheduledBatch(seqs, [1] * len(seqs), is_prefill=False), bucket=32)
+    copy = torch.full_like(staging.buffer, 0xAB)  # what a device buffer may hold from an earlier step
+    num_bytes = staging.num_bytes(32)
+    copy[:num_bytes] = staging.buffer[:num_bytes]
+    for name, field in staging.fields_of(copy).items():
+        assert torch.equal(field[:32], staging.host[name][:32]), name
+    assert num_bytes < staging.buffer.numel()  # lanes 32.. of the block tables are not copied

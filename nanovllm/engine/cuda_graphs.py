@@ -3,7 +3,7 @@
 A decode step launches hundreds of small kernels; capturing them once in a graph and
 replaying it removes the per-launch CPU cost. A graph replays fixed memory addresses, so
 every input lives in a static device buffer sized for the largest bucket, filled each step
-from pinned host buffers with one copy each (nothing is allocated per step). A batch of B
+from a pinned host buffer of the same layout with one copy (nothing is allocated per step). A batch of B
 sequences runs the graph of the smallest bucket >= B; the padded lanes B.. get slot -1 (the
 KV store skips them) and context length 0 (attention returns zeros for them).
 
@@ -14,6 +14,7 @@ engine launches a step before the previous one has reached the host.
     bucket 8, batch 5:   lanes 0-4 real | lanes 5-7 padding (slot -1, context 0)
 """
 
+import math
 from collections.abc import Iterable
 
 import numpy as np
@@ -28,6 +29,7 @@ from nanovllm.utils.context import AttentionMetadata, attention_context
 # Batch sizes with a graph: small powers of two, then every multiple of 16 (as vLLM and nano-vllm).
 SMALL_BUCKETS = (1, 2, 4, 8)
 BUCKET_STEP = 16
+FIELD_ALIGNMENT = 16  # bytes: each input field starts at a multiple of this in the staging buffer
 
 
 def graph_buckets(max_num_seqs: int) -> list[int]:
@@ -56,10 +58,19 @@ class DecodeGraphs:
         device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
         self.staging = DecodeStaging(max_num_seqs, max_blocks, block_size, pin_memory=True)
-        self.static = {name: torch.zeros_like(host, device=device) for name, host in self.staging.host.items()}
+        self.static_buffer = torch.zeros_like(self.staging.buffer, device=device)  # the host buffer's layout
+        self.static = self.staging.fields_of(self.static_buffer)
         self.cu_seqlens_q = torch.arange(max_num_seqs + 1, dtype=torch.int32, device=device)  # one query each
         self.hidden_states = torch.zeros(max_num_seqs, hidden_size, dtype=dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        # Made once, not per step (each tensor slice costs several us of host time): the bucket of each
+        # batch size, each bucket's (device, host) buffer prefix for the input copy, and the output rows.
+        self.bucket_of = [next(b for b in self.buckets if b >= n) for n in range(max_num_seqs + 1)]
+        self.copy_prefixes = {
+            b: (self.static_buffer[: self.staging.num_bytes(b)], self.staging.buffer[: self.staging.num_bytes(b)])
+            for b in self.buckets
+        }
+        self.outputs = [self.hidden_states[:n] for n in range(max_num_seqs + 1)]  # [n, hidden_size] each
         # Recorded after each step's copies out of the pinned buffers: the next step must not refill them
         # before those copies ran, which is not implied when the engine launches steps ahead of the GPU.
         self.inputs_copied = torch.cuda.Event()
@@ -103,22 +114,31 @@ class DecodeGraphs:
     def run(self, batch: ScheduledBatch, feed_rows: np.ndarray | None = None) -> torch.Tensor:
         """Replay the decode graph for this batch: its hidden states [B, hidden_size]."""
         num_seqs = len(batch.seqs)
-        bucket = next(b for b in self.buckets if b >= num_seqs)
+        bucket = self.bucket_of[num_seqs]
         self.inputs_copied.synchronize()
         self.staging.stage(batch, bucket, feed_rows)
-        for name, host in self.staging.host.items():
-            self.static[name][:bucket].copy_(host[:bucket], non_blocking=True)
+        device_prefix, host_prefix = self.copy_prefixes[bucket]
+        device_prefix.copy_(host_prefix, non_blocking=True)  # one copy for every field: each costs host time
         self.inputs_copied.record()
         self.graphs[bucket].replay()
-        return self.hidden_states[:num_seqs]
+        return self.outputs[num_seqs]
 
 
 class DecodeStaging:
-    """Pinned host buffers holding one decode step's inputs, lane b for the b-th sequence of the batch."""
+    """A pinned host buffer holding one decode step's inputs, lane b for the b-th sequence of the batch.
+
+    The fields lie one after another in one byte buffer, block tables last, so that the bytes every
+    field needs for lanes < bucket are one prefix of it:
+
+        | input_ids | feed_rows | positions | slot_mapping | context_lens | block_tables (lane-major) |
+        |<------------- max_num_seqs lanes each ----------------------->| bucket rows ...           |
+        |<----------------------------- num_bytes(bucket) ------------------------->|
+    """
 
     def __init__(self, max_num_seqs: int, max_blocks: int, block_size: int, pin_memory: bool) -> None:
         self.block_size = block_size
-        shapes = {
+        self.max_blocks = max_blocks
+        self.shapes = {
             "input_ids": ((max_num_seqs,), torch.int64),  # the last sampled token of each sequence
             "feed_rows": ((max_num_seqs,), torch.int64),  # -1, or the row of last_sampled that holds it
             "positions": ((max_num_seqs,), torch.int64),
@@ -126,10 +146,30 @@ class DecodeStaging:
             "context_lens": ((max_num_seqs,), torch.int32),
             "block_tables": ((max_num_seqs, max_blocks), torch.int32),
         }
-        self.host = {name: torch.zeros(shape, dtype=dt, pin_memory=pin_memory) for name, (shape, dt) in shapes.items()}
+        self.offsets: dict[str, int] = {}  # byte offset of each field in the buffer
+        num_bytes = 0
+        for name, (shape, dtype) in self.shapes.items():
+            num_bytes = -(-num_bytes // FIELD_ALIGNMENT) * FIELD_ALIGNMENT
+            self.offsets[name] = num_bytes
+            num_bytes += math.prod(shape) * dtype.itemsize
+        self.buffer = torch.zeros(num_bytes, dtype=torch.uint8, pin_memory=pin_memory)
+        self.host = self.fields_of(self.buffer)
         self.arrays = {name: t.numpy() for name, t in self.host.items()}  # numpy views of the same memory
         self.lane_keys: list[tuple[int, int, int] | None] = [None] * max_num_seqs  # what each block-table row holds
         self.last_seqs: list[Sequence] = []  # the sequences staged last step, lane by lane
+
+    def fields_of(self, buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each field as a typed tensor over ``buffer`` (this layout's bytes: the host's or the device's)."""
+        fields = {}
+        for name, (shape, dtype) in self.shapes.items():
+            start = self.offsets[name]
+            fields[name] = buffer[start : start + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+        return fields
+
+    def num_bytes(self, bucket: int) -> int:
+        """The buffer's prefix that holds every field for lanes < bucket: all of it up to the block tables'
+        first ``bucket`` rows."""
+        return self.offsets["block_tables"] + bucket * self.max_blocks * torch.int32.itemsize
 
     def stage(self, batch: ScheduledBatch, bucket: int, feed_rows: np.ndarray | None = None) -> None:
         """Fill the pinned host buffers: each sequence computes its last token, at position num_tokens - 1.
@@ -143,13 +183,14 @@ class DecodeStaging:
         seqs = batch.seqs
         num_seqs = len(seqs)
         h = self.arrays
-        h["input_ids"][:num_seqs] = [seq.token_ids[-1] for seq in seqs]  # PENDING_TOKEN where fed
         h["feed_rows"][:num_seqs] = -1 if feed_rows is None else feed_rows
         # `==` on lists of Sequences compares identities, in C. The same sequences as last time, with no
         # other step in between (forget() is called after every step run without this staging), are
         # one token further, with their block tables only appended to.
         # slot of position p = block_tables[lane, p // block_size] * block_size + p % block_size
         if seqs == self.last_seqs and self._one_token_further(seqs):
+            if feed_rows is None:  # else the step before was this batch's, and every lane is fed from it
+                h["input_ids"][:num_seqs] = [seq.token_ids[-1] for seq in seqs]
             positions, slots = h["positions"][:num_seqs], h["slot_mapping"][:num_seqs]
             positions += 1
             h["context_lens"][:num_seqs] += 1
@@ -159,6 +200,7 @@ class DecodeStaging:
             for lane in new_block_lanes:
                 slots[lane] = int(h["block_tables"][lane, positions[lane] // self.block_size]) * self.block_size
         else:
+            h["input_ids"][:num_seqs] = [seq.token_ids[-1] for seq in seqs]  # PENDING_TOKEN where fed
             positions = np.array([len(seq.token_ids) - 1 for seq in seqs], dtype=np.int64)  # [B]
             h["positions"][:num_seqs] = positions
             h["context_lens"][:num_seqs] = positions + 1
@@ -167,10 +209,11 @@ class DecodeStaging:
             block_indices, offsets = np.divmod(positions, self.block_size)
             block_ids = h["block_tables"][np.arange(num_seqs), block_indices]  # [B]
             h["slot_mapping"][:num_seqs] = block_ids.astype(np.int64) * self.block_size + offsets
-        h["slot_mapping"][num_seqs:bucket] = -1  # padded lanes: nothing stored
-        h["feed_rows"][num_seqs:bucket] = -1
-        h["input_ids"][num_seqs:bucket] = 0  # padded lanes still embed a token: never a stale PENDING_TOKEN
-        h["context_lens"][num_seqs:bucket] = 0  # padded lanes: nothing attended
+        if num_seqs < bucket:
+            h["slot_mapping"][num_seqs:bucket] = -1  # padded lanes: nothing stored
+            h["feed_rows"][num_seqs:bucket] = -1
+            h["input_ids"][num_seqs:bucket] = 0  # padded lanes still embed a token: never a stale PENDING_TOKEN
+            h["context_lens"][num_seqs:bucket] = 0  # padded lanes: nothing attended
 
     def _one_token_further(self, seqs: list[Sequence]) -> bool:
         """Whether the first lane gained exactly one token since it was staged (not staged twice for one step)."""
