@@ -3,9 +3,15 @@
     python benchmarks/host_overhead.py [--num-seqs 256] [--context 1000]
 
 Fills the engine with --num-seqs sequences of --context prompt tokens (Qwen3-0.6B shape,
-random weights), lets them reach decode, then times --steps decode steps: scheduling,
-staging the inputs into pinned buffers, the model run (synchronized: graph replay, LM head,
-sampling), and recording the sampled tokens. Prints medians in microseconds.
+random weights), lets them reach decode, then times --steps decode steps twice:
+
+- synchronous steps: scheduling, staging the inputs into pinned buffers, the model run
+  (synchronized: graph replay, LM head, sampling), and recording the sampled tokens;
+- the loop generate() runs (async scheduling, LLMEngine._steps_ahead): schedule step N+1, launch
+  it (staging, copies, graph replay and sampling, queued), wait for step N's tokens, record them,
+  advance N+1. Everything but the wait is host work; the GPU runs step N meanwhile.
+
+Prints medians in microseconds.
 """
 
 import argparse
@@ -20,7 +26,106 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import build_dummy_llm  # noqa: E402
 from nanovllm import SamplingParams  # noqa: E402
+from nanovllm.engine import model_runner  # noqa: E402
 from nanovllm.engine.llm_engine import LLMEngine  # noqa: E402
+
+
+def print_medians(title: str, timings: dict[str, list[float]], host_keys: tuple[str, ...]) -> None:
+    print(title)
+    for key, values in timings.items():
+        print(f"  {key:12s} median {statistics.median(values):9.1f} us")
+    host = sum(statistics.median(timings[k]) for k in host_keys)
+    print(f"  host total ({' + '.join(host_keys)}): {host:.1f} us")
+
+
+def time_synchronous_steps(engine: LLMEngine, num_steps: int) -> None:
+    """Each step run to its end before the next is scheduled; staging timed on its own."""
+    timings: dict[str, list[float]] = {"schedule": [], "stage": [], "run (GPU)": [], "postprocess": []}
+    graphs = engine.runner.decode_graphs
+    for _ in range(num_steps):
+        t0 = time.perf_counter()
+        batch = engine.scheduler.schedule()
+        t1 = time.perf_counter()
+        if graphs is not None:
+            graphs.staging.stage(batch, next(b for b in graphs.buckets if b >= len(batch.seqs)))
+        t2 = time.perf_counter()
+        sampled = engine.runner.run(batch)  # ends in .tolist(): synchronized
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t3 = time.perf_counter()
+        engine.scheduler.postprocess(batch, sampled)
+        t4 = time.perf_counter()
+        for key, value in zip(timings, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            timings[key].append(value * 1e6)
+    print_medians("synchronous steps:", timings, ("schedule", "stage", "postprocess"))
+
+
+class PartTimer:
+    """Times chosen methods of the engine's parts from the outside: each call's microseconds, by label."""
+
+    def __init__(self) -> None:
+        self.micros: dict[str, list[float]] = {}
+
+    def wrap(self, owner: object, name: str, label: str) -> None:
+        real = getattr(owner, name)
+        micros = self.micros.setdefault(label, [])
+
+        def timed(*args: object, **kwargs: object) -> object:
+            start = time.perf_counter()
+            result = real(*args, **kwargs)
+            micros.append((time.perf_counter() - start) * 1e6)
+            return result
+
+        setattr(owner, name, timed)
+
+    def median(self, label: str) -> float:
+        return statistics.median(self.micros[label][1:])  # the first call, outside the timed turns, left out
+
+
+def time_steps_ahead(engine: LLMEngine, num_steps: int) -> None:
+    """generate()'s loop (LLMEngine._steps_ahead), one decode step per turn, each part timed."""
+    runner, scheduler = engine.runner, engine.scheduler
+    timings: dict[str, list[float]] = {"schedule": [], "launch": [], "wait (GPU)": [], "record": [], "advance": []}
+    parts = PartTimer()  # launch()'s host work, piece by piece
+    if runner.decode_graphs is not None:
+        parts.wrap(runner.decode_graphs.staging, "stage", "stage")
+        parts.wrap(runner.decode_graphs, "run", "stage + input copies + graph replay")
+        parts.wrap(runner.decode_graphs.inputs_copied, "synchronize", "wait for the last input copies")
+        for graph in runner.decode_graphs.graphs.values():
+            parts.wrap(graph, "replay", "graph replay")
+    parts.wrap(runner.model, "compute_logits", "LM head")
+    parts.wrap(runner.sampling, "build", "sampling tensors")
+    parts.wrap(runner, "sampler", "sampler (compiled)")
+    parts.wrap(runner.sampling, "record", "penalty record")
+    parts.wrap(model_runner, "HostSamples", "copies to the host")
+    batch = scheduler.schedule()  # the first turn, with no step in flight, is not timed
+    launched = runner.launch(batch, None)
+    in_flight = (batch, scheduler.advance(batch), launched)
+    for _ in range(num_steps):
+        t0 = time.perf_counter()
+        batch = scheduler.schedule()
+        t1 = time.perf_counter()
+        launched = runner.launch(batch, in_flight[0])
+        t2 = time.perf_counter()
+        landed, rows, samples = in_flight
+        landed_samples = samples.wait(landed.seqs)
+        t3 = time.perf_counter()
+        scheduler.record_samples(landed, rows, landed_samples)
+        t4 = time.perf_counter()
+        in_flight = (batch, scheduler.advance(batch), launched)
+        t5 = time.perf_counter()
+        for key, value in zip(timings, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
+            timings[key].append(value * 1e6)
+    landed, rows, samples = in_flight
+    scheduler.record_samples(landed, rows, samples.wait(landed.seqs))  # no token left pending for what follows
+    print_medians("generate()'s loop (async scheduling):", timings, ("schedule", "launch", "record", "advance"))
+    for label in parts.micros:
+        print(f"    launch: {label:38s} median {parts.median(label):7.1f} us")
+    if "stage" in parts.micros:
+        bookkeeping = parts.median("stage") + sum(
+            statistics.median(timings[k]) for k in ("schedule", "record", "advance")
+        )
+        print(f"  schedule + stage + record + advance: {bookkeeping:.1f} us")
 
 
 def main() -> None:
@@ -36,40 +141,22 @@ def main() -> None:
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="of every request (default 1.0 = off)")
     args = parser.parse_args()
     llm = build_dummy_llm("qwen3-0.6b", attention_backend=args.backend, max_num_seqs=max(args.num_seqs, 1),
-                          max_model_len=args.context + args.steps + 64, enforce_eager=args.eager)  # fmt: skip
+                          max_model_len=args.context + 3 * args.steps + 64, enforce_eager=args.eager)  # fmt: skip
     engine = llm.engine
     assert isinstance(engine, LLMEngine)
     params = SamplingParams(
         temperature=0.6, top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
-        ignore_eos=True, max_tokens=args.steps + 32,
+        ignore_eos=True, max_tokens=3 * args.steps + 32,
     )  # fmt: skip
     for i in range(args.num_seqs):
         engine.add_request([(i * 7 + j) % 10000 for j in range(args.context)], params, stream_text=False)
     while engine.scheduler.waiting:  # prefill everything
         engine.step()
-    timings: dict[str, list[float]] = {"schedule": [], "stage": [], "run (GPU)": [], "postprocess": []}
-    graphs = engine.runner.decode_graphs
-    for _ in range(args.steps):
-        t0 = time.perf_counter()
-        batch = engine.scheduler.schedule()
-        t1 = time.perf_counter()
-        if graphs is not None:
-            graphs.staging.stage(batch, next(b for b in graphs.buckets if b >= len(batch.seqs)))
-        t2 = time.perf_counter()
-        sampled = engine.runner.run(batch)  # ends in .tolist(): synchronized
-        torch.cuda.synchronize()
-        t3 = time.perf_counter()
-        engine.scheduler.postprocess(batch, sampled)
-        t4 = time.perf_counter()
-        for key, value in zip(timings, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
-            timings[key].append(value * 1e6)
     print(
         f"decode step, batch {args.num_seqs}, context ~{args.context}, backend {engine.runner.kernels.attention.name}"
     )
-    for key, values in timings.items():
-        print(f"  {key:12s} median {statistics.median(values):9.1f} us")
-    host = sum(statistics.median(timings[k]) for k in ("schedule", "stage", "postprocess"))
-    print(f"  host total (schedule + stage + postprocess): {host:.1f} us")
+    time_synchronous_steps(engine, args.steps)
+    time_steps_ahead(engine, args.steps)
     if args.profile:
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=activities) as prof:

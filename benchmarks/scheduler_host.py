@@ -3,10 +3,12 @@
 Fills a scheduler with --num-seqs sequences of about --context prompt tokens (lengths spread over
 --spread tokens, so that, as in bench.py, some sequence begins a new KV block on most steps; 0 gives
 every sequence the same length), prefills them on paper (a fixed sampled token, nothing run), then
-times --steps decode steps at batch --num-seqs: schedule(), staging the inputs into the CUDA-graph
-lanes (host buffers, not pinned), building the sampling tensors (on the CPU) and postprocess(), and
-prints the medians in microseconds. The GPU counterpart, with the model run, is
-benchmarks/host_overhead.py.
+times --steps decode steps at batch --num-seqs in the order of generate()'s loop (async scheduling):
+schedule step N+1, stage its inputs into the CUDA-graph lanes (host buffers, not pinned; every lane
+fed from step N's samples on the device), build its sampling tensors (on the CPU), record step N's
+tokens, advance step N+1. Prints the medians in microseconds. --gap-us sleeps that long before
+recording, as the host waits for the GPU's step: the work after it then runs with colder caches,
+as it does on a GPU host. The GPU counterpart, with the model run, is benchmarks/host_overhead.py.
 """
 
 import argparse
@@ -17,6 +19,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from nanovllm.engine.block_manager import BlockManager  # noqa: E402
@@ -42,12 +45,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--spread", type=int, default=256, help="prompt lengths span this many tokens (default 256)")
+    parser.add_argument("--gap-us", type=int, default=0, help="sleep before each record, as for a GPU step (0: none)")
     args = parser.parse_args()
     blocks_per_seq = (args.context + args.spread + args.steps) // args.block_size + 2
     block_manager = BlockManager(args.num_seqs * blocks_per_seq, args.block_size)
-    max_model_len = args.context + args.spread + args.steps + 1
+    max_model_len = args.context + args.spread + args.steps + 3
     scheduler = Scheduler(block_manager, SchedulerLimits(args.num_seqs, 1 << 20, max_model_len), eos_token_ids={0})
-    params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=args.steps + 1)
+    params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=args.steps + 3)
     for i in range(args.num_seqs):
         num_prompt_tokens = args.context + i * args.spread // args.num_seqs
         scheduler.add(Sequence([(i * 7 + j) % 10000 for j in range(num_prompt_tokens)], params))
@@ -56,20 +60,31 @@ def main() -> None:
         scheduler.postprocess(batch, samples_for(batch))
     staging = DecodeStaging(args.num_seqs, blocks_per_seq, args.block_size, pin_memory=False)
     sampling = SamplingMetadataBuilder(args.num_seqs, VOCAB_SIZE, torch.device("cpu"))
-    timings: dict[str, list[float]] = {"schedule": [], "stage": [], "sampling": [], "postprocess": []}
+    timings: dict[str, list[float]] = {"schedule": [], "stage": [], "sampling": [], "record": [], "advance": []}
+    all_rows = np.arange(args.num_seqs, dtype=np.int64)  # every lane fed from the step in flight
+    in_flight = scheduler.schedule()
+    rows = scheduler.advance(in_flight)
     for _ in range(args.steps):
         t0 = time.perf_counter()
         batch = scheduler.schedule()
         t1 = time.perf_counter()
-        staging.stage(batch, args.num_seqs)
+        staging.stage(batch, args.num_seqs, all_rows if batch.seqs == in_flight.seqs else None)
         t2 = time.perf_counter()
         sampling.build(batch)
         t3 = time.perf_counter()
-        scheduler.postprocess(batch, samples_for(batch))
+        if args.gap_us:
+            time.sleep(args.gap_us / 1e6)
         t4 = time.perf_counter()
-        for key, seconds in zip(timings, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+        scheduler.record_samples(in_flight, rows, samples_for(in_flight))
+        t5 = time.perf_counter()
+        in_flight, rows = batch, scheduler.advance(batch)
+        t6 = time.perf_counter()
+        for key, seconds in zip(timings, (t1 - t0, t2 - t1, t3 - t2, t5 - t4, t6 - t5), strict=True):
             timings[key].append(seconds * 1e6)
-    print(f"decode step, batch {args.num_seqs}, context ~{args.context}, block size {args.block_size}")
+    print(
+        f"decode step, batch {args.num_seqs}, context ~{args.context}, block size {args.block_size}, "
+        f"gap {args.gap_us} us"
+    )
     for key, values in timings.items():
         print(f"  {key:12s} median {statistics.median(values):7.1f} us")
     print(f"  total        {sum(statistics.median(v) for v in timings.values()):7.1f} us")
