@@ -71,8 +71,8 @@ class DecodeGraphs:
             for b in self.buckets
         }
         self.outputs = [self.hidden_states[:n] for n in range(max_num_seqs + 1)]  # [n, hidden_size] each
-        # Recorded after each step's copies out of the pinned buffers: the next step must not refill them
-        # before those copies ran, which is not implied when the engine launches steps ahead of the GPU.
+        # Recorded after each step's copy out of the pinned buffer: the next step must not refill it
+        # before that copy ran, which is not implied when the engine launches steps ahead of the GPU.
         self.inputs_copied = torch.cuda.Event()
 
     def _metadata(self, batch_size: int) -> AttentionMetadata:
@@ -172,7 +172,7 @@ class DecodeStaging:
         return self.offsets["block_tables"] + bucket * self.max_blocks * torch.int32.itemsize
 
     def stage(self, batch: ScheduledBatch, bucket: int, feed_rows: np.ndarray | None = None) -> None:
-        """Fill the pinned host buffers: each sequence computes its last token, at position num_tokens - 1.
+        """Fill the pinned host buffer: each sequence computes its last token, at position num_tokens - 1.
 
         One list comprehension per field and whole-array numpy arithmetic, not per-element writes:
         this runs every decode step for every sequence, so it is host time the GPU waits for. Most
