@@ -30,24 +30,25 @@ from nanovllm.engine.sequence import PENDING_TOKEN, Sequence
 
 class DecodeLanes:
     def __init__(self, seqs: list[Sequence], block_size: int, eos_token_ids: set[int]) -> None:
+        num_lanes = len(seqs)
+        params = [seq.params for seq in seqs]
         self.seqs = seqs  # the running sequences, oldest first: each decode batch of these lanes holds this list
         self.block_size = block_size
         self.token_lists = [seq.token_ids for seq in seqs]  # each sequence's own token list
-        self.num_tokens = np.array([len(token_ids) for token_ids in self.token_lists], dtype=np.int64)  # [B]
-        self.num_slots = np.array([len(seq.block_table) * block_size for seq in seqs], dtype=np.int64)  # [B]
-        self.max_num_tokens = np.array(  # [B]
-            [seq.num_prompt_tokens + seq.params.max_tokens for seq in seqs], dtype=np.int64
-        )
-        self.rows = list(range(len(seqs)))  # every row samples a real token: advance()'s answer
-        self.num_new_tokens = [1] * len(seqs)  # one token each: every batch's num_new_tokens
+        # [B] int64 each; built once per change of the running queue, so with iterators rather than lists
+        self.num_tokens = np.fromiter(map(len, self.token_lists), np.int64, num_lanes)
+        self.num_slots = np.fromiter((len(seq.block_table) for seq in seqs), np.int64, num_lanes) * block_size
+        self.max_num_tokens = np.fromiter(
+            (seq.num_prompt_tokens + seq.params.max_tokens for seq in seqs), np.int64, num_lanes
+        )  # the length at which max_tokens ends each sequence
+        self.rows = list(range(num_lanes))  # every row samples a real token: advance()'s answer
+        self.num_new_tokens = [1] * num_lanes  # one token each: every batch's num_new_tokens
         # Sampled tokens that may end a row (EOS where not ignored, stop_token_ids): a step that samples
         # none of them ends no row, which record() checks with one set operation instead of a loop.
-        self.stop_token_ids: set[int] = set()
-        for seq in seqs:
-            self.stop_token_ids.update(seq.params.stop_token_ids or ())
-            if not seq.params.ignore_eos:
-                self.stop_token_ids.update(eos_token_ids)
-        self.has_logprobs = any(seq.params.logprobs is not None for seq in seqs)  # the general loop records them
+        self.stop_token_ids: set[int] = set().union(*[p.stop_token_ids for p in params if p.stop_token_ids])
+        if not all(p.ignore_eos for p in params):
+            self.stop_token_ids |= eos_token_ids
+        self.has_logprobs = any(p.logprobs is not None for p in params)  # the general loop records them
 
     def lanes_without_slot(self) -> list[int]:
         """Lanes whose newest token begins a block they do not have yet."""
