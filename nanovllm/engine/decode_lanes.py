@@ -14,9 +14,9 @@ counts in arrays, one lane per sequence in batch order, and does that arithmetic
     a lane needs a new block when num_tokens > num_slots       (lane 1 above)
     a lane fills a block when its computed count, num_tokens - 1, is a multiple of block_size
 
-Anything else (a sequence that ends, joins, is preempted or asks for logprobs, a stop token in the
-samples) goes back to the scheduler's general loops, and the lanes are rebuilt once the running
-queue is settled again.
+Anything else (a sequence that joins, is preempted or asks for logprobs, a stop token in the
+samples) goes back to the scheduler's general loops; once a sequence ends or joins, the lanes are
+rebuilt for the running queue the next step schedules.
 """
 
 from collections import deque
@@ -49,23 +49,23 @@ class DecodeLanes:
         if not all(p.ignore_eos for p in params):
             self.stop_token_ids |= eos_token_ids
         self.has_logprobs = any(p.logprobs is not None for p in params)  # the general loop records them
+        self.ended_lanes: list[int] = []  # lanes the last advance() ended by length
 
     def lanes_without_slot(self) -> list[int]:
         """Lanes whose newest token begins a block they do not have yet."""
         return np.flatnonzero(self.num_tokens > self.num_slots).tolist()
 
-    def can_advance(self) -> bool:
-        """Whether the step being accounted ends no sequence by length (those leave the queue: general loop)."""
-        return not (self.num_tokens >= self.max_num_tokens - 1).any()
-
-    def advance(self) -> list[int]:
+    def advance(self) -> tuple[list[int], list[int]]:
         """A decode step of these lanes was launched: each sequence computed its newest token and holds a
-        PENDING_TOKEN for the one it samples. Returns the lanes whose computed tokens now fill a block."""
+        PENDING_TOKEN for the one it samples. Returns the lanes whose computed tokens now fill a block, and
+        those whose new token reaches max_tokens (the scheduler ends them; these lanes are then done)."""
         for seq, token_ids in zip(self.seqs, self.token_lists, strict=True):
             seq.num_computed_tokens += 1
             token_ids.append(PENDING_TOKEN)
         self.num_tokens += 1
-        return np.flatnonzero((self.num_tokens - 1) % self.block_size == 0).tolist()
+        full_block_lanes = np.flatnonzero((self.num_tokens - 1) % self.block_size == 0).tolist()
+        self.ended_lanes = np.flatnonzero(self.num_tokens >= self.max_num_tokens).tolist()
+        return full_block_lanes, self.ended_lanes
 
     def record(self, token_ids: list[int]) -> bool:
         """Put each lane's sample in place of its PENDING_TOKEN; False if one may end its sequence (a stop token)

@@ -168,9 +168,14 @@ class Scheduler:
         this one runs on the GPU. A sequence that thereby reaches max_tokens is done: it leaves the running
         queue and frees its blocks now, and record_samples() gives its finish reason.
         """
-        if batch.lanes is not None and batch.lanes is self.lanes and batch.lanes.can_advance():
-            for lane in batch.lanes.advance():
+        if batch.lanes is not None and batch.lanes is self.lanes:  # the same bookkeeping, lane arrays at once
+            full_block_lanes, ended_lanes = batch.lanes.advance()
+            for lane in full_block_lanes:
                 self.block_manager.register_computed(batch.seqs[lane])  # its computed tokens fill a block
+            for lane in ended_lanes:
+                self._end(batch.seqs[lane])
+            if ended_lanes:
+                self.running = deque(seq for seq in self.running if not seq.is_finished)
             return batch.lanes.rows
         if not batch.is_prefill:
             return self._advance_decode(batch)
@@ -225,8 +230,13 @@ class Scheduler:
     def record_samples(self, batch: ScheduledBatch, rows: list[int], samples: StepSamples) -> list[Sequence]:
         """Put the sampled tokens of ``rows`` (from advance()) in place of their PENDING_TOKENs; return the
         sequences that finished, by a stop token or by length."""
-        if batch.lanes is not None and rows is batch.lanes.rows and batch.lanes.record(samples.token_ids):
-            return []  # advance() took the lanes' path (no row ended by length), and no row sampled a stop token
+        lanes = batch.lanes
+        if lanes is not None and rows is lanes.rows and lanes.record(samples.token_ids):
+            # advance() took the lanes' path and no row sampled a stop token: only max_tokens ended any
+            ended = [batch.seqs[lane] for lane in lanes.ended_lanes]
+            for seq in ended:
+                seq.finish_reason, seq.stop_reason = "length", None
+            return ended
         finished: list[Sequence] = []
         seqs, token_ids, logprobs = batch.seqs, samples.token_ids, samples.sampled_logprobs
         eos_token_ids, is_finished = self.eos_token_ids, SequenceStatus.FINISHED
