@@ -9,10 +9,15 @@ fed from step N's samples on the device), build its sampling tensors (on the CPU
 tokens, advance step N+1. Prints the medians in microseconds. --gap-us sleeps that long before
 recording, as the host waits for the GPU's step: the work after it then runs with colder caches,
 as it does on a GPU host. The GPU counterpart, with the model run, is benchmarks/host_overhead.py.
+
+--bench-workload runs bench.py's 256 requests instead (random prompt and output lengths, so sequences
+finish and the batch shrinks along the way) to their end in the same order, without staging or
+sampling tensors, and prints the mean and median host time of its decode steps.
 """
 
 import argparse
 import os
+import random
 import statistics
 import sys
 import time
@@ -38,6 +43,31 @@ def samples_for(batch: ScheduledBatch) -> StepSamples:
     return StepSamples([SAMPLED_TOKEN_ID] * num_rows, [None] * num_rows, [None] * num_rows)
 
 
+def time_bench_workload(block_size: int) -> None:
+    """bench.py's requests (random.seed(0), its lengths) through schedule, record and advance, to the end."""
+    random.seed(0)
+    max_model_len = 4096
+    scheduler = Scheduler(BlockManager(256 * 9, block_size), SchedulerLimits(256, 16384, max_model_len), {0})
+    for _ in range(256):
+        prompt = [random.randint(0, 10000) for _ in range(random.randint(100, 1024))]
+        params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=random.randint(100, 1024))
+        scheduler.add(Sequence(prompt, params))
+    decode_micros = []
+    in_flight = None
+    while scheduler.has_unfinished() or in_flight is not None:
+        start = time.perf_counter()
+        batch = scheduler.schedule() if scheduler.has_unfinished() else None
+        if in_flight is not None:
+            scheduler.record_samples(in_flight[0], in_flight[1], samples_for(in_flight[0]))
+        in_flight = (batch, scheduler.advance(batch)) if batch is not None and batch.seqs else None
+        if batch is not None and not batch.is_prefill:
+            decode_micros.append((time.perf_counter() - start) * 1e6)
+    print(
+        f"bench.py's workload, block size {block_size}: {len(decode_micros)} decode steps (schedule + record + "
+        f"advance), mean {statistics.mean(decode_micros):.1f} us, median {statistics.median(decode_micros):.1f} us"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-seqs", type=int, default=256)
@@ -46,7 +76,11 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--spread", type=int, default=256, help="prompt lengths span this many tokens (default 256)")
     parser.add_argument("--gap-us", type=int, default=0, help="sleep before each record, as for a GPU step (0: none)")
+    parser.add_argument("--bench-workload", action="store_true", help="bench.py's requests, run to their end")
     args = parser.parse_args()
+    if args.bench_workload:
+        time_bench_workload(args.block_size)
+        return
     blocks_per_seq = (args.context + args.spread + args.steps) // args.block_size + 2
     block_manager = BlockManager(args.num_seqs * blocks_per_seq, args.block_size)
     max_model_len = args.context + args.spread + args.steps + 3
