@@ -60,6 +60,17 @@ def state(scheduler: Scheduler, seqs: list[Sequence]) -> list[tuple]:
     ] + [(scheduler.block_manager.num_free_blocks, len(scheduler.running), len(scheduler.waiting))]
 
 
+def stop_or_abort(scheduler: Scheduler, seqs: list[Sequence], step: int) -> None:
+    """Now and then, as the engine does: a stop string ends the oldest running sequence, or a client aborts
+    the newest unfinished one."""
+    if step % 13 == 5 and scheduler.running:
+        scheduler.stop(scheduler.running[0], "a stop string")
+    if step % 17 == 9:
+        unfinished = [seq for seq in seqs if not seq.is_finished]
+        if unfinished:
+            scheduler.abort(unfinished[-1])
+
+
 class GeneralLoopsOnly:
     """Wraps a scheduler so that no batch carries lanes: every step takes the general loops."""
 
@@ -76,7 +87,8 @@ class GeneralLoopsOnly:
 @pytest.mark.parametrize("seed", range(6))
 def test_lanes_match_the_general_loops(seed: int, ahead: bool) -> None:
     """Guards against the lanes' arrays drifting from the sequences: a missed block, a block hash not
-    registered, a finish by length or stop token missed or doubled, a preempted or ended sequence kept."""
+    registered, a finish by length or stop token missed or doubled, a preempted, stopped, aborted or
+    ended sequence kept."""
     num_blocks = 40 if seed % 2 else 200  # odd seeds: few blocks, so decode preempts
     runs = []
     for use_lanes in (True, False):
@@ -94,13 +106,15 @@ def test_lanes_match_the_general_loops(seed: int, ahead: bool) -> None:
                 continue
             batch = scheduling.schedule() if scheduler.has_unfinished() else None
             num_lane_steps += run_idx == 0 and batch is not None and batch.lanes is not None
-            if ahead:  # generate()'s order: schedule N+1, record N, advance N+1
+            if ahead:  # generate()'s order: schedule N+1, record N, (the engine's stop strings), advance N+1
                 if in_flight[run_idx] is not None:
                     landed, rows = in_flight[run_idx]
                     scheduler.record_samples(landed, rows, sample(landed, step - 1, seed))
+                stop_or_abort(scheduler, runs[run_idx][1], step)
                 in_flight[run_idx] = (batch, scheduler.advance(batch)) if batch is not None and batch.seqs else None
             elif batch is not None:
                 scheduler.postprocess(batch, sample(batch, step, seed))
+                stop_or_abort(scheduler, runs[run_idx][1], step)
         (lanes_scheduler, lanes_seqs, _), (general_scheduler, general_seqs, _) = runs
         assert state(lanes_scheduler, lanes_seqs) == state(general_scheduler, general_seqs), f"step {step}"
     assert all(seq.is_finished for seq in runs[0][1]), "the workload did not finish in 400 steps"
