@@ -109,27 +109,22 @@ class Scheduler:
     def _schedule_decode(self) -> ScheduledBatch:
         max_batch = min(self.limits.max_num_seqs, self.limits.max_num_batched_tokens)
         block_size = self.block_manager.block_size
-        lanes = self.lanes
-        if lanes is not None and lanes.seqs == list(self.running):  # `==` compares identities, in C
-            # Most steps: the same sequences as the last decode step, and the few whose newest token begins
-            # a block can each have a free one.
+        if len(self.running) <= max_batch:
+            # Most steps: every running sequence decodes, and the few whose newest token begins a block can
+            # each have a free one. The lanes of the last decode step do the bookkeeping when the running
+            # queue is the same (`==` on lists of Sequences compares identities, in C); else new lanes.
+            seqs = list(self.running)
+            lanes = self.lanes
+            if lanes is None or lanes.seqs != seqs:
+                lanes = DecodeLanes(seqs, block_size, self.eos_token_ids)
             short_lanes = lanes.lanes_without_slot()
             if len(short_lanes) <= self.block_manager.num_free_blocks:
                 for lane in short_lanes:
                     self.block_manager.append_slot(lanes.seqs[lane])
-                    lanes.num_slots[lane] += self.block_manager.block_size
+                    lanes.num_slots[lane] += block_size
+                self.lanes = lanes
                 return ScheduledBatch(lanes.seqs, lanes.num_new_tokens, is_prefill=False, lanes=lanes)
         self.lanes = None
-        if len(self.running) <= max_batch:
-            # Every running sequence decodes, and the few whose newest token begins a block can each have a
-            # free one: the running queue is settled, and its lanes take over the next steps' bookkeeping.
-            seqs = list(self.running)
-            short = [seq for seq in seqs if len(seq.block_table) * block_size < len(seq.token_ids)]
-            if len(short) <= self.block_manager.num_free_blocks:
-                for seq in short:
-                    self.block_manager.append_slot(seq)
-                self.lanes = lanes = DecodeLanes(seqs, block_size, self.eos_token_ids)
-                return ScheduledBatch(seqs, lanes.num_new_tokens, is_prefill=False, lanes=lanes)
         # Otherwise oldest first, preempting the newest sequences when the cache runs out of blocks.
         seqs = []
         while self.running and len(seqs) < max_batch:
@@ -233,9 +228,11 @@ class Scheduler:
         lanes = batch.lanes
         if lanes is not None and rows is lanes.rows and lanes.record(samples.token_ids):
             # advance() took the lanes' path and no row sampled a stop token: only max_tokens ended any
-            ended = [batch.seqs[lane] for lane in lanes.ended_lanes]
-            for seq in ended:
-                seq.finish_reason, seq.stop_reason = "length", None
+            ended = []
+            for lane in lanes.ended_lanes:
+                seq = batch.seqs[lane]
+                seq.finish_reason, seq.stop_reason = self._finish_reason(seq, samples.token_ids[lane])
+                ended.append(seq)
             return ended
         finished: list[Sequence] = []
         seqs, token_ids, logprobs = batch.seqs, samples.token_ids, samples.sampled_logprobs
