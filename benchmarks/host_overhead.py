@@ -47,7 +47,7 @@ def time_synchronous_steps(engine: LLMEngine, num_steps: int) -> None:
         batch = engine.scheduler.schedule()
         t1 = time.perf_counter()
         if graphs is not None:
-            graphs.staging.stage(batch, next(b for b in graphs.buckets if b >= len(batch.seqs)))
+            graphs.staging.stage(batch, graphs.bucket_of[len(batch.seqs)])
         t2 = time.perf_counter()
         sampled = engine.runner.run(batch)  # ends in .tolist(): synchronized
         if torch.cuda.is_available():
