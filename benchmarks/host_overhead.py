@@ -8,8 +8,8 @@ random weights), lets them reach decode, then times --steps decode steps twice:
 - synchronous steps: scheduling, staging the inputs into pinned buffers, the model run
   (synchronized: graph replay, LM head, sampling), and recording the sampled tokens;
 - the loop generate() runs (async scheduling, LLMEngine._steps_ahead): schedule step N+1, launch
-  it (staging, copies, graph replay and sampling, queued), wait for step N's tokens, record them,
-  advance N+1. Everything but the wait is host work; the GPU runs step N meanwhile.
+  it (staging, copies, graph replays of the model and of LM head + sampling, queued), wait for
+  step N's tokens, record them, advance N+1. Everything but the wait is host work; the GPU runs step N meanwhile.
 
 Prints medians in microseconds.
 """
@@ -93,6 +93,7 @@ def time_steps_ahead(engine: LLMEngine, num_steps: int) -> None:
         parts.wrap(runner.decode_graphs.inputs_copied, "synchronize", "wait for the last input copies")
         for graph in runner.decode_graphs.graphs.values():
             parts.wrap(graph, "replay", "graph replay")
+        parts.wrap(runner.decode_graphs, "sample", "sample graph (LM head + sampler)")
     parts.wrap(runner.model, "compute_logits", "LM head")
     parts.wrap(runner.sampling, "build", "sampling tensors")
     parts.wrap(runner, "sampler", "sampler (compiled)")
@@ -119,7 +120,7 @@ def time_steps_ahead(engine: LLMEngine, num_steps: int) -> None:
     landed, rows, samples = in_flight
     scheduler.record_samples(landed, rows, samples.wait(landed.seqs))  # no token left pending for what follows
     print_medians("generate()'s loop (async scheduling):", timings, ("schedule", "launch", "record", "advance"))
-    for label in parts.micros:
+    for label in [label for label, micros in parts.micros.items() if len(micros) > 1]:  # the parts that ran
         print(f"    launch: {label:38s} median {parts.median(label):7.1f} us")
     if "stage" in parts.micros:
         bookkeeping = parts.median("stage") + sum(

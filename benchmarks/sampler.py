@@ -19,7 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from nanovllm.engine.sampling_metadata import HostSamples, SamplingMetadataBuilder  # noqa: E402
+from nanovllm.engine.host_samples import HostSamples  # noqa: E402
+from nanovllm.engine.sampling_metadata import SamplingMetadataBuilder  # noqa: E402
 from nanovllm.engine.scheduler import ScheduledBatch  # noqa: E402
 from nanovllm.engine.sequence import Sequence  # noqa: E402
 from nanovllm.layers.sampler import Sampler  # noqa: E402

@@ -72,7 +72,7 @@ def top2_logits(model_dir: str, dtype: str, token_ids: list[int]) -> tuple[float
         batch = ScheduledBatch([seq], [seq.num_tokens], is_prefill=True)
         runner = llm.engine.runner
         with torch.inference_mode():
-            logits = runner._forward(build_model_inputs(batch, runner.block_size, runner.device))[0].float()
+            logits = runner.logits(build_model_inputs(batch, runner.block_size, runner.device))[0].float()
         top2 = logits.topk(2).values
         return float(top2[0]), float(top2[1])
 

@@ -1,6 +1,7 @@
 """Whole-engine checks of the GPU fast path. Skipped without CUDA; run on the GPU machine."""
 
 import asyncio
+import dataclasses
 import random
 from pathlib import Path
 
@@ -10,11 +11,12 @@ from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine.async_llm import AsyncLLM
+from nanovllm.engine.host_samples import NUM_TOKEN_BUFFERS, HostSamples, TokenBuffers
 from nanovllm.engine.model_inputs import build_model_inputs
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.kernels.backends import is_flash_attn_installed
-from nanovllm.layers.sampler import sample
+from nanovllm.layers.sampler import SamplerOutput, sample
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -124,6 +126,65 @@ def test_rich_sampling_on_gpu_matches_cpu(tiny_models: dict[str, Path]) -> None:
     assert graphs == eager, f"CUDA graphs {graphs} != eager {eager}"
 
 
+def sampled_tokens(model_dir: Path, batch: list[list[int]], params: object, **args: object) -> list[list[int]]:
+    with LLM(str(model_dir), dtype="float32", **{**ARGS, **args}) as llm:
+        return [out.token_ids for out in llm.generate(batch, params, use_tqdm=False)]  # type: ignore[arg-type]
+
+
+def test_graph_sampling_equals_eager_at_a_full_bucket(tiny_models: dict[str, Path]) -> None:
+    """Guards the sample graphs' noise: each replay must advance the registered generator as an eager draw
+    does (a graph that replays its capture-time noise diverges), and the warm-up draws of capture must not
+    move it. With 8 rows in bucket 8 at every step, graphs and eager draw the same noise, so the same tokens."""
+    params = SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True)
+    batch = prompts(8, seed=3)
+    graphs = sampled_tokens(tiny_models["qwen3"], batch, params, enforce_eager=False)
+    eager = sampled_tokens(tiny_models["qwen3"], batch, params, enforce_eager=True)
+    assert graphs == eager
+
+
+def test_greedy_rows_among_sampled_rows_in_graphs(tiny_models: dict[str, Path]) -> None:
+    """Guards the sample graphs' temperatures, copied in only when the batch changes: rows finishing at
+    different steps shift the lanes, and a greedy row left with a stale temperature would draw at random."""
+    batch = prompts(12, seed=4)
+    greedy = [SamplingParams(temperature=0.0, max_tokens=8 + 2 * i, ignore_eos=True) for i in range(12)]
+    mixed = [p if i % 2 == 0 else dataclasses.replace(p, temperature=1.0) for i, p in enumerate(greedy)]
+    alone = sampled_tokens(tiny_models["qwen3"], batch, greedy)
+    together = sampled_tokens(tiny_models["qwen3"], batch, mixed)
+    assert together[0::2] == alone[0::2]
+    assert together[1::2] != alone[1::2], "the sampled rows should not all have drawn their greedy tokens"
+
+
+def test_graph_sampling_follows_the_engine_seed(tiny_models: dict[str, Path]) -> None:
+    """Guards the generator registered with the sample graphs: the engine's seed must decide their draws
+    (the same seed, the same tokens; another seed, others), at padded buckets too (5 rows in bucket 8)."""
+    params = SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True)
+    batch = prompts(5, seed=6)
+    first = sampled_tokens(tiny_models["qwen3"], batch, params, seed=1)
+    assert sampled_tokens(tiny_models["qwen3"], batch, params, seed=1) == first
+    assert sampled_tokens(tiny_models["qwen3"], batch, params, seed=2) != first
+
+
+def test_token_buffers_reused_only_after_read() -> None:
+    """Guards the pinned buffers that sampled token ids land in: a buffer whose tokens were not read yet
+    must not be handed out again (the next copy would overwrite them); read or dropped, it is reused."""
+    buffers = TokenBuffers(max_num_rows=8)
+
+    def launch(first_token: int) -> HostSamples:
+        token_ids = torch.arange(first_token, first_token + 8, device="cuda")
+        return HostSamples(SamplerOutput(token_ids, None, None, None), buffers)
+
+    held = [launch(10 * i) for i in range(NUM_TOKEN_BUFFERS)]
+    extra = launch(100)  # every buffer held: this one allocates its own
+    assert extra._index is None and all(s._index is not None for s in held)
+    assert held[0].wait([]).token_ids == list(range(8)), "the first step's tokens were overwritten"
+    reused = launch(200)
+    assert reused._index == 0
+    assert held[0].wait([]).token_ids == list(range(8)), "a second wait() must give the tokens it read"
+    del held[1]  # dropped unread: its buffer is free again
+    assert launch(300)._index == 1
+    assert extra.wait([]).token_ids == list(range(100, 108)) and reused.wait([]).token_ids == list(range(200, 208))
+
+
 SAMPLER_CONFIGS = {
     "top_p_only": dict(top_p=0.9),
     "top_k_only": dict(top_k=50),
@@ -172,14 +233,14 @@ def teacher_forced_logits(
             block_manager.allocate(seq)
         with torch.inference_mode():
             prefill = ScheduledBatch(seqs, [seq.num_tokens for seq in seqs], is_prefill=True)
-            logits = [runner._forward(build_model_inputs(prefill, block_size, runner.device)).float()]
+            logits = [runner.logits(build_model_inputs(prefill, block_size, runner.device)).float()]
             for tokens in fed:
                 for seq, token in zip(seqs, tokens, strict=True):
                     seq.num_computed_tokens = seq.num_tokens
                     seq.token_ids.append(token)
                     block_manager.append_slot(seq)
                 batch = ScheduledBatch(seqs, [1] * len(seqs), is_prefill=False)
-                logits.append(runner._forward(build_model_inputs(batch, block_size, runner.device)).float())
+                logits.append(runner.logits(build_model_inputs(batch, block_size, runner.device)).float())
         return logits
 
 

@@ -6,7 +6,8 @@ import random
 import pytest
 import torch
 
-from nanovllm.engine.sampling_metadata import HostSamples, SamplingMetadataBuilder
+from nanovllm.engine.host_samples import HostSamples
+from nanovllm.engine.sampling_metadata import SamplingMetadataBuilder
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.sampler import (

@@ -11,11 +11,17 @@ A lane's input token comes from the host, or, when its ``feed_rows`` entry r is 
 r of the runner's ``last_sampled``: the previous step's samples, still on the device when the
 engine launches a step before the previous one has reached the host.
 
+Rank 0 of a single-GPU engine also captures, per bucket, the LM head and the sampler's short path
+(greedy and temperature-only rows) in a second graph, which writes its tokens into ``last_sampled``.
+Launched one op at a time, those took 250-700 us of host time per step on an H200's host; replayed,
+they are one launch. Batches that need more (top-k/p, penalties, seeds, logprobs) sample eagerly.
+
     bucket 8, batch 5:   lanes 0-4 real | lanes 5-7 padding (slot -1, context 0)
 """
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from functools import partial
 
 import numpy as np
 import torch
@@ -23,6 +29,7 @@ import torch
 from nanovllm.engine.model_inputs import feed_pending_tokens
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
+from nanovllm.layers.sampler import Sampler, SamplingTensors
 from nanovllm.models.llama import LlamaForCausalLM
 from nanovllm.utils.context import AttentionMetadata, attention_context
 
@@ -48,9 +55,13 @@ class DecodeGraphs:
         block_size: int,
         hidden_size: int,
         last_sampled: torch.Tensor,  # [max_num_seqs] int64, the previous step's samples (see feed_rows)
+        sampler: Sampler | None = None,  # given: the LM head and short-path sampling are captured too
+        generator: torch.Generator | None = None,  # the sampler's noise source, registered with its graphs
     ) -> None:
         self.model = model
         self.last_sampled = last_sampled
+        self.sampler = sampler
+        self.generator = generator
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.buckets = graph_buckets(max_num_seqs)
@@ -63,6 +74,11 @@ class DecodeGraphs:
         self.cu_seqlens_q = torch.arange(max_num_seqs + 1, dtype=torch.int32, device=device)  # one query each
         self.hidden_states = torch.zeros(max_num_seqs, hidden_size, dtype=dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool = torch.cuda.graph_pool_handle()  # one memory pool for every graph: one runs at a time
+        # The sample graphs, by (bucket, is_all_greedy), and what they read besides the hidden states.
+        self.sample_graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.temperatures = torch.ones(max_num_seqs, dtype=torch.float32, device=device)
+        self.staged_temperatures: torch.Tensor | None = None  # the batch's tensor last copied into them
         # Made once, not per step (each tensor slice costs several us of host time): the bucket of each
         # batch size, each bucket's (device, host) buffer prefix for the input copy, and the output rows.
         self.bucket_of = [next(b for b in self.buckets if b >= n) for n in range(max_num_seqs + 1)]
@@ -71,6 +87,7 @@ class DecodeGraphs:
             for b in self.buckets
         }
         self.outputs = [self.hidden_states[:n] for n in range(max_num_seqs + 1)]  # [n, hidden_size] each
+        self.sampled = [last_sampled[:n] for n in range(max_num_seqs + 1)]  # [n] each, a sample graph's tokens
         # Recorded after each step's copy out of the pinned buffer: the next step must not refill it
         # before that copy ran, which is not implied when the engine launches steps ahead of the GPU.
         self.inputs_copied = torch.cuda.Event()
@@ -94,19 +111,42 @@ class DecodeGraphs:
             out = self.model(input_ids, self.static["positions"][:batch_size])
         self.hidden_states[:batch_size] = out
 
+    def _sample(self, batch_size: int, is_all_greedy: bool) -> None:
+        assert self.sampler is not None
+        logits = self.model.compute_logits(self.hidden_states[:batch_size])  # [batch_size, vocab_size]
+        if is_all_greedy:  # as the sampler does: no noise drawn, so the generator is left where it was
+            token_ids = logits.argmax(dim=-1)  # [batch_size]
+        else:
+            token_ids = self.sampler.draw(logits, self.temperatures[:batch_size], self.generator)
+        self.last_sampled[:batch_size] = token_ids
+
     @torch.inference_mode()
     def capture(self) -> None:
-        """Capture every bucket, largest first, all sharing one memory pool."""
+        """Capture every bucket, largest first (the smaller ones reuse its memory), all in one pool."""
         self.static["slot_mapping"].fill_(-1)  # capture runs write nothing into the KV cache
-        pool = None
+        # The warm-up runs draw noise; the engine's first draw should not depend on whether graphs exist.
+        rng_state = None if self.generator is None else self.generator.get_state()
         for batch_size in reversed(self.buckets):
-            self._forward(batch_size)  # warm-up: compiles Triton and Inductor kernels outside the capture
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._forward(batch_size)
-            pool = graph.pool()
-            self.graphs[batch_size] = graph
+            self.graphs[batch_size] = self._capture(partial(self._forward, batch_size))
+            if self.sampler is not None:
+                for is_all_greedy in (False, True):
+                    run = partial(self._sample, batch_size, is_all_greedy)
+                    generator = None if is_all_greedy else self.generator
+                    self.sample_graphs[batch_size, is_all_greedy] = self._capture(run, generator)
         torch.cuda.synchronize()
+        if self.generator is not None and rng_state is not None:
+            self.generator.set_state(rng_state)
+
+    def _capture(self, run: Callable[[], None], generator: torch.Generator | None = None) -> torch.cuda.CUDAGraph:
+        """A graph of what ``run`` launches; ``generator``: the one its random ops draw from, if any."""
+        run()  # warm-up: compiles Triton and Inductor kernels outside the capture
+        graph = torch.cuda.CUDAGraph()
+        if generator is not None:
+            # Each replay then draws fresh noise: it advances the generator's offset as an eager draw would.
+            graph.register_generator_state(generator)
+        with torch.cuda.graph(graph, pool=self.pool):
+            run()
+        return graph
 
     def can_run(self, batch_size: int) -> bool:
         return bool(self.graphs) and batch_size <= self.buckets[-1]
@@ -122,6 +162,18 @@ class DecodeGraphs:
         self.inputs_copied.record()
         self.graphs[bucket].replay()
         return self.outputs[num_seqs]
+
+    def can_sample(self, t: SamplingTensors) -> bool:
+        """Whether a sample graph computes this batch's tokens: greedy or temperature-only rows, nothing else."""
+        return bool(self.sample_graphs) and t.is_temperature_only and t.seed_keys is None and t.num_logprobs is None
+
+    def sample(self, t: SamplingTensors, num_seqs: int) -> torch.Tensor:
+        """The LM head and sampler replayed for the batch just run(): its [B] token ids, rows of last_sampled."""
+        if not t.is_all_greedy and t.temperatures is not self.staged_temperatures:  # the batch changed
+            self.temperatures[:num_seqs] = t.temperatures
+            self.staged_temperatures = t.temperatures  # held, so its id cannot be reused by another tensor
+        self.sample_graphs[self.bucket_of[num_seqs], t.is_all_greedy].replay()
+        return self.sampled[num_seqs]
 
 
 class DecodeStaging:

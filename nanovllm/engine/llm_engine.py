@@ -12,9 +12,10 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.block_manager import BlockManager, PrefixCacheStats
+from nanovllm.engine.host_samples import HostSamples
 from nanovllm.engine.model_runner import ModelRunner
 from nanovllm.engine.request import Request
-from nanovllm.engine.sampling_metadata import HostSamples, check_params_for_vocab
+from nanovllm.engine.sampling_metadata import check_params_for_vocab
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler, SchedulerLimits
 from nanovllm.engine.sequence import Sequence, SequenceStatus
 from nanovllm.models.arch import ModelArch, load_model_arch

@@ -17,14 +17,15 @@ import torch.distributed as dist
 
 from nanovllm.config import EngineConfig, check_tensor_parallel_split
 from nanovllm.engine.cuda_graphs import DecodeGraphs
+from nanovllm.engine.host_samples import HostSamples, TokenBuffers
 from nanovllm.engine.model_inputs import ModelInputs, build_model_inputs, feed_pending_tokens
-from nanovllm.engine.sampling_metadata import HostSamples, SamplingMetadataBuilder
+from nanovllm.engine.sampling_metadata import SamplingMetadataBuilder
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence, StepSamples
 from nanovllm.engine.tp_worker import TensorParallelWorkers
 from nanovllm.kernels.backends import Kernels, select_attention_backend
 from nanovllm.layers.attention import Attention
-from nanovllm.layers.sampler import Sampler
+from nanovllm.layers.sampler import Sampler, SamplerOutput
 from nanovllm.models.arch import ModelArch
 from nanovllm.models.registry import build_model
 from nanovllm.sampling_params import SamplingParams
@@ -142,15 +143,22 @@ class ModelRunner:
         self.sampling = SamplingMetadataBuilder(config.max_num_seqs, arch.vocab_size, self.device, eos_token_ids)
         # The last step's sampled tokens, row by row, for a step launched before they reach the host (launch()).
         self.last_sampled = torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device)
+        # Where the samples' token ids land on the host (rank 0, on CUDA), reused step after step.
+        self.token_buffers = (
+            TokenBuffers(config.max_num_seqs) if self.rank == 0 and self.device.type == "cuda" else None
+        )
         self._all_rows = np.arange(config.max_num_seqs, dtype=np.int64)
         self.num_kvcache_blocks = self._min_across_ranks(self._plan_num_blocks())
         self._check_num_blocks(self.num_kvcache_blocks)
         self._allocate_kv_cache(self.num_kvcache_blocks)
         if self.device.type == "cuda" and not config.enforce_eager and attention.is_graph_capturable:
             # Every rank captures its own graphs (their collectives included) and replays them in lockstep.
+            # A single rank also replays its LM head and sampling (the other ranks' LM head would have to
+            # join the same captured all-gather: not done).
+            single = self.workers is None and config.tensor_parallel_size == 1
             self.decode_graphs = DecodeGraphs(
                 self.model, config.max_num_seqs, self.max_model_len, self.block_size, arch.hidden_size,
-                self.last_sampled,
+                self.last_sampled, self.sampler if single else None, self.generator if single else None,
             )  # fmt: skip
             self.decode_graphs.capture()
 
@@ -247,20 +255,22 @@ class ModelRunner:
         """This rank's forward pass over the batch, then (rank 0 only) sampling, all queued on the device."""
         feed_rows = None if in_flight is None or batch.is_prefill else self._feed_rows(batch, in_flight)
         graphs = self.decode_graphs
-        if graphs is not None and not batch.is_prefill and graphs.can_run(len(batch.seqs)):
-            logits = self.model.compute_logits(graphs.run(batch, feed_rows))  # [B, vocab_size]
+        if graphs is not None and (batch.is_prefill or not graphs.can_run(len(batch.seqs))):
+            graphs.staging.forget()  # sequences may have been preempted and recomputed in this step
+            graphs = None  # this step runs eagerly
+        if graphs is not None:
+            hidden_states = graphs.run(batch, feed_rows)  # [B, hidden_size]
         else:
-            if graphs is not None:
-                graphs.staging.forget()  # sequences may have been preempted and recomputed in this step
             inputs = build_model_inputs(batch, self.block_size, self.device)
             if feed_rows is not None:  # a decode step: one input token per row
                 rows = torch.from_numpy(feed_rows).to(self.device, non_blocking=True)
                 input_ids = feed_pending_tokens(inputs.input_ids, rows, self.last_sampled)
                 inputs = dataclasses.replace(inputs, input_ids=input_ids)
-            logits = self._forward(inputs)  # [B, vocab_size]
+            hidden_states = self._forward(inputs)  # [B, hidden_size]
         if self.rank != 0:
+            self.model.compute_logits(hidden_states)  # its all-gather, which rank 0 joins
             return HostSamples(None)  # rank 0 alone samples
-        return self._sample(batch, logits)
+        return self._sample(batch, hidden_states, graphs)
 
     def _feed_rows(self, batch: ScheduledBatch, in_flight: ScheduledBatch) -> np.ndarray:
         """Row of each sequence in the in-flight step (its newest token is that row's sample), else -1."""
@@ -270,17 +280,28 @@ class ModelRunner:
         row_of = {id(seq): row for row, seq in enumerate(in_flight.seqs)}
         return np.array([row_of.get(id(seq), -1) for seq in seqs], dtype=np.int64)
 
-    def _sample(self, batch: ScheduledBatch, logits: torch.Tensor) -> HostSamples:
-        """The one place that samples: the logits pipeline, then the penalty table counts the new tokens."""
-        output = self.sampler(logits, self.sampling.build(batch), self.generator)
+    def _sample(self, batch: ScheduledBatch, hidden_states: torch.Tensor, graphs: DecodeGraphs | None) -> HostSamples:
+        """The one place that samples: LM head, the logits pipeline, then the penalty table counts the new
+        tokens. A step run in the decode ``graphs`` replays a sample graph instead, when one covers the batch."""
+        t = self.sampling.build(batch)
+        if graphs is not None and graphs.can_sample(t):
+            output = SamplerOutput(graphs.sample(t, len(batch.seqs)), None, None, None)  # into last_sampled
+        else:
+            logits = self.model.compute_logits(hidden_states)  # [B, vocab_size]
+            output = self.sampler(logits, t, self.generator)
+            self.last_sampled[: output.token_ids.numel()].copy_(output.token_ids)  # what the next step may feed on
         self.sampling.record(output)
-        self.last_sampled[: output.token_ids.numel()].copy_(output.token_ids)  # what the next step may feed on
-        return HostSamples(output)  # copies start now; the caller waits when it needs the tokens
+        return HostSamples(output, self.token_buffers)  # copies start now; the caller waits when it needs them
 
     def _forward(self, inputs: ModelInputs) -> torch.Tensor:
+        """The model over the batch's tokens: the hidden states of each sequence's last token [B, hidden_size]."""
         with attention_context(inputs.attention):
             hidden_states = self.model(inputs.input_ids, inputs.positions)  # [N, hidden_size]
-        return self.model.compute_logits(hidden_states[inputs.last_token_indices])  # [B, vocab_size]
+        return hidden_states[inputs.last_token_indices]
+
+    def logits(self, inputs: ModelInputs) -> torch.Tensor:
+        """Each sequence's next-token logits [B, vocab_size], eagerly, without sampling (for checks)."""
+        return self.model.compute_logits(self._forward(inputs))
 
     def close(self) -> None:
         """Free the decode graphs, then (rank 0) shut the workers down and leave the process group.

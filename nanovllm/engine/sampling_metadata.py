@@ -18,7 +18,7 @@ import xxhash
 
 from nanovllm.engine.model_inputs import to_device
 from nanovllm.engine.scheduler import ScheduledBatch
-from nanovllm.engine.sequence import Sequence, StepSamples
+from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.sampler import PenaltyTensors, SamplerOutput, SamplingTensors, TokenEntries
 from nanovllm.sampling_params import SamplingParams
 
@@ -244,51 +244,3 @@ class SamplingMetadataBuilder:
 
     def _to_device(self, values: list, dtype: torch.dtype) -> torch.Tensor:
         return to_device(values, dtype, self.device)
-
-
-class HostSamples:
-    """One step's samples on their way to the host (token ids always, logprobs when some row asked);
-    wait() blocks until they are there.
-
-    On CUDA the copies go into pinned memory behind an event, so the host can schedule the next
-    step while this one finishes; elsewhere they are plain synchronous copies.
-    """
-
-    def __init__(self, output: SamplerOutput | None) -> None:
-        self._tensors: list[torch.Tensor] = []  # token ids, then sampled, top logprobs and top ids when asked
-        self._ready: torch.cuda.Event | None = None
-        if output is None:  # a tensor-parallel worker: rank 0 samples
-            return
-        on_cuda = output.token_ids.is_cuda
-        for tensor in (output.token_ids, output.sampled_logprobs, output.top_logprobs, output.top_token_ids):
-            if tensor is not None:
-                host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=on_cuda)
-                self._tensors.append(host.copy_(tensor, non_blocking=on_cuda))
-        if on_cuda:
-            self._ready = torch.cuda.Event()
-            self._ready.record()
-
-    def wait(self, seqs: list[Sequence]) -> StepSamples:
-        """The samples as lists, one entry per row of ``seqs`` (the batch they were sampled for)."""
-        if self._ready is not None:
-            self._ready.synchronize()
-        if not self._tensors:
-            return StepSamples([], [], [])
-        token_ids = self._tensors[0].tolist()
-        num_rows = len(token_ids)
-        if len(self._tensors) == 1:
-            return StepSamples(token_ids, [None] * num_rows, [None] * num_rows)
-        sampled, top_values, top_ids = (t.tolist() for t in self._tensors[1:])
-        sampled_out: list[float | None] = []
-        top_out: list[dict[int, float] | None] = []
-        for row, seq in enumerate(seqs):
-            num = seq.params.logprobs
-            if num is None:
-                sampled_out.append(None)
-                top_out.append(None)
-                continue
-            entries = dict(zip(top_ids[row][:num], top_values[row][:num], strict=True))
-            entries[token_ids[row]] = sampled[row]
-            sampled_out.append(sampled[row])
-            top_out.append(entries)
-        return StepSamples(token_ids, sampled_out, top_out)

@@ -101,14 +101,23 @@ class Sampler(nn.Module):
                 noise = torch.ones(num_rows, vocab_size, device=device)
                 self._sample(logits, torch.ones(num_rows, device=device), noise)
 
+    def draw(self, logits: torch.Tensor, temperatures: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """The short path, for rows that are greedy or temperature-only: [B] token ids.
+
+        The decode graphs (engine/cuda_graphs.py) capture this call, so it must stay graph-safe: fixed
+        shapes, no host reads, and noise from a generator the graph has registered.
+        """
+        return self._sample(logits, temperatures, exponential_noise(logits, generator))
+
     def forward(
         self, logits: torch.Tensor, t: SamplingTensors, generator: torch.Generator | None = None
     ) -> SamplerOutput:  # logits: [B, vocab_size]
         if t.is_all_greedy and t.is_temperature_only:
             token_ids = logits.argmax(dim=-1)  # [B]
+        elif t.is_temperature_only and t.seed_keys is None:
+            token_ids = self.draw(logits, t.temperatures, generator)
         else:
-            # Drawn outside the compiled function, so a seeded generator keeps working.
-            noise = torch.empty_like(logits, dtype=torch.float32).exponential_(1.0, generator=generator)
+            noise = exponential_noise(logits, generator)
             if t.seed_keys is not None and t.is_seeded is not None:
                 noise = self._seeded_noise(noise, t.seed_keys, t.is_seeded)
             if t.is_temperature_only:
@@ -121,6 +130,12 @@ class Sampler(nn.Module):
         sampled = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)  # [B]
         top_logprobs, top_token_ids = logprobs.topk(t.num_logprobs, dim=-1)  # [B, num_logprobs] each
         return SamplerOutput(token_ids, sampled, top_logprobs, top_token_ids)
+
+
+def exponential_noise(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Exp(1) noise for the race, [B, vocab_size] float32. Drawn outside the compiled functions, so that a
+    seeded generator keeps working."""
+    return torch.empty_like(logits, dtype=torch.float32).exponential_(1.0, generator=generator)
 
 
 def sample(logits: torch.Tensor, temperatures: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
