@@ -165,7 +165,7 @@ class DecodeGraphs:
 
     def can_sample(self, t: SamplingTensors) -> bool:
         """Whether a sample graph computes this batch's tokens: greedy or temperature-only rows, nothing else."""
-        return bool(self.sample_graphs) and t.is_temperature_only and t.seed_keys is None and t.num_logprobs is None
+        return bool(self.sample_graphs) and t.is_short_path and t.num_logprobs is None
 
     def sample(self, t: SamplingTensors, num_seqs: int) -> torch.Tensor:
         """The LM head and sampler replayed for the batch just run(): its [B] token ids, rows of last_sampled."""

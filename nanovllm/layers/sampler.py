@@ -68,6 +68,11 @@ class SamplingTensors:
         """No stage but temperature: the short path applies."""
         return not (self.use_top_k_top_p or self.use_min_p or self.logit_edits or self.penalties)
 
+    @property
+    def is_short_path(self) -> bool:
+        """Temperature-only and no seeded row: :meth:`Sampler.draw` samples every row."""
+        return self.is_temperature_only and self.seed_keys is None
+
 
 @dataclass(frozen=True)
 class SamplerOutput:
@@ -114,7 +119,7 @@ class Sampler(nn.Module):
     ) -> SamplerOutput:  # logits: [B, vocab_size]
         if t.is_all_greedy and t.is_temperature_only:
             token_ids = logits.argmax(dim=-1)  # [B]
-        elif t.is_temperature_only and t.seed_keys is None:
+        elif t.is_short_path:
             token_ids = self.draw(logits, t.temperatures, generator)
         else:
             noise = exponential_noise(logits, generator)
