@@ -8,7 +8,7 @@ random weights), lets them reach decode, then times --steps decode steps twice:
 - synchronous steps: scheduling, staging the inputs into pinned buffers, the model run
   (synchronized: graph replay, LM head, sampling), and recording the sampled tokens;
 - the loop generate() runs (async scheduling, LLMEngine._steps_ahead): schedule step N+1, launch
-  it (staging, copies, graph replays of the model and of LM head + sampling, queued), wait for
+  it (staging, then one graph replay: input copy, model, LM head and sampling, queued), wait for
   step N's tokens, record them, advance N+1. Everything but the wait is host work; the GPU runs step N meanwhile.
 
 Prints medians in microseconds.
@@ -89,11 +89,10 @@ def time_steps_ahead(engine: LLMEngine, num_steps: int) -> None:
     parts = PartTimer()  # launch()'s host work, piece by piece
     if runner.decode_graphs is not None:
         parts.wrap(runner.decode_graphs.staging, "stage", "stage")
-        parts.wrap(runner.decode_graphs, "run", "stage + input copies + graph replay")
-        parts.wrap(runner.decode_graphs.inputs_copied, "synchronize", "wait for the last input copies")
+        parts.wrap(runner.decode_graphs, "_replay", "wait + stage + graph replay")
+        parts.wrap(runner.decode_graphs.inputs_copied, "synchronize", "wait for the last input copy")
         for graph in runner.decode_graphs.graphs.values():
             parts.wrap(graph, "replay", "graph replay")
-        parts.wrap(runner.decode_graphs, "sample", "sample graph (LM head + sampler)")
     parts.wrap(runner.model, "compute_logits", "LM head")
     parts.wrap(runner.sampling, "build", "sampling tensors")
     parts.wrap(runner, "sampler", "sampler (compiled)")

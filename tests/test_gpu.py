@@ -3,6 +3,7 @@
 import asyncio
 import dataclasses
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,30 @@ def test_scheduling_ahead_equals_in_turn_with_graphs(tiny_models: dict[str, Path
     with LLM(str(tiny_models["qwen3"]), dtype="float32", async_scheduling=True, **ARGS) as llm:
         assert [o.token_ids for o in llm.generate(batch, GREEDY, use_tqdm=False)] == [o.token_ids for o in plain]
         assert [(o.token_ids, o.finish_reason) for o in llm.generate(batch, stops, use_tqdm=False)] == expected
+
+
+def test_graph_input_copy_waited_for_before_restaging(tiny_models: dict[str, Path]) -> None:
+    """Guards the event each decode graph records after copying its inputs out of the pinned buffer. The
+    device is held back ~1 ms before every replay, so the host, a step ahead, restages the buffer while the
+    graph before has not copied it yet: unless the host waits for that event, the graph reads the wrong step."""
+    batch = prompts(12, seed=8)
+    with LLM(str(tiny_models["qwen3"]), dtype="float32", async_scheduling=False, **ARGS) as llm:
+        expected = [out.token_ids for out in llm.generate(batch, GREEDY, use_tqdm=False)]
+    with LLM(str(tiny_models["qwen3"]), dtype="float32", async_scheduling=True, **ARGS) as llm:
+        assert llm.engine is not None and llm.engine.runner.decode_graphs is not None
+        for graph in llm.engine.runner.decode_graphs.graphs.values():
+            graph.replay = held_back(graph.replay)  # type: ignore[method-assign]
+        assert [out.token_ids for out in llm.generate(batch, GREEDY, use_tqdm=False)] == expected
+
+
+def held_back(replay: Callable[[], None]) -> Callable[[], None]:
+    """``replay`` behind ~1 ms of device work queued before it (a GPU spin of 2M cycles)."""
+
+    def delayed() -> None:
+        torch.cuda._sleep(2_000_000)
+        replay()
+
+    return delayed
 
 
 def test_engine_process_on_gpu_matches_generate(tiny_models: dict[str, Path]) -> None:

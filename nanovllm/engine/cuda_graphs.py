@@ -3,24 +3,30 @@
 A decode step launches hundreds of small kernels; capturing them once in a graph and
 replaying it removes the per-launch CPU cost. A graph replays fixed memory addresses, so
 every input lives in a static device buffer sized for the largest bucket, filled each step
-from a pinned host buffer of the same layout with one copy (nothing is allocated per step). A batch of B
-sequences runs the graph of the smallest bucket >= B; the padded lanes B.. get slot -1 (the
-KV store skips them) and context length 0 (attention returns zeros for them).
+from a pinned host buffer of the same layout (nothing is allocated per step). That copy is the
+graph's first node, and an event recorded inside the graph after it tells the host when the
+pinned buffer may be refilled: a replay is then the step's only launch. A batch of B sequences
+runs the graph of the smallest bucket >= B; the padded lanes B.. get slot -1 (the KV store skips
+them) and context length 0 (attention returns zeros for them).
 
 A lane's input token comes from the host, or, when its ``feed_rows`` entry r is >= 0, from row
 r of the runner's ``last_sampled``: the previous step's samples, still on the device when the
 engine launches a step before the previous one has reached the host.
 
-Rank 0 of a single-GPU engine also captures, per bucket, the LM head and the sampler's short path
-(greedy and temperature-only rows) in a second graph, which writes its tokens into ``last_sampled``.
-Launched one op at a time, those took 250-700 us of host time per step on an H200's host; replayed,
-they are one launch. Batches that need more (top-k/p, penalties, seeds, logprobs) sample eagerly.
+On a single-GPU engine each bucket also has graphs that go on through the LM head and the sampler's
+short path and write their tokens into ``last_sampled``: one for all-greedy batches (argmax, no
+noise drawn), one for batches with temperature rows (the engine's generator registered with it, so
+each replay draws fresh noise). Launched one op at a time, the LM head and sampler took 250-700 us
+of host time per step on an H200's host. The graph that ends at the hidden states serves batches
+that need more (top-k/p, penalties, seeds, logprobs: sampled eagerly), and tensor parallelism,
+where it is the only one (each rank's LM head joins an all-gather outside the graphs).
 
     bucket 8, batch 5:   lanes 0-4 real | lanes 5-7 padding (slot -1, context 0)
 """
 
 import math
 from collections.abc import Callable, Iterable
+from enum import Enum
 from functools import partial
 
 import numpy as np
@@ -44,6 +50,14 @@ def graph_buckets(max_num_seqs: int) -> list[int]:
     buckets = [b for b in SMALL_BUCKETS if b < max_num_seqs]
     buckets += range(BUCKET_STEP, max_num_seqs, BUCKET_STEP)
     return [*buckets, max_num_seqs]
+
+
+class GraphEnd(Enum):
+    """Where a bucket's graph ends."""
+
+    HIDDEN_STATES = "hidden states"  # tensor parallelism: the LM head's all-gather runs outside
+    GREEDY = "greedy tokens"  # logits, then their argmax into last_sampled
+    TEMPERATURE = "temperature draws"  # logits, then the sampler's short path into last_sampled
 
 
 class DecodeGraphs:
@@ -73,10 +87,11 @@ class DecodeGraphs:
         self.static = self.staging.fields_of(self.static_buffer)
         self.cu_seqlens_q = torch.arange(max_num_seqs + 1, dtype=torch.int32, device=device)  # one query each
         self.hidden_states = torch.zeros(max_num_seqs, hidden_size, dtype=dtype, device=device)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.ends = [GraphEnd.HIDDEN_STATES]  # the graphs each bucket has
+        if sampler is not None:
+            self.ends += [GraphEnd.TEMPERATURE, GraphEnd.GREEDY]
+        self.graphs: dict[tuple[int, GraphEnd], torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle()  # one memory pool for every graph: one runs at a time
-        # The sample graphs, by (bucket, is_all_greedy), and what they read besides the hidden states.
-        self.sample_graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self.temperatures = torch.ones(max_num_seqs, dtype=torch.float32, device=device)
         self.staged_temperatures: torch.Tensor | None = None  # the batch's tensor last copied into them
         # Made once, not per step (each tensor slice costs several us of host time): the bucket of each
@@ -87,10 +102,11 @@ class DecodeGraphs:
             for b in self.buckets
         }
         self.outputs = [self.hidden_states[:n] for n in range(max_num_seqs + 1)]  # [n, hidden_size] each
-        self.sampled = [last_sampled[:n] for n in range(max_num_seqs + 1)]  # [n] each, a sample graph's tokens
-        # Recorded after each step's copy out of the pinned buffer: the next step must not refill it
-        # before that copy ran, which is not implied when the engine launches steps ahead of the GPU.
-        self.inputs_copied = torch.cuda.Event()
+        self.sampled = [last_sampled[:n] for n in range(max_num_seqs + 1)]  # [n] each, a sampling graph's tokens
+        # Recorded inside every graph once its inputs are copied out of the pinned buffer: the next step must
+        # not refill it before that, which is not implied when the engine launches steps ahead of the GPU.
+        # external=True: captured as an event-record node, so each replay records it.
+        self.inputs_copied = torch.cuda.Event(external=True)
 
     def _metadata(self, batch_size: int) -> AttentionMetadata:
         s = self.static
@@ -104,17 +120,21 @@ class DecodeGraphs:
             block_tables=s["block_tables"][:batch_size],
         )
 
-    def _forward(self, batch_size: int) -> None:
+    def _step(self, batch_size: int, end: GraphEnd) -> None:
+        """What a graph holds: the input copy, the model, then the hidden states or the LM head and sampler."""
+        device_prefix, host_prefix = self.copy_prefixes[batch_size]
+        device_prefix.copy_(host_prefix, non_blocking=True)  # one copy for every field
+        self.inputs_copied.record()
         s = self.static
         input_ids = feed_pending_tokens(s["input_ids"][:batch_size], s["feed_rows"][:batch_size], self.last_sampled)
         with attention_context(self._metadata(batch_size)):
-            out = self.model(input_ids, self.static["positions"][:batch_size])
-        self.hidden_states[:batch_size] = out
-
-    def _sample(self, batch_size: int, is_all_greedy: bool) -> None:
+            hidden_states = self.model(input_ids, s["positions"][:batch_size])  # [batch_size, hidden_size]
+        if end is GraphEnd.HIDDEN_STATES:
+            self.hidden_states[:batch_size] = hidden_states
+            return
         assert self.sampler is not None
-        logits = self.model.compute_logits(self.hidden_states[:batch_size])  # [batch_size, vocab_size]
-        if is_all_greedy:  # as the sampler does: no noise drawn, so the generator is left where it was
+        logits = self.model.compute_logits(hidden_states)  # [batch_size, vocab_size]
+        if end is GraphEnd.GREEDY:  # as the sampler does: no noise drawn, so the generator is left where it was
             token_ids = logits.argmax(dim=-1)  # [batch_size]
         else:
             token_ids = self.sampler.draw(logits, self.temperatures[:batch_size], self.generator)
@@ -123,16 +143,13 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture every bucket, largest first (the smaller ones reuse its memory), all in one pool."""
-        self.static["slot_mapping"].fill_(-1)  # capture runs write nothing into the KV cache
+        self.staging.arrays["slot_mapping"].fill(-1)  # capture runs copy this buffer in: they store no K/V
         # The warm-up runs draw noise; the engine's first draw should not depend on whether graphs exist.
         rng_state = None if self.generator is None else self.generator.get_state()
         for batch_size in reversed(self.buckets):
-            self.graphs[batch_size] = self._capture(partial(self._forward, batch_size))
-            if self.sampler is not None:
-                for is_all_greedy in (False, True):
-                    run = partial(self._sample, batch_size, is_all_greedy)
-                    generator = None if is_all_greedy else self.generator
-                    self.sample_graphs[batch_size, is_all_greedy] = self._capture(run, generator)
+            for end in self.ends:
+                generator = self.generator if end is GraphEnd.TEMPERATURE else None
+                self.graphs[batch_size, end] = self._capture(partial(self._step, batch_size, end), generator)
         torch.cuda.synchronize()
         if self.generator is not None and rng_state is not None:
             self.generator.set_state(rng_state)
@@ -152,28 +169,31 @@ class DecodeGraphs:
         return bool(self.graphs) and batch_size <= self.buckets[-1]
 
     def run(self, batch: ScheduledBatch, feed_rows: np.ndarray | None = None) -> torch.Tensor:
-        """Replay the decode graph for this batch: its hidden states [B, hidden_size]."""
+        """Replay the graph that ends at the hidden states for this batch: they are [B, hidden_size]."""
         num_seqs = len(batch.seqs)
-        bucket = self.bucket_of[num_seqs]
-        self.inputs_copied.synchronize()
-        self.staging.stage(batch, bucket, feed_rows)
-        device_prefix, host_prefix = self.copy_prefixes[bucket]
-        device_prefix.copy_(host_prefix, non_blocking=True)  # one copy for every field: each costs host time
-        self.inputs_copied.record()
-        self.graphs[bucket].replay()
+        self._replay(batch, feed_rows, GraphEnd.HIDDEN_STATES)
         return self.outputs[num_seqs]
 
     def can_sample(self, t: SamplingTensors) -> bool:
-        """Whether a sample graph computes this batch's tokens: greedy or temperature-only rows, nothing else."""
-        return bool(self.sample_graphs) and t.is_short_path and t.num_logprobs is None
+        """Whether a sampling graph computes this batch's tokens: greedy or temperature-only rows, nothing else."""
+        return self.sampler is not None and t.is_short_path and t.num_logprobs is None
 
-    def sample(self, t: SamplingTensors, num_seqs: int) -> torch.Tensor:
-        """The LM head and sampler replayed for the batch just run(): its [B] token ids, rows of last_sampled."""
+    def run_and_sample(self, batch: ScheduledBatch, feed_rows: np.ndarray | None, t: SamplingTensors) -> torch.Tensor:
+        """Replay the model, LM head and sampler for this batch (can_sample(t)): its [B] token ids, rows of
+        last_sampled."""
+        num_seqs = len(batch.seqs)
         if not t.is_all_greedy and t.temperatures is not self.staged_temperatures:  # the batch changed
             self.temperatures[:num_seqs] = t.temperatures
             self.staged_temperatures = t.temperatures  # held, so its id cannot be reused by another tensor
-        self.sample_graphs[self.bucket_of[num_seqs], t.is_all_greedy].replay()
+        self._replay(batch, feed_rows, GraphEnd.GREEDY if t.is_all_greedy else GraphEnd.TEMPERATURE)
         return self.sampled[num_seqs]
+
+    def _replay(self, batch: ScheduledBatch, feed_rows: np.ndarray | None, end: GraphEnd) -> None:
+        """Stage the batch into the pinned buffer and replay its bucket's graph, which copies it in."""
+        bucket = self.bucket_of[len(batch.seqs)]
+        self.inputs_copied.synchronize()  # the step before has copied its inputs out of the buffer
+        self.staging.stage(batch, bucket, feed_rows)
+        self.graphs[bucket, end].replay()
 
 
 class DecodeStaging:

@@ -252,25 +252,39 @@ class ModelRunner:
 
     @torch.inference_mode()
     def _launch_local(self, batch: ScheduledBatch, in_flight: ScheduledBatch | None) -> HostSamples:
-        """This rank's forward pass over the batch, then (rank 0 only) sampling, all queued on the device."""
+        """This rank's forward pass over the batch, then (rank 0 only) the LM head and sampling, all queued on
+        the device: the one place that samples. A decode step in the graphs whose rows a sampling graph covers
+        is one replay; otherwise the LM head and sampler run eagerly after the hidden states."""
         feed_rows = None if in_flight is None or batch.is_prefill else self._feed_rows(batch, in_flight)
         graphs = self.decode_graphs
         if graphs is not None and (batch.is_prefill or not graphs.can_run(len(batch.seqs))):
             graphs.staging.forget()  # sequences may have been preempted and recomputed in this step
             graphs = None  # this step runs eagerly
-        if graphs is not None:
-            hidden_states = graphs.run(batch, feed_rows)  # [B, hidden_size]
-        else:
-            inputs = build_model_inputs(batch, self.block_size, self.device)
-            if feed_rows is not None:  # a decode step: one input token per row
-                rows = torch.from_numpy(feed_rows).to(self.device, non_blocking=True)
-                input_ids = feed_pending_tokens(inputs.input_ids, rows, self.last_sampled)
-                inputs = dataclasses.replace(inputs, input_ids=input_ids)
-            hidden_states = self._forward(inputs)  # [B, hidden_size]
-        if self.rank != 0:
-            self.model.compute_logits(hidden_states)  # its all-gather, which rank 0 joins
+        if self.rank != 0:  # a worker: its shard of the model, then its LM head's all-gather, which rank 0 joins
+            self.model.compute_logits(self._hidden_states(batch, feed_rows, graphs))
             return HostSamples(None)  # rank 0 alone samples
-        return self._sample(batch, hidden_states, graphs)
+        t = self.sampling.build(batch)
+        if graphs is not None and graphs.can_sample(t):  # one replay: model, LM head and sampler
+            output = SamplerOutput(graphs.run_and_sample(batch, feed_rows, t), None, None, None)  # in last_sampled
+        else:
+            logits = self.model.compute_logits(self._hidden_states(batch, feed_rows, graphs))  # [B, vocab_size]
+            output = self.sampler(logits, t, self.generator)
+            self.last_sampled[: output.token_ids.numel()].copy_(output.token_ids)  # what the next step may feed on
+        self.sampling.record(output)  # the penalty table counts the new tokens
+        return HostSamples(output, self.token_buffers)  # copies start now; the caller waits when it needs them
+
+    def _hidden_states(
+        self, batch: ScheduledBatch, feed_rows: np.ndarray | None, graphs: DecodeGraphs | None
+    ) -> torch.Tensor:
+        """The model over the batch, replayed in its decode graph or run eagerly: [B, hidden_size]."""
+        if graphs is not None:
+            return graphs.run(batch, feed_rows)
+        inputs = build_model_inputs(batch, self.block_size, self.device)
+        if feed_rows is not None:  # a decode step: one input token per row
+            rows = torch.from_numpy(feed_rows).to(self.device, non_blocking=True)
+            input_ids = feed_pending_tokens(inputs.input_ids, rows, self.last_sampled)
+            inputs = dataclasses.replace(inputs, input_ids=input_ids)
+        return self._forward(inputs)
 
     def _feed_rows(self, batch: ScheduledBatch, in_flight: ScheduledBatch) -> np.ndarray:
         """Row of each sequence in the in-flight step (its newest token is that row's sample), else -1."""
@@ -279,19 +293,6 @@ class ModelRunner:
             return self._all_rows[: len(seqs)]
         row_of = {id(seq): row for row, seq in enumerate(in_flight.seqs)}
         return np.array([row_of.get(id(seq), -1) for seq in seqs], dtype=np.int64)
-
-    def _sample(self, batch: ScheduledBatch, hidden_states: torch.Tensor, graphs: DecodeGraphs | None) -> HostSamples:
-        """The one place that samples: LM head, the logits pipeline, then the penalty table counts the new
-        tokens. A step run in the decode ``graphs`` replays a sample graph instead, when one covers the batch."""
-        t = self.sampling.build(batch)
-        if graphs is not None and graphs.can_sample(t):
-            output = SamplerOutput(graphs.sample(t, len(batch.seqs)), None, None, None)  # into last_sampled
-        else:
-            logits = self.model.compute_logits(hidden_states)  # [B, vocab_size]
-            output = self.sampler(logits, t, self.generator)
-            self.last_sampled[: output.token_ids.numel()].copy_(output.token_ids)  # what the next step may feed on
-        self.sampling.record(output)
-        return HostSamples(output, self.token_buffers)  # copies start now; the caller waits when it needs them
 
     def _forward(self, inputs: ModelInputs) -> torch.Tensor:
         """The model over the batch's tokens: the hidden states of each sequence's last token [B, hidden_size]."""
