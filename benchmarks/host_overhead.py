@@ -89,6 +89,7 @@ def time_steps_ahead(engine: LLMEngine, num_steps: int) -> None:
     parts = PartTimer()  # launch()'s host work, piece by piece
     if runner.decode_graphs is not None:
         parts.wrap(runner.decode_graphs.staging, "stage", "stage")
+        parts.wrap(runner.decode_graphs, "run_and_sample", "sampling graph step (replay, samples)")
         parts.wrap(runner.decode_graphs, "_replay", "wait + stage + graph replay")
         parts.wrap(runner.decode_graphs.inputs_copied, "synchronize", "wait for the last input copy")
         for graph in runner.decode_graphs.graphs.values():

@@ -97,6 +97,29 @@ def test_graph_input_copy_waited_for_before_restaging(tiny_models: dict[str, Pat
         assert [out.token_ids for out in llm.generate(batch, GREEDY, use_tqdm=False)] == expected
 
 
+def test_graph_token_buffers_read_before_reuse(tiny_models: dict[str, Path]) -> None:
+    """Guards the two pinned buffers the sampling graphs copy their tokens into by turns: a third step
+    launched while the first one's samples are unread must read them before its replay overwrites them."""
+    params = SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True)
+    with LLM(str(tiny_models["qwen3"]), dtype="float32", **ARGS) as llm:
+        engine = llm.engine
+        assert engine is not None and engine.runner.decode_graphs is not None
+        for prompt in prompts(6, seed=10):
+            engine.add_request(prompt, params, stream_text=False)
+        while engine.scheduler.waiting:
+            engine.step()  # prefill
+        batch = engine.scheduler.schedule()
+        t = engine.runner.sampling.build(batch)
+        graphs = engine.runner.decode_graphs
+        launched, drawn = [], []
+        for _ in range(3):  # the same step thrice, each drawing new noise; none read before the third
+            launched.append(graphs.run_and_sample(batch, None, t))
+            drawn.append(graphs.last_sampled[: len(batch.seqs)].clone())  # queued after the replay
+        torch.cuda.synchronize()
+        assert [s.wait(batch.seqs).token_ids for s in launched] == [d.tolist() for d in drawn]
+        assert drawn[0].tolist() != drawn[2].tolist(), "the test needs steps that drew different tokens"
+
+
 def held_back(replay: Callable[[], None]) -> Callable[[], None]:
     """``replay`` behind ~1 ms of device work queued before it (a GPU spin of 2M cycles)."""
 

@@ -14,12 +14,14 @@ r of the runner's ``last_sampled``: the previous step's samples, still on the de
 engine launches a step before the previous one has reached the host.
 
 On a single-GPU engine each bucket also has graphs that go on through the LM head and the sampler's
-short path and write their tokens into ``last_sampled``: one for all-greedy batches (argmax, no
-noise drawn), one for batches with temperature rows (the engine's generator registered with it, so
-each replay draws fresh noise). Launched one op at a time, the LM head and sampler took 250-700 us
-of host time per step on an H200's host. The graph that ends at the hidden states serves batches
-that need more (top-k/p, penalties, seeds, logprobs: sampled eagerly), and tensor parallelism,
-where it is the only one (each rank's LM head joins an all-gather outside the graphs).
+short path, write their tokens into ``last_sampled`` and copy them to the host: for all-greedy
+batches (argmax, no noise drawn), and for batches with temperature rows (the engine's generator
+registered with them, so each replay draws fresh noise). Launched one op at a time, the LM head and
+sampler took 250-700 us of host time per step on an H200's host. Each of these is captured twice,
+one per pinned token buffer, used by turns (see ``NUM_TOKEN_PARITIES``). The graph that ends at
+the hidden states serves batches that need more (top-k/p, penalties, seeds, logprobs: sampled
+eagerly), and tensor parallelism, where it is the only one (each rank's LM head joins an
+all-gather outside the graphs).
 
     bucket 8, batch 5:   lanes 0-4 real | lanes 5-7 padding (slot -1, context 0)
 """
@@ -32,6 +34,7 @@ from functools import partial
 import numpy as np
 import torch
 
+from nanovllm.engine.host_samples import HostSamples
 from nanovllm.engine.model_inputs import feed_pending_tokens
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
@@ -43,6 +46,10 @@ from nanovllm.utils.context import AttentionMetadata, attention_context
 SMALL_BUCKETS = (1, 2, 4, 8)
 BUCKET_STEP = 16
 FIELD_ALIGNMENT = 16  # bytes: each input field starts at a multiple of this in the staging buffer
+# Pinned buffers the sampling graphs copy their token ids into, used by turns, each with an event recorded
+# after its copy: the engine reads step N's tokens while step N+1 runs, so step N+1 must copy elsewhere.
+# (One event recorded in every graph would not do: waiting on an event waits for its latest record.)
+NUM_TOKEN_PARITIES = 2
 
 
 def graph_buckets(max_num_seqs: int) -> list[int]:
@@ -90,7 +97,7 @@ class DecodeGraphs:
         self.ends = [GraphEnd.HIDDEN_STATES]  # the graphs each bucket has
         if sampler is not None:
             self.ends += [GraphEnd.TEMPERATURE, GraphEnd.GREEDY]
-        self.graphs: dict[tuple[int, GraphEnd], torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple[int, GraphEnd, int], torch.cuda.CUDAGraph] = {}  # by (bucket, end, token parity)
         self.pool = torch.cuda.graph_pool_handle()  # one memory pool for every graph: one runs at a time
         self.temperatures = torch.ones(max_num_seqs, dtype=torch.float32, device=device)
         self.staged_temperatures: torch.Tensor | None = None  # the batch's tensor last copied into them
@@ -102,11 +109,17 @@ class DecodeGraphs:
             for b in self.buckets
         }
         self.outputs = [self.hidden_states[:n] for n in range(max_num_seqs + 1)]  # [n, hidden_size] each
-        self.sampled = [last_sampled[:n] for n in range(max_num_seqs + 1)]  # [n] each, a sampling graph's tokens
         # Recorded inside every graph once its inputs are copied out of the pinned buffer: the next step must
         # not refill it before that, which is not implied when the engine launches steps ahead of the GPU.
         # external=True: captured as an event-record node, so each replay records it.
         self.inputs_copied = torch.cuda.Event(external=True)
+        # The sampling graphs' token ids on the host: per parity a pinned buffer ([n] views made once), the
+        # event after its copy, and the samples it holds for the engine until they are read.
+        host_tokens = [torch.zeros(max_num_seqs, dtype=torch.int64, pin_memory=True) for _ in range(NUM_TOKEN_PARITIES)]
+        self.host_token_rows = [[buffer[:n] for n in range(max_num_seqs + 1)] for buffer in host_tokens]
+        self.tokens_copied = [torch.cuda.Event(external=True) for _ in range(NUM_TOKEN_PARITIES)]
+        self.held_samples: list[HostSamples | None] = [None] * NUM_TOKEN_PARITIES
+        self.parity = 0  # the buffer the next sampling step copies its tokens into
 
     def _metadata(self, batch_size: int) -> AttentionMetadata:
         s = self.static
@@ -120,8 +133,9 @@ class DecodeGraphs:
             block_tables=s["block_tables"][:batch_size],
         )
 
-    def _step(self, batch_size: int, end: GraphEnd) -> None:
-        """What a graph holds: the input copy, the model, then the hidden states or the LM head and sampler."""
+    def _step(self, batch_size: int, end: GraphEnd, parity: int) -> None:
+        """What a graph holds: the input copy, the model, then the hidden states, or the LM head, the sampler
+        and the copy of the tokens into buffer ``parity``."""
         device_prefix, host_prefix = self.copy_prefixes[batch_size]
         device_prefix.copy_(host_prefix, non_blocking=True)  # one copy for every field
         self.inputs_copied.record()
@@ -139,6 +153,8 @@ class DecodeGraphs:
         else:
             token_ids = self.sampler.draw(logits, self.temperatures[:batch_size], self.generator)
         self.last_sampled[:batch_size] = token_ids
+        self.host_token_rows[parity][batch_size].copy_(token_ids, non_blocking=True)
+        self.tokens_copied[parity].record()
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -149,7 +165,9 @@ class DecodeGraphs:
         for batch_size in reversed(self.buckets):
             for end in self.ends:
                 generator = self.generator if end is GraphEnd.TEMPERATURE else None
-                self.graphs[batch_size, end] = self._capture(partial(self._step, batch_size, end), generator)
+                for parity in range(1 if end is GraphEnd.HIDDEN_STATES else NUM_TOKEN_PARITIES):
+                    run = partial(self._step, batch_size, end, parity)
+                    self.graphs[batch_size, end, parity] = self._capture(run, generator)
         torch.cuda.synchronize()
         if self.generator is not None and rng_state is not None:
             self.generator.set_state(rng_state)
@@ -178,22 +196,29 @@ class DecodeGraphs:
         """Whether a sampling graph computes this batch's tokens: greedy or temperature-only rows, nothing else."""
         return self.sampler is not None and t.is_short_path and t.num_logprobs is None
 
-    def run_and_sample(self, batch: ScheduledBatch, feed_rows: np.ndarray | None, t: SamplingTensors) -> torch.Tensor:
-        """Replay the model, LM head and sampler for this batch (can_sample(t)): its [B] token ids, rows of
-        last_sampled."""
+    def run_and_sample(self, batch: ScheduledBatch, feed_rows: np.ndarray | None, t: SamplingTensors) -> HostSamples:
+        """Replay the model, LM head and sampler for this batch (can_sample(t)): its token ids, in last_sampled
+        and on their way to the host."""
         num_seqs = len(batch.seqs)
         if not t.is_all_greedy and t.temperatures is not self.staged_temperatures:  # the batch changed
             self.temperatures[:num_seqs] = t.temperatures
             self.staged_temperatures = t.temperatures  # held, so its id cannot be reused by another tensor
-        self._replay(batch, feed_rows, GraphEnd.GREEDY if t.is_all_greedy else GraphEnd.TEMPERATURE)
-        return self.sampled[num_seqs]
+        parity = self.parity
+        held = self.held_samples[parity]
+        if held is not None:
+            held.wait([])  # read (and kept) before this step overwrites its buffer; the engine read them already
+        self._replay(batch, feed_rows, GraphEnd.GREEDY if t.is_all_greedy else GraphEnd.TEMPERATURE, parity)
+        self.parity = (parity + 1) % NUM_TOKEN_PARITIES
+        samples = HostSamples.copied(self.host_token_rows[parity][num_seqs], self.tokens_copied[parity])
+        self.held_samples[parity] = samples
+        return samples
 
-    def _replay(self, batch: ScheduledBatch, feed_rows: np.ndarray | None, end: GraphEnd) -> None:
+    def _replay(self, batch: ScheduledBatch, feed_rows: np.ndarray | None, end: GraphEnd, parity: int = 0) -> None:
         """Stage the batch into the pinned buffer and replay its bucket's graph, which copies it in."""
         bucket = self.bucket_of[len(batch.seqs)]
         self.inputs_copied.synchronize()  # the step before has copied its inputs out of the buffer
         self.staging.stage(batch, bucket, feed_rows)
-        self.graphs[bucket, end].replay()
+        self.graphs[bucket, end, parity].replay()
 
 
 class DecodeStaging:

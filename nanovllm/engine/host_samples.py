@@ -7,6 +7,9 @@ on an H200's host, so the token ids go into one of a few buffers that are reused
 
     step:     N     N+1    N+2    N+3    N+4
     buffer:   0      1      2      3      0    <- reused once step N's tokens were read (or dropped)
+
+A decode step replayed in a sampling graph copies its tokens to the host inside the graph, into
+buffers of the graphs' own (engine/cuda_graphs.py); its samples are made by ``HostSamples.copied``.
 """
 
 import torch
@@ -75,6 +78,15 @@ class HostSamples:
         if on_cuda:
             self._ready = torch.cuda.Event() if ready is None else ready
             self._ready.record()
+
+    @classmethod
+    def copied(cls, host_token_ids: torch.Tensor, ready: torch.cuda.Event) -> "HostSamples":
+        """Token ids whose copy into the pinned ``host_token_ids`` is queued already (by a decode graph), with
+        ``ready`` recorded after it."""
+        samples = cls(None)
+        samples._tensors.append(host_token_ids)
+        samples._ready = ready
+        return samples
 
     def wait(self, seqs: list[Sequence]) -> StepSamples:
         """The samples as lists, one entry per row of ``seqs`` (the batch they were sampled for)."""

@@ -25,7 +25,7 @@ from nanovllm.engine.sequence import Sequence, StepSamples
 from nanovllm.engine.tp_worker import TensorParallelWorkers
 from nanovllm.kernels.backends import Kernels, select_attention_backend
 from nanovllm.layers.attention import Attention
-from nanovllm.layers.sampler import Sampler, SamplerOutput
+from nanovllm.layers.sampler import Sampler
 from nanovllm.models.arch import ModelArch
 from nanovllm.models.registry import build_model
 from nanovllm.sampling_params import SamplingParams
@@ -264,12 +264,11 @@ class ModelRunner:
             self.model.compute_logits(self._hidden_states(batch, feed_rows, graphs))
             return HostSamples(None)  # rank 0 alone samples
         t = self.sampling.build(batch)
-        if graphs is not None and graphs.can_sample(t):  # one replay: model, LM head and sampler
-            output = SamplerOutput(graphs.run_and_sample(batch, feed_rows, t), None, None, None)  # in last_sampled
-        else:
-            logits = self.model.compute_logits(self._hidden_states(batch, feed_rows, graphs))  # [B, vocab_size]
-            output = self.sampler(logits, t, self.generator)
-            self.last_sampled[: output.token_ids.numel()].copy_(output.token_ids)  # what the next step may feed on
+        if graphs is not None and graphs.can_sample(t):  # one replay: model, LM head, sampler, copy to the host
+            return graphs.run_and_sample(batch, feed_rows, t)  # (the short path: no penalty table to count in)
+        logits = self.model.compute_logits(self._hidden_states(batch, feed_rows, graphs))  # [B, vocab_size]
+        output = self.sampler(logits, t, self.generator)
+        self.last_sampled[: output.token_ids.numel()].copy_(output.token_ids)  # what the next step may feed on
         self.sampling.record(output)  # the penalty table counts the new tokens
         return HostSamples(output, self.token_buffers)  # copies start now; the caller waits when it needs them
 
