@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from nanovllm.engine.block_manager import BlockManager  # noqa: E402
-from nanovllm.engine.cuda_graphs import DecodeStaging  # noqa: E402
+from nanovllm.engine.decode_staging import DecodeStaging  # noqa: E402
 from nanovllm.engine.sampling_metadata import SamplingMetadataBuilder  # noqa: E402
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler, SchedulerLimits  # noqa: E402
 from nanovllm.engine.sequence import Sequence, StepSamples  # noqa: E402

@@ -5,7 +5,7 @@ import random
 import numpy as np
 import torch
 
-from nanovllm.engine.cuda_graphs import DecodeStaging
+from nanovllm.engine.decode_staging import DecodeStaging
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
 from nanovllm.sampling_params import SamplingParams
