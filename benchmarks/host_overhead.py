@@ -3,13 +3,14 @@
     python benchmarks/host_overhead.py [--num-seqs 256] [--context 1000]
 
 Fills the engine with --num-seqs sequences of --context prompt tokens (Qwen3-0.6B shape,
-random weights), lets them reach decode, then times --steps decode steps twice:
+random weights), lets them reach decode, then times --steps decode steps three times:
 
 - synchronous steps: scheduling, staging the inputs into pinned buffers, the model run
   (synchronized: graph replay, LM head, sampling), and recording the sampled tokens;
 - the loop generate() runs (async scheduling, LLMEngine._steps_ahead): schedule step N+1, launch
   it (staging, then one graph replay: input copy, model, LM head and sampling, queued), wait for
   step N's tokens, record them, advance N+1. Everything but the wait is host work; the GPU runs step N meanwhile.
+  Then the same loop again with launch()'s parts timed one by one (their timers add host time of their own).
 
 Prints medians in microseconds.
 """
@@ -82,23 +83,10 @@ class PartTimer:
         return statistics.median(self.micros[label][1:])  # the first call, outside the timed turns, left out
 
 
-def time_steps_ahead(engine: LLMEngine, num_steps: int) -> None:
-    """generate()'s loop (LLMEngine._steps_ahead), one decode step per turn, each part timed."""
+def run_steps_ahead(engine: LLMEngine, num_steps: int) -> dict[str, list[float]]:
+    """generate()'s loop (LLMEngine._steps_ahead), one decode step per turn: each stage's microseconds."""
     runner, scheduler = engine.runner, engine.scheduler
     timings: dict[str, list[float]] = {"schedule": [], "launch": [], "wait (GPU)": [], "record": [], "advance": []}
-    parts = PartTimer()  # launch()'s host work, piece by piece
-    if runner.decode_graphs is not None:
-        parts.wrap(runner.decode_graphs.staging, "stage", "stage")
-        parts.wrap(runner.decode_graphs, "run_and_sample", "sampling graph step (replay, samples)")
-        parts.wrap(runner.decode_graphs, "_replay", "wait + stage + graph replay")
-        parts.wrap(runner.decode_graphs.inputs_copied, "synchronize", "wait for the last input copy")
-        for graph in runner.decode_graphs.graphs.values():
-            parts.wrap(graph, "replay", "graph replay")
-    parts.wrap(runner.model, "compute_logits", "LM head")
-    parts.wrap(runner.sampling, "build", "sampling tensors")
-    parts.wrap(runner, "sampler", "sampler (compiled)")
-    parts.wrap(runner.sampling, "record", "penalty record")
-    parts.wrap(model_runner, "HostSamples", "copies to the host")
     batch = scheduler.schedule()  # the first turn, with no step in flight, is not timed
     launched = runner.launch(batch, None)
     in_flight = (batch, scheduler.advance(batch), launched)
@@ -119,7 +107,29 @@ def time_steps_ahead(engine: LLMEngine, num_steps: int) -> None:
             timings[key].append(value * 1e6)
     landed, rows, samples = in_flight
     scheduler.record_samples(landed, rows, samples.wait(landed.seqs))  # no token left pending for what follows
-    print_medians("generate()'s loop (async scheduling):", timings, ("schedule", "launch", "record", "advance"))
+    return timings
+
+
+def time_steps_ahead(engine: LLMEngine, num_steps: int) -> None:
+    """generate()'s loop twice: as it runs, then with launch()'s parts timed (their timers cost host time too)."""
+    host_keys = ("schedule", "launch", "record", "advance")
+    print_medians("generate()'s loop (async scheduling):", run_steps_ahead(engine, num_steps), host_keys)
+    runner = engine.runner
+    parts = PartTimer()  # launch()'s host work, piece by piece
+    if runner.decode_graphs is not None:
+        parts.wrap(runner.decode_graphs.staging, "stage", "stage")
+        parts.wrap(runner.decode_graphs, "run_and_sample", "sampling graph step (replay, samples)")
+        parts.wrap(runner.decode_graphs, "_replay", "wait + stage + graph replay")
+        parts.wrap(runner.decode_graphs.inputs_copied, "synchronize", "wait for the last input copy")
+        for graph in runner.decode_graphs.graphs.values():
+            parts.wrap(graph, "replay", "graph replay")
+    parts.wrap(runner.model, "compute_logits", "LM head")
+    parts.wrap(runner.sampling, "build", "sampling tensors")
+    parts.wrap(runner, "sampler", "sampler (compiled)")
+    parts.wrap(runner.sampling, "record", "penalty record")
+    parts.wrap(model_runner, "HostSamples", "copies to the host")
+    timings = run_steps_ahead(engine, num_steps)
+    print_medians("the same, launch()'s parts timed:", timings, host_keys)
     for label in [label for label, micros in parts.micros.items() if len(micros) > 1]:  # the parts that ran
         print(f"    launch: {label:38s} median {parts.median(label):7.1f} us")
     if "stage" in parts.micros:
