@@ -60,7 +60,7 @@ def graph_buckets(max_num_seqs: int) -> list[int]:
 class GraphEnd(Enum):
     """Where a bucket's graph ends."""
 
-    HIDDEN_STATES = "hidden states"  # tensor parallelism: the LM head's all-gather runs outside
+    HIDDEN_STATES = "hidden states"  # the LM head runs outside: eager sampling, or the all-gather of TP
     GREEDY = "greedy tokens"  # logits, then their argmax into last_sampled
     TEMPERATURE = "temperature draws"  # logits, then the sampler's short path into last_sampled
 
