@@ -180,7 +180,7 @@ def sampled_tokens(model_dir: Path, batch: list[list[int]], params: object, **ar
 
 
 def test_graph_sampling_equals_eager_at_a_full_bucket(tiny_models: dict[str, Path]) -> None:
-    """Guards the sample graphs' noise: each replay must advance the registered generator as an eager draw
+    """Guards the sampling graphs' noise: each replay must advance the registered generator as an eager draw
     does (a graph that replays its capture-time noise diverges), and the warm-up draws of capture must not
     move it. With 8 rows in bucket 8 at every step, graphs and eager draw the same noise, so the same tokens."""
     params = SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True)
@@ -191,7 +191,7 @@ def test_graph_sampling_equals_eager_at_a_full_bucket(tiny_models: dict[str, Pat
 
 
 def test_greedy_rows_among_sampled_rows_in_graphs(tiny_models: dict[str, Path]) -> None:
-    """Guards the sample graphs' temperatures, copied in only when the batch changes: rows finishing at
+    """Guards the sampling graphs' temperatures, copied in only when the batch changes: rows finishing at
     different steps shift the lanes, and a greedy row left with a stale temperature would draw at random."""
     batch = prompts(12, seed=4)
     greedy = [SamplingParams(temperature=0.0, max_tokens=8 + 2 * i, ignore_eos=True) for i in range(12)]
@@ -203,7 +203,7 @@ def test_greedy_rows_among_sampled_rows_in_graphs(tiny_models: dict[str, Path]) 
 
 
 def test_graph_sampling_follows_the_engine_seed(tiny_models: dict[str, Path]) -> None:
-    """Guards the generator registered with the sample graphs: the engine's seed must decide their draws
+    """Guards the generator registered with the sampling graphs: the engine's seed must decide their draws
     (the same seed, the same tokens; another seed, others), at padded buckets too (5 rows in bucket 8)."""
     params = SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True)
     batch = prompts(5, seed=6)
