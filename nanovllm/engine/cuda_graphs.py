@@ -100,12 +100,8 @@ class DecodeGraphs:
         self.temperatures = torch.ones(max_num_seqs, dtype=torch.float32, device=device)
         self.staged_temperatures: torch.Tensor | None = None  # the batch's tensor last copied into them
         # Made once, not per step (each tensor slice costs several us of host time): the bucket of each
-        # batch size, each bucket's (device, host) buffer prefix for the input copy, and the output rows.
+        # batch size and the output rows.
         self.bucket_of = [next(b for b in self.buckets if b >= n) for n in range(max_num_seqs + 1)]
-        self.copy_prefixes = {
-            b: (self.static_buffer[: self.staging.num_bytes(b)], self.staging.buffer[: self.staging.num_bytes(b)])
-            for b in self.buckets
-        }
         self.outputs = [self.hidden_states[:n] for n in range(max_num_seqs + 1)]  # [n, hidden_size] each
         # Recorded inside every graph once its inputs are copied out of the pinned buffer: the next step must
         # not refill it before that, which is not implied when the engine launches steps ahead of the GPU.
@@ -134,8 +130,8 @@ class DecodeGraphs:
     def _step(self, batch_size: int, end: GraphEnd, parity: int) -> None:
         """What a graph holds: the input copy, the model, then the hidden states, or the LM head, the sampler
         and the copy of the tokens into buffer ``parity``."""
-        device_prefix, host_prefix = self.copy_prefixes[batch_size]
-        device_prefix.copy_(host_prefix, non_blocking=True)  # one copy for every field
+        num_bytes = self.staging.num_bytes(batch_size)  # every field's lanes < batch_size: one copy for all
+        self.static_buffer[:num_bytes].copy_(self.staging.buffer[:num_bytes], non_blocking=True)
         self.inputs_copied.record()
         s = self.static
         input_ids = feed_pending_tokens(s["input_ids"][:batch_size], s["feed_rows"][:batch_size], self.last_sampled)
