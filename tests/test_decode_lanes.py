@@ -5,6 +5,7 @@ import random
 import pytest
 
 from nanovllm.engine.block_manager import BlockManager
+from nanovllm.engine.decode_lanes import DecodeLanes
 from nanovllm.engine.scheduler import ScheduledBatch, Scheduler, SchedulerLimits
 from nanovllm.engine.sequence import Sequence, StepSamples
 from nanovllm.sampling_params import SamplingParams
@@ -143,3 +144,48 @@ def test_lanes_follow_a_block_boundary() -> None:
                 assert len(seq.block_hashes) == seq.num_computed_tokens // BLOCK_SIZE
     assert num_lane_steps >= 55, num_lane_steps
     assert scheduler.block_manager.num_free_blocks == 32
+
+
+def decoding_seqs(num_tokens: list[int], max_tokens: list[int]) -> list[Sequence]:
+    """Sequences mid-decode, as after an advance: every token but the newest computed, and blocks for those
+    (a newest token that begins a block lacks its block)."""
+    seqs, next_block_id = [], 0
+    for num, max_new in zip(num_tokens, max_tokens, strict=True):
+        seq = Sequence(list(range(1, num + 1)), SamplingParams(max_tokens=max_new, ignore_eos=True))
+        seq.num_prompt_tokens = 1  # so max_tokens counts from the first token on
+        seq.num_computed_tokens = num - 1
+        num_blocks = -(-seq.num_computed_tokens // BLOCK_SIZE)
+        seq.block_table = list(range(next_block_id, next_block_id + num_blocks))
+        next_block_id += num_blocks
+        seqs.append(seq)
+    return seqs
+
+
+def test_lane_phases_match_the_sequences_at_every_step() -> None:
+    """Guards the phase and end tables of DecodeLanes against the rule they stand for, step after step: the
+    lanes whose newest token begins a block, those that lack it (once: not again after the scheduler appended
+    it), those whose computed tokens fill a block, and those that reach max_tokens. Lanes share phases."""
+    num_tokens = [1, 2, 16, 17, 18, 33, 40, 17, 31, 32]
+    max_tokens = [80, 75, 70, 90, 57, 85, 79, 90, 90, 90]  # lanes 4 and 6 end first, both at the 40th advance
+    seqs = decoding_seqs(num_tokens, max_tokens)
+    lanes = DecodeLanes(seqs, BLOCK_SIZE, eos_token_ids={EOS})
+    next_block_id = 1000
+    for step in range(3 * BLOCK_SIZE):
+        beginning = [lane for lane, seq in enumerate(seqs) if (seq.num_tokens - 1) % BLOCK_SIZE == 0]
+        assert lanes.lanes_beginning_block() == beginning, f"step {step}"
+        lacking = [lane for lane, seq in enumerate(seqs) if seq.num_tokens > len(seq.block_table) * BLOCK_SIZE]
+        assert lanes.lanes_without_slot() == lacking, f"step {step}"
+        for lane in lacking:  # what the scheduler's append_slot does
+            seqs[lane].block_table.append(next_block_id)
+            next_block_id += 1
+        assert lanes.lanes_without_slot() == [], f"step {step}: a lane asks twice for one block"
+        full_block_lanes, ended_lanes = lanes.advance()
+        filled = [lane for lane, seq in enumerate(seqs) if seq.num_computed_tokens % BLOCK_SIZE == 0]
+        assert full_block_lanes == filled, f"step {step}"
+        ended = [lane for lane, seq in enumerate(seqs) if seq.num_output_tokens >= seq.params.max_tokens]
+        assert ended_lanes == ended, f"step {step}"
+        assert ended == ([4, 6] if step == 39 else []), f"step {step}: {ended}"
+        if ended:
+            break
+        lanes.record([3] * len(seqs))
+        assert all(seq.num_computed_tokens == seq.num_tokens - 1 for seq in seqs), f"step {step}"

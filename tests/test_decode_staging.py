@@ -5,9 +5,10 @@ import random
 import numpy as np
 import torch
 
+from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.decode_staging import DecodeStaging
-from nanovllm.engine.scheduler import ScheduledBatch
-from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.scheduler import ScheduledBatch, Scheduler, SchedulerLimits
+from nanovllm.engine.sequence import Sequence, StepSamples
 from nanovllm.sampling_params import SamplingParams
 
 BLOCK_SIZE = 16
@@ -80,6 +81,32 @@ def test_same_batch_fast_path_equals_full_staging() -> None:
         full.stage(batch, bucket=8)
         for name in full.arrays:
             assert (fast.arrays[name][: len(seqs)] == full.arrays[name][: len(seqs)]).all(), (step, name)
+
+
+def test_fast_path_follows_the_scheduler_lanes() -> None:
+    """Guards the fast path's new-block lanes where the scheduler's decode lanes name them (no array
+    arithmetic): across block boundaries, lanes rebuilt when a sequence ends, one step staged twice."""
+    limits = SchedulerLimits(max_num_seqs=8, max_num_batched_tokens=256, max_model_len=MAX_BLOCKS * BLOCK_SIZE)
+    scheduler = Scheduler(BlockManager(64, BLOCK_SIZE), limits, eos_token_ids={0})
+    for i in range(6):
+        scheduler.add(Sequence([1 + i] * (3 + 7 * i), SamplingParams(max_tokens=20 + 9 * i, ignore_eos=True)))
+    staging = DecodeStaging(max_num_seqs=8, max_blocks=MAX_BLOCKS, block_size=BLOCK_SIZE, pin_memory=False)
+    num_lane_steps = 0
+    for step in range(200):
+        if not scheduler.has_unfinished():
+            break
+        batch = scheduler.schedule()
+        if batch.is_prefill:
+            staging.forget()  # as the runner does after a step run without this staging
+        else:
+            num_lane_steps += batch.lanes is not None
+            for _ in range(1 + (step % 5 == 0)):  # now and then staged twice, as benchmarks/host_overhead.py does
+                staging.stage(batch, bucket=8)
+                check_lanes(staging, batch.seqs, bucket=8)
+        num_rows = len(batch.seqs)
+        scheduler.postprocess(batch, StepSamples([3] * num_rows, [None] * num_rows, [None] * num_rows))
+    assert not scheduler.has_unfinished(), "the requests did not finish in 200 steps"
+    assert num_lane_steps > 50, f"only {num_lane_steps} steps carried the scheduler's lanes"
 
 
 def test_fed_lanes_skip_the_host_token_and_unfed_ones_read_it() -> None:

@@ -67,7 +67,7 @@ class DecodeStaging:
         this runs every decode step for every sequence, so it is host time the GPU waits for. Most
         steps run the same sequences as the step before, each one token further: then positions,
         context lengths and slots move up by one in place, and only lanes that began a block re-read
-        their table.
+        their table (the scheduler's decode lanes name those, when the batch carries them).
         """
         seqs = batch.seqs
         num_seqs = len(seqs)
@@ -84,7 +84,7 @@ class DecodeStaging:
             positions += 1
             h["context_lens"][:num_seqs] += 1
             slots += 1  # the next slot of the same block, except in lanes whose position begins a block:
-            new_block_lanes = np.flatnonzero(positions % self.block_size == 0).tolist()
+            new_block_lanes = self._lanes_beginning_block(batch, positions)
             self._stage_block_tables(seqs, new_block_lanes)
             for lane in new_block_lanes:
                 slots[lane] = int(h["block_tables"][lane, positions[lane] // self.block_size]) * self.block_size
@@ -103,6 +103,12 @@ class DecodeStaging:
             h["feed_rows"][num_seqs:bucket] = -1
             h["input_ids"][num_seqs:bucket] = 0  # padded lanes still embed a token: never a stale PENDING_TOKEN
             h["context_lens"][num_seqs:bucket] = 0  # padded lanes: nothing attended
+
+    def _lanes_beginning_block(self, batch: ScheduledBatch, positions: np.ndarray) -> list[int]:
+        """Lanes whose position is a multiple of block_size: the scheduler's lanes know them without array work."""
+        if batch.lanes is not None:
+            return batch.lanes.lanes_beginning_block()
+        return np.flatnonzero(positions % self.block_size == 0).tolist()
 
     def _one_token_further(self, seqs: list[Sequence]) -> bool:
         """Whether the first lane gained exactly one token since it was staged (not staged twice for one step)."""

@@ -29,7 +29,7 @@ class ScheduledBatch:
     seqs: list[Sequence]  # the sequences of this step, in batch order
     num_new_tokens: list[int]  # tokens each sequence computes this step (its query length)
     is_prefill: bool  # False: a decode step, exactly one new token per sequence
-    lanes: DecodeLanes | None = None  # a decode step of the whole running queue: its arrays (decode_lanes.py)
+    lanes: DecodeLanes | None = None  # a decode step of the whole running queue: its lanes (decode_lanes.py)
 
     @property
     def num_tokens(self) -> int:
@@ -44,7 +44,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()  # to be prefilled; the head may be mid-prefill
         self.running: deque[Sequence] = deque()  # prefilled and decoding, oldest first
         self.num_preemptions = 0  # sequences preempted so far, for logs and tests
-        # The running queue as arrays while it stays the same; None once a sequence joins or leaves it.
+        # The running queue as decode lanes while it stays the same; None once a sequence joins or leaves it.
         self.lanes: DecodeLanes | None = None
 
     def check_request(self, seq: Sequence) -> None:
@@ -121,7 +121,6 @@ class Scheduler:
             if len(short_lanes) <= self.block_manager.num_free_blocks:
                 for lane in short_lanes:
                     self.block_manager.append_slot(lanes.seqs[lane])
-                    lanes.num_slots[lane] += block_size
                 self.lanes = lanes
                 return ScheduledBatch(lanes.seqs, lanes.num_new_tokens, is_prefill=False, lanes=lanes)
         self.lanes = None
@@ -163,7 +162,7 @@ class Scheduler:
         this one runs on the GPU. A sequence that thereby reaches max_tokens is done: it leaves the running
         queue and frees its blocks now, and record_samples() gives its finish reason.
         """
-        if batch.lanes is not None and batch.lanes is self.lanes:  # the same bookkeeping, lane arrays at once
+        if batch.lanes is not None and batch.lanes is self.lanes:  # the same bookkeeping, known from the lanes' phases
             full_block_lanes, ended_lanes = batch.lanes.advance()
             for lane in full_block_lanes:
                 self.block_manager.register_computed(batch.seqs[lane])  # its computed tokens fill a block
