@@ -17,7 +17,7 @@ from nanovllm.layers.sampler import (
     apply_penalties,
     apply_token_entries,
     apply_top_k_top_p,
-    sample_transformed,
+    transform_logits,
 )
 from nanovllm.sampling_params import SamplingParams
 
@@ -204,8 +204,7 @@ def test_sampled_frequencies_match_distribution(params: SamplingParams) -> None:
     seqs = [Sequence([0], p) for p in draw_params]
     batch = ScheduledBatch(seqs, [1] * num_draws, is_prefill=True)
     b = SamplingMetadataBuilder(max_num_seqs=num_draws, vocab_size=vocab, device=CPU)
-    generator = torch.Generator().manual_seed(0)
-    token_ids = Sampler()(row.expand(num_draws, vocab), b.build(batch), generator).token_ids
+    token_ids = Sampler()(row.expand(num_draws, vocab), b.build(batch)).token_ids
     expected = expected_distribution(row, params) * num_draws
     observed = torch.bincount(token_ids, minlength=vocab).float()
     assert observed[expected == 0].sum() == 0, f"masked tokens were drawn: {observed} vs {expected}"
@@ -219,11 +218,62 @@ def test_sampled_frequencies_match_distribution(params: SamplingParams) -> None:
     )
 
 
+def chi_square_within_limit(token_ids: torch.Tensor, expected: torch.Tensor) -> tuple[bool, str]:
+    """Whether the counts of ``token_ids`` fit ``expected`` (counts per token) at a false-failure rate of 1e-6."""
+    observed = torch.bincount(token_ids, minlength=expected.numel()).float()
+    stat = float(((observed - expected) ** 2 / expected).sum())
+    limit = chi2_critical(expected.numel() - 1)
+    return stat <= limit, f"chi-square {stat:.1f} > {limit:.1f}; observed {observed.tolist()}"
+
+
+def test_unseeded_draws_differ_from_draw_to_draw() -> None:
+    """Guards the draw count: one row drawn again and again must follow its distribution (noise that did not
+    change between draws would give one token every time), and greedy-only batches must not count a draw."""
+    vocab, num_draws = 6, 6000
+    torch.manual_seed(1)
+    row = torch.randn(1, vocab)
+    sampler = Sampler(seed=5)
+    sampled = builder().build(make_batch([SamplingParams(temperature=1.0)]))
+    greedy = builder().build(make_batch([SamplingParams(temperature=0.0)]))
+    token_ids = []
+    for _ in range(num_draws):
+        sampler(row, greedy)
+        token_ids.append(sampler(row, sampled).token_ids)
+    assert int(sampler.draw_count) == num_draws
+    ok, message = chi_square_within_limit(torch.cat(token_ids), torch.softmax(row[0], -1) * num_draws)
+    assert ok, message
+
+
+def test_unseeded_rows_draw_independently() -> None:
+    """Guards the rows' noise keys: two rows of one batch with the same logits must draw independent tokens,
+    so their pairs must follow the product distribution (noise shared by rows would pair equal tokens)."""
+    vocab, num_draws = 4, 8000
+    torch.manual_seed(2)
+    row = torch.randn(vocab)
+    sampler = Sampler(seed=9)
+    t = builder().build(make_batch([SamplingParams(temperature=1.0)] * 2))
+    pairs = torch.stack([sampler(row.expand(2, vocab), t).token_ids for _ in range(num_draws)])  # [num_draws, 2]
+    probs = torch.softmax(row, -1)
+    ok, message = chi_square_within_limit(
+        pairs[:, 0] * vocab + pairs[:, 1], torch.outer(probs, probs).flatten() * num_draws
+    )
+    assert ok, message
+
+
+def test_engine_seed_decides_unseeded_draws() -> None:
+    """Guards the engine keys: the same engine seed draws the same tokens, another seed others."""
+    logits = torch.zeros(16, VOCAB)  # flat: the noise alone picks each token
+    t = builder().build(make_batch([SamplingParams(temperature=1.0)] * 16))
+    first = Sampler(seed=3)(logits, t).token_ids
+    assert torch.equal(Sampler(seed=3)(logits, t).token_ids, first)
+    assert not torch.equal(Sampler(seed=4)(logits, t).token_ids, first)
+
+
 def test_top_k_1_equals_greedy() -> None:
     """Guards against top_k=1 leaving more than the argmax in play."""
     logits = torch.randn(32, VOCAB)
     batch = make_batch([SamplingParams(temperature=1.5, top_k=1)] * 32)
-    tokens = Sampler()(logits, builder().build(batch), torch.Generator().manual_seed(0)).token_ids
+    tokens = Sampler()(logits, builder().build(batch)).token_ids
     assert torch.equal(tokens, logits.argmax(-1))
 
 
@@ -232,7 +282,7 @@ def test_greedy_rows_take_argmax_after_bias_and_penalties() -> None:
     logits = torch.zeros(2, VOCAB)
     params = [SamplingParams(temperature=0.0, logit_bias={17: 1.0}), SamplingParams(temperature=0.0, top_p=0.5)]
     t = builder().build(make_batch(params))
-    assert sample_transformed(logits, t, torch.ones(2, VOCAB)).tolist() == [17, 0]
+    assert transform_logits(logits, t)[1].tolist() == [17, 0]
 
 
 def test_logprobs_are_raw_log_softmax() -> None:
@@ -245,7 +295,7 @@ def test_logprobs_are_raw_log_softmax() -> None:
     batch = make_batch(params)
     logits = torch.randn(3, VOCAB)
     b = builder()
-    output = Sampler()(logits, b.build(batch), torch.Generator().manual_seed(0))
+    output = Sampler()(logits, b.build(batch))
     samples = HostSamples(output).wait(batch.seqs)
     reference = torch.log_softmax(logits, -1)
     top = reference[0].topk(3)
@@ -259,7 +309,7 @@ def test_logprobs_are_raw_log_softmax() -> None:
 
 
 def test_seeded_rows_ignore_batch_mates_and_order() -> None:
-    """Guards against seeded noise that depends on the row index, the batch size or the engine generator."""
+    """Guards against seeded noise that depends on the row index, the batch size or the engine seed."""
     seeded = SamplingParams(temperature=1.0, seed=1234, top_p=0.95)
     logits_row = torch.randn(VOCAB) * 0.1  # nearly flat: any change of noise changes the token
     draws = []
@@ -270,8 +320,8 @@ def test_seeded_rows_ignore_batch_mates_and_order() -> None:
         logits = torch.randn(len(params), VOCAB)
         logits[position] = logits_row
         batch.seqs[position].token_ids[batch.seqs[position].num_prompt_tokens :] = [1, 2, 3, 4, 5]
-        generator = torch.Generator().manual_seed(num_mates)
-        draws.append(Sampler()(logits, builder().build(batch), generator).token_ids[position].item())
+        sampler = Sampler(seed=num_mates)
+        draws.append(sampler(logits, builder().build(batch)).token_ids[position].item())
     assert len(set(draws)) == 1, draws
 
 

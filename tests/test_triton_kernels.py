@@ -1,4 +1,5 @@
-"""The Triton KV-store and paged-attention kernels against the plain-PyTorch reference.
+"""The Triton kernels (KV store, paged attention, norm + rotary, the sampler's race) against the plain-PyTorch
+references.
 
 On CPU the kernels run in Triton's interpreter (conftest.py sets TRITON_INTERPRET=1), which
 executes every program in Python, so the sizes here are small. On a GPU the same tests run
@@ -20,6 +21,8 @@ from nanovllm.kernels.triton_attention import (
     paged_prefill_attention_triton,
 )
 from nanovllm.kernels.triton_kv_store import store_kv_triton
+from nanovllm.kernels.triton_sampler import BLOCK_V, race_winners_triton
+from nanovllm.layers.sampler import race_winners, sample
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Absolute and relative tolerance against a float32 reference on the same (rounded) inputs:
@@ -303,3 +306,29 @@ def test_norm_rotary_matches_unfused_ops(
     for got, ref in ((q_out, q_ref), (k_out, k_ref)):
         assert got.dtype == dtype and got.is_contiguous()
         torch.testing.assert_close(got.float(), ref, atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_temperatures", [False, True])
+def test_race_kernel_equals_reference(dtype: torch.dtype, with_temperatures: bool) -> None:
+    """Guards the fused race: the Triton kernel's hash, noise and argmax must pick the reference's token in
+    every row, over a vocabulary of several blocks with a ragged last one, masked (-inf) tokens, nearly flat
+    rows (the noise alone decides), greedy rows (temperature 0) and a greedy tie across blocks (first wins)."""
+    num_rows, vocab_size = 8, 2 * BLOCK_V + 37
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(num_rows, vocab_size, generator=gen) * 3
+    scores[1] *= 1e-3  # nearly flat
+    scores[2, ::3] = -torch.inf  # masked, as top-k and min_p leave them
+    scores[3] = 0.0
+    scores[3, [5, BLOCK_V + 5]] = 1.0  # a tie across blocks: the greedy row must take the first
+    scores = scores.to(DEVICE, dtype)
+    keys = torch.randint(0, 1 << 32, (num_rows, 2), generator=gen, dtype=torch.int64).to(DEVICE)
+    if with_temperatures:
+        temperatures = torch.tensor([0.7, 1.0, 1.3, 0.0, 0.0, 0.5, 2.0, 1e-7], device=DEVICE)
+        expected = sample(scores, temperatures, keys)
+        got = race_winners_triton(scores, keys, temperatures)
+        assert got[3].item() == 5
+    else:
+        expected = race_winners(scores.float(), keys)
+        got = race_winners_triton(scores, keys)
+    assert got.tolist() == expected.tolist()

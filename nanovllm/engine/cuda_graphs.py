@@ -15,8 +15,8 @@ engine launches a step before the previous one has reached the host.
 
 On a single-GPU engine each bucket also has graphs that go on through the LM head and the sampler's
 short path, write their tokens into ``last_sampled`` and copy them to the host: for all-greedy
-batches (argmax, no noise drawn), and for batches with temperature rows (the engine's generator
-registered with them, so each replay draws fresh noise). Launched one op at a time, the LM head and
+batches (argmax, no noise drawn), and for batches with temperature rows (each replay advances the
+sampler's draw count on the device, so each draws fresh noise). Launched one op at a time, the LM head and
 sampler took 250-700 us of host time per step on an H200's host. Each of these is captured twice,
 one per pinned token buffer, used by turns (see ``NUM_TOKEN_PARITIES``). The graph that ends at
 the hidden states serves batches that need more (top-k/p, penalties, seeds, logprobs: sampled
@@ -75,12 +75,10 @@ class DecodeGraphs:
         hidden_size: int,
         last_sampled: torch.Tensor,  # [max_num_seqs] int64, the previous step's samples (see feed_rows)
         sampler: Sampler | None = None,  # given: the LM head and short-path sampling are captured too
-        generator: torch.Generator | None = None,  # the sampler's noise source, registered with its graphs
     ) -> None:
         self.model = model
         self.last_sampled = last_sampled
         self.sampler = sampler
-        self.generator = generator
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.buckets = graph_buckets(max_num_seqs)
@@ -142,10 +140,10 @@ class DecodeGraphs:
             return
         assert self.sampler is not None
         logits = self.model.compute_logits(hidden_states)  # [batch_size, vocab_size]
-        if end is GraphEnd.GREEDY:  # as the sampler does: no noise drawn, so the generator is left where it was
+        if end is GraphEnd.GREEDY:  # as the sampler does: no noise drawn, so no draw counted
             token_ids = logits.argmax(dim=-1)  # [batch_size]
         else:
-            token_ids = self.sampler.draw(logits, self.temperatures[:batch_size], self.generator)
+            token_ids = self.sampler.draw(logits, self.temperatures[:batch_size])
         self.last_sampled[:batch_size] = token_ids
         self.host_token_rows[parity][batch_size].copy_(token_ids, non_blocking=True)
         self.tokens_copied[parity].record()
@@ -154,25 +152,24 @@ class DecodeGraphs:
     def capture(self) -> None:
         """Capture every bucket, largest first (the smaller ones reuse its memory), all in one pool."""
         self.staging.arrays["slot_mapping"].fill(-1)  # capture runs copy this buffer in: they store no K/V
-        # The warm-up runs draw noise; the engine's first draw should not depend on whether graphs exist.
-        rng_state = None if self.generator is None else self.generator.get_state()
+        # The warm-up runs count draws; the engine's first draw should not depend on whether graphs exist.
+        draw_count = None if self.sampler is None else self.sampler.draw_count.clone()
         for batch_size in reversed(self.buckets):
             for end in self.ends:
-                generator = self.generator if end is GraphEnd.TEMPERATURE else None
                 for parity in range(1 if end is GraphEnd.HIDDEN_STATES else NUM_TOKEN_PARITIES):
                     run = partial(self._step, batch_size, end, parity)
-                    self.graphs[batch_size, end, parity] = self._capture(run, generator)
+                    # The other parity's graph runs the same kernels: they are compiled and warm already.
+                    self.graphs[batch_size, end, parity] = self._capture(run, warm_up=parity == 0)
+        if self.sampler is not None and draw_count is not None:
+            self.sampler.draw_count.copy_(draw_count)
         torch.cuda.synchronize()
-        if self.generator is not None and rng_state is not None:
-            self.generator.set_state(rng_state)
 
-    def _capture(self, run: Callable[[], None], generator: torch.Generator | None = None) -> torch.cuda.CUDAGraph:
-        """A graph of what ``run`` launches; ``generator``: the one its random ops draw from, if any."""
-        run()  # warm-up: compiles Triton and Inductor kernels outside the capture
+    def _capture(self, run: Callable[[], None], warm_up: bool) -> torch.cuda.CUDAGraph:
+        """A graph of what ``run`` launches, after one eager run of it when ``warm_up``: that compiles its Triton
+        and Inductor kernels, which cannot happen during a capture."""
+        if warm_up:
+            run()
         graph = torch.cuda.CUDAGraph()
-        if generator is not None:
-            # Each replay then draws fresh noise: it advances the generator's offset as an eager draw would.
-            graph.register_generator_state(generator)
         with torch.cuda.graph(graph, pool=self.pool):
             run()
         return graph

@@ -136,10 +136,11 @@ class ModelRunner:
         else:
             load_safetensors(self.model, config.model)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        self.sampler = Sampler(self.kernels.compile_ops)
+        self.sampler = Sampler(
+            config.seed, self.kernels.compile_ops, self.device, triton_race=attention.name != "torch"
+        )
         if self.rank == 0 and self.kernels.compile_ops:  # rank 0 alone samples
             self.sampler.warm_up(arch.vocab_size, self.dtype, self.device)
-        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.sampling = SamplingMetadataBuilder(config.max_num_seqs, arch.vocab_size, self.device, eos_token_ids)
         # The last step's sampled tokens, row by row, for a step launched before they reach the host (launch()).
         self.last_sampled = torch.zeros(config.max_num_seqs, dtype=torch.int64, device=self.device)
@@ -158,7 +159,7 @@ class ModelRunner:
             single = self.workers is None and config.tensor_parallel_size == 1
             self.decode_graphs = DecodeGraphs(
                 self.model, config.max_num_seqs, self.max_model_len, self.block_size, arch.hidden_size,
-                self.last_sampled, self.sampler if single else None, self.generator if single else None,
+                self.last_sampled, self.sampler if single else None,
             )  # fmt: skip
             self.decode_graphs.capture()
 
@@ -267,7 +268,7 @@ class ModelRunner:
         if graphs is not None and graphs.can_sample(t):  # one replay: model, LM head, sampler, copy to the host
             return graphs.run_and_sample(batch, feed_rows, t)  # (the short path: no penalty table to count in)
         logits = self.model.compute_logits(self._hidden_states(batch, feed_rows, graphs))  # [B, vocab_size]
-        output = self.sampler(logits, t, self.generator)
+        output = self.sampler(logits, t)
         self.last_sampled[: output.token_ids.numel()].copy_(output.token_ids)  # what the next step may feed on
         self.sampling.record(output)  # the penalty table counts the new tokens
         return HostSamples(output, self.token_buffers)  # copies start now; the caller waits when it needs them

@@ -8,21 +8,17 @@ hash keys.
 """
 
 import dataclasses
-import struct
 from collections import OrderedDict
 from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
-import xxhash
 
 from nanovllm.engine.model_inputs import to_device
 from nanovllm.engine.scheduler import ScheduledBatch
 from nanovllm.engine.sequence import Sequence
-from nanovllm.layers.sampler import PenaltyTensors, SamplerOutput, SamplingTensors, TokenEntries
+from nanovllm.layers.sampler import PenaltyTensors, SamplerOutput, SamplingTensors, TokenEntries, hash_keys
 from nanovllm.sampling_params import SamplingParams
-
-UINT64_MOD = 1 << 64
 
 
 def check_params_for_vocab(params: SamplingParams, vocab_size: int) -> None:
@@ -33,12 +29,6 @@ def check_params_for_vocab(params: SamplingParams, vocab_size: int) -> None:
             raise ValueError(f"SamplingParams.{name} has token ids >= vocab_size={vocab_size}: {bad[:5]}")
     if params.logprobs is not None and params.logprobs > vocab_size:
         raise ValueError(f"SamplingParams.logprobs={params.logprobs} exceeds vocab_size={vocab_size}")
-
-
-def seed_hash_keys(seed: int, sample_index: int, output_position: int) -> tuple[int, int]:
-    """Two 32-bit keys naming one draw of one seeded completion; the sampler hashes them with each token id."""
-    digest = xxhash.xxh64_intdigest(struct.pack("<QQQ", seed % UINT64_MOD, sample_index, output_position))
-    return digest & 0xFFFFFFFF, digest >> 32
 
 
 class PenaltyTable:
@@ -150,7 +140,7 @@ class SamplingMetadataBuilder:
         keys = [(0, 0)] * len(seqs)
         for row in cached.seeded_rows:
             seq = seqs[row]
-            keys[row] = seed_hash_keys(seq.params.seed or 0, seq.sample_index, seq.num_output_tokens)
+            keys[row] = hash_keys(seq.params.seed or 0, seq.sample_index, seq.num_output_tokens)
         return dataclasses.replace(cached.tensors, seed_keys=self._to_device(keys, torch.int64))
 
     @staticmethod

@@ -10,9 +10,12 @@ the transforms (greedy and temperature-only rows) takes the short path: :func:`s
 """
 
 import math
+import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import xxhash
 from torch import nn
 
 from nanovllm.layers.compile import maybe_compile
@@ -21,7 +24,9 @@ MIN_TEMPERATURE = 1e-5  # temperatures below this would overflow the division; g
 UINT32_MASK = 0xFFFFFFFF
 # Odd multipliers < 2**31 for the 32-bit mixer, so that x * c stays below 2**63 in int64 (no overflow).
 MIX_MULTIPLIERS = (0x7FEB352D, 0x2C1B3C6D)
-UNIFORM_BITS = 24  # float32 holds 24 significant bits; the hash's top 24 bits become a uniform in (0, 1)
+HASH_SCALE = 2.0**-32  # (a 32-bit hash value + 0.5) times this is in (0, 1)
+# The largest float32 below 1: a hash value that rounds up to 1.0 in float32 is drawn as this instead.
+MAX_UNIFORM = 1.0 - 2.0**-24
 
 
 @dataclass(frozen=True)
@@ -56,7 +61,7 @@ class SamplingTensors:
     logit_edits: TokenEntries | None  # logit_bias entries and min_tokens masks; None when no row has any
     penalties: PenaltyTensors | None  # None when no row uses a penalty
     seed_keys: torch.Tensor | None  # [B, 2] int64, two 32-bit hash keys per row (seed, position); None = no seeds
-    is_seeded: torch.Tensor | None  # [B] bool, rows whose noise comes from seed_keys rather than the generator
+    is_seeded: torch.Tensor | None  # [B] bool, rows whose noise is keyed by seed_keys rather than the engine's draw
     max_top_k: int | None  # the largest top_k when every row has one (topk instead of a full sort), else None
     use_top_k_top_p: bool  # some row has top_k or top_p
     use_min_p: bool  # some row has min_p
@@ -89,46 +94,73 @@ class Sampler(nn.Module):
     independently, argmax_i p_i / E_i is distributed as p. No cumulative sums, and no softmax
     either: p_i = exp(s_i) / Z for the scaled logits s, and log is increasing, so
     argmax_i p_i / E_i = argmax_i (s_i - log E_i), one pass over the logits.
+
+    The noise E is a hash of (two keys per row, token id), computed where it is used (:func:`hashed_noise`):
+    no [B, vocab_size] noise tensor is written and read back, and no torch.Generator is involved, whose
+    offset a CUDA graph would have to advance from the host before each replay. A seeded row's keys
+    name its (seed, output position); every other row's name (engine seed, draws so far, row), with the
+    count of draws kept on the device and advanced by each draw, inside a graph's replay too.
     """
 
-    def __init__(self, compile_ops: bool = False) -> None:
+    def __init__(
+        self,
+        seed: int = 0,
+        compile_ops: bool = False,
+        device: torch.device | str | None = None,
+        triton_race: bool = False,  # the race in one Triton kernel (kernels/triton_sampler.py), noise never stored
+    ) -> None:
         super().__init__()
+        self._sample: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+        self._race_winners: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
         self._sample = maybe_compile(sample, compile_ops)
-        self._sample_transformed = maybe_compile(sample_transformed, compile_ops)
-        self._seeded_noise = maybe_compile(seeded_noise, compile_ops)
+        self._transform_logits = maybe_compile(transform_logits, compile_ops)
+        self._race_winners = maybe_compile(race_winners, compile_ops)
+        if triton_race:
+            from nanovllm.kernels.triton_sampler import race_winners_triton  # imports Triton: only when chosen
+
+            self._sample = lambda logits, temperatures, keys: race_winners_triton(logits, keys, temperatures)
+            self._race_winners = race_winners_triton
+        self._noise_keys = maybe_compile(noise_keys, compile_ops)
+        self.engine_keys: torch.Tensor  # [2] int64, the engine seed's hash keys
+        self.draw_count: torch.Tensor  # [] int64, draws so far (greedy-only batches draw nothing)
+        self.register_buffer("engine_keys", torch.tensor(hash_keys(seed), device=device), persistent=False)
+        self.register_buffer("draw_count", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
 
     def warm_up(self, vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
         """Compile the short path now, for one row and for several: torch.compile builds a graph for each
         on first use, and on a GPU that took over a second, stalling a server's first requests."""
+        draw_count = self.draw_count.clone()
         with torch.inference_mode():  # as the engine's steps run: grad mode is part of what a graph is kept for
             for num_rows in (1, 2):
                 logits = torch.zeros(num_rows, vocab_size, dtype=dtype, device=device)
-                noise = torch.ones(num_rows, vocab_size, device=device)
-                self._sample(logits, torch.ones(num_rows, device=device), noise)
+                self.draw(logits, torch.ones(num_rows, device=device))
+        self.draw_count.copy_(draw_count)  # the engine's first draw is the same with or without a warm-up
 
-    def draw(self, logits: torch.Tensor, temperatures: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """The short path, for rows that are greedy or temperature-only: [B] token ids.
+    def draw(self, logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
+        """The short path, for rows that are greedy or temperature-only and unseeded: [B] token ids.
 
         The decode graphs (engine/cuda_graphs.py) capture this call, so it must stay graph-safe: fixed
-        shapes, no host reads, and noise from a generator the graph has registered.
+        shapes, no host reads, device state updated in place.
         """
-        return self._sample(logits, temperatures, exponential_noise(logits, generator))
+        return self._sample(logits, temperatures, self.next_noise_keys(logits.shape[0], None))
 
-    def forward(
-        self, logits: torch.Tensor, t: SamplingTensors, generator: torch.Generator | None = None
-    ) -> SamplerOutput:  # logits: [B, vocab_size]
+    def next_noise_keys(self, num_rows: int, t: SamplingTensors | None) -> torch.Tensor:
+        """This draw's hash keys, [B, 2] int64 (seeded rows' from ``t``), and one more draw counted."""
+        seed_keys, is_seeded = (None, None) if t is None else (t.seed_keys, t.is_seeded)
+        keys = self._noise_keys(self.engine_keys, self.draw_count, num_rows, seed_keys, is_seeded)
+        self.draw_count += 1
+        return keys
+
+    def forward(self, logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:  # logits: [B, vocab_size]
         if t.is_all_greedy and t.is_temperature_only:
             token_ids = logits.argmax(dim=-1)  # [B]
-        elif t.is_short_path:
-            token_ids = self.draw(logits, t.temperatures, generator)
         else:
-            noise = exponential_noise(logits, generator)
-            if t.seed_keys is not None and t.is_seeded is not None:
-                noise = self._seeded_noise(noise, t.seed_keys, t.is_seeded)
+            keys = self.next_noise_keys(logits.shape[0], t)
             if t.is_temperature_only:
-                token_ids = self._sample(logits, t.temperatures, noise)
+                token_ids = self._sample(logits, t.temperatures, keys)
             else:
-                token_ids = self._sample_transformed(logits, t, noise)
+                scores, greedy_ids = self._transform_logits(logits, t)
+                token_ids = torch.where(t.temperatures == 0, greedy_ids, self._race_winners(scores, keys))
         if t.num_logprobs is None:
             return SamplerOutput(token_ids, None, None, None)
         logprobs = torch.log_softmax(logits.float(), dim=-1)  # [B, vocab_size], from the raw logits
@@ -137,28 +169,50 @@ class Sampler(nn.Module):
         return SamplerOutput(token_ids, sampled, top_logprobs, top_token_ids)
 
 
-def exponential_noise(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Exp(1) noise for the race, [B, vocab_size] float32. Drawn outside the compiled functions, so that a
-    seeded generator keeps working."""
-    return torch.empty_like(logits, dtype=torch.float32).exponential_(1.0, generator=generator)
+def hash_keys(seed: int, *more: int) -> tuple[int, int]:
+    """Two 32-bit hash keys naming ``seed`` (and ``more`` integers with it): the engine's seed, or one draw
+    of a seeded request (its seed, completion index and output position)."""
+    values = [value % (1 << 64) for value in (seed, *more)]
+    digest = xxhash.xxh64_intdigest(struct.pack(f"<{len(values)}Q", *values))
+    return digest & UINT32_MASK, digest >> 32
 
 
-def sample(logits: torch.Tensor, temperatures: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Greedy where temperature is 0, else argmax(softmax(logits / temperature) / noise) with noise ~ Exp(1)."""
+def noise_keys(
+    engine_keys: torch.Tensor,
+    draw_count: torch.Tensor,
+    num_rows: int,
+    seed_keys: torch.Tensor | None,
+    is_seeded: torch.Tensor | None,
+) -> torch.Tensor:
+    """The hash keys of each row's noise in this draw, [B, 2] int64: a seeded row's ``seed_keys`` row, any
+    other's a mix of (engine keys, draw count, row), so that rows and draws get unrelated noise."""
+    draw_keys = mix32((draw_count & UINT32_MASK) ^ engine_keys)  # [2]
+    rows = torch.arange(num_rows, device=engine_keys.device).unsqueeze(1)  # [B, 1]
+    keys = mix32((draw_keys + rows) & UINT32_MASK)  # [B, 2]
+    if seed_keys is not None and is_seeded is not None:
+        keys = torch.where(is_seeded.unsqueeze(1), seed_keys, keys)
+    return keys
+
+
+def sample(logits: torch.Tensor, temperatures: torch.Tensor, noise_keys: torch.Tensor) -> torch.Tensor:
+    """Greedy where temperature is 0, else argmax(softmax(logits / temperature) / noise), noise ~ Exp(1) hashed
+    from each row's ``noise_keys`` [B, 2]."""
     logits = logits.float()
     greedy_ids = logits.argmax(dim=-1)
     scaled = logits / temperatures.clamp_min(MIN_TEMPERATURE).unsqueeze(1)
-    sampled_ids = race_winners(scaled, noise)
+    sampled_ids = race_winners(scaled, noise_keys)
     return torch.where(temperatures == 0, greedy_ids, sampled_ids)
 
 
-def race_winners(scaled_logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def race_winners(scaled_logits: torch.Tensor, noise_keys: torch.Tensor) -> torch.Tensor:
     """argmax(softmax(scaled_logits) / noise) per row, as argmax(scaled_logits - log(noise)): no softmax pass."""
+    noise = hashed_noise(noise_keys, scaled_logits.shape[-1])  # [B, vocab_size]; fused away when compiled
     return (scaled_logits - noise.log()).argmax(dim=-1)  # [B]
 
 
-def sample_transformed(logits: torch.Tensor, t: SamplingTensors, noise: torch.Tensor) -> torch.Tensor:
-    """The whole pipeline, in vLLM's order; each stage is skipped when no row of the batch uses it."""
+def transform_logits(logits: torch.Tensor, t: SamplingTensors) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pipeline up to the race, in vLLM's order; each stage is skipped when no row of the batch uses it.
+    Returns the scores the race runs on [B, vocab_size] and each row's greedy token [B]."""
     logits = logits.float()
     if t.logit_edits is not None:
         logits = apply_token_entries(logits, t.logit_edits)
@@ -170,8 +224,7 @@ def sample_transformed(logits: torch.Tensor, t: SamplingTensors, noise: torch.Te
         logits = apply_min_p(logits, t.min_ps)
     if t.use_top_k_top_p:
         logits = apply_top_k_top_p(logits, t.top_ks, t.top_ps, t.max_top_k)
-    sampled_ids = race_winners(logits, noise)  # [B]
-    return torch.where(t.temperatures == 0, greedy_ids, sampled_ids)
+    return logits, greedy_ids
 
 
 def apply_token_entries(logits: torch.Tensor, entries: TokenEntries) -> torch.Tensor:
@@ -233,15 +286,21 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def seeded_noise(noise: torch.Tensor, seed_keys: torch.Tensor, is_seeded: torch.Tensor) -> torch.Tensor:
-    """Exp(1) noise of seeded rows replaced by a counter-based hash of (row keys, token id).
+def hashed_noise(noise_keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Exp(1) noise [B, vocab_size] float32 from a counter-based hash of (row keys, token id).
 
-    Why a hash and not a torch.Generator per seeded row: the noise of one row then depends only on
-    its own (seed, output position) keys and the token id, never on which rows share the batch or
-    on launch order, and the whole batch is still one elementwise kernel with no per-row launches.
+    Why a hash and not a torch.Generator: a row's noise depends only on its own two keys and the
+    token id, never on which rows share the batch or on launch order, so a seeded row draws the
+    same wherever it runs; and the whole batch is one elementwise expression with no state to advance.
+    E = -log(1 - u) for a uniform u: the race's winners have the smallest E, which float32 then
+    holds with 32 bits of resolution (u near 0), not 24 (u near 1, as -log(u) would need), provided
+    the log is taken as log1p.
     """
-    token_ids = torch.arange(noise.shape[-1], device=noise.device).unsqueeze(0)  # [1, vocab_size]
-    keys_a, keys_b = seed_keys[:, 0:1], seed_keys[:, 1:2]  # [B, 1] each
+    token_ids = torch.arange(vocab_size, device=noise_keys.device).unsqueeze(0)  # [1, vocab_size]
+    keys_a, keys_b = noise_keys[:, 0:1], noise_keys[:, 1:2]  # [B, 1] each
     bits = mix32((mix32(token_ids ^ keys_a) + keys_b) & UINT32_MASK)  # [B, vocab_size] in [0, 2**32)
-    uniform = ((bits >> (32 - UNIFORM_BITS)).float() + 0.5) / float(1 << UNIFORM_BITS)  # in (0, 1)
-    return torch.where(is_seeded.unsqueeze(1), -torch.log(uniform), noise)
+    uniform = ((bits.float() + 0.5) * HASH_SCALE).clamp_max(MAX_UNIFORM)  # in (0, 1): E is never 0 or inf
+    # -log1p(-u), written out so that the Triton kernel (kernels/triton_sampler.py) can do the same ops:
+    # 1 - u rounds, and u / (1 - rounded) corrects the log for it (exact where 1 - u rounds to 1).
+    complement = 1.0 - uniform
+    return torch.where(complement == 1.0, uniform, -torch.log(complement) * (uniform / (1.0 - complement)))

@@ -1,0 +1,105 @@
+# mypy: disable-error-code="no-untyped-def"
+# (@triton.jit kernels take untyped pointers and scalars; the Python wrappers are typed.)
+"""Triton kernel for the sampler's last stage, the exponential race, in one pass over the logits.
+
+Same contract as :func:`nanovllm.layers.sampler.race_winners` (and, given temperatures, as
+:func:`nanovllm.layers.sampler.sample`): per row, the token with the largest
+``score - log(E)``, where E ~ Exp(1) is hashed from the row's two keys and the token id.
+One program per row walks the vocabulary in blocks, computing the noise in registers:
+
+    row r:  | block 0 | block 1 | ... |     each block: hash -> E, score - log(E), block argmax
+                                             running best kept across blocks (first index on ties)
+
+The hash is the torch code's, in uint32 arithmetic, where wrapping multiplies and logical shifts
+are native (torch has no uint32 multiply, so its reference works in int64 with masks, which
+Inductor ran several times slower than this).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from nanovllm.layers import sampler
+
+BLOCK_V = 2048  # vocabulary entries per loop iteration of a program
+# The reference's constants, as compile-time values (a kernel reads no other globals).
+MIX_A: tl.constexpr = tl.constexpr(sampler.MIX_MULTIPLIERS[0])
+MIX_B: tl.constexpr = tl.constexpr(sampler.MIX_MULTIPLIERS[1])
+HASH_SCALE: tl.constexpr = tl.constexpr(sampler.HASH_SCALE)
+MAX_UNIFORM: tl.constexpr = tl.constexpr(sampler.MAX_UNIFORM)
+MIN_TEMPERATURE: tl.constexpr = tl.constexpr(sampler.MIN_TEMPERATURE)
+
+
+@triton.jit
+def _mix32(x):
+    """layers/sampler.py's mix32 on uint32 values."""
+    x = x ^ (x >> 16)
+    x = x * MIX_A
+    x = x ^ (x >> 15)
+    x = x * MIX_B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _race_kernel(
+    scores_ptr,  # [B, vocab_size], any float dtype
+    stride_row,
+    noise_keys_ptr,  # [B, 2] int64, contiguous
+    temperatures_ptr,  # [B] float32; read only when HAS_TEMPERATURES
+    out_ptr,  # [B] int64
+    vocab_size,
+    HAS_TEMPERATURES: tl.constexpr,  # scores are raw logits: divide by temperature, argmax where it is 0
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    key_a = tl.load(noise_keys_ptr + 2 * row).to(tl.uint32)
+    key_b = tl.load(noise_keys_ptr + 2 * row + 1).to(tl.uint32)
+    temperature = 1.0
+    is_greedy = False
+    if HAS_TEMPERATURES:
+        temperature = tl.load(temperatures_ptr + row)
+        is_greedy = temperature == 0.0
+        temperature = tl.maximum(temperature, MIN_TEMPERATURE)
+    best = -float("inf")
+    best_id = 0
+    for start in range(0, vocab_size, BLOCK):
+        token_ids = start + tl.arange(0, BLOCK)
+        in_vocab = token_ids < vocab_size
+        score = tl.load(scores_ptr + row * stride_row + token_ids, mask=in_vocab, other=-float("inf")).to(tl.float32)
+        bits = _mix32(_mix32(token_ids.to(tl.uint32) ^ key_a) + key_b)
+        uniform = tl.minimum((bits.to(tl.float32) + 0.5) * HASH_SCALE, MAX_UNIFORM)
+        complement = 1.0 - uniform  # E ~ Exp(1) = -log1p(-u), as the reference writes it out
+        noise = tl.where(complement == 1.0, uniform, -tl.log(complement) * (uniform / (1.0 - complement)))
+        raced = score / temperature - tl.log(noise)
+        if HAS_TEMPERATURES:
+            raced = tl.where(is_greedy, score, raced)
+        raced = tl.where(in_vocab, raced, -float("inf"))
+        block_best = tl.max(raced, axis=0)
+        block_id = start + tl.argmax(raced, axis=0)
+        is_better = block_best > best  # strictly: an earlier block keeps a tie, as torch.argmax does
+        best_id = tl.where(is_better, block_id, best_id)
+        best = tl.where(is_better, block_best, best)
+    tl.store(out_ptr + row, best_id)
+
+
+def race_winners_triton(
+    scores: torch.Tensor, noise_keys: torch.Tensor, temperatures: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Each row's race winner, [B] int64. Without ``temperatures``, ``scores`` are already scaled; with them,
+    they are raw logits: divided by each row's temperature, and taken by argmax where it is 0."""
+    num_rows, vocab_size = scores.shape
+    assert scores.stride(1) == 1, "each row's scores must be contiguous"
+    out = torch.empty(num_rows, dtype=torch.int64, device=scores.device)
+    keys = noise_keys.contiguous()
+    _race_kernel[(num_rows,)](
+        scores,
+        scores.stride(0),
+        keys,
+        keys if temperatures is None else temperatures,  # an unused pointer when there are none
+        out,
+        vocab_size,
+        HAS_TEMPERATURES=temperatures is not None,
+        BLOCK=BLOCK_V,
+        num_warps=8,
+    )
+    return out
