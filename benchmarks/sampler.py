@@ -1,7 +1,8 @@
 """Time the sampler alone: temperature-only short path vs the full pipeline (python benchmarks/sampler.py).
 
 Batch 256, Qwen3's vocabulary (151936), float32 logits; ms per call (median). On CUDA the sampler
-is torch.compile'd as the engine does it; on CPU it runs eagerly. Configurations:
+is torch.compile'd and races in its Triton kernel, as the engine does it; on CPU it runs eagerly.
+Configurations:
 
     temperature      temperature=0.6 only (the short path, as bench.py's default workload)
     top_k_top_p_rep  top_k=50, top_p=0.95, repetition_penalty=1.1 (the issue's performance target)
@@ -45,7 +46,8 @@ def time_config(name: str, batch_size: int, vocab_size: int, device: torch.devic
         seqs.append(seq)
     batch = ScheduledBatch(seqs, [1] * batch_size, is_prefill=False)
     builder = SamplingMetadataBuilder(batch_size, vocab_size, device)
-    sampler = Sampler(compile_ops=device.type == "cuda", device=device)
+    on_cuda = device.type == "cuda"  # as the engine with its default (Triton) attention backend
+    sampler = Sampler(compile_ops=on_cuda, device=device, triton_race=on_cuda)
     logits = torch.randn(batch_size, vocab_size, device=device)
     times = []
     for i in range(repeats + 3):  # the first calls compile and fill caches
