@@ -95,9 +95,10 @@ class Sampler(nn.Module):
     either: p_i = exp(s_i) / Z for the scaled logits s, and log is increasing, so
     argmax_i p_i / E_i = argmax_i (s_i - log E_i), one pass over the logits.
 
-    The noise E is a hash of (two keys per row, token id), computed where it is used (:func:`hashed_noise`):
-    no [B, vocab_size] noise tensor is written and read back, and no torch.Generator is involved, whose
-    offset a CUDA graph would have to advance from the host before each replay. A seeded row's keys
+    The noise E is a hash of (two keys per row, token id) (:func:`hashed_noise`), computed inside the race:
+    where the race is compiled or a Triton kernel, no [B, vocab_size] noise tensor goes through memory.
+    No torch.Generator is involved, whose offset a CUDA graph would have to advance from the host before
+    each replay. A seeded row's keys
     name its (seed, output position); every other row's name (engine seed, draws so far, row), with the
     count of draws kept on the device and advanced by each draw, inside a graph's replay too.
     """
