@@ -2,7 +2,9 @@
 
 Shapes are Qwen3-0.6B's attention in bfloat16, with the two block sizes people use. Decode is
 memory-bound, so it is reported as achieved bandwidth next to a plain device copy measured in
-the same run. Exits 1 if any check fails.
+the same run. The sampler's race (kernels/triton_sampler.py) reads a [B, 151936] bf16 logits
+tensor once, so it is reported the same way; its check counts rows whose token differs from the
+reference's. Exits 1 if any check fails.
 
 ``--smoke`` runs tiny sizes, on CPU through Triton's interpreter when there is no GPU, to test
 this script itself; its timings mean nothing.
@@ -18,11 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import triton
 
-# Must be set before the kernels are defined (at import) to run them on CPU tensors.
+# Must be set before Triton is imported (Triton 3.9 reads it then) to run the kernels on CPU tensors.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+import triton  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
 from nanovllm.kernels.reference import paged_attention, store_kv
@@ -31,6 +34,8 @@ from nanovllm.kernels.triton_attention import (
     paged_prefill_attention_triton,
 )
 from nanovllm.kernels.triton_kv_store import store_kv_triton
+from nanovllm.kernels.triton_sampler import race_winners_triton
+from nanovllm.layers.sampler import sample
 
 # Qwen3-0.6B: 16 query heads sharing 8 KV heads, head_dim 128.
 NUM_HEADS = 16
@@ -52,6 +57,7 @@ class Sizes:
     prefill_len: int  # prompt tokens per prefill sequence (no cached prefix)
     # (batch size, context tokens per sequence, max_context_len given to the kernel: a CUDA graph passes max_model_len)
     decode_cases: tuple[tuple[int, int, int], ...]
+    race_cases: tuple[tuple[int, int], ...]  # (rows, vocabulary size) of the sampler's race
     copy_bytes: int  # bytes copied to measure device bandwidth
 
 
@@ -60,10 +66,16 @@ FULL = Sizes(
     prefill_seqs=8,
     prefill_len=1024,
     decode_cases=((256, 1000, 1000), (64, 8192, 8192), (64, 1000, 4096), (16, 1500, 4096)),
+    race_cases=((256, 151936), (8, 151936)),  # a full decode batch, and the few rows of a batch's tail
     copy_bytes=COPY_BYTES,
 )
 SMOKE = Sizes(
-    store_tokens=64, prefill_seqs=2, prefill_len=40, decode_cases=((4, 100, 100), (2, 300, 1024)), copy_bytes=1 << 20
+    store_tokens=64,
+    prefill_seqs=2,
+    prefill_len=40,
+    decode_cases=((4, 100, 100), (2, 300, 1024)),
+    race_cases=((4, 5000),),
+    copy_bytes=1 << 20,
 )
 
 
@@ -183,6 +195,25 @@ def bench_decode(
     return Row("decode", case_name, triton_ms, torch_ms, throughput, error, is_ok)
 
 
+def bench_race(case: tuple[int, int], device: str, gen: torch.Generator, copy_gbps: float) -> Row:
+    """The temperature-only race of one decode step: bf16 logits, temperatures 0.6 (every 8th row greedy)."""
+    num_rows, vocab_size = case
+    logits = (torch.randn(num_rows, vocab_size, generator=gen, device=device) * 3).to(DTYPE)
+    temperatures = torch.full((num_rows,), 0.6, device=device)
+    temperatures[::8] = 0.0
+    keys = torch.randint(0, 1 << 32, (num_rows, 2), generator=gen, device=device, dtype=torch.int64)
+    out = race_winners_triton(logits, keys, temperatures)
+    num_differing = int((out != sample(logits, temperatures, keys)).sum())
+
+    triton_ms = time_ms(lambda: race_winners_triton(logits, keys, temperatures), device)
+    torch_ms = time_ms(lambda: sample(logits, temperatures, keys), device)
+    gbps = logits.numel() * logits.element_size() / triton_ms / 1e6
+    throughput = f"{gbps:.0f} GB/s ({100 * gbps / copy_gbps:.0f}% copy)"
+    return Row(
+        "race", f"{num_rows}x{vocab_size} bf16", triton_ms, torch_ms, throughput, num_differing, num_differing == 0
+    )
+
+
 def copy_bandwidth_gbps(num_bytes: int, device: str) -> float:
     """Device memory bandwidth of a plain tensor copy: bytes read + bytes written per second."""
     src = torch.empty(num_bytes, dtype=torch.uint8, device=device)
@@ -222,6 +253,7 @@ def main() -> int:
             rows.append(bench_decode(case, block_size, device, gen, copy_gbps))
         if device == "cuda":
             torch.cuda.empty_cache()
+    rows += [bench_race(case, device, gen, copy_gbps) for case in sizes.race_cases]
     print_table(rows, copy_gbps)
     num_failed = sum(not row.is_ok for row in rows)
     print(f"\n{num_failed} check(s) failed" if num_failed else "\nall checks passed")

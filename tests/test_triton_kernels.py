@@ -6,9 +6,13 @@ executes every program in Python, so the sizes here are small. On a GPU the same
 compiled kernels.
 """
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
@@ -332,3 +336,15 @@ def test_race_kernel_equals_reference(dtype: torch.dtype, with_temperatures: boo
         expected = race_winners(scores.float(), keys)
         got = race_winners_triton(scores, keys)
     assert got.tolist() == expected.tolist()
+
+
+def test_kernel_benchmark_smoke_run() -> None:
+    """Guards benchmarks/kernels.py itself: its --smoke run checks every kernel at tiny sizes and exits 0.
+    Without a GPU it must switch Triton to the interpreter on its own, so the variable is not inherited."""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run(
+        [sys.executable, "benchmarks/kernels.py", "--smoke"], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "all checks passed" in result.stdout
