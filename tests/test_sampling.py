@@ -269,6 +269,23 @@ def test_engine_seed_decides_unseeded_draws() -> None:
     assert not torch.equal(Sampler(seed=4)(logits, t).token_ids, first)
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"seed": 11}, {"top_k": 5, "top_p": 0.9, "repetition_penalty": 1.2}],
+    ids=["temperature", "seeded", "transformed"],
+)
+def test_triton_race_equals_torch_race(extra: dict) -> None:
+    """Guards the sampler's wiring of the Triton race (the short path with temperatures, the transformed
+    path with scaled scores): the same draws as the torch race, greedy rows included, draw after draw."""
+    params = [SamplingParams(temperature=0.0 if i % 3 == 0 else 0.8, **extra) for i in range(6)]
+    batch = make_batch(params)
+    samplers = {triton: Sampler(seed=2, triton_race=triton) for triton in (False, True)}
+    for step in range(3):
+        logits = torch.randn(6, VOCAB, generator=torch.Generator().manual_seed(step))
+        tokens = {triton: sampler(logits, builder().build(batch)).token_ids for triton, sampler in samplers.items()}
+        assert tokens[True].tolist() == tokens[False].tolist(), f"step {step}"
+
+
 def test_top_k_1_equals_greedy() -> None:
     """Guards against top_k=1 leaving more than the argmax in play."""
     logits = torch.randn(32, VOCAB)
