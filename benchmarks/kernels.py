@@ -201,7 +201,7 @@ def bench_race(case: tuple[int, int], device: str, gen: torch.Generator, copy_gb
     logits = (torch.randn(num_rows, vocab_size, generator=gen, device=device) * 3).to(DTYPE)
     temperatures = torch.full((num_rows,), 0.6, device=device)
     temperatures[::8] = 0.0
-    keys = torch.randint(0, 1 << 32, (num_rows, 2), generator=gen, device=device, dtype=torch.int64)
+    keys = torch.randint(-(1 << 31), 1 << 31, (num_rows, 2), generator=gen, device=device, dtype=torch.int32)
     out = race_winners_triton(logits, keys, temperatures)
     num_differing = int((out != sample(logits, temperatures, keys)).sum())
 

@@ -326,7 +326,7 @@ def test_race_kernel_equals_reference(dtype: torch.dtype, with_temperatures: boo
     scores[3] = 0.0
     scores[3, [5, BLOCK_V + 5]] = 1.0  # a tie across blocks: the greedy row must take the first
     scores = scores.to(DEVICE, dtype)
-    keys = torch.randint(0, 1 << 32, (num_rows, 2), generator=gen, dtype=torch.int64).to(DEVICE)
+    keys = torch.randint(-(1 << 31), 1 << 31, (num_rows, 2), generator=gen, dtype=torch.int32).to(DEVICE)
     if with_temperatures:
         temperatures = torch.tensor([0.7, 1.0, 1.3, 0.0, 0.0, 0.5, 2.0, 1e-7], device=DEVICE)
         expected = sample(scores, temperatures, keys)

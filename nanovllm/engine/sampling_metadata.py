@@ -141,7 +141,7 @@ class SamplingMetadataBuilder:
         for row in cached.seeded_rows:
             seq = seqs[row]
             keys[row] = hash_keys(seq.params.seed or 0, seq.sample_index, seq.num_output_tokens)
-        return dataclasses.replace(cached.tensors, seed_keys=self._to_device(keys, torch.int64))
+        return dataclasses.replace(cached.tensors, seed_keys=self._to_device(keys, torch.int32))
 
     @staticmethod
     def _below_min_changed(cached: _BatchTensors) -> bool:

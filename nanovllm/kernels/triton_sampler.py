@@ -43,7 +43,7 @@ def _mix32(x):
 def _race_kernel(
     scores_ptr,  # [B, vocab_size], any float dtype
     stride_row,
-    noise_keys_ptr,  # [B, 2] int64, contiguous
+    noise_keys_ptr,  # [B, 2] int32 (uint32 bits), contiguous
     temperatures_ptr,  # [B] float32; read only when HAS_TEMPERATURES
     out_ptr,  # [B] int64
     vocab_size,

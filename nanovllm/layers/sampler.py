@@ -22,7 +22,7 @@ from nanovllm.layers.compile import maybe_compile
 
 MIN_TEMPERATURE = 1e-5  # temperatures below this would overflow the division; greedy rows are chosen separately
 UINT32_MASK = 0xFFFFFFFF
-# Odd multipliers < 2**31 for the 32-bit mixer, so that x * c stays below 2**63 in int64 (no overflow).
+# Odd multipliers of the 32-bit mixer, below 2**31 so that they are int32 constants.
 MIX_MULTIPLIERS = (0x7FEB352D, 0x2C1B3C6D)
 HASH_SCALE = 2.0**-32  # (a 32-bit hash value + 0.5) times this is in (0, 1)
 # The largest float32 below 1: a hash value that rounds up to 1.0 in float32 is drawn as this instead.
@@ -60,7 +60,7 @@ class SamplingTensors:
     min_ps: torch.Tensor  # [B] float32; 0 = off
     logit_edits: TokenEntries | None  # logit_bias entries and min_tokens masks; None when no row has any
     penalties: PenaltyTensors | None  # None when no row uses a penalty
-    seed_keys: torch.Tensor | None  # [B, 2] int64, two 32-bit hash keys per row (seed, position); None = no seeds
+    seed_keys: torch.Tensor | None  # [B, 2] int32, two 32-bit hash keys per row (seed, position); None = no seeds
     is_seeded: torch.Tensor | None  # [B] bool, rows whose noise is keyed by seed_keys rather than the engine's draw
     max_top_k: int | None  # the largest top_k when every row has one (topk instead of a full sort), else None
     use_top_k_top_p: bool  # some row has top_k or top_p
@@ -122,9 +122,10 @@ class Sampler(nn.Module):
             self._sample = lambda logits, temperatures, keys: race_winners_triton(logits, keys, temperatures)
             self._race_winners = race_winners_triton
         self._noise_keys = maybe_compile(noise_keys, compile_ops)
-        self.engine_keys: torch.Tensor  # [2] int64, the engine seed's hash keys
+        self.engine_keys: torch.Tensor  # [2] int32, the engine seed's hash keys
         self.draw_count: torch.Tensor  # [] int64, draws so far (greedy-only batches draw nothing)
-        self.register_buffer("engine_keys", torch.tensor(hash_keys(seed), device=device), persistent=False)
+        engine_keys = torch.tensor(hash_keys(seed), dtype=torch.int32, device=device)
+        self.register_buffer("engine_keys", engine_keys, persistent=False)
         self.register_buffer("draw_count", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
 
     def warm_up(self, vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -146,7 +147,7 @@ class Sampler(nn.Module):
         return self._sample(logits, temperatures, self.next_noise_keys(logits.shape[0], None))
 
     def next_noise_keys(self, num_rows: int, t: SamplingTensors | None) -> torch.Tensor:
-        """This draw's hash keys, [B, 2] int64 (seeded rows' from ``t``), and one more draw counted."""
+        """This draw's hash keys, [B, 2] int32 (seeded rows' from ``t``), and one more draw counted."""
         seed_keys, is_seeded = (None, None) if t is None else (t.seed_keys, t.is_seeded)
         keys = self._noise_keys(self.engine_keys, self.draw_count, num_rows, seed_keys, is_seeded)
         self.draw_count += 1
@@ -172,10 +173,15 @@ class Sampler(nn.Module):
 
 def hash_keys(seed: int, *more: int) -> tuple[int, int]:
     """Two 32-bit hash keys naming ``seed`` (and ``more`` integers with it): the engine's seed, or one draw
-    of a seeded request (its seed, completion index and output position)."""
+    of a seeded request (its seed, completion index and output position). As int32 values: the same bits."""
     values = [value % (1 << 64) for value in (seed, *more)]
     digest = xxhash.xxh64_intdigest(struct.pack(f"<{len(values)}Q", *values))
-    return digest & UINT32_MASK, digest >> 32
+    return as_int32(digest & UINT32_MASK), as_int32(digest >> 32)
+
+
+def as_int32(value: int) -> int:
+    """The int32 whose bits are those of the uint32 ``value``."""
+    return value - (1 << 32) if value >= 1 << 31 else value
 
 
 def noise_keys(
@@ -185,11 +191,11 @@ def noise_keys(
     seed_keys: torch.Tensor | None,
     is_seeded: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The hash keys of each row's noise in this draw, [B, 2] int64: a seeded row's ``seed_keys`` row, any
+    """The hash keys of each row's noise in this draw, [B, 2] int32: a seeded row's ``seed_keys`` row, any
     other's a mix of (engine keys, draw count, row), so that rows and draws get unrelated noise."""
-    draw_keys = mix32((draw_count & UINT32_MASK) ^ engine_keys)  # [2]
-    rows = torch.arange(num_rows, device=engine_keys.device).unsqueeze(1)  # [B, 1]
-    keys = mix32((draw_keys + rows) & UINT32_MASK)  # [B, 2]
+    draw_keys = mix32(draw_count.to(torch.int32) ^ engine_keys)  # [2]
+    rows = torch.arange(num_rows, dtype=torch.int32, device=engine_keys.device).unsqueeze(1)  # [B, 1]
+    keys = mix32(draw_keys + rows)  # [B, 2]
     if seed_keys is not None and is_seeded is not None:
         keys = torch.where(is_seeded.unsqueeze(1), seed_keys, keys)
     return keys
@@ -279,16 +285,26 @@ def apply_top_k_top_p(
 
 
 def mix32(x: torch.Tensor) -> torch.Tensor:
-    """A bijective 32-bit integer mixer (xorshift-multiply rounds) on int64 values in [0, 2**32)."""
-    x = x ^ (x >> 16)
-    x = (x * MIX_MULTIPLIERS[0]) & UINT32_MASK
-    x = x ^ (x >> 15)
-    x = (x * MIX_MULTIPLIERS[1]) & UINT32_MASK
-    return x ^ (x >> 16)
+    """A bijective 32-bit integer mixer (xorshift-multiply rounds) on int32 tensors, read as uint32 bits.
+
+    Why int32 and not int64 with masks: on a CPU the int64 version ran ten times slower (125 against
+    12 ms for 5M values, 2 cores). An int32 multiply wraps modulo 2**32, as a uint32 one does, and the
+    right shifts are made logical by clearing the bits the sign filled in.
+    """
+    x = x ^ shift_right(x, 16)
+    x = x * MIX_MULTIPLIERS[0]
+    x = x ^ shift_right(x, 15)
+    x = x * MIX_MULTIPLIERS[1]
+    return x ^ shift_right(x, 16)
+
+
+def shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """x >> bits on uint32 bits held in int32: torch shifts in copies of the sign bit, the mask clears them."""
+    return (x >> bits) & ((1 << (32 - bits)) - 1)
 
 
 def hashed_noise(noise_keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Exp(1) noise [B, vocab_size] float32 from a counter-based hash of (row keys, token id).
+    """Exp(1) noise [B, vocab_size] float32 from a counter-based hash of (row keys [B, 2] int32, token id).
 
     Why a hash and not a torch.Generator: a row's noise depends only on its own two keys and the
     token id, never on which rows share the batch or on launch order, so a seeded row draws the
@@ -297,10 +313,11 @@ def hashed_noise(noise_keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
     holds with 32 bits of resolution (u near 0), not 24 (u near 1, as -log(u) would need), provided
     the log is taken as log1p.
     """
-    token_ids = torch.arange(vocab_size, device=noise_keys.device).unsqueeze(0)  # [1, vocab_size]
+    token_ids = torch.arange(vocab_size, dtype=torch.int32, device=noise_keys.device).unsqueeze(0)  # [1, vocab]
     keys_a, keys_b = noise_keys[:, 0:1], noise_keys[:, 1:2]  # [B, 1] each
-    bits = mix32((mix32(token_ids ^ keys_a) + keys_b) & UINT32_MASK)  # [B, vocab_size] in [0, 2**32)
-    uniform = ((bits.float() + 0.5) * HASH_SCALE).clamp_max(MAX_UNIFORM)  # in (0, 1): E is never 0 or inf
+    bits = mix32(mix32(token_ids ^ keys_a) + keys_b)  # [B, vocab_size], uint32 bits in int32
+    unsigned = (bits.to(torch.int64) & UINT32_MASK).float()  # the uint32 value, rounded once to float32
+    uniform = ((unsigned + 0.5) * HASH_SCALE).clamp_max(MAX_UNIFORM)  # in (0, 1): E is never 0 or inf
     # -log1p(-u), written out so that the Triton kernel (kernels/triton_sampler.py) can do the same ops:
     # 1 - u rounds, and u / (1 - rounded) corrects the log for it (exact where 1 - u rounds to 1).
     complement = 1.0 - uniform
