@@ -11,7 +11,8 @@ One program per row walks the vocabulary in blocks, computing the noise in regis
                                              running best kept across blocks (first index on ties)
 
 The hash is the torch code's, in uint32 arithmetic, where wrapping multiplies and logical shifts
-are native (torch has no uint32 multiply, so its reference works in int64 with masks).
+are native (torch has no uint32 arithmetic, so its reference holds the bits in int32 and masks
+its right shifts).
 """
 
 import torch

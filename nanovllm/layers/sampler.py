@@ -98,9 +98,9 @@ class Sampler(nn.Module):
     The noise E is a hash of (two keys per row, token id) (:func:`hashed_noise`), computed inside the race:
     where the race is compiled or a Triton kernel, no [B, vocab_size] noise tensor goes through memory.
     No torch.Generator is involved, whose offset a CUDA graph would have to advance from the host before
-    each replay. A seeded row's keys
-    name its (seed, output position); every other row's name (engine seed, draws so far, row), with the
-    count of draws kept on the device and advanced by each draw, inside a graph's replay too.
+    each replay. A seeded row's keys name its (seed, output position); every other row's name (engine
+    seed, draws so far, row), with the count of draws kept on the device and advanced by each draw,
+    inside a graph's replay too.
     """
 
     def __init__(
