@@ -260,6 +260,17 @@ def test_unseeded_rows_draw_independently() -> None:
     assert ok, message
 
 
+def test_warm_up_leaves_the_draws_as_they_were() -> None:
+    """Guards the draw count across the sampler's warm-up: the engine's first draws must be the same with
+    or without it (it runs only where torch.compile is on)."""
+    logits = torch.zeros(16, VOCAB)  # flat: the noise alone picks each token
+    t = builder().build(make_batch([SamplingParams(temperature=1.0)] * 16))
+    warmed = Sampler(seed=3)
+    warmed.warm_up(VOCAB, torch.float32, CPU)
+    assert int(warmed.draw_count) == 0
+    assert torch.equal(warmed(logits, t).token_ids, Sampler(seed=3)(logits, t).token_ids)
+
+
 def test_engine_seed_decides_unseeded_draws() -> None:
     """Guards the engine keys: the same engine seed draws the same tokens, another seed others."""
     logits = torch.zeros(16, VOCAB)  # flat: the noise alone picks each token

@@ -27,6 +27,7 @@ all-gather outside the graphs).
 """
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from enum import Enum
 from functools import partial
 
@@ -153,15 +154,13 @@ class DecodeGraphs:
         """Capture every bucket, largest first (the smaller ones reuse its memory), all in one pool."""
         self.staging.arrays["slot_mapping"].fill(-1)  # capture runs copy this buffer in: they store no K/V
         # The warm-up runs count draws; the engine's first draw should not depend on whether graphs exist.
-        draw_count = None if self.sampler is None else self.sampler.draw_count.clone()
-        for batch_size in reversed(self.buckets):
-            for end in self.ends:
-                for parity in range(1 if end is GraphEnd.HIDDEN_STATES else NUM_TOKEN_PARITIES):
-                    run = partial(self._step, batch_size, end, parity)
-                    # The other parity's graph runs the same kernels: they are compiled and warm already.
-                    self.graphs[batch_size, end, parity] = self._capture(run, warm_up=parity == 0)
-        if self.sampler is not None and draw_count is not None:
-            self.sampler.draw_count.copy_(draw_count)
+        with nullcontext() if self.sampler is None else self.sampler.draws_not_counted():
+            for batch_size in reversed(self.buckets):
+                for end in self.ends:
+                    for parity in range(1 if end is GraphEnd.HIDDEN_STATES else NUM_TOKEN_PARITIES):
+                        run = partial(self._step, batch_size, end, parity)
+                        # The other parity's graph runs the same kernels: they are compiled and warm already.
+                        self.graphs[batch_size, end, parity] = self._capture(run, warm_up=parity == 0)
         torch.cuda.synchronize()
 
     def _capture(self, run: Callable[[], None], warm_up: bool) -> torch.cuda.CUDAGraph:

@@ -11,7 +11,8 @@ the transforms (greedy and temperature-only rows) takes the short path: :func:`s
 
 import math
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -113,14 +114,15 @@ class Sampler(nn.Module):
         super().__init__()
         self._sample: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
         self._race_winners: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-        self._sample = maybe_compile(sample, compile_ops)
-        self._transform_logits = maybe_compile(transform_logits, compile_ops)
-        self._race_winners = maybe_compile(race_winners, compile_ops)
         if triton_race:
             from nanovllm.kernels.triton_sampler import race_winners_triton  # imports Triton: only when chosen
 
             self._sample = lambda logits, temperatures, keys: race_winners_triton(logits, keys, temperatures)
             self._race_winners = race_winners_triton
+        else:
+            self._sample = maybe_compile(sample, compile_ops)
+            self._race_winners = maybe_compile(race_winners, compile_ops)
+        self._transform_logits = maybe_compile(transform_logits, compile_ops)
         self._noise_keys = maybe_compile(noise_keys, compile_ops)
         self.engine_keys: torch.Tensor  # [2] int32, the engine seed's hash keys
         self.draw_count: torch.Tensor  # [] int64, draws so far (greedy-only batches draw nothing)
@@ -131,12 +133,21 @@ class Sampler(nn.Module):
     def warm_up(self, vocab_size: int, dtype: torch.dtype, device: torch.device) -> None:
         """Compile the short path now, for one row and for several: torch.compile builds a graph for each
         on first use, and on a GPU that took over a second, stalling a server's first requests."""
-        draw_count = self.draw_count.clone()
-        with torch.inference_mode():  # as the engine's steps run: grad mode is part of what a graph is kept for
+        # torch.inference_mode: as the engine's steps run (grad mode is part of what a graph is kept for).
+        with self.draws_not_counted(), torch.inference_mode():
             for num_rows in (1, 2):
                 logits = torch.zeros(num_rows, vocab_size, dtype=dtype, device=device)
                 self.draw(logits, torch.ones(num_rows, device=device))
-        self.draw_count.copy_(draw_count)  # the engine's first draw is the same with or without a warm-up
+
+    @contextmanager
+    def draws_not_counted(self) -> Iterator[None]:
+        """Draws inside (warm-up and capture runs) leave the draw count where it was, so that the engine's
+        first draw is the same with or without them."""
+        draw_count = self.draw_count.clone()
+        try:
+            yield
+        finally:
+            self.draw_count.copy_(draw_count)
 
     def draw(self, logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
         """The short path, for rows that are greedy or temperature-only and unseeded: [B] token ids.
