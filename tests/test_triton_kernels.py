@@ -324,14 +324,14 @@ def test_race_kernel_equals_reference(dtype: torch.dtype, with_temperatures: boo
     scores[1] *= 1e-3  # nearly flat
     scores[2, ::3] = -torch.inf  # masked, as top-k and min_p leave them
     scores[3] = 0.0
-    scores[3, [5, BLOCK_V + 5]] = 1.0  # a tie across blocks: the greedy row must take the first
+    scores[3, [9, BLOCK_V + 5, BLOCK_V + 9]] = 1.0  # ties in and across blocks: the greedy row takes the first
     scores = scores.to(DEVICE, dtype)
     keys = torch.randint(-(1 << 31), 1 << 31, (num_rows, 2), generator=gen, dtype=torch.int32).to(DEVICE)
     if with_temperatures:
         temperatures = torch.tensor([0.7, 1.0, 1.3, 0.0, 0.0, 0.5, 2.0, 1e-7], device=DEVICE)
         expected = sample(scores, temperatures, keys)
         got = race_winners_triton(scores, keys, temperatures)
-        assert got[3].item() == 5
+        assert got[3].item() == 9
     else:
         expected = race_winners(scores.float(), keys)
         got = race_winners_triton(scores, keys)

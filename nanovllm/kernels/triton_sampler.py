@@ -7,8 +7,8 @@ Same contract as :func:`nanovllm.layers.sampler.race_winners` (and, given temper
 ``score - log(E)``, where E ~ Exp(1) is hashed from the row's two keys and the token id.
 One program per row walks the vocabulary in blocks, computing the noise in registers:
 
-    row r:  | block 0 | block 1 | ... |     each block: hash -> E, score - log(E), block argmax
-                                             running best kept across blocks (first index on ties)
+    row r:  | block 0 | block 1 | ... |     each block: hash -> E, score - log(E), kept per position
+                                             where better; one argmax over the positions at the end
 
 The hash is the torch code's, in uint32 arithmetic, where wrapping multiplies and logical shifts
 are native (torch has no uint32 arithmetic, so its reference holds the bits in int32 and masks
@@ -60,8 +60,10 @@ def _race_kernel(
         temperature = tl.load(temperatures_ptr + row)
         is_greedy = temperature == 0.0
         temperature = tl.maximum(temperature, MIN_TEMPERATURE)
-    best = -float("inf")
-    best_id = 0
+    # Each of the BLOCK positions keeps its own best so far (no reduction inside the loop): position i sees
+    # tokens i, i + BLOCK, ..., in increasing order, so keeping a tie leaves the first such token.
+    best = tl.full((BLOCK,), -float("inf"), tl.float32)
+    best_id = tl.zeros((BLOCK,), tl.int32)
     for start in range(0, vocab_size, BLOCK):
         token_ids = start + tl.arange(0, BLOCK)
         in_vocab = token_ids < vocab_size
@@ -74,12 +76,13 @@ def _race_kernel(
         if HAS_TEMPERATURES:
             raced = tl.where(is_greedy, score, raced)
         raced = tl.where(in_vocab, raced, -float("inf"))
-        block_best = tl.max(raced, axis=0)
-        block_id = start + tl.argmax(raced, axis=0)
-        is_better = block_best > best  # strictly: an earlier block keeps a tie, as torch.argmax does
-        best_id = tl.where(is_better, block_id, best_id)
-        best = tl.where(is_better, block_best, best)
-    tl.store(out_ptr + row, best_id)
+        is_better = raced > best
+        best_id = tl.where(is_better, token_ids, best_id)
+        best = tl.where(is_better, raced, best)
+    # One reduction at the end: the largest score, and the first token that has it (as torch.argmax).
+    top = tl.max(best, axis=0)
+    winner = tl.min(tl.where(best == top, best_id, vocab_size), axis=0)
+    tl.store(out_ptr + row, winner)
 
 
 def race_winners_triton(
