@@ -314,10 +314,12 @@ def test_norm_rotary_matches_unfused_ops(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_temperatures", [False, True])
-def test_race_kernel_equals_reference(dtype: torch.dtype, with_temperatures: bool) -> None:
+@pytest.mark.parametrize("num_splits", [1, 2, 3, None])
+def test_race_kernel_equals_reference(dtype: torch.dtype, with_temperatures: bool, num_splits: int | None) -> None:
     """Guards the fused race: the Triton kernel's hash, noise and argmax must pick the reference's token in
     every row, over a vocabulary of several blocks with a ragged last one, masked (-inf) tokens, nearly flat
-    rows (the noise alone decides), greedy rows (temperature 0) and a greedy tie across blocks (first wins)."""
+    rows (the noise alone decides), greedy rows (temperature 0) and greedy ties within a block and across
+    blocks (the first wins), with the vocabulary cut into 1, 2 (uneven) or 3 splits, or as many as chosen."""
     num_rows, vocab_size = 8, 2 * BLOCK_V + 37
     gen = torch.Generator().manual_seed(0)
     scores = torch.randn(num_rows, vocab_size, generator=gen) * 3
@@ -330,11 +332,11 @@ def test_race_kernel_equals_reference(dtype: torch.dtype, with_temperatures: boo
     if with_temperatures:
         temperatures = torch.tensor([0.7, 1.0, 1.3, 0.0, 0.0, 0.5, 2.0, 1e-7], device=DEVICE)
         expected = sample(scores, temperatures, keys)
-        got = race_winners_triton(scores, keys, temperatures)
+        got = race_winners_triton(scores, keys, temperatures, num_splits)
         assert got[3].item() == 9
     else:
         expected = race_winners(scores.float(), keys)
-        got = race_winners_triton(scores, keys)
+        got = race_winners_triton(scores, keys, num_splits=num_splits)
     assert got.tolist() == expected.tolist()
 
 

@@ -5,15 +5,19 @@
 Same contract as :func:`nanovllm.layers.sampler.race_winners` (and, given temperatures, as
 :func:`nanovllm.layers.sampler.sample`): per row, the token with the largest
 ``score - log(E)``, where E ~ Exp(1) is hashed from the row's two keys and the token id.
-One program per row walks the vocabulary in blocks, computing the noise in registers:
+Each row's vocabulary is cut into splits, one program each, so that a batch of a few rows still
+fills the GPU; a program walks its split in blocks, computing the noise in registers:
 
-    row r:  | block 0 | block 1 | ... |     each block: hash -> E, score - log(E), kept per position
-                                             where better; one argmax over the positions at the end
+    row r:  | split 0: block, block, ... | split 1 | ... |   per block: hash -> E, score - log(E),
+                                                            kept per position where better
+    then per split: its best (value, first token id)  ->  second kernel: per row, best of the splits
 
 The hash is the torch code's, in uint32 arithmetic, where wrapping multiplies and logical shifts
 are native (torch has no uint32 arithmetic, so its reference holds the bits in int32 and masks
 its right shifts).
 """
+
+import functools
 
 import torch
 import triton
@@ -21,7 +25,9 @@ import triton.language as tl
 
 from nanovllm.layers import sampler
 
-BLOCK_V = 2048  # vocabulary entries per loop iteration of a program
+BLOCK_V = 4096  # vocabulary entries per loop iteration of a program
+NUM_WARPS = 16
+PROGRAMS_PER_SM = 2  # splits are chosen so that a launch has at least this many programs per SM
 # The reference's constants, as compile-time values (a kernel reads no other globals).
 MIX_A: tl.constexpr = tl.constexpr(sampler.MIX_MULTIPLIERS[0])
 MIX_B: tl.constexpr = tl.constexpr(sampler.MIX_MULTIPLIERS[1])
@@ -46,12 +52,15 @@ def _race_kernel(
     stride_row,
     noise_keys_ptr,  # [B, 2] int32 (uint32 bits), contiguous
     temperatures_ptr,  # [B] float32; read only when HAS_TEMPERATURES
-    out_ptr,  # [B] int64
+    split_best_ptr,  # [B, num_splits] float32 out: each split's best raced score
+    split_ids_ptr,  # [B, num_splits] int32 out: the first token id with it
     vocab_size,
+    split_size,  # vocabulary entries per split, a multiple of BLOCK
     HAS_TEMPERATURES: tl.constexpr,  # scores are raw logits: divide by temperature, argmax where it is 0
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
     key_a = tl.load(noise_keys_ptr + 2 * row).to(tl.uint32)
     key_b = tl.load(noise_keys_ptr + 2 * row + 1).to(tl.uint32)
     temperature = 1.0
@@ -61,10 +70,11 @@ def _race_kernel(
         is_greedy = temperature == 0.0
         temperature = tl.maximum(temperature, MIN_TEMPERATURE)
     # Each of the BLOCK positions keeps its own best so far (no reduction inside the loop): position i sees
-    # tokens i, i + BLOCK, ..., in increasing order, so keeping a tie leaves the first such token.
+    # tokens split_start + i, + BLOCK, ..., in increasing order, so keeping a tie leaves the first such token.
     best = tl.full((BLOCK,), -float("inf"), tl.float32)
     best_id = tl.zeros((BLOCK,), tl.int32)
-    for start in range(0, vocab_size, BLOCK):
+    split_start = split * split_size
+    for start in range(split_start, tl.minimum(split_start + split_size, vocab_size), BLOCK):
         token_ids = start + tl.arange(0, BLOCK)
         in_vocab = token_ids < vocab_size
         score = tl.load(scores_ptr + row * stride_row + token_ids, mask=in_vocab, other=-float("inf")).to(tl.float32)
@@ -79,30 +89,63 @@ def _race_kernel(
         is_better = raced > best
         best_id = tl.where(is_better, token_ids, best_id)
         best = tl.where(is_better, raced, best)
-    # One reduction at the end: the largest score, and the first token that has it (as torch.argmax).
     top = tl.max(best, axis=0)
-    winner = tl.min(tl.where(best == top, best_id, vocab_size), axis=0)
-    tl.store(out_ptr + row, winner)
+    num_splits = tl.num_programs(1)
+    tl.store(split_best_ptr + row * num_splits + split, top)
+    tl.store(split_ids_ptr + row * num_splits + split, tl.min(tl.where(best == top, best_id, vocab_size), axis=0))
+
+
+@triton.jit
+def _best_of_splits_kernel(split_best_ptr, split_ids_ptr, out_ptr, num_splits, vocab_size, BLOCK: tl.constexpr):
+    """Per row: the largest of the splits' best scores, and the first token id that has it (as torch.argmax)."""
+    row = tl.program_id(0).to(tl.int64)
+    splits = tl.arange(0, BLOCK)
+    in_row = splits < num_splits
+    best = tl.load(split_best_ptr + row * num_splits + splits, mask=in_row, other=-float("inf"))
+    best_id = tl.load(split_ids_ptr + row * num_splits + splits, mask=in_row, other=vocab_size)
+    top = tl.max(best, axis=0)
+    tl.store(out_ptr + row, tl.min(tl.where(best == top, best_id, vocab_size), axis=0).to(tl.int64))
 
 
 def race_winners_triton(
-    scores: torch.Tensor, noise_keys: torch.Tensor, temperatures: torch.Tensor | None = None
+    scores: torch.Tensor,
+    noise_keys: torch.Tensor,
+    temperatures: torch.Tensor | None = None,
+    num_splits: int | None = None,  # programs per row; by default enough to fill the GPU
 ) -> torch.Tensor:
     """Each row's race winner, [B] int64. Without ``temperatures``, ``scores`` are already scaled; with them,
     they are raw logits: divided by each row's temperature, and taken by argmax where it is 0."""
     num_rows, vocab_size = scores.shape
     assert scores.stride(1) == 1, "each row's scores must be contiguous"
-    out = torch.empty(num_rows, dtype=torch.int64, device=scores.device)
+    num_blocks = triton.cdiv(vocab_size, BLOCK_V)
+    if num_splits is None:
+        num_splits = triton.cdiv(PROGRAMS_PER_SM * sm_count(scores.device), num_rows)
+    num_splits = max(1, min(num_blocks, num_splits))
+    split_size = triton.cdiv(num_blocks, num_splits) * BLOCK_V
+    num_splits = triton.cdiv(vocab_size, split_size)  # none left empty
+    split_best = torch.empty(num_rows, num_splits, dtype=torch.float32, device=scores.device)
+    split_ids = torch.empty(num_rows, num_splits, dtype=torch.int32, device=scores.device)
     keys = noise_keys.contiguous()
-    _race_kernel[(num_rows,)](
+    _race_kernel[(num_rows, num_splits)](
         scores,
         scores.stride(0),
         keys,
         keys if temperatures is None else temperatures,  # an unused pointer when there are none
-        out,
+        split_best,
+        split_ids,
         vocab_size,
+        split_size,
         HAS_TEMPERATURES=temperatures is not None,
         BLOCK=BLOCK_V,
-        num_warps=8,
+        num_warps=NUM_WARPS,
     )
+    out = torch.empty(num_rows, dtype=torch.int64, device=scores.device)
+    block = max(triton.next_power_of_2(num_splits), 16)
+    _best_of_splits_kernel[(num_rows,)](split_best, split_ids, out, num_splits, vocab_size, BLOCK=block, num_warps=1)
     return out
+
+
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device; a few for the CPU (the Triton interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 2
