@@ -9,6 +9,7 @@ Every step is a tensor op over the whole batch; per-row settings come in as [B] 
 the transforms (greedy and temperature-only rows) takes the short path: :func:`sample`.
 """
 
+import functools
 import math
 import struct
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from torch import nn
 
 from nanovllm.layers.compile import maybe_compile
 
+DIGEST_AS_INT32S = struct.Struct(">ii")  # xxh64_digest's 8 bytes (big-endian) as two int32 values
 MIN_TEMPERATURE = 1e-5  # temperatures below this would overflow the division; greedy rows are chosen separately
 UINT32_MASK = 0xFFFFFFFF
 # Odd multipliers of the 32-bit mixer, below 2**31 so that they are int32 constants.
@@ -183,16 +185,17 @@ class Sampler(nn.Module):
 
 
 def hash_keys(seed: int, *more: int) -> tuple[int, int]:
-    """Two 32-bit hash keys naming ``seed`` (and ``more`` integers with it): the engine's seed, or one draw
-    of a seeded request (its seed, completion index and output position). As int32 values: the same bits."""
-    values = [value % (1 << 64) for value in (seed, *more)]
-    digest = xxhash.xxh64_intdigest(struct.pack(f"<{len(values)}Q", *values))
-    return as_int32(digest & UINT32_MASK), as_int32(digest >> 32)
+    """Two 32-bit hash keys naming ``seed`` (and ``more`` integers with it, never negative): the engine's
+    seed, or one draw of a seeded request (its seed, completion index and output position). As int32
+    values with the bits of the 64-bit digest's low half, then of its high half."""
+    high, low = DIGEST_AS_INT32S.unpack(xxhash.xxh64_digest(packer(1 + len(more))(seed % (1 << 64), *more)))
+    return low, high
 
 
-def as_int32(value: int) -> int:
-    """The int32 whose bits are those of the uint32 ``value``."""
-    return value - (1 << 32) if value >= 1 << 31 else value
+@functools.cache
+def packer(num_values: int) -> Callable[..., bytes]:
+    """Packs ``num_values`` uint64 values into bytes (a Struct per count: a format string is parsed once)."""
+    return struct.Struct(f"<{num_values}Q").pack
 
 
 def noise_keys(
