@@ -111,7 +111,7 @@ class Sampler(nn.Module):
         seed: int = 0,
         compile_ops: bool = False,
         device: torch.device | str | None = None,
-        triton_race: bool = False,  # the race in one Triton kernel (kernels/triton_sampler.py), noise never stored
+        triton_race: bool = False,  # the race in Triton kernels (kernels/triton_sampler.py), noise never stored
     ) -> None:
         super().__init__()
         self._sample: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
