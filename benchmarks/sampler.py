@@ -8,12 +8,18 @@ Configurations:
     top_k_top_p_rep  top_k=50, top_p=0.95, repetition_penalty=1.1 (the issue's performance target)
     top_p_only       top_p=0.95 (no top_k on any row: a full-vocabulary sort)
     seeded           temperature=0.6 with a seed per request (noise keys built on the host each step)
+
+Columns: the whole step (waited for), its ratio to temperature-only, then the sampler call alone: the
+host's time until its last launch returns, and on CUDA its span on the GPU between two events (which
+includes any wait for the host's launches: where the span is about the host time, the call is
+launch-bound).
 """
 
 import argparse
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -35,8 +41,17 @@ CONFIGS = {
 }
 
 
-def time_config(name: str, batch_size: int, vocab_size: int, device: torch.device, repeats: int) -> float:
-    """Median ms of one sampler call (metadata build + sample + penalty update + copy to host) on a decode batch."""
+@dataclass
+class Timing:
+    """Medians over the timed calls, in ms."""
+
+    step_ms: float  # metadata build + sample + penalty update + copy to host, waited for
+    call_host_ms: float  # the sampler call alone, on the host: until its last launch returns
+    call_gpu_ms: float | None  # the sampler call's span on the GPU (CUDA events around it; gaps included)
+
+
+def time_config(name: str, batch_size: int, vocab_size: int, device: torch.device, repeats: int) -> Timing:
+    """One sampler call (metadata build + sample + penalty update + copy to host) on a decode batch."""
     params = SamplingParams(**CONFIGS[name])  # type: ignore[arg-type]
     seqs = []
     for i in range(batch_size):
@@ -49,18 +64,30 @@ def time_config(name: str, batch_size: int, vocab_size: int, device: torch.devic
     on_cuda = device.type == "cuda"  # as the engine with its default (Triton) attention backend
     sampler = Sampler(compile_ops=on_cuda, device=device, triton_race=on_cuda)
     logits = torch.randn(batch_size, vocab_size, device=device)
-    times = []
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if on_cuda else []
+    step_ms, host_ms, gpu_ms = [], [], []
     for i in range(repeats + 3):  # the first calls compile and fill caches
         start = time.perf_counter()
-        output = sampler(logits, builder.build(batch))
+        t = builder.build(batch)
+        call_start = time.perf_counter()
+        if on_cuda:
+            events[0].record()
+        output = sampler(logits, t)
+        call_end = time.perf_counter()
+        if on_cuda:
+            events[1].record()
         builder.record(output)
         HostSamples(output).wait(seqs)  # synchronizes
         if i >= 3:
-            times.append((time.perf_counter() - start) * 1e3)
+            step_ms.append((time.perf_counter() - start) * 1e3)
+            host_ms.append((call_end - call_start) * 1e3)
+            if on_cuda:
+                gpu_ms.append(events[0].elapsed_time(events[1]))
         for seq, token_id in zip(seqs, output.token_ids.tolist(), strict=True):
             seq.token_ids.append(token_id)
             seq.num_computed_tokens += 1
-    return statistics.median(times)
+    median = statistics.median
+    return Timing(median(step_ms), median(host_ms), median(gpu_ms) if gpu_ms else None)
 
 
 def main() -> None:
@@ -72,11 +99,13 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     mode = "compiled" if device.type == "cuda" else "eager"
     print(f"sampler, batch {args.batch_size}, vocab {args.vocab_size}, {device} ({mode})")
+    print(f"  {'config':16s} {'ms/call':>8s}  {'vs temp.':>8s}  {'sampler call: host':>18s}  {'GPU span':>8s}")
     base = None
     for name in CONFIGS:
-        ms = time_config(name, args.batch_size, args.vocab_size, device, args.repeats)
-        base = base or ms
-        print(f"  {name:16s} {ms:8.3f} ms/call  ({ms / base:.2f}x temperature-only)")
+        timing = time_config(name, args.batch_size, args.vocab_size, device, args.repeats)
+        base = base or timing.step_ms
+        gpu = f"{timing.call_gpu_ms:8.3f}" if timing.call_gpu_ms is not None else f"{'-':>8s}"
+        print(f"  {name:16s} {timing.step_ms:8.3f}  {timing.step_ms / base:7.2f}x  {timing.call_host_ms:18.3f}  {gpu}")
 
 
 if __name__ == "__main__":
