@@ -2,9 +2,11 @@
 
 import math
 import random
+import struct
 
 import pytest
 import torch
+import xxhash
 
 from nanovllm.engine.host_samples import HostSamples
 from nanovllm.engine.sampling_metadata import SamplingMetadataBuilder
@@ -17,6 +19,7 @@ from nanovllm.layers.sampler import (
     apply_penalties,
     apply_token_entries,
     apply_top_k_top_p,
+    hash_keys,
     transform_logits,
 )
 from nanovllm.sampling_params import SamplingParams
@@ -334,6 +337,15 @@ def test_logprobs_are_raw_log_softmax() -> None:
     assert samples.sampled_logprobs[0] == pytest.approx(reference[0, token].item())
     assert samples.top_logprobs[1] is None and samples.sampled_logprobs[1] is None
     assert samples.top_logprobs[2] == pytest.approx({samples.token_ids[2]: reference[2, samples.token_ids[2]].item()})
+
+
+@pytest.mark.parametrize("values", [(0,), (-5,), ((1 << 64) - 1, 3, 1000), (1234, 0, 17)])
+def test_hash_keys_are_the_digest_halves_as_int32(values: tuple[int, ...]) -> None:
+    """Guards the keys a seed names (so seeded draws stay as they were): the xxh64 digest of the values as
+    uint64 (a negative seed taken modulo 2**64), its low 32 bits then its high 32 bits, each read as int32."""
+    digest = xxhash.xxh64_intdigest(struct.pack(f"<{len(values)}Q", values[0] % (1 << 64), *values[1:]))
+    as_int32 = [half - (1 << 32) if half >= 1 << 31 else half for half in (digest & 0xFFFFFFFF, digest >> 32)]
+    assert hash_keys(*values) == tuple(as_int32)
 
 
 def test_seeded_rows_ignore_batch_mates_and_order() -> None:
