@@ -38,7 +38,7 @@ from nanovllm.kernels.triton_attention import (
 )
 from nanovllm.kernels.triton_kv_store import store_kv_triton
 from nanovllm.kernels.triton_sampler import race_winners_triton
-from nanovllm.layers.sampler import sample
+from nanovllm.layers.sampler import noise_keys, sample
 
 # Qwen3-0.6B: 16 query heads sharing 8 KV heads, head_dim 128.
 NUM_HEADS = 16
@@ -212,19 +212,28 @@ def bench_race(case: tuple[int, int], device: str, gen: torch.Generator, copy_gb
     logits = (torch.randn(num_rows, vocab_size, generator=gen, device=device) * 3).to(DTYPE)
     temperatures = torch.full((num_rows,), 0.6, device=device)
     temperatures[::8] = 0.0
-    keys = torch.randint(-(1 << 31), 1 << 31, (num_rows, 2), generator=gen, device=device, dtype=torch.int32)
-    out = race_winners_triton(logits, keys, temperatures)
-    num_differing = int((out != sample(logits, temperatures, keys)).sum())
+    engine_keys = torch.randint(-(1 << 31), 1 << 31, (2,), generator=gen, device=device, dtype=torch.int32)
+    draw_count = torch.tensor(7, device=device)
+    out = race_winners_triton(logits, engine_keys, draw_count, temperatures)
+    num_differing = int((out != keyed_sample(logits, temperatures, engine_keys, draw_count)).sum())
 
-    triton_ms = time_graph_ms(lambda: race_winners_triton(logits, keys, temperatures), device)
-    eager_ms = time_ms(lambda: race_winners_triton(logits, keys, temperatures), device)
-    reference = torch.compile(sample) if device == "cuda" else sample  # compiled: fused, the noise never stored
-    torch_ms = time_graph_ms(lambda: reference(logits, temperatures, keys), device)
+    triton_ms = time_graph_ms(lambda: race_winners_triton(logits, engine_keys, draw_count, temperatures), device)
+    eager_ms = time_ms(lambda: race_winners_triton(logits, engine_keys, draw_count, temperatures), device)
+    # The torch path compiled as the engine runs it without Triton: the keys, then the fused race.
+    reference = torch.compile(keyed_sample) if device == "cuda" else keyed_sample
+    torch_ms = time_graph_ms(lambda: reference(logits, temperatures, engine_keys, draw_count), device)
     gbps = logits.numel() * logits.element_size() / triton_ms / 1e6
     throughput = f"{gbps:.0f} GB/s ({100 * gbps / copy_gbps:.0f}% copy), eager {eager_ms:.3f} ms"
     return Row(
         "race", f"{num_rows}x{vocab_size} bf16", triton_ms, torch_ms, throughput, num_differing, num_differing == 0
     )
+
+
+def keyed_sample(
+    logits: torch.Tensor, temperatures: torch.Tensor, engine_keys: torch.Tensor, draw_count: torch.Tensor
+) -> torch.Tensor:
+    """The torch reference of race_winners_triton: this draw's noise keys, then the race."""
+    return sample(logits, temperatures, noise_keys(engine_keys, draw_count, logits.shape[0], None, None))
 
 
 def copy_bandwidth_gbps(num_bytes: int, device: str) -> float:

@@ -26,7 +26,7 @@ from nanovllm.kernels.triton_attention import (
 )
 from nanovllm.kernels.triton_kv_store import store_kv_triton
 from nanovllm.kernels.triton_sampler import BLOCK_V, race_winners_triton
-from nanovllm.layers.sampler import race_winners, sample
+from nanovllm.layers.sampler import noise_keys, race_winners, sample
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Absolute and relative tolerance against a float32 reference on the same (rounded) inputs:
@@ -314,12 +314,16 @@ def test_norm_rotary_matches_unfused_ops(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_temperatures", [False, True])
+@pytest.mark.parametrize("with_seeds", [False, True])
 @pytest.mark.parametrize("num_splits", [1, 2, 3, None])
-def test_race_kernel_equals_reference(dtype: torch.dtype, with_temperatures: bool, num_splits: int | None) -> None:
-    """Guards the fused race: the Triton kernel's hash, noise and argmax must pick the reference's token in
-    every row, over a vocabulary of several blocks with a ragged last one, masked (-inf) tokens, nearly flat
-    rows (the noise alone decides), greedy rows (temperature 0) and greedy ties within a block and across
-    blocks (the first wins), with the vocabulary cut into 1, 2 (uneven) or 3 splits, or as many as chosen."""
+def test_race_kernel_equals_reference(
+    dtype: torch.dtype, with_temperatures: bool, with_seeds: bool, num_splits: int | None
+) -> None:
+    """Guards the fused race: the Triton kernel's keys, hash, noise and argmax must pick the reference's token
+    in every row, over a vocabulary of several blocks with a ragged last one, masked (-inf) tokens, nearly
+    flat rows (the noise alone decides), greedy rows (temperature 0), greedy ties within a block and across
+    blocks (the first wins), seeded rows among unseeded ones, and a draw count past 2**32 (its low 32 bits
+    count), with the vocabulary cut into 1, 2 (uneven) or 3 splits, or as many as chosen."""
     num_rows, vocab_size = 8, 2 * BLOCK_V + 37
     gen = torch.Generator().manual_seed(0)
     scores = torch.randn(num_rows, vocab_size, generator=gen) * 3
@@ -328,16 +332,24 @@ def test_race_kernel_equals_reference(dtype: torch.dtype, with_temperatures: boo
     scores[3] = 0.0
     scores[3, [9, BLOCK_V + 5, BLOCK_V + 9]] = 1.0  # ties in and across blocks: the greedy row takes the first
     scores = scores.to(DEVICE, dtype)
-    keys = torch.randint(-(1 << 31), 1 << 31, (num_rows, 2), generator=gen, dtype=torch.int32).to(DEVICE)
+    engine_keys = torch.randint(-(1 << 31), 1 << 31, (2,), generator=gen, dtype=torch.int32).to(DEVICE)
+    draw_count = torch.tensor((5 << 32) + 12345, device=DEVICE)
+    seed_keys = is_seeded = None
+    if with_seeds:
+        seed_keys = torch.randint(-(1 << 31), 1 << 31, (num_rows, 2), generator=gen, dtype=torch.int32).to(DEVICE)
+        is_seeded = torch.tensor([True, False, True, False, False, True, True, False], device=DEVICE)
+    keys = noise_keys(engine_keys, draw_count, num_rows, seed_keys, is_seeded)
+    temperatures = None
     if with_temperatures:
         temperatures = torch.tensor([0.7, 1.0, 1.3, 0.0, 0.0, 0.5, 2.0, 1e-7], device=DEVICE)
         expected = sample(scores, temperatures, keys)
-        got = race_winners_triton(scores, keys, temperatures, num_splits)
-        assert got[3].item() == 9
     else:
         expected = race_winners(scores.float(), keys)
-        got = race_winners_triton(scores, keys, num_splits=num_splits)
+    got = race_winners_triton(scores, engine_keys, draw_count, temperatures, seed_keys, is_seeded, num_splits)
     assert got.tolist() == expected.tolist()
+    if with_temperatures:
+        assert got[3].item() == 9
+    assert draw_count.item() == (5 << 32) + 12345  # the caller counts the draw
 
 
 def test_kernel_benchmark_smoke_run() -> None:

@@ -5,7 +5,8 @@ best of each row's splits.
 
 Same contract as :func:`nanovllm.layers.sampler.race_winners` (and, given temperatures, as
 :func:`nanovllm.layers.sampler.sample`): per row, the token with the largest
-``score - log(E)``, where E ~ Exp(1) is hashed from the row's two keys and the token id.
+``score - log(E)``, where E ~ Exp(1) is hashed from the row's two keys and the token id; the kernel
+makes the keys too, as :func:`nanovllm.layers.sampler.noise_keys` does.
 Each row's vocabulary is cut into splits, one program each, so that a batch of a few rows still
 fills the GPU; a program walks its split in blocks, computing the noise in registers:
 
@@ -52,19 +53,30 @@ def _mix32(x):
 def _race_kernel(
     scores_ptr,  # [B, vocab_size], any float dtype
     stride_row,
-    noise_keys_ptr,  # [B, 2] int32 (uint32 bits), contiguous
+    engine_keys_ptr,  # [2] int32: the engine seed's hash keys
+    draw_count_ptr,  # [] int64: the draws so far
+    seed_keys_ptr,  # [B, 2] int32, contiguous: seeded rows' keys; read only when HAS_SEEDS
+    is_seeded_ptr,  # [B] bool: the rows keyed by seed_keys; read only when HAS_SEEDS
     temperatures_ptr,  # [B] float32; read only when HAS_TEMPERATURES
     split_best_ptr,  # [B, num_splits] float32 out: each split's best raced score
     split_ids_ptr,  # [B, num_splits] int32 out: the first token id with it
     vocab_size,
     split_size,  # vocabulary entries per split, a multiple of BLOCK
+    HAS_SEEDS: tl.constexpr,
     HAS_TEMPERATURES: tl.constexpr,  # scores are raw logits: divide by temperature, argmax where it is 0
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
-    key_a = tl.load(noise_keys_ptr + 2 * row).to(tl.uint32)
-    key_b = tl.load(noise_keys_ptr + 2 * row + 1).to(tl.uint32)
+    # The row's two keys, as layers/sampler.py's noise_keys() makes them: (engine keys, draw count, row) mixed,
+    # or the row's own seed keys.
+    draw = tl.load(draw_count_ptr).to(tl.int32).to(tl.uint32)
+    key_a = _mix32(_mix32(draw ^ tl.load(engine_keys_ptr).to(tl.uint32)) + row.to(tl.uint32))
+    key_b = _mix32(_mix32(draw ^ tl.load(engine_keys_ptr + 1).to(tl.uint32)) + row.to(tl.uint32))
+    if HAS_SEEDS:
+        is_seeded = tl.load(is_seeded_ptr + row)
+        key_a = tl.where(is_seeded, tl.load(seed_keys_ptr + 2 * row).to(tl.uint32), key_a)
+        key_b = tl.where(is_seeded, tl.load(seed_keys_ptr + 2 * row + 1).to(tl.uint32), key_b)
     temperature = 1.0
     is_greedy = False
     if HAS_TEMPERATURES:
@@ -111,12 +123,17 @@ def _best_of_splits_kernel(split_best_ptr, split_ids_ptr, out_ptr, num_splits, v
 
 def race_winners_triton(
     scores: torch.Tensor,
-    noise_keys: torch.Tensor,
+    engine_keys: torch.Tensor,
+    draw_count: torch.Tensor,
     temperatures: torch.Tensor | None = None,
+    seed_keys: torch.Tensor | None = None,
+    is_seeded: torch.Tensor | None = None,
     num_splits: int | None = None,  # programs per row; by default enough to fill the GPU
 ) -> torch.Tensor:
-    """Each row's race winner, [B] int64. Without ``temperatures``, ``scores`` are already scaled; with them,
-    they are raw logits: divided by each row's temperature, and taken by argmax where it is 0."""
+    """Each row's race winner, [B] int64, with the noise keys that ``noise_keys(engine_keys, draw_count, B,
+    seed_keys, is_seeded)`` gives (made in the kernel; the caller counts the draw). Without ``temperatures``,
+    ``scores`` are already scaled; with them, they are raw logits: divided by each row's temperature, and
+    taken by argmax where it is 0."""
     num_rows, vocab_size = scores.shape
     assert scores.stride(1) == 1, "each row's scores must be contiguous"
     num_blocks = triton.cdiv(vocab_size, BLOCK_V)
@@ -127,16 +144,24 @@ def race_winners_triton(
     num_splits = triton.cdiv(vocab_size, split_size)  # none left empty
     split_best = torch.empty(num_rows, num_splits, dtype=torch.float32, device=scores.device)
     split_ids = torch.empty(num_rows, num_splits, dtype=torch.int32, device=scores.device)
-    keys = noise_keys.contiguous()
+    if seed_keys is None or is_seeded is None:
+        seed_keys = is_seeded = engine_keys  # unused pointers, as temperatures' where there are none
+        has_seeds = False
+    else:
+        seed_keys, has_seeds = seed_keys.contiguous(), True
     _race_kernel[(num_rows, num_splits)](
         scores,
         scores.stride(0),
-        keys,
-        keys if temperatures is None else temperatures,  # an unused pointer when there are none
+        engine_keys,
+        draw_count,
+        seed_keys,
+        is_seeded,
+        engine_keys if temperatures is None else temperatures,
         split_best,
         split_ids,
         vocab_size,
         split_size,
+        HAS_SEEDS=has_seeds,
         HAS_TEMPERATURES=temperatures is not None,
         BLOCK=BLOCK_V,
         num_warps=NUM_WARPS,

@@ -116,16 +116,17 @@ class Sampler(nn.Module):
         super().__init__()
         self._sample: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
         self._race_winners: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-        if triton_race:
+        self._noise_keys: Callable[..., torch.Tensor]
+        self._race_triton: Callable[..., torch.Tensor] | None = None
+        if triton_race:  # the keys, the noise and the race in the kernels, from the engine keys and draw count
             from nanovllm.kernels.triton_sampler import race_winners_triton  # imports Triton: only when chosen
 
-            self._sample = lambda logits, temperatures, keys: race_winners_triton(logits, keys, temperatures)
-            self._race_winners = race_winners_triton
+            self._race_triton = race_winners_triton
         else:
             self._sample = maybe_compile(sample, compile_ops)
             self._race_winners = maybe_compile(race_winners, compile_ops)
+            self._noise_keys = maybe_compile(noise_keys, compile_ops)
         self._transform_logits = maybe_compile(transform_logits, compile_ops)
-        self._noise_keys = maybe_compile(noise_keys, compile_ops)
         self.engine_keys: torch.Tensor  # [2] int32, the engine seed's hash keys
         self.draw_count: torch.Tensor  # [] int64, draws so far (greedy-only batches draw nothing)
         engine_keys = torch.tensor(hash_keys(seed), dtype=torch.int32, device=device)
@@ -157,25 +158,31 @@ class Sampler(nn.Module):
         The decode graphs (engine/cuda_graphs.py) capture this call, so it must stay graph-safe: fixed
         shapes, no host reads, device state updated in place.
         """
-        return self._sample(logits, temperatures, self.next_noise_keys(logits.shape[0], None))
+        return self._race(logits, temperatures, None)
 
-    def next_noise_keys(self, num_rows: int, t: SamplingTensors | None) -> torch.Tensor:
-        """This draw's hash keys, [B, 2] int32 (seeded rows' from ``t``), and one more draw counted."""
+    def _race(self, scores: torch.Tensor, temperatures: torch.Tensor | None, t: SamplingTensors | None) -> torch.Tensor:
+        """Each row's race winner under this draw's noise keys (seeded rows' from ``t``), and one more draw
+        counted. With ``temperatures`` the scores are raw logits, as :func:`sample` takes them."""
         seed_keys, is_seeded = (None, None) if t is None else (t.seed_keys, t.is_seeded)
-        keys = self._noise_keys(self.engine_keys, self.draw_count, num_rows, seed_keys, is_seeded)
+        if self._race_triton is not None:
+            token_ids = self._race_triton(scores, self.engine_keys, self.draw_count, temperatures, seed_keys, is_seeded)
+        else:
+            keys = self._noise_keys(self.engine_keys, self.draw_count, scores.shape[0], seed_keys, is_seeded)
+            if temperatures is None:
+                token_ids = self._race_winners(scores, keys)
+            else:
+                token_ids = self._sample(scores, temperatures, keys)
         self.draw_count += 1
-        return keys
+        return token_ids
 
     def forward(self, logits: torch.Tensor, t: SamplingTensors) -> SamplerOutput:  # logits: [B, vocab_size]
         if t.is_all_greedy and t.is_temperature_only:
             token_ids = logits.argmax(dim=-1)  # [B]
+        elif t.is_temperature_only:
+            token_ids = self._race(logits, t.temperatures, t)
         else:
-            keys = self.next_noise_keys(logits.shape[0], t)
-            if t.is_temperature_only:
-                token_ids = self._sample(logits, t.temperatures, keys)
-            else:
-                scores, greedy_ids = self._transform_logits(logits, t)
-                token_ids = torch.where(t.temperatures == 0, greedy_ids, self._race_winners(scores, keys))
+            scores, greedy_ids = self._transform_logits(logits, t)
+            token_ids = torch.where(t.temperatures == 0, greedy_ids, self._race(scores, None, t))
         if t.num_logprobs is None:
             return SamplerOutput(token_ids, None, None, None)
         logprobs = torch.log_softmax(logits.float(), dim=-1)  # [B, vocab_size], from the raw logits
