@@ -220,11 +220,12 @@ def test_decode_attention_matches_reference(case: str) -> None:
     _check_decode(batch, torch.float32, num_splits)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_decode_attention_16bit(dtype: torch.dtype) -> None:
+def test_decode_attention_16bit(dtype: torch.dtype, num_splits: int) -> None:
     """Guards against 16-bit inputs breaking the float32 partial results or the output cast."""
     batch = make_batch([1] * 4, *DECODE_CASES["auto_splits"][:-1], dtype=dtype, seed=3)
-    _check_decode(batch, dtype, num_splits=3)
+    _check_decode(batch, dtype, num_splits=num_splits)
 
 
 def test_decode_attention_graph_sized_grid() -> None:
@@ -251,14 +252,15 @@ def _check_decode(
     assert_close(out, reference_attention(batch, scale), dtype)
 
 
-def test_decode_empty_context_gives_zeros() -> None:
-    """Guards against NaN from a padded decode lane (context_len 0) whose splits are all empty."""
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_empty_context_gives_zeros(num_splits: int) -> None:
+    """Guards against NaN from a padded decode lane (context_len 0) whose splits are all empty, one or several."""
     batch = make_batch([1, 1], [1, 20], 4, 2, 32, 16)
     context_lens = batch.context_lens.clone()
     context_lens[0] = 0
     with nan_filled_empty():
         out = paged_decode_attention_triton(
-            batch.query, batch.k_poisoned, batch.v_poisoned, context_lens, 20, batch.block_tables, 0.2
+            batch.query, batch.k_poisoned, batch.v_poisoned, context_lens, 20, batch.block_tables, 0.2, num_splits, 1
         )
     assert torch.equal(out[0], torch.zeros_like(out[0])), f"padded lane gave {out[0]}"
     assert_close(out[1:], reference_attention(batch, 0.2)[1:], torch.float32)

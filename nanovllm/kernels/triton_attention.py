@@ -29,7 +29,12 @@ MIN_DOT_SIZE = 16
 # over 64-128 and BLOCK_N over 32-64); worth re-tuning per GPU.
 PREFILL_BLOCK_M = 64  # query rows per prefill program
 PREFILL_BLOCK_N = 64  # key positions per prefill loop step
-DECODE_BLOCK_N = 64  # key positions per decode loop step
+# Decode tile and launch settings: a sweep of BLOCK_N 32-128, 2-8 warps and 1-4 stages on an H200
+# (2026-11-29, docs/benchmarks.md) found 32 keys, 2 warps and 2 stages fastest in five of the six
+# batches and contexts tried, 3-9% faster than 64 keys, 4 warps and Triton's default 3 stages.
+DECODE_BLOCK_N = 32  # key positions per decode loop step
+DECODE_NUM_WARPS = 2
+DECODE_NUM_STAGES = 2
 # Decode splits the context until the grid has about this many programs: an H100 has 132 SMs
 # and each holds several 4-warp programs at once, so ~1000 programs fill it.
 TARGET_DECODE_PROGRAMS = 1024
@@ -313,7 +318,7 @@ def paged_decode_attention_triton(
         query.stride(0), query.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         BLOCK_G=max(MIN_DOT_SIZE, triton.next_power_of_2(group_size)), BLOCK_N=DECODE_BLOCK_N,
-        BLOCK_D=_block_dim(head_dim), **_dot_options(query), num_warps=4,
+        BLOCK_D=_block_dim(head_dim), **_dot_options(query), num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
     )  # fmt: skip
     _decode_reduce_kernel[(num_seqs, num_heads)](
         partial_out, partial_lse, out, context_lens, num_heads, head_dim, num_splits, min_split_len,
