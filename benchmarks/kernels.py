@@ -12,9 +12,14 @@ torch reference, are eager calls. Exits 1 if any check fails.
 
 ``--smoke`` runs tiny sizes, on CPU through Triton's interpreter when there is no GPU, to test
 this script itself; its timings mean nothing.
+
+``--sweep-decode`` instead times the decode kernel under every tile size, warp count and stage count of
+DECODE_SWEEP (by setting triton_attention's DECODE_* constants in turn, as an edit of them would), each
+checked against the reference, at block size 256: how the constants were chosen, to redo on another GPU.
 """
 
 import argparse
+import itertools
 import os
 import statistics
 import sys
@@ -32,6 +37,7 @@ import triton  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
+from nanovllm.kernels import triton_attention
 from nanovllm.kernels.reference import paged_attention, store_kv
 from nanovllm.kernels.triton_attention import (
     paged_decode_attention_triton,
@@ -50,6 +56,10 @@ DTYPE = torch.bfloat16
 # |out - ref| <= tol * (1 + |ref|) against a float32 reference: a few bf16 roundings (8 mantissa bits).
 BF16_TOLERANCE = 2e-2
 COPY_BYTES = 1 << 30  # the copy-bandwidth probe moves 1 GiB, far past the H100's 50 MB L2 cache
+# --sweep-decode's settings: values of these constants of triton_attention, in this order.
+DECODE_CONSTANTS = ("DECODE_BLOCK_N", "DECODE_NUM_WARPS", "DECODE_NUM_STAGES")
+DECODE_SWEEP = tuple(itertools.product((32, 64, 128), (2, 4, 8), (1, 2, 3, 4)))
+DECODE_SWEEP_SMOKE = ((32, 2, 2), (64, 4, 3))
 
 
 @dataclass(frozen=True)
@@ -208,6 +218,49 @@ def bench_decode(
     return Row("decode", case_name, triton_ms, torch_ms, throughput, error, is_ok)
 
 
+def sweep_decode(sizes: Sizes, device: str, gen: torch.Generator, copy_gbps: float) -> int:
+    """Print the decode kernel's GPU time for each setting of DECODE_SWEEP at every decode case (block size
+    256), then the fastest per case; returns how many settings gave a wrong result."""
+    settings = DECODE_SWEEP if device == "cuda" else DECODE_SWEEP_SMOKE
+    chosen = tuple(getattr(triton_attention, name) for name in DECODE_CONSTANTS)
+    cases = []  # (name, kernel arguments, reference output, K/V bytes)
+    for num_seqs, context_len, grid_context_len in sizes.decode_cases:
+        k_cache, v_cache, block_tables, context_lens = paged_cache(num_seqs, context_len, 256, device, gen)
+        query = torch.randn(num_seqs, NUM_HEADS, HEAD_DIM, generator=gen, device=device, dtype=DTYPE)
+        args = (query, k_cache, v_cache, context_lens, grid_context_len, block_tables, HEAD_DIM**-0.5)
+        cu_seqlens_q = torch.arange(num_seqs + 1, device=device, dtype=torch.int32)
+        ref_args = (cu_seqlens_q, 1, context_lens, context_len, block_tables, HEAD_DIM**-0.5)
+        ref = paged_attention(query.float(), k_cache.float(), v_cache.float(), *ref_args)
+        kv_bytes = num_seqs * context_len * NUM_KV_HEADS * HEAD_DIM * 2 * k_cache.element_size()
+        grid = "" if grid_context_len == context_len else f" g{grid_context_len}"
+        cases.append((f"{num_seqs}x{context_len}{grid}", args, ref, kv_bytes))
+    print(f"\ndecode GPU time (us) and share of the {copy_gbps:.0f} GB/s copy rate; * = the current constants")
+    print(f"{'BLOCK_N, warps, stages':<24}" + "".join(f"{name:>20}" for name, *_ in cases))
+    best: dict[str, tuple[float, tuple[int, int, int]]] = {}
+    num_wrong = 0
+    try:
+        for setting in settings:
+            for name, value in zip(DECODE_CONSTANTS, setting, strict=True):
+                setattr(triton_attention, name, value)
+            cells = []
+            for case_name, args, ref, kv_bytes in cases:
+                _, is_ok = max_error(paged_decode_attention_triton(*args), ref)
+                ms = time_graph_ms(lambda args=args: paged_decode_attention_triton(*args), device)
+                share = 100 * kv_bytes / ms / 1e6 / copy_gbps
+                cells.append(f"{ms * 1e3:.1f} ({share:.0f}%)" + ("" if is_ok else " FAIL"))
+                num_wrong += not is_ok
+                if is_ok and (case_name not in best or ms < best[case_name][0]):
+                    best[case_name] = (ms, setting)
+            label = ", ".join(map(str, setting)) + (" *" if setting == chosen else "")
+            print(f"{label:<24}" + "".join(f"{cell:>20}" for cell in cells), flush=True)
+    finally:
+        for name, value in zip(DECODE_CONSTANTS, chosen, strict=True):
+            setattr(triton_attention, name, value)
+    for case_name, (ms, setting) in best.items():
+        print(f"fastest at {case_name}: {setting} ({ms * 1e3:.1f} us)")
+    return num_wrong
+
+
 def bench_race(case: tuple[int, int], device: str, gen: torch.Generator, copy_gbps: float) -> Row:
     """The temperature-only race of one decode step: bf16 logits, temperatures 0.6 (every 8th row greedy)."""
     num_rows, vocab_size = case
@@ -260,7 +313,9 @@ def print_table(rows: list[Row], copy_gbps: float) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, to test the script (CPU works)")
-    is_smoke = parser.parse_args().smoke
+    parser.add_argument("--sweep-decode", action="store_true", help="time the decode kernel's settings instead")
+    parsed = parser.parse_args()
+    is_smoke = parsed.smoke
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu" and not is_smoke:
         parser.error("the full benchmark needs a CUDA GPU; use --smoke to test the script on CPU")
@@ -269,6 +324,10 @@ def main() -> int:
     print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu (Triton interpreter)'}")
 
     copy_gbps = copy_bandwidth_gbps(sizes.copy_bytes, device)
+    if parsed.sweep_decode:
+        num_wrong = sweep_decode(sizes, device, gen, copy_gbps)
+        print(f"\n{num_wrong} setting(s) gave a wrong result" if num_wrong else "\nall settings correct")
+        return 1 if num_wrong else 0
     rows = []
     for block_size in BLOCK_SIZES:
         rows.append(bench_store_kv(sizes, block_size, device, gen))

@@ -354,13 +354,18 @@ def test_race_kernel_equals_reference(
     assert draw_count.item() == (5 << 32) + 12345  # the caller counts the draw
 
 
-def test_kernel_benchmark_smoke_run() -> None:
-    """Guards benchmarks/kernels.py itself: its --smoke run checks every kernel at tiny sizes and exits 0.
-    Without a GPU it must switch Triton to the interpreter on its own, so the variable is not inherited."""
+SMOKE_RUNS = [((), "all checks passed"), (("--sweep-decode",), "all settings correct")]  # flags, last verdict
+
+
+@pytest.mark.parametrize(("flags", "verdict"), SMOKE_RUNS)
+def test_kernel_benchmark_smoke_run(flags: tuple[str, ...], verdict: str) -> None:
+    """Guards benchmarks/kernels.py itself: its --smoke run checks every kernel at tiny sizes (or, with
+    --sweep-decode, the decode kernel under two settings) and exits 0. Without a GPU it must switch Triton
+    to the interpreter on its own, so the variable is not inherited."""
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run(
-        [sys.executable, "benchmarks/kernels.py", "--smoke"], cwd=root, env=env, capture_output=True, text=True
+        [sys.executable, "benchmarks/kernels.py", "--smoke", *flags], cwd=root, env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "all checks passed" in result.stdout
+    assert verdict in result.stdout
