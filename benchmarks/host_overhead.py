@@ -12,7 +12,10 @@ random weights), lets them reach decode, then times --steps decode steps three t
   step N's tokens, record them, advance N+1. Everything but the wait is host work; the GPU runs step N meanwhile.
   Then the same loop again with launch()'s parts timed one by one (their timers add host time of their own).
 
-Prints medians in microseconds.
+Prints medians in microseconds. For each loop of generate()'s, also the host parts' CPU time (the thread's
+own, from time.thread_time) and the time the hypervisor took from this machine's CPUs meanwhile ("steal" in
+/proc/stat, where there is one): a host step whose wall time is well above its CPU time was descheduled,
+one whose CPU time grew as well ran on a slower CPU (cold caches, a shared core).
 """
 
 import argparse
@@ -83,37 +86,55 @@ class PartTimer:
         return statistics.median(self.micros[label][1:])  # the first call, outside the timed turns, left out
 
 
-def run_steps_ahead(engine: LLMEngine, num_steps: int) -> dict[str, list[float]]:
-    """generate()'s loop (LLMEngine._steps_ahead), one decode step per turn: each stage's microseconds."""
+def steal_seconds() -> float | None:
+    """CPU time the hypervisor has taken from this machine's CPUs so far (all CPUs), or None where not reported."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()  # cpu user nice system idle iowait irq softirq steal ...
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def run_steps_ahead(engine: LLMEngine, num_steps: int) -> tuple[dict[str, list[float]], str]:
+    """generate()'s loop (LLMEngine._steps_ahead), one decode step per turn: each stage's microseconds, and a
+    line on the host parts' CPU time and the hypervisor's steal meanwhile."""
     runner, scheduler = engine.runner, engine.scheduler
     timings: dict[str, list[float]] = {"schedule": [], "launch": [], "wait (GPU)": [], "record": [], "advance": []}
+    host_cpu: list[float] = []
     batch = scheduler.schedule()  # the first turn, with no step in flight, is not timed
     launched = runner.launch(batch, None)
     in_flight = (batch, scheduler.advance(batch), launched)
+    steal_before = steal_seconds()
     for _ in range(num_steps):
-        t0 = time.perf_counter()
+        c0, t0 = time.thread_time(), time.perf_counter()
         batch = scheduler.schedule()
         t1 = time.perf_counter()
         launched = runner.launch(batch, in_flight[0])
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.thread_time()
         landed, rows, samples = in_flight
         landed_samples = samples.wait(landed.seqs)
-        t3 = time.perf_counter()
+        c3, t3 = time.thread_time(), time.perf_counter()
         scheduler.record_samples(landed, rows, landed_samples)
         t4 = time.perf_counter()
         in_flight = (batch, scheduler.advance(batch), launched)
-        t5 = time.perf_counter()
+        t5, c5 = time.perf_counter(), time.thread_time()
         for key, value in zip(timings, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True):
             timings[key].append(value * 1e6)
+        host_cpu.append((c2 - c0 + c5 - c3) * 1e6)
+    steal_after = steal_seconds()
     landed, rows, samples = in_flight
     scheduler.record_samples(landed, rows, samples.wait(landed.seqs))  # no token left pending for what follows
-    return timings
+    steal = "not reported" if steal_before is None or steal_after is None else f"{steal_after - steal_before:.3f} s"
+    return timings, f"  host CPU time (thread) median {statistics.median(host_cpu):.1f} us; steal meanwhile: {steal}"
 
 
 def time_steps_ahead(engine: LLMEngine, num_steps: int) -> None:
     """generate()'s loop twice: as it runs, then with launch()'s parts timed (their timers cost host time too)."""
     host_keys = ("schedule", "launch", "record", "advance")
-    print_medians("generate()'s loop (async scheduling):", run_steps_ahead(engine, num_steps), host_keys)
+    timings, cpu_line = run_steps_ahead(engine, num_steps)
+    print_medians("generate()'s loop (async scheduling):", timings, host_keys)
+    print(cpu_line)
     runner = engine.runner
     parts = PartTimer()  # launch()'s host work, piece by piece
     if runner.decode_graphs is not None:
@@ -128,8 +149,9 @@ def time_steps_ahead(engine: LLMEngine, num_steps: int) -> None:
     parts.wrap(runner, "sampler", "sampler (compiled)")
     parts.wrap(runner.sampling, "record", "penalty record")
     parts.wrap(model_runner, "HostSamples", "copies to the host")
-    timings = run_steps_ahead(engine, num_steps)
+    timings, cpu_line = run_steps_ahead(engine, num_steps)
     print_medians("the same, launch()'s parts timed:", timings, host_keys)
+    print(cpu_line)
     for label in [label for label, micros in parts.micros.items() if len(micros) > 1]:  # the parts that ran
         print(f"    launch: {label:38s} median {parts.median(label):7.1f} us")
     if "stage" in parts.micros:
