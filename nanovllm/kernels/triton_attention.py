@@ -35,8 +35,9 @@ PREFILL_BLOCK_N = 64  # key positions per prefill loop step
 DECODE_BLOCK_N = 32  # key positions per decode loop step
 DECODE_NUM_WARPS = 2
 DECODE_NUM_STAGES = 2
-# Decode splits the context until the grid has about this many programs: an H100 has 132 SMs
-# and each holds several 4-warp programs at once, so ~1000 programs fill it.
+# Decode splits the context until the grid has about this many programs: an H100 has 132 SMs and
+# each holds 8 of the decode kernel's programs at once (its 124 registers a thread, at 2 warps, allow 8),
+# so ~1000 programs fill it.
 TARGET_DECODE_PROGRAMS = 1024
 # A split shorter than this spends more on writing and merging its partial result than on K/V.
 MIN_TOKENS_PER_SPLIT = 256
