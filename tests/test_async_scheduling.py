@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.outputs import RequestOutput
 from tests.test_engine import BASE_ARGS, random_prompts
 
@@ -21,16 +22,50 @@ def outputs_of(llm: LLM, prompts: list[list[int]], params: list[SamplingParams])
 
 
 def mixed_params(stop_tokens: list[int]) -> list[SamplingParams]:
-    """Greedy rows that end on a stop token mid-run, seeded sampling, logprobs, and lengths 1 to 24."""
+    """Greedy rows that end on a stop token mid-run, seeded sampling, logprobs, penalties, and lengths 1 to 24."""
     params = []
     for i, stop in enumerate(stop_tokens):
         if i % 3 == 0:
             params.append(SamplingParams(temperature=0.0, max_tokens=24, stop_token_ids=[stop]))
         elif i % 3 == 1:
-            params.append(SamplingParams(temperature=0.9, seed=i, max_tokens=1 + 5 * i % 24, logprobs=2))
+            presence = 0.5 if i == 4 else 0.0
+            params.append(
+                SamplingParams(
+                    temperature=0.9, seed=i, max_tokens=1 + 5 * i % 24, logprobs=2, presence_penalty=presence
+                )
+            )
         else:
-            params.append(SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=1))
+            params.append(
+                SamplingParams(
+                    temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=1, repetition_penalty=1.3,
+                    frequency_penalty=0.4,
+                )
+            )  # fmt: skip
     return params
+
+
+def penalty_params(num: int) -> list[SamplingParams]:
+    """Every row with penalties: seeded sampling and greedy, lengths 3 to 20."""
+    return [
+        SamplingParams(
+            temperature=0.0 if i % 2 else 0.8, seed=i, max_tokens=3 + 7 * i % 18, ignore_eos=True,
+            repetition_penalty=1.4, frequency_penalty=0.3, presence_penalty=0.2,
+        )
+        for i in range(num)
+    ]  # fmt: skip
+
+
+def count_launches_ahead(engine: LLMEngine) -> list[int]:
+    """Counts, in the list's one entry, the steps the engine launches while another is in flight."""
+    count = [0]
+    launch = engine.runner.launch
+
+    def counting_launch(batch, in_flight):  # type: ignore[no-untyped-def]
+        count[0] += in_flight is not None
+        return launch(batch, in_flight)
+
+    engine.runner.launch = counting_launch  # type: ignore[method-assign]
+    return count
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -50,21 +85,13 @@ def test_scheduling_ahead_gives_the_same_outputs(tiny_models: dict[str, Path], c
     with LLM(model_dir, async_scheduling=True, **args) as llm:
         engine = llm.engine
         assert engine is not None
-        launches_ahead = 0
-        launch = engine.runner.launch
-
-        def counting_launch(batch, in_flight):  # type: ignore[no-untyped-def]
-            nonlocal launches_ahead
-            launches_ahead += in_flight is not None
-            return launch(batch, in_flight)
-
-        engine.runner.launch = counting_launch  # type: ignore[method-assign]
+        launches_ahead = count_launches_ahead(engine)
         got = outputs_of(llm, prompts, mixed_params(stop_tokens))
         block_manager = engine.scheduler.block_manager
         assert block_manager.num_free_blocks == block_manager.num_blocks
         if case == "preemption":
             assert engine.scheduler.num_preemptions > 0, "the test must preempt"
-    assert launches_ahead > 10, "generate() did not schedule ahead"
+    assert launches_ahead[0] > 10, "generate() did not schedule ahead"
     # Logprobs to float32 rounding: a wasted row changes the batch size, and with it the matmuls' blocking.
     assert [out[:3] for out in got] == [out[:3] for out in expected]
     for (*_, got_logprobs), (*_, expected_logprobs) in zip(got, expected, strict=True):
@@ -73,11 +100,33 @@ def test_scheduling_ahead_gives_the_same_outputs(tiny_models: dict[str, Path], c
             assert all(abs(got_top[t] - expected_top[t]) < 1e-4 for t in got_top)
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_scheduling_ahead_with_penalties_on_every_row(tiny_models: dict[str, Path], case: str) -> None:
+    """Guards the penalty table under scheduling ahead: more penalty sequences than slots (chunked prefill's
+    max_num_seqs=4 for 9 prompts), so slots change hands, and preempted sequences, whose rows are rebuilt
+    from their tokens; a running sequence's newest token may be pending, so it must keep its slot."""
+    model_dir = str(tiny_models["qwen3"])
+    args = {**BASE_ARGS, **CASES[case]}
+    prompts = random_prompts(9, 5, 30 if case == "preemption" else 60, seed=12)
+    params = penalty_params(len(prompts))
+    with LLM(model_dir, async_scheduling=False, **args) as llm:
+        expected = outputs_of(llm, prompts, params)
+    with LLM(model_dir, async_scheduling=True, **args) as llm:
+        engine = llm.engine
+        assert engine is not None
+        launches_ahead = count_launches_ahead(engine)
+        got = outputs_of(llm, prompts, params)
+        if case == "preemption":
+            assert engine.scheduler.num_preemptions > 0, "the test must preempt"
+    assert launches_ahead[0] > 10, "generate() did not schedule ahead"
+    assert [out[:3] for out in got] == [out[:3] for out in expected]
+
+
 @pytest.mark.parametrize(
     "params, ahead",
     [
         (SamplingParams(max_tokens=4), True),
-        (SamplingParams(repetition_penalty=1.3, max_tokens=4), False),  # the penalty table reads host tokens
+        (SamplingParams(repetition_penalty=1.3, max_tokens=4), True),  # the penalty table counts on the device
         (SamplingParams(stop=["xyz"], max_tokens=4), False),  # the text is checked after every step
         (SamplingParams(n=2, max_tokens=4), False),  # siblings are queued after the first step
     ],

@@ -11,7 +11,7 @@ import xxhash
 from nanovllm.engine.host_samples import HostSamples
 from nanovllm.engine.sampling_metadata import SamplingMetadataBuilder
 from nanovllm.engine.scheduler import ScheduledBatch
-from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.sequence import PENDING_TOKEN, Sequence
 from nanovllm.layers.sampler import (
     Sampler,
     SamplingTensors,
@@ -424,3 +424,12 @@ def test_reused_decode_tensors_follow_min_tokens_and_batch_changes() -> None:
     seqs.reverse()  # another batch (the same sequences in other rows)
     reordered, _ = decode_step()
     assert reordered is not released and reordered.temperatures.tolist() == pytest.approx([0.9, 0.5])
+
+
+def test_penalty_row_never_rebuilt_from_a_pending_token() -> None:
+    """Guards the penalty table's invariant under scheduling ahead: a row rebuilt from a sequence whose newest
+    token is still on the device would miss that token's count, so it must fail loudly instead."""
+    batch = make_batch([SamplingParams(repetition_penalty=1.2)])
+    batch.seqs[0].token_ids.append(PENDING_TOKEN)
+    with pytest.raises(RuntimeError, match="pending"):
+        builder().build(batch)

@@ -223,15 +223,11 @@ class LLMEngine:
         """Whether generate() may launch each step before the previous one's tokens reach the host.
 
         Not under tensor parallelism (the workers take each step's tokens from rank 0's messages),
-        nor when a request follows its text or queues siblings (per-row work after every step), nor
-        with penalties (the penalty table rebuilds a row from its tokens on the host).
+        nor when a request follows its text or queues siblings (per-row work after every step).
+        Penalties may: their table counts each step's samples on the device as the step is launched, and
+        never rebuilds a sequence's row while its newest token is pending (engine/sampling_metadata.py).
         """
-        return (
-            self.config.async_scheduling
-            and self.runner.workers is None
-            and not self._checked_per_step
-            and not any(seq.params.has_penalties for request in self.requests.values() for seq in request.seqs)
-        )
+        return self.config.async_scheduling and self.runner.workers is None and not self._checked_per_step
 
     def _stream_output(self, request: Request, seq: Sequence, num_tokens_before: int) -> StreamOutput:
         """Detokenize the new tokens, end the completion if they complete a stop string, and report them."""

@@ -16,7 +16,7 @@ import torch
 
 from nanovllm.engine.model_inputs import to_device
 from nanovllm.engine.scheduler import ScheduledBatch
-from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.sequence import PENDING_TOKEN, Sequence
 from nanovllm.layers.sampler import PenaltyTensors, SamplerOutput, SamplingTensors, TokenEntries, hash_keys
 from nanovllm.sampling_params import SamplingParams
 
@@ -38,6 +38,13 @@ class PenaltyTable:
     token lists to the device. It is a cache: a sequence outside the current batch may lose its slot
     (least recently used first), and a slot whose count disagrees with its sequence is rebuilt from
     the sequence's tokens. Allocated on first use: 5 bytes x num_slots x vocab_size.
+
+    When the engine schedules ahead, a sequence's newest token may still be on the device (a
+    PENDING_TOKEN on the host), which a rebuild could not count; no rebuild meets one. The token is
+    pending only while the step that samples it is in flight, and only the next batch is built
+    meanwhile. A sequence in that batch was in the step in flight too, so it holds a slot, which
+    counted the token when that step was launched (record()), and keeps it while in the batch. A
+    sequence not in that batch may lose its slot, but is rebuilt in a later batch, after the token landed.
     """
 
     def __init__(self, num_slots: int, vocab_size: int, device: torch.device) -> None:
@@ -78,6 +85,8 @@ class PenaltyTable:
 
     def _rebuild(self, slot: int, seq: Sequence) -> None:
         assert self.output_counts is not None and self.prompt_mask is not None
+        if seq.token_ids[-1] == PENDING_TOKEN:  # cannot happen (the class's docstring says why): fail loudly
+            raise RuntimeError(f"sequence {seq.seq_id}'s penalty counts would be rebuilt with its newest token pending")
         prompt_ids = torch.tensor(seq.token_ids[: seq.num_prompt_tokens], device=self.device)
         output_ids = torch.tensor(seq.output_token_ids, dtype=torch.int64, device=self.device)
         self.prompt_mask[slot].zero_()
