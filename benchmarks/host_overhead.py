@@ -12,7 +12,8 @@ random weights), lets them reach decode, then times --steps decode steps three t
   step N's tokens, record them, advance N+1. Everything but the wait is host work; the GPU runs step N meanwhile.
   Then the same loop again with launch()'s parts timed one by one (their timers add host time of their own).
 
-Prints medians in microseconds. For each loop of generate()'s, also the host parts' CPU time (the thread's
+Prints medians in microseconds. --loops N runs the untimed loop N times (this host's speed changes from
+loop to loop; see docs/benchmarks.md). For each loop of generate()'s, also the host parts' CPU time (the thread's
 own, from time.thread_time) and the time the hypervisor took from this machine's CPUs meanwhile ("steal" in
 /proc/stat, where there is one): a host step whose wall time is well above its CPU time was descheduled,
 one whose CPU time grew as well ran on a slower CPU (cold caches, a shared core).
@@ -129,12 +130,15 @@ def run_steps_ahead(engine: LLMEngine, num_steps: int) -> tuple[dict[str, list[f
     return timings, f"  host CPU time (thread) median {statistics.median(host_cpu):.1f} us; steal meanwhile: {steal}"
 
 
-def time_steps_ahead(engine: LLMEngine, num_steps: int) -> None:
-    """generate()'s loop twice: as it runs, then with launch()'s parts timed (their timers cost host time too)."""
+def time_steps_ahead(engine: LLMEngine, num_steps: int, num_loops: int) -> None:
+    """generate()'s loop num_loops times as it runs, then once with launch()'s parts timed (their timers cost host
+    time too)."""
     host_keys = ("schedule", "launch", "record", "advance")
-    timings, cpu_line = run_steps_ahead(engine, num_steps)
-    print_medians("generate()'s loop (async scheduling):", timings, host_keys)
-    print(cpu_line)
+    for loop in range(num_loops):
+        timings, cpu_line = run_steps_ahead(engine, num_steps)
+        numbered = f" loop {loop + 1} of {num_loops}" if num_loops > 1 else ""
+        print_medians(f"generate()'s loop (async scheduling){numbered}:", timings, host_keys)
+        print(cpu_line)
     runner = engine.runner
     parts = PartTimer()  # launch()'s host work, piece by piece
     if runner.decode_graphs is not None:
@@ -166,6 +170,7 @@ def main() -> None:
     parser.add_argument("--num-seqs", type=int, default=256)
     parser.add_argument("--context", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--loops", type=int, default=1, help="untimed generate() loops of --steps each (default 1)")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--eager", action="store_true", help="no CUDA graphs (per-op profile)")
     parser.add_argument("--profile", action="store_true", help="print the GPU time of each op over 5 steps")
@@ -173,13 +178,15 @@ def main() -> None:
     parser.add_argument("--top-k", type=int, default=0, help="top_k of every request (default 0 = off)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="of every request (default 1.0 = off)")
     args = parser.parse_args()
+    # The synchronous loop, then the untimed loops and the part-timed one, each with an untimed first turn.
+    num_decode_steps = args.steps + (args.loops + 1) * (args.steps + 1)
     llm = build_dummy_llm("qwen3-0.6b", attention_backend=args.backend, max_num_seqs=max(args.num_seqs, 1),
-                          max_model_len=args.context + 3 * args.steps + 64, enforce_eager=args.eager)  # fmt: skip
+                          max_model_len=args.context + num_decode_steps + 64, enforce_eager=args.eager)  # fmt: skip
     engine = llm.engine
     assert isinstance(engine, LLMEngine)
     params = SamplingParams(
         temperature=0.6, top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
-        ignore_eos=True, max_tokens=3 * args.steps + 32,
+        ignore_eos=True, max_tokens=num_decode_steps + 32,
     )  # fmt: skip
     for i in range(args.num_seqs):
         engine.add_request([(i * 7 + j) % 10000 for j in range(args.context)], params, stream_text=False)
@@ -189,7 +196,7 @@ def main() -> None:
         f"decode step, batch {args.num_seqs}, context ~{args.context}, backend {engine.runner.kernels.attention.name}"
     )
     time_synchronous_steps(engine, args.steps)
-    time_steps_ahead(engine, args.steps)
+    time_steps_ahead(engine, args.steps, args.loops)
     if args.profile:
         activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         with torch.profiler.profile(activities=activities) as prof:
