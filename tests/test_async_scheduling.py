@@ -122,22 +122,57 @@ def test_scheduling_ahead_with_penalties_on_every_row(tiny_models: dict[str, Pat
     assert [out[:3] for out in got] == [out[:3] for out in expected]
 
 
+def completions_of(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> list[list[tuple]]:
+    outs: list[RequestOutput] = llm.generate(prompts, params, use_tqdm=False)
+    return [[(c.token_ids, c.text, c.finish_reason, c.stop_reason) for c in out.outputs] for out in outs]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_scheduling_ahead_with_stop_strings_and_siblings(tiny_models: dict[str, Path], case: str) -> None:
+    """Guards the per-row work done between steps when scheduling ahead: a stop string found in a step's text
+    must end its completion before the step in flight is recorded (that row wasted, as for a stop token), and
+    n > 1 must queue the siblings once the first completion's prompt is in the cache."""
+    model_dir = str(tiny_models["qwen3"])
+    args = {**BASE_ARGS, **CASES[case]}
+    prompts = random_prompts(6, 5, 30 if case == "preemption" else 60, seed=13)
+    with LLM(model_dir, async_scheduling=False, **args) as llm:
+        plain = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True), use_tqdm=False)
+        # A 2-character stop string from the middle of each greedy text: it ends the greedy rows part way.
+        stops = [out.text[len(out.text) // 2 :][:2] or "never" for out in plain]
+        params = [
+            SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, stop=[stop])
+            if i % 2 == 0
+            else SamplingParams(temperature=0.8, seed=i, n=3, max_tokens=12, ignore_eos=True, stop=[stop])
+            for i, stop in enumerate(stops)
+        ]
+        expected = completions_of(llm, prompts, params)
+    assert sum(c[3] == stops[i] for i, out in enumerate(expected) for c in out) >= 2, "the test needs stop strings"
+    with LLM(model_dir, async_scheduling=True, **args) as llm:
+        engine = llm.engine
+        assert engine is not None
+        launches_ahead = count_launches_ahead(engine)
+        got = completions_of(llm, prompts, params)
+        block_manager = engine.scheduler.block_manager
+        assert block_manager.num_free_blocks == block_manager.num_blocks
+    assert launches_ahead[0] > 5, "generate() did not schedule ahead"
+    assert got == expected
+
+
 @pytest.mark.parametrize(
-    "params, ahead",
+    "params",
     [
-        (SamplingParams(max_tokens=4), True),
-        (SamplingParams(repetition_penalty=1.3, max_tokens=4), True),  # the penalty table counts on the device
-        (SamplingParams(stop=["xyz"], max_tokens=4), False),  # the text is checked after every step
-        (SamplingParams(n=2, max_tokens=4), False),  # siblings are queued after the first step
+        SamplingParams(max_tokens=4),
+        SamplingParams(repetition_penalty=1.3, max_tokens=4),  # the penalty table counts on the device
+        SamplingParams(stop=["xyz"], max_tokens=4),  # the text is checked between steps
+        SamplingParams(n=2, max_tokens=4),  # siblings are queued between steps
     ],
 )
-def test_schedules_ahead_only_when_the_host_can_wait(
-    tiny_models: dict[str, Path], params: SamplingParams, ahead: bool
-) -> None:
-    """Guards against scheduling ahead where the host needs each step's tokens before the next step."""
+def test_schedules_ahead_whenever_enabled(tiny_models: dict[str, Path], params: SamplingParams) -> None:
+    """Guards the async_scheduling switch: on one GPU (or CPU) every kind of request schedules ahead when it
+    is on, and none does when it is off."""
     for enabled in (True, False):
         with LLM(str(tiny_models["qwen3"]), num_kvcache_blocks=64, async_scheduling=enabled, **BASE_ARGS) as llm:
             engine = llm.engine
             assert engine is not None
             engine.add_request([1, 2, 3], params, stream_text=False)
-            assert engine._can_schedule_ahead() == (ahead and enabled)
+            assert engine._can_schedule_ahead() == enabled

@@ -211,23 +211,44 @@ class LLMEngine:
         batch = self._schedule()
         return self._forget_finished(self.scheduler.postprocess(batch, self.runner.run(batch))), batch
 
+    def _follow_landed_rows(self, batch: ScheduledBatch, rows: list[int]) -> list[Sequence]:
+        """Scheduling ahead, once a step's samples are recorded: the text to follow (stop strings) and the siblings
+        to queue (n > 1) of the rows that sampled a token; returns the completions a stop string ended.
+
+        It runs before the step in flight is accounted for (Scheduler.advance), so a completion a stop string
+        ends has its row in that step wasted, as one a stop token ends; siblings are scheduled from the step after.
+        """
+        stopped = []
+        for row in rows:
+            seq = batch.seqs[row]
+            request = self._requests_by_seq.get(seq.seq_id)
+            if request is None or request.request_id not in self._checked_per_step:
+                continue
+            was_finished = seq.is_finished
+            output = self._stream_output(request, seq, len(seq.token_ids) - 1)  # one new token: the row's sample
+            for sibling in request.siblings_to_queue():
+                self.scheduler.add(sibling, first=True)
+            if output.finished and not was_finished:
+                stopped.append(seq)
+        return stopped
+
     def _forget_finished(self, finished_seqs: list[Sequence]) -> int:
-        """Forget the requests of sequences that finished (n = 1: each request finishes once); returns how many."""
+        """Forget the requests whose completions have all finished; returns how many completions finished."""
         for seq in finished_seqs:
-            request = self._requests_by_seq[seq.seq_id]
-            if request.is_finished:
+            request = self._requests_by_seq.get(seq.seq_id)  # None once a sibling that finished with it forgot it
+            if request is not None and request.is_finished:
                 self._forget(request)
         return len(finished_seqs)
 
     def _can_schedule_ahead(self) -> bool:
         """Whether generate() may launch each step before the previous one's tokens reach the host.
 
-        Not under tensor parallelism (the workers take each step's tokens from rank 0's messages),
-        nor when a request follows its text or queues siblings (per-row work after every step).
+        Not under tensor parallelism (the workers take each step's tokens from rank 0's messages).
         Penalties may: their table counts each step's samples on the device as the step is launched, and
         never rebuilds a sequence's row while its newest token is pending (engine/sampling_metadata.py).
+        So may stop strings and n > 1: _follow_landed_rows() does their per-row work between steps.
         """
-        return self.config.async_scheduling and self.runner.workers is None and not self._checked_per_step
+        return self.config.async_scheduling and self.runner.workers is None
 
     def _stream_output(self, request: Request, seq: Sequence, num_tokens_before: int) -> StreamOutput:
         """Detokenize the new tokens, end the completion if they complete a stop string, and report them."""
@@ -364,6 +385,8 @@ class LLMEngine:
             if in_flight is not None:
                 landed, rows, samples = in_flight
                 finished = self.scheduler.record_samples(landed, rows, samples.wait(landed.seqs))
+                if self._checked_per_step:
+                    finished += self._follow_landed_rows(landed, rows)
                 yield self._forget_finished(finished), landed
             in_flight = None if launched is None else (batch, self.scheduler.advance(batch), launched)
         if in_flight is not None:  # only rows wasted on sequences that had ended: let the device finish them
