@@ -176,3 +176,29 @@ def test_schedules_ahead_whenever_enabled(tiny_models: dict[str, Path], params: 
             assert engine is not None
             engine.add_request([1, 2, 3], params, stream_text=False)
             assert engine._can_schedule_ahead() == enabled
+
+
+@pytest.mark.parametrize("with_tokenizer", [True, False])
+def test_stream_ahead_gives_every_step_output(tiny_models: dict[str, Path], with_tokenizer: bool) -> None:
+    """Guards stream() scheduling ahead: every request's outputs must still come, step by step, with or without
+    text to follow (skip_tokenizer_init), and join to what steps run in turn stream."""
+    prompts = random_prompts(5, 5, 40, seed=14)
+    greedy = [SamplingParams(temperature=0.0, max_tokens=6 + 3 * i, ignore_eos=True) for i in range(len(prompts))]
+    params = [*greedy[:1], SamplingParams(temperature=0.8, seed=1, n=2, max_tokens=9, ignore_eos=True), *greedy[2:]]
+    streamed: dict[bool, dict[tuple[str, int], tuple]] = {}
+    for enabled in (False, True):
+        args = {**BASE_ARGS, "num_kvcache_blocks": 64, "skip_tokenizer_init": not with_tokenizer}
+        with LLM(str(tiny_models["qwen3"]), async_scheduling=enabled, **args) as llm:
+            engine = llm.engine
+            assert engine is not None
+            launches_ahead = count_launches_ahead(engine)
+            joined: dict[tuple[str, int], tuple] = {}
+            for out in llm.stream(prompts, params):
+                key = (out.request_id, out.sample_index)
+                tokens, text, _ = joined.get(key, ((), "", None))
+                joined[key] = (tokens + tuple(out.new_token_ids), text + out.text_delta, out.finish_reason)
+            assert (launches_ahead[0] > 5) == enabled
+        streamed[enabled] = joined
+    assert len(streamed[False]) == len(prompts) + 1  # the n = 2 request streams two completions
+    assert all(reason == "length" for *_, reason in streamed[False].values())
+    assert streamed[True] == streamed[False]

@@ -85,7 +85,8 @@ class LLMEngine:
         self.scheduler = Scheduler(block_manager, limits, eos_ids)
         self.requests: dict[str, Request] = {}  # unfinished requests by id
         self._requests_by_seq: dict[int, Request] = {}  # the same requests by Sequence.seq_id
-        self._checked_per_step: set[str] = set()  # ids of requests with text to follow or siblings to queue
+        # ids of requests with per-row work after each step: outputs to stream, text to follow or siblings to queue
+        self._checked_per_step: set[str] = set()
 
     def close(self) -> None:
         """Stop the tensor-parallel workers, if any. Closing twice is harmless."""
@@ -142,7 +143,7 @@ class LLMEngine:
         self.requests[request_id] = request
         for sample in request.seqs:
             self._requests_by_seq[sample.seq_id] = request
-        if len(request.seqs) > 1 or any(text is not None for text in request.texts):
+        if stream_text or len(request.seqs) > 1 or any(text is not None for text in request.texts):
             self._checked_per_step.add(request_id)
         self.scheduler.add(seq)
         return request
@@ -211,14 +212,15 @@ class LLMEngine:
         batch = self._schedule()
         return self._forget_finished(self.scheduler.postprocess(batch, self.runner.run(batch))), batch
 
-    def _follow_landed_rows(self, batch: ScheduledBatch, rows: list[int]) -> list[Sequence]:
-        """Scheduling ahead, once a step's samples are recorded: the text to follow (stop strings) and the siblings
-        to queue (n > 1) of the rows that sampled a token; returns the completions a stop string ended.
+    def _follow_landed_rows(self, batch: ScheduledBatch, rows: list[int]) -> tuple[list[Sequence], list[StreamOutput]]:
+        """Scheduling ahead, once a step's samples are recorded: the text to follow (stop strings, streamed text) and
+        the siblings to queue (n > 1) of the rows that sampled a token; returns the completions a stop string
+        ended, and those rows' outputs.
 
         It runs before the step in flight is accounted for (Scheduler.advance), so a completion a stop string
         ends has its row in that step wasted, as one a stop token ends; siblings are scheduled from the step after.
         """
-        stopped = []
+        stopped, outputs = [], []
         for row in rows:
             seq = batch.seqs[row]
             request = self._requests_by_seq.get(seq.seq_id)
@@ -226,11 +228,12 @@ class LLMEngine:
                 continue
             was_finished = seq.is_finished
             output = self._stream_output(request, seq, len(seq.token_ids) - 1)  # one new token: the row's sample
+            outputs.append(output)
             for sibling in request.siblings_to_queue():
                 self.scheduler.add(sibling, first=True)
             if output.finished and not was_finished:
                 stopped.append(seq)
-        return stopped
+        return stopped, outputs
 
     def _forget_finished(self, finished_seqs: list[Sequence]) -> int:
         """Forget the requests whose completions have all finished; returns how many completions finished."""
@@ -308,8 +311,12 @@ class LLMEngine:
         for index, seq in enumerate(seqs):
             self._enqueue(str(index), seq, stream_text=True)
         try:
-            while self.requests:
-                yield from self.step()
+            if self._can_schedule_ahead():  # each step's outputs come once the step after it is launched
+                for _, _, outputs in self._steps_ahead():
+                    yield from outputs
+            else:
+                while self.requests:
+                    yield from self.step()
         finally:
             self.abort_all()
 
@@ -352,7 +359,7 @@ class LLMEngine:
             rates = {"prefill": 0.0, "decode": 0.0}
             steps = self._steps_ahead() if self._can_schedule_ahead() else self._steps_in_turn()
             start = time.perf_counter()
-            for num_finished, batch in steps:
+            for num_finished, batch, _ in steps:
                 if not use_tqdm:
                     continue  # the rates below are the bar's alone: no host time on them per step
                 now = time.perf_counter()
@@ -361,12 +368,12 @@ class LLMEngine:
                 bar.set_postfix({f"{k} tok/s": f"{v:,.0f}" for k, v in rates.items()}, refresh=False)
                 bar.update(num_finished)
 
-    def _steps_in_turn(self) -> Iterator[tuple[int, ScheduledBatch]]:
-        """(sequences finished, batch) per step, each step run to its end before the next is scheduled."""
+    def _steps_in_turn(self) -> Iterator[tuple[int, ScheduledBatch, list[StreamOutput]]]:
+        """(sequences finished, batch, no outputs) per step, each step run to its end before the next is scheduled."""
         while self.requests:
-            yield self._step_quietly()
+            yield *self._step_quietly(), []
 
-    def _steps_ahead(self) -> Iterator[tuple[int, ScheduledBatch]]:
+    def _steps_ahead(self) -> Iterator[tuple[int, ScheduledBatch, list[StreamOutput]]]:
         """The same steps with the host one step ahead of the device: step N+1 is scheduled and launched
         while step N runs, so the device does not wait for the host's bookkeeping between steps.
 
@@ -375,7 +382,8 @@ class LLMEngine:
 
         Step N+1's sequences hold a PENDING_TOKEN for the token step N samples; the device reads that
         token from step N's samples (ModelRunner.launch). A sequence that step N ends with a stop token
-        has a wasted row in step N+1, skipped when it is recorded. Yields (sequences finished, batch N).
+        has a wasted row in step N+1, skipped when it is recorded. Yields (sequences finished, batch N, the
+        outputs of its rows whose requests follow their text or queue siblings).
         """
         in_flight: tuple[ScheduledBatch, list[int], HostSamples] | None = None  # batch, rows with a token, samples
         while self.requests:
@@ -385,9 +393,11 @@ class LLMEngine:
             if in_flight is not None:
                 landed, rows, samples = in_flight
                 finished = self.scheduler.record_samples(landed, rows, samples.wait(landed.seqs))
+                outputs: list[StreamOutput] = []
                 if self._checked_per_step:
-                    finished += self._follow_landed_rows(landed, rows)
-                yield self._forget_finished(finished), landed
+                    stopped, outputs = self._follow_landed_rows(landed, rows)
+                    finished += stopped
+                yield self._forget_finished(finished), landed, outputs
             in_flight = None if launched is None else (batch, self.scheduler.advance(batch), launched)
         if in_flight is not None:  # only rows wasted on sequences that had ended: let the device finish them
             in_flight[2].wait(in_flight[0].seqs)
