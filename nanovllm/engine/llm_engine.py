@@ -244,7 +244,7 @@ class LLMEngine:
         return len(finished_seqs)
 
     def _can_schedule_ahead(self) -> bool:
-        """Whether generate() may launch each step before the previous one's tokens reach the host.
+        """Whether generate() and stream() may launch each step before the previous one's tokens reach the host.
 
         Not under tensor parallelism (the workers take each step's tokens from rank 0's messages).
         Penalties may: their table counts each step's samples on the device as the step is launched, and
@@ -383,7 +383,7 @@ class LLMEngine:
         Step N+1's sequences hold a PENDING_TOKEN for the token step N samples; the device reads that
         token from step N's samples (ModelRunner.launch). A sequence that step N ends with a stop token
         has a wasted row in step N+1, skipped when it is recorded. Yields (sequences finished, batch N, the
-        outputs of its rows whose requests follow their text or queue siblings).
+        outputs of its rows whose requests stream, follow their text or queue siblings).
         """
         in_flight: tuple[ScheduledBatch, list[int], HostSamples] | None = None  # batch, rows with a token, samples
         while self.requests:

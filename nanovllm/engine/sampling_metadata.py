@@ -42,9 +42,9 @@ class PenaltyTable:
     When the engine schedules ahead, a sequence's newest token may still be on the device (a
     PENDING_TOKEN on the host), which a rebuild could not count; no rebuild meets one. The token is
     pending only while the step that samples it is in flight, and only the next batch is built
-    meanwhile. A sequence in that batch was in the step in flight too, so it holds a slot, which
-    counted the token when that step was launched (record()), and keeps it while in the batch. A
-    sequence not in that batch may lose its slot, but is rebuilt in a later batch, after the token landed.
+    meanwhile. If the sequence is in that batch, it holds the slot it had in the step in flight, which
+    counted the token when that step was launched (record()), and keeps it while in the batch. If not,
+    it may lose its slot, but is rebuilt in a later batch, after the token landed.
     """
 
     def __init__(self, num_slots: int, vocab_size: int, device: torch.device) -> None:
