@@ -191,26 +191,46 @@ def bench_prefill(sizes: Sizes, block_size: int, device: str, gen: torch.Generat
     return Row("prefill", case, triton_ms, torch_ms, f"{flops / triton_ms / 1e9:.1f} TFLOP/s", error, is_ok)
 
 
+@dataclass(frozen=True)
+class DecodeInputs:
+    """One decode step of num_seqs sequences with context_len cached tokens each, and its reference output."""
+
+    query: torch.Tensor  # [num_seqs, NUM_HEADS, HEAD_DIM]
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    kernel_args: tuple  # paged_decode_attention_triton's after query and the caches
+    ref_args: tuple  # paged_attention's after query and the caches
+    ref: torch.Tensor  # the float32 reference's output
+    kv_bytes: int  # K and V bytes the step reads
+
+    def run(self) -> torch.Tensor:
+        return paged_decode_attention_triton(self.query, self.k_cache, self.v_cache, *self.kernel_args)
+
+
+def decode_inputs(case: tuple[int, int, int], block_size: int, device: str, gen: torch.Generator) -> DecodeInputs:
+    num_seqs, context_len, grid_context_len = case
+    k_cache, v_cache, block_tables, context_lens = paged_cache(num_seqs, context_len, block_size, device, gen)
+    query = torch.randn(num_seqs, NUM_HEADS, HEAD_DIM, generator=gen, device=device, dtype=DTYPE)
+    kernel_args = (context_lens, grid_context_len, block_tables, HEAD_DIM**-0.5)
+    cu_seqlens_q = torch.arange(num_seqs + 1, device=device, dtype=torch.int32)  # one query token each
+    ref_args = (cu_seqlens_q, 1, context_lens, context_len, block_tables, HEAD_DIM**-0.5)
+    ref = paged_attention(query.float(), k_cache.float(), v_cache.float(), *ref_args)
+    kv_bytes = num_seqs * context_len * NUM_KV_HEADS * HEAD_DIM * 2 * k_cache.element_size()  # K and V
+    return DecodeInputs(query, k_cache, v_cache, kernel_args, ref_args, ref, kv_bytes)
+
+
 def bench_decode(
     case: tuple[int, int, int], block_size: int, device: str, gen: torch.Generator, copy_gbps: float
 ) -> Row:
     """One decode step of num_seqs sequences with context_len cached tokens each."""
     num_seqs, context_len, grid_context_len = case
-    k_cache, v_cache, block_tables, context_lens = paged_cache(num_seqs, context_len, block_size, device, gen)
-    query = torch.randn(num_seqs, NUM_HEADS, HEAD_DIM, generator=gen, device=device, dtype=DTYPE)
-    args = (context_lens, grid_context_len, block_tables, HEAD_DIM**-0.5)
-    out = paged_decode_attention_triton(query, k_cache, v_cache, *args)
-    cu_seqlens_q = torch.arange(num_seqs + 1, device=device, dtype=torch.int32)  # one query token each
-    ref_args = (cu_seqlens_q, 1, context_lens, context_len, block_tables, HEAD_DIM**-0.5)
-    ref = paged_attention(query.float(), k_cache.float(), v_cache.float(), *ref_args)
-    error, is_ok = max_error(out, ref)
-    del ref
+    inputs = decode_inputs(case, block_size, device, gen)
+    error, is_ok = max_error(inputs.run(), inputs.ref)
 
-    triton_ms = time_graph_ms(lambda: paged_decode_attention_triton(query, k_cache, v_cache, *args), device)
-    eager_ms = time_ms(lambda: paged_decode_attention_triton(query, k_cache, v_cache, *args), device)
-    torch_ms = time_ms(lambda: paged_attention(query, k_cache, v_cache, *ref_args), device)
-    kv_bytes = num_seqs * context_len * NUM_KV_HEADS * HEAD_DIM * 2 * k_cache.element_size()  # K and V
-    num_bytes = kv_bytes + 2 * query.numel() * query.element_size()  # + query read, output written
+    triton_ms = time_graph_ms(inputs.run, device)
+    eager_ms = time_ms(inputs.run, device)
+    torch_ms = time_ms(lambda: paged_attention(inputs.query, inputs.k_cache, inputs.v_cache, *inputs.ref_args), device)
+    num_bytes = inputs.kv_bytes + 2 * inputs.query.numel() * inputs.query.element_size()  # + query read, output written
     gbps = num_bytes / triton_ms / 1e6
     grid = "" if grid_context_len == context_len else f", grid {grid_context_len}"
     case_name = f"{num_seqs}x{context_len}, bs {block_size}{grid}"
@@ -223,19 +243,13 @@ def sweep_decode(sizes: Sizes, device: str, gen: torch.Generator, copy_gbps: flo
     256), then the fastest per case; returns how many settings gave a wrong result."""
     settings = DECODE_SWEEP if device == "cuda" else DECODE_SWEEP_SMOKE
     chosen = tuple(getattr(triton_attention, name) for name in DECODE_CONSTANTS)
-    cases = []  # (name, kernel arguments, reference output, K/V bytes)
+    cases = []  # (name, inputs)
     for num_seqs, context_len, grid_context_len in sizes.decode_cases:
-        k_cache, v_cache, block_tables, context_lens = paged_cache(num_seqs, context_len, 256, device, gen)
-        query = torch.randn(num_seqs, NUM_HEADS, HEAD_DIM, generator=gen, device=device, dtype=DTYPE)
-        args = (query, k_cache, v_cache, context_lens, grid_context_len, block_tables, HEAD_DIM**-0.5)
-        cu_seqlens_q = torch.arange(num_seqs + 1, device=device, dtype=torch.int32)
-        ref_args = (cu_seqlens_q, 1, context_lens, context_len, block_tables, HEAD_DIM**-0.5)
-        ref = paged_attention(query.float(), k_cache.float(), v_cache.float(), *ref_args)
-        kv_bytes = num_seqs * context_len * NUM_KV_HEADS * HEAD_DIM * 2 * k_cache.element_size()
         grid = "" if grid_context_len == context_len else f" g{grid_context_len}"
-        cases.append((f"{num_seqs}x{context_len}{grid}", args, ref, kv_bytes))
+        inputs = decode_inputs((num_seqs, context_len, grid_context_len), 256, device, gen)
+        cases.append((f"{num_seqs}x{context_len}{grid}", inputs))
     print(f"\ndecode GPU time (us) and share of the {copy_gbps:.0f} GB/s copy rate; * = the current constants")
-    print(f"{'BLOCK_N, warps, stages':<24}" + "".join(f"{name:>20}" for name, *_ in cases))
+    print(f"{'BLOCK_N, warps, stages':<24}" + "".join(f"{name:>20}" for name, _ in cases))
     best: dict[str, tuple[float, tuple[int, int, int]]] = {}
     num_wrong = 0
     try:
@@ -243,10 +257,10 @@ def sweep_decode(sizes: Sizes, device: str, gen: torch.Generator, copy_gbps: flo
             for name, value in zip(DECODE_CONSTANTS, setting, strict=True):
                 setattr(triton_attention, name, value)
             cells = []
-            for case_name, args, ref, kv_bytes in cases:
-                _, is_ok = max_error(paged_decode_attention_triton(*args), ref)
-                ms = time_graph_ms(lambda args=args: paged_decode_attention_triton(*args), device)
-                share = 100 * kv_bytes / ms / 1e6 / copy_gbps
+            for case_name, inputs in cases:
+                _, is_ok = max_error(inputs.run(), inputs.ref)
+                ms = time_graph_ms(inputs.run, device)
+                share = 100 * inputs.kv_bytes / ms / 1e6 / copy_gbps
                 cells.append(f"{ms * 1e3:.1f} ({share:.0f}%)" + ("" if is_ok else " FAIL"))
                 num_wrong += not is_ok
                 if is_ok and (case_name not in best or ms < best[case_name][0]):
