@@ -179,24 +179,11 @@ class LLMEngine:
 
     def _step(self) -> tuple[list[StreamOutput], ScheduledBatch]:
         batch = self._schedule()
-        num_tokens_before = [len(seq.token_ids) for seq in batch.seqs]
         sampled = self.runner.run(batch)
-        self.scheduler.postprocess(batch, sampled)
-        outputs = []
-        finished: dict[str, Request] = {}
-        for seq, num_before in zip(batch.seqs, num_tokens_before, strict=True):
-            if len(seq.token_ids) == num_before and seq.status is not SequenceStatus.FINISHED:
-                continue  # a prompt chunk that is not the last: nothing sampled yet
-            request = self._requests_by_seq[seq.seq_id]
-            output = self._stream_output(request, seq, num_before)
-            outputs.append(output)
-            if request.num_queued < len(request.seqs):
-                for sibling in request.siblings_to_queue():
-                    self.scheduler.add(sibling, first=True)
-            if output.finished and request.is_finished:
-                finished[request.request_id] = request  # forgotten after the loop: n > 1 may finish several rows
-        for request in finished.values():
-            self._forget(request)
+        rows = self.scheduler.advance(batch)  # Scheduler.postprocess, in its two halves: the rows with a sample
+        finished = self.scheduler.record_samples(batch, rows, sampled)
+        stopped, outputs = self._follow_landed_rows(batch, rows, every_request=True)
+        self._forget_finished(finished + stopped)
         return outputs, batch
 
     def _step_quietly(self) -> tuple[int, ScheduledBatch]:
@@ -212,19 +199,23 @@ class LLMEngine:
         batch = self._schedule()
         return self._forget_finished(self.scheduler.postprocess(batch, self.runner.run(batch))), batch
 
-    def _follow_landed_rows(self, batch: ScheduledBatch, rows: list[int]) -> tuple[list[Sequence], list[StreamOutput]]:
-        """Scheduling ahead, once a step's samples are recorded: the text to follow (stop strings, streamed text) and
-        the siblings to queue (n > 1) of the rows that sampled a token; returns the completions a stop string
-        ended, and those rows' outputs.
+    def _follow_landed_rows(
+        self, batch: ScheduledBatch, rows: list[int], every_request: bool = False
+    ) -> tuple[list[Sequence], list[StreamOutput]]:
+        """Once a step's samples are recorded: the text to follow (stop strings, streamed text) and the siblings
+        to queue (n > 1) of the rows that sampled a token, for the requests with per-step work (or, with
+        ``every_request``, all: step() reports every row); returns the completions a stop string ended, and
+        those rows' outputs.
 
-        It runs before the step in flight is accounted for (Scheduler.advance), so a completion a stop string
-        ends has its row in that step wasted, as one a stop token ends; siblings are scheduled from the step after.
+        Scheduling ahead, it runs before the step in flight is accounted for (Scheduler.advance), so a
+        completion a stop string ends has its row in that step wasted, as one a stop token ends; siblings are
+        scheduled from the step after.
         """
         stopped, outputs = [], []
         for row in rows:
             seq = batch.seqs[row]
             request = self._requests_by_seq.get(seq.seq_id)
-            if request is None or request.request_id not in self._checked_per_step:
+            if request is None or not (every_request or request.request_id in self._checked_per_step):
                 continue
             was_finished = seq.is_finished
             output = self._stream_output(request, seq, len(seq.token_ids) - 1)  # one new token: the row's sample
