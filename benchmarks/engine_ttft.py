@@ -9,7 +9,9 @@ exactly --max-tokens output tokens), as benchmarks/serve_load.py does over HTTP.
 has the same length, the clients' requests end on the same step and the next ones arrive together:
 each round is a burst that one prefill step (or several, under --max-num-batched-tokens) takes in.
 Prints time to first token (add_requests() to the first output) p50/p90, and the engine steps that
-had prompts waiting, with their durations (not with --engine-process: the steps run elsewhere). Set
+had prompts waiting, with their durations (not with --engine-process: the steps run elsewhere). On one
+GPU the engine loop steps ahead (LLMEngine.step_ahead): a step's duration is then its loop turn, which
+launches the step and waits for the one before it. Set
 against serve_load.py's figures, the difference is what HTTP, the event loop and the load client add.
 """
 
@@ -79,7 +81,7 @@ def main() -> None:
     steps: list[tuple[int, float]] = []  # (prompts waiting at the start, seconds) of each step
     engine = llm.engine
     if engine is not None:  # the engine runs in a thread here: time its steps
-        real_step = engine.step
+        real_step = engine.step_ahead
 
         def timed_step() -> list[StreamOutput]:
             assert engine is not None
@@ -88,7 +90,7 @@ def main() -> None:
             steps.append((waiting, time.perf_counter() - start))
             return outputs
 
-        engine.step = timed_step  # type: ignore[method-assign]
+        engine.step_ahead = timed_step  # type: ignore[method-assign]
 
     async def warm_up_then_time() -> list[float]:  # AsyncLLM serves one event loop: both rounds run in it
         await run_clients(llm, argparse.Namespace(**{**vars(args), "rounds": 1}))

@@ -1,12 +1,13 @@
 """generate() with the host one step ahead of the device (async_scheduling) against steps run in turn."""
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine.llm_engine import LLMEngine
-from nanovllm.outputs import RequestOutput
+from nanovllm.outputs import RequestOutput, StreamOutput
 from tests.test_engine import BASE_ARGS, random_prompts
 
 CASES = {
@@ -202,3 +203,93 @@ def test_stream_ahead_gives_every_step_output(tiny_models: dict[str, Path], with
     assert len(streamed[False]) == len(prompts) + 1  # the n = 2 request streams two completions
     assert all(reason == "length" for *_, reason in streamed[False].values())
     assert streamed[True] == streamed[False]
+
+
+def step_until_done(engine: LLMEngine, step: Callable[[], list[StreamOutput]], prompts: list[list[int]],
+                    params: list[SamplingParams]) -> dict[tuple[str, int], tuple]:  # fmt: skip
+    """The server's pattern: requests added, one joining after 3 steps and one aborted after 5, stepped to the end;
+    each completion's outputs joined (tokens, text, logprobs, finish and stop reasons)."""
+    joined: dict[tuple[str, int], tuple] = {}
+
+    def collect(outputs: list[StreamOutput]) -> None:
+        for out in outputs:
+            key = (out.request_id, out.sample_index)
+            tokens, text, logprobs, *_ = joined.get(key, ((), "", (), None, None))
+            joined[key] = (
+                tokens + tuple(out.new_token_ids), text + out.text_delta, logprobs + tuple(out.logprobs or ()),
+                out.finish_reason, out.stop_reason,
+            )  # fmt: skip
+
+    for i in range(len(prompts) - 1):
+        engine.add_request(prompts[i], params[i], request_id=f"r{i}")
+    for turn in range(5):
+        if turn == 3:
+            engine.add_request(prompts[-1], params[-1], request_id="late")
+        collect(step())
+    assert engine.abort_request("r2")
+    while engine.has_unfinished_requests():
+        collect(step())
+    block_manager = engine.scheduler.block_manager
+    assert block_manager.num_free_blocks == block_manager.num_blocks
+    assert engine._in_flight is None, "a step was left running once every request had finished"
+    return {key: value for key, value in joined.items() if key[0] != "r2"}  # r2's last step differs: aborted
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_step_ahead_gives_the_outputs_of_step(tiny_models: dict[str, Path], case: str) -> None:
+    """Guards the server's loop (LLMEngine.step_ahead): with requests joining and aborted mid-run, stop tokens and
+    strings, n > 1, seeds, logprobs and penalties, its outputs must join to what step() gives, every step's
+    bookkeeping done while the next step runs, and nothing left running at the end."""
+    model_dir = str(tiny_models["qwen3"])
+    args = {**BASE_ARGS, **CASES[case]}
+    prompts = random_prompts(7, 5, 30 if case == "preemption" else 50, seed=15)
+    with LLM(model_dir, **args) as llm:
+        greedy = SamplingParams(temperature=0.0, max_tokens=8)
+        stop_tokens = [out.token_ids[3] for out in llm.generate(prompts, greedy, use_tqdm=False)]
+        params = mixed_params(stop_tokens[:-1])
+        params[2] = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)  # r2, still running at its abort
+        params.append(SamplingParams(temperature=0.8, seed=3, n=2, max_tokens=10, stop=["e"]))  # the late request
+        engine = llm.engine
+        assert engine is not None and engine._can_schedule_ahead()
+        launches_ahead = count_launches_ahead(engine)
+        expected = step_until_done(engine, engine.step, prompts, params)
+        assert launches_ahead[0] == 0
+        got = step_until_done(engine, engine.step_ahead, prompts, params)
+        assert launches_ahead[0] > 5, "step_ahead() did not schedule ahead"
+    assert sum(value[3] == "stop" for value in expected.values()) >= 2, "the test needs stop tokens or strings"
+    # A step run ahead may hold rows of sequences that ended in the step before: other rows' logprobs then move
+    # in their last digits (a batch of another size), never their tokens.
+    without_logprobs = {key: (*value[:2], *value[3:]) for key, value in expected.items()}
+    assert {key: (*value[:2], *value[3:]) for key, value in got.items()} == without_logprobs
+    for key, (_, _, logprobs, *_) in expected.items():
+        assert [list(top) for top in got[key][2]] == [list(top) for top in logprobs]
+        expected_values = [pytest.approx(list(top.values()), abs=1e-4) for top in logprobs]
+        assert [list(top.values()) for top in got[key][2]] == expected_values
+
+
+def test_step_refused_while_a_step_ahead_runs(tiny_models: dict[str, Path]) -> None:
+    """Guards against step() scheduling over a step that step_ahead() launched and nobody recorded."""
+    with LLM(str(tiny_models["qwen3"]), num_kvcache_blocks=64, **BASE_ARGS) as llm:
+        engine = llm.engine
+        assert engine is not None
+        engine.add_request([1, 2, 3], SamplingParams(max_tokens=8, ignore_eos=True), request_id="a")
+        assert engine.step_ahead() == []  # launched; its outputs come with the next call
+        with pytest.raises(RuntimeError, match="step_ahead"):
+            engine.step()
+        assert [out.new_token_ids for out in engine.step_ahead()] != []
+        engine.abort_request("a")
+        assert engine._in_flight is None
+        engine.add_request([4, 5], SamplingParams(max_tokens=2, ignore_eos=True), request_id="b")
+        assert [len(out.new_token_ids) for out in engine.step()] == [1], "step() works again once idle"
+        engine.abort_request("b")
+        # The last request ends on a stop token: the step launched meanwhile holds its wasted row, and must not
+        # outlive it (the next step() would refuse).
+        greedy = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+        tokens = llm.generate([[7, 8, 9]], greedy, use_tqdm=False)[0].token_ids
+        stop = next(token for i, token in enumerate(tokens) if i >= 2 and token not in tokens[:i])
+        engine.add_request([7, 8, 9], SamplingParams(temperature=0.0, max_tokens=6, stop_token_ids=[stop]))
+        reasons = []
+        while engine.has_unfinished_requests():
+            reasons += [out.finish_reason for out in engine.step_ahead() if out.finished]
+        assert reasons == ["stop"]
+        assert engine._in_flight is None, "a step was left running once every request had finished"

@@ -18,6 +18,7 @@ from nanovllm.engine.sequence import Sequence
 from nanovllm.kernels import triton_sampler
 from nanovllm.kernels.backends import is_flash_attn_installed
 from nanovllm.layers.sampler import SamplerOutput
+from tests.test_async_scheduling import step_until_done
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -81,6 +82,29 @@ def test_scheduling_ahead_equals_in_turn_with_graphs(tiny_models: dict[str, Path
     with LLM(str(tiny_models["qwen3"]), dtype="float32", async_scheduling=True, **ARGS) as llm:
         assert [o.token_ids for o in llm.generate(batch, GREEDY, use_tqdm=False)] == [o.token_ids for o in plain]
         assert [(o.token_ids, o.finish_reason) for o in llm.generate(batch, stops, use_tqdm=False)] == expected
+
+
+def test_step_ahead_equals_step_with_graphs(tiny_models: dict[str, Path]) -> None:
+    """Guards the server's loop on CUDA (LLMEngine.step_ahead): decode graphs fed the pending tokens, sampling
+    graphs for greedy and temperature rows, eager rich sampling, a request joining and one aborted mid-run."""
+    batch = prompts(9, seed=12)
+    with LLM(str(tiny_models["qwen3"]), dtype="float32", **ARGS) as llm:
+        engine = llm.engine
+        assert engine is not None and engine.runner.decode_graphs is not None
+        stop_tokens = [out.token_ids[4] for out in llm.generate(batch, GREEDY, use_tqdm=False)]
+        params = [
+            SamplingParams(temperature=0.0, max_tokens=20, stop_token_ids=[stop_tokens[i]]) if i % 3 == 0
+            else SamplingParams(temperature=0.8, seed=i, max_tokens=18, ignore_eos=True) if i % 3 == 1
+            else SamplingParams(temperature=0.7, top_k=20, top_p=0.9, repetition_penalty=1.2, seed=i, max_tokens=16)
+            for i in range(len(batch))
+        ]  # fmt: skip
+        params[2] = GREEDY  # the request aborted mid-run: still running then
+        expected = step_until_done(engine, engine.step, batch, params)
+        got = step_until_done(engine, engine.step_ahead, batch, params)
+    assert sum(value[3] == "stop" for value in expected.values()) >= 2, "the test needs rows ended by stop tokens"
+    assert {key: (value[0], value[3]) for key, value in got.items()} == {
+        key: (value[0], value[3]) for key, value in expected.items()
+    }
 
 
 def test_graph_input_copy_waited_for_before_restaging(tiny_models: dict[str, Path]) -> None:

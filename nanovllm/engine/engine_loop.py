@@ -1,13 +1,15 @@
 """The engine loop behind AsyncLLM, and the messages it exchanges with the event loop.
 
-    event loop ──commands: AddRequests, AbortRequests, StopLoop──► EngineLoop: add_request, abort_request, step
+    event loop ──commands: AddRequests, AbortRequests, StopLoop──► EngineLoop: add_request, abort_request, step_ahead
         ▲                                                                │
         └──── events: Accepted, Progress (a step's outputs and stats), Failed ◄┘
 
 EngineLoop steps while any request is unfinished and blocks for commands when idle, so a request that
-arrives mid-run joins the next step's batch. EngineThread runs it in a thread of this process (commands
-through a queue.Queue); engine_process.EngineProcess runs it in a process of its own. Either hands each
-event to a callback, called from a thread that is not the event loop's.
+arrives mid-run joins the next step's batch. Where the engine may schedule ahead (LLMEngine.step_ahead),
+each turn launches the next step and then reports the one before it, whose bookkeeping thus overlaps the
+next step on the device. EngineThread runs it in a thread of this process (commands through a
+queue.Queue); engine_process.EngineProcess runs it in a process of its own. Either hands each event to a
+callback, called from a thread that is not the event loop's.
 """
 
 import logging
@@ -127,7 +129,7 @@ class EngineLoop:
 
     def _step(self) -> tuple[list[StreamOutput], list[float]]:
         try:
-            outputs = self.engine.step()
+            outputs = self.engine.step_ahead()
         except Exception as e:
             logger.exception("an engine step failed; aborting its requests")
             self._abort_live(f"the engine step failed ({type(e).__name__}: {e}); the request was aborted")

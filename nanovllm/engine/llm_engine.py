@@ -87,6 +87,9 @@ class LLMEngine:
         self._requests_by_seq: dict[int, Request] = {}  # the same requests by Sequence.seq_id
         # ids of requests with per-row work after each step: outputs to stream, text to follow or siblings to queue
         self._checked_per_step: set[str] = set()
+        # The step launched ahead of the host's bookkeeping and not recorded yet: its batch, the rows that sample a
+        # token (Scheduler.advance) and its samples on their way to the host. Only between turns of _step_ahead().
+        self._in_flight: tuple[ScheduledBatch, list[int], HostSamples] | None = None
 
     def close(self) -> None:
         """Stop the tensor-parallel workers, if any. Closing twice is harmless."""
@@ -162,6 +165,8 @@ class LLMEngine:
         self._forget(request)
         for seq in request.seqs[: request.num_queued]:
             self.scheduler.abort(seq)
+        if not self.requests:
+            self._finish_in_flight()  # left with only the aborted rows: nothing stays launched while idle
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -169,7 +174,25 @@ class LLMEngine:
 
     def step(self) -> list[StreamOutput]:
         """Run one batch; one output per request that got tokens or finished in it."""
+        if self._in_flight is not None:
+            raise RuntimeError(
+                "a step launched by step_ahead() is still running; go on with step_ahead() until no request is "
+                "unfinished (or abort them) before calling step()"
+            )
         return self._step()[0]
+
+    def step_ahead(self) -> list[StreamOutput]:
+        """step() with the host one step ahead of the device, where the engine may schedule ahead (one GPU,
+        ``async_scheduling``; else it is step()): launch the next batch, then record the batch the previous call
+        launched and return its outputs, one per request that got tokens or finished in it.
+
+        The server's engine loop steps this way, so that each step's bookkeeping overlaps the next step's run.
+        A call with no step in flight returns no outputs. Once no request is unfinished, nothing is left running.
+        If it raises, the step in flight is dropped: abort the unfinished requests then (the server's loop does).
+        """
+        if not self._can_schedule_ahead():
+            return self.step()
+        return self._step_ahead(every_request=True)[2]
 
     def _schedule(self) -> ScheduledBatch:
         batch = self.scheduler.schedule()
@@ -235,7 +258,8 @@ class LLMEngine:
         return len(finished_seqs)
 
     def _can_schedule_ahead(self) -> bool:
-        """Whether generate() and stream() may launch each step before the previous one's tokens reach the host.
+        """Whether generate(), stream() and step_ahead() may launch each step before the previous one's tokens reach
+        the host.
 
         Not under tensor parallelism (the workers take each step's tokens from rank 0's messages).
         Penalties may: their table counts each step's samples on the device as the step is launched, and
@@ -340,6 +364,7 @@ class LLMEngine:
 
     def abort_all(self) -> None:
         """Drop every unfinished request and free its blocks."""
+        self._in_flight = None  # its samples are never read; their buffer is released when they are collected
         self.scheduler.abort_all()
         self.requests.clear()
         self._requests_by_seq.clear()
@@ -365,30 +390,49 @@ class LLMEngine:
             yield *self._step_quietly(), []
 
     def _steps_ahead(self) -> Iterator[tuple[int, ScheduledBatch, list[StreamOutput]]]:
-        """The same steps with the host one step ahead of the device: step N+1 is scheduled and launched
-        while step N runs, so the device does not wait for the host's bookkeeping between steps.
+        """(sequences finished, batch, the outputs of its rows whose requests stream, follow their text or queue
+        siblings) per step, the host one step ahead of the device (_step_ahead())."""
+        while self.requests:
+            num_finished, landed, outputs = self._step_ahead(every_request=False)
+            if landed is not None:
+                yield num_finished, landed, outputs
+
+    def _step_ahead(self, every_request: bool) -> tuple[int, ScheduledBatch | None, list[StreamOutput]]:
+        """Launch step N+1 while step N runs, then record step N: the device does not wait for the host's
+        bookkeeping between steps.
 
             host:    schedule N+1 | launch N+1 | wait for N, record its tokens | advance N+1 | schedule N+2
             device:  ...... step N ...........| step N+1 .........................................
 
         Step N+1's sequences hold a PENDING_TOKEN for the token step N samples; the device reads that
         token from step N's samples (ModelRunner.launch). A sequence that step N ends with a stop token
-        has a wasted row in step N+1, skipped when it is recorded. Yields (sequences finished, batch N, the
-        outputs of its rows whose requests stream, follow their text or queue siblings).
+        has a wasted row in step N+1, skipped when it is recorded. Returns (sequences finished, batch N, the
+        outputs of its rows: every row's with ``every_request``, else those whose requests have per-step work),
+        or (0, None, []) when no step N was in flight.
         """
-        in_flight: tuple[ScheduledBatch, list[int], HostSamples] | None = None  # batch, rows with a token, samples
-        while self.requests:
-            # With a step in flight the batch may be empty (its sequences all ended): that step is still recorded.
-            batch = self._schedule() if in_flight is None else self.scheduler.schedule()
-            launched = self.runner.launch(batch, in_flight[0] if in_flight else None) if batch.seqs else None
-            if in_flight is not None:
-                landed, rows, samples = in_flight
-                finished = self.scheduler.record_samples(landed, rows, samples.wait(landed.seqs))
-                outputs: list[StreamOutput] = []
-                if self._checked_per_step:
-                    stopped, outputs = self._follow_landed_rows(landed, rows)
-                    finished += stopped
-                yield self._forget_finished(finished), landed, outputs
-            in_flight = None if launched is None else (batch, self.scheduler.advance(batch), launched)
-        if in_flight is not None:  # only rows wasted on sequences that had ended: let the device finish them
-            in_flight[2].wait(in_flight[0].seqs)
+        in_flight, self._in_flight = self._in_flight, None  # dropped if this turn raises
+        # With a step in flight the batch may be empty (its sequences all ended): that step is still recorded.
+        batch = self._schedule() if in_flight is None else self.scheduler.schedule()
+        launched = self.runner.launch(batch, in_flight[0] if in_flight else None) if batch.seqs else None
+        result: tuple[int, ScheduledBatch | None, list[StreamOutput]] = (0, None, [])
+        if in_flight is not None:
+            landed, rows, samples = in_flight
+            finished = self.scheduler.record_samples(landed, rows, samples.wait(landed.seqs))
+            outputs: list[StreamOutput] = []
+            if every_request or self._checked_per_step:
+                stopped, outputs = self._follow_landed_rows(landed, rows, every_request)
+                finished += stopped
+            result = (self._forget_finished(finished), landed, outputs)
+        if launched is not None:
+            self._in_flight = (batch, self.scheduler.advance(batch), launched)
+        if not self.requests:
+            self._finish_in_flight()
+        return result
+
+    def _finish_in_flight(self) -> None:
+        """With no request unfinished, the step in flight has only rows wasted on ended sequences: let the device
+        finish it, and drop it."""
+        if self._in_flight is not None:
+            batch, _, samples = self._in_flight
+            self._in_flight = None
+            samples.wait(batch.seqs)
