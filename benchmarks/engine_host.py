@@ -3,13 +3,16 @@
 Builds an engine on the tiny test model (CPU), prefills --num-seqs requests of --context prompt
 tokens, then replaces the model run with a stub that "samples" a fixed token at once, so what is
 timed is everything the engine does around the run: scheduling, postprocessing, and turning the
-step into outputs. Three loops of --steps decode steps each, medians in microseconds:
+step into outputs. Loops of --steps decode steps each, medians in microseconds:
 
-    step()             one StreamOutput per row, no text (LLM.stream without a tokenizer, the server's loop)
+    step()             one StreamOutput per row, no text (steps in turn: tensor parallelism, or
+                       async_scheduling=False)
     step(), text       the same with incremental detokenization of every row (stream_text=True)
     generate's step    _step_quietly(): only finished rows get attention
     generate ahead     one turn of _steps_ahead() (async scheduling): schedule, launch, record the
                        previous step's tokens, advance; on a GPU this is what overlaps the device's step
+    step_ahead()       the server's loop: the same turn with one StreamOutput per row, no text
+    step_ahead(), text the same with incremental detokenization of every row
 
 Scheduler-level parts (and graph staging, sampling tensors) alone: benchmarks/scheduler_host.py.
 """
@@ -73,12 +76,13 @@ def median_micros(turn: Callable[[], object], num_turns: int) -> float:
     return statistics.median(micros)
 
 
-def time_steps_ahead(engine: LLMEngine, args: argparse.Namespace) -> float:
-    """Median microseconds of one turn of generate()'s loop with async scheduling, at batch --num-seqs."""
-    fill_and_prefill(engine, args, stream_text=False)
+def time_turns_ahead(engine: LLMEngine, args: argparse.Namespace, stream_text: bool, server: bool) -> float:
+    """Median microseconds of one turn with async scheduling, at batch --num-seqs: of generate()'s loop, or with
+    ``server`` of step_ahead() (one output per row)."""
+    fill_and_prefill(engine, args, stream_text)
     real_launch, engine.runner.launch = engine.runner.launch, stubbed_launch  # type: ignore[method-assign,assignment]
     turns = engine._steps_ahead()
-    micros = median_micros(lambda: next(turns), args.steps)
+    micros = median_micros(engine.step_ahead if server else lambda: next(turns), args.steps)
     turns.close()
     engine.runner.launch = real_launch  # type: ignore[method-assign]
     engine.abort_all()
@@ -109,8 +113,10 @@ def main() -> None:
             print(f"engine work per decode step, batch {args.num_seqs}, context ~{args.context} (model run stubbed)")
             for label, stream_text, quiet in (("step()", False, False), ("step(), text", True, False),
                                               ("generate's step", False, True)):  # fmt: skip
-                print(f"  {label:16s} median {time_steps(engine, args, stream_text, quiet):8.1f} us")
-            print(f"  {'generate ahead':16s} median {time_steps_ahead(engine, args):8.1f} us")
+                print(f"  {label:18s} median {time_steps(engine, args, stream_text, quiet):8.1f} us")
+            for label, stream_text, server in (("generate ahead", False, False), ("step_ahead()", False, True),
+                                               ("step_ahead(), text", True, True)):  # fmt: skip
+                print(f"  {label:18s} median {time_turns_ahead(engine, args, stream_text, server):8.1f} us")
 
 
 if __name__ == "__main__":
