@@ -6,8 +6,11 @@
 The engine serves the tiny test model, but each step emulates the model run instead of running it:
 first Python busy work that holds the GIL, as launching kernels does (--decode-host-ms for a decode
 step, which replays a CUDA graph; --prefill-host-ms for an eager prefill, hundreds of launches), then
-a sleep that releases it, as waiting for the GPU does (--decode-ms; --prefill-ms-per-1k per thousand
-prompt tokens). Every row then "samples" the same token. The defaults are guesses for the Qwen3-0.6B
+the device's time (--decode-ms; --prefill-ms-per-1k per thousand prompt tokens), waited for in a sleep
+that releases the GIL, as waiting for the GPU does. A step run in turn (ModelRunner.run) sleeps it at
+once; a step launched ahead (ModelRunner.launch, as the engine loop does where it schedules ahead)
+starts on the emulated device once the step before it has ended there, and waiting for its samples
+sleeps until it ends too. Every row then "samples" the same token. The defaults are guesses for the Qwen3-0.6B
 shape on an H100 at 64 streams, not measurements. So the engine needs little CPU beyond what a GPU host
 spends, and what serve_load.py measures is the host side: the engine loop, the event loop writing
 chunks, HTTP, and how they share one GIL (the engine in a thread) or not (--engine-process).
@@ -32,21 +35,43 @@ EMULATION_ENV = "NANOVLLM_EMULATED_DEVICE"  # "DECODE_MS,PREFILL_MS_PER_1K,DECOD
 
 
 def emulate_device(decode_ms: float, prefill_ms_per_1k: float, decode_host_ms: float, prefill_host_ms: float) -> None:
-    """Replace ModelRunner.run, in this process, with busy work then a sleep of the step's emulated times."""
+    """Replace ModelRunner.run and ModelRunner.launch, in this process, with busy work for the step's host time and
+    a sleep for its device time."""
     from engine_host import stubbed_run  # every row "samples" the same token
 
     from nanovllm.engine.model_runner import ModelRunner
     from nanovllm.engine.scheduler import ScheduledBatch
     from nanovllm.engine.sequence import StepSamples
 
-    def run(self: ModelRunner, batch: ScheduledBatch) -> StepSamples:
+    device_free_s = [0.0]  # perf_counter() time at which the emulated device has run every step launched so far
+
+    def launch_on_device(batch: ScheduledBatch) -> float:
+        """Hold the GIL for the step's host time, then queue it on the device; returns when it will have run."""
         busy_until = time.perf_counter() + (prefill_host_ms if batch.is_prefill else decode_host_ms) / 1000
         while time.perf_counter() < busy_until:
             pass
-        time.sleep((prefill_ms_per_1k * batch.num_tokens / 1000 if batch.is_prefill else decode_ms) / 1000)
-        return stubbed_run(batch)
+        device_s = (prefill_ms_per_1k * batch.num_tokens / 1000 if batch.is_prefill else decode_ms) / 1000
+        device_free_s[0] = max(time.perf_counter(), device_free_s[0]) + device_s
+        return device_free_s[0]
+
+    class EmulatedSamples:
+        """A launched step's samples, there once the emulated device has run it."""
+
+        def __init__(self, batch: ScheduledBatch, ready_s: float) -> None:
+            self.batch, self.ready_s = batch, ready_s
+
+        def wait(self, seqs: list) -> StepSamples:
+            time.sleep(max(0.0, self.ready_s - time.perf_counter()))
+            return stubbed_run(self.batch)
+
+    def run(self: ModelRunner, batch: ScheduledBatch) -> StepSamples:
+        return EmulatedSamples(batch, launch_on_device(batch)).wait(batch.seqs)
+
+    def launch(self: ModelRunner, batch: ScheduledBatch, in_flight: ScheduledBatch | None) -> EmulatedSamples:
+        return EmulatedSamples(batch, launch_on_device(batch))
 
     ModelRunner.run = run  # type: ignore[method-assign]
+    ModelRunner.launch = launch  # type: ignore[method-assign,assignment]
 
 
 if os.environ.get(EMULATION_ENV):  # the server child, and any engine process it spawns
