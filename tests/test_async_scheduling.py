@@ -293,3 +293,39 @@ def test_step_refused_while_a_step_ahead_runs(tiny_models: dict[str, Path]) -> N
             reasons += [out.finish_reason for out in engine.step_ahead() if out.finished]
         assert reasons == ["stop"]
         assert engine._in_flight is None, "a step was left running once every request had finished"
+
+
+def test_step_ahead_failure_then_abort_leaves_the_engine_usable(tiny_models: dict[str, Path]) -> None:
+    """Guards the server's recovery from a failed step (EngineLoop aborts every live request): the step in flight
+    is dropped with the failure, and the engine must then free every block and run new requests as if fresh."""
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    prompts = random_prompts(4, 5, 40, seed=16)
+    with LLM(str(tiny_models["qwen3"]), num_kvcache_blocks=64, **BASE_ARGS) as llm:
+        expected = [out.token_ids for out in llm.generate(prompts, params, use_tqdm=False)]
+        engine = llm.engine
+        assert engine is not None
+        for i, prompt in enumerate(prompts):
+            engine.add_request(prompt, params, request_id=f"r{i}")
+        for _ in range(4):
+            engine.step_ahead()
+        real_launch = engine.runner.launch
+
+        def failing_launch(batch, in_flight):  # type: ignore[no-untyped-def]
+            engine.runner.launch = real_launch  # type: ignore[method-assign]
+            raise RuntimeError("injected launch failure")
+
+        engine.runner.launch = failing_launch  # type: ignore[method-assign]
+        with pytest.raises(RuntimeError, match="injected"):
+            engine.step_ahead()
+        assert engine._in_flight is None
+        for i in range(len(prompts)):
+            assert engine.abort_request(f"r{i}")
+        block_manager = engine.scheduler.block_manager
+        assert block_manager.num_free_blocks == block_manager.num_blocks
+        got: dict[str, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            got[engine.add_request(prompt, params, request_id=f"again{i}")] = []
+        while engine.has_unfinished_requests():
+            for out in engine.step_ahead():
+                got[out.request_id] += out.new_token_ids
+    assert list(got.values()) == expected
