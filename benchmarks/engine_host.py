@@ -81,9 +81,12 @@ def time_turns_ahead(engine: LLMEngine, args: argparse.Namespace, stream_text: b
     ``server`` of step_ahead() (one output per row)."""
     fill_and_prefill(engine, args, stream_text)
     real_launch, engine.runner.launch = engine.runner.launch, stubbed_launch  # type: ignore[method-assign,assignment]
-    turns = engine._steps_ahead()
-    micros = median_micros(engine.step_ahead if server else lambda: next(turns), args.steps)
-    turns.close()
+    if server:
+        micros = median_micros(engine.step_ahead, args.steps)
+    else:
+        turns = engine._steps_ahead()
+        micros = median_micros(lambda: next(turns), args.steps)
+        turns.close()
     engine.runner.launch = real_launch  # type: ignore[method-assign]
     engine.abort_all()
     return micros
