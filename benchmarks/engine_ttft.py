@@ -11,7 +11,10 @@ each round is a burst that one prefill step (or several, under --max-num-batched
 Prints time to first token (add_requests() to the first output) p50/p90, and the engine steps that
 had prompts waiting, with their durations (not with --engine-process: the steps run elsewhere). On one
 GPU the engine loop steps ahead (LLMEngine.step_ahead): a step's duration is then its loop turn, which
-launches the step and waits for the one before it. Set
+launches the step and waits for the one before it. Each decode turn's time waiting for the device's samples
+is printed beside it: a loop that hardly waits is bound by the host (the engine's turn, and in a thread the
+event loop sharing its GIL), one that waits most of its turn by the device (on CPU the model runs inside the
+launch, so all of it counts as host work). Set
 against serve_load.py's figures, the difference is what HTTP, the event loop and the load client add.
 """
 
@@ -32,6 +35,8 @@ from serve_load import percentile, write_model_dir  # noqa: E402
 
 from nanovllm import SamplingParams  # noqa: E402
 from nanovllm.engine.async_llm import AsyncLLM  # noqa: E402
+from nanovllm.engine.host_samples import HostSamples  # noqa: E402
+from nanovllm.engine.sequence import Sequence, StepSamples  # noqa: E402
 from nanovllm.outputs import StreamOutput  # noqa: E402
 from nanovllm.utils.gc_freeze import startup_objects_frozen  # noqa: E402
 
@@ -78,19 +83,28 @@ def main() -> None:
         llm = AsyncLLM.from_engine_args(
             tmp, engine_process=args.engine_process, max_num_batched_tokens=args.max_num_batched_tokens, **engine_args
         )
-    steps: list[tuple[int, float]] = []  # (prompts waiting at the start, seconds) of each step
+    steps: list[tuple[int, float, float]] = []  # (prompts waiting at the start, seconds, seconds waited) per step
     engine = llm.engine
     if engine is not None:  # the engine runs in a thread here: time its steps
-        real_step = engine.step_ahead
+        real_step, real_wait = engine.step_ahead, HostSamples.wait
+        waited_s = [0.0]  # of the current step, waiting for its samples (or the samples of the step before)
+
+        def timed_wait(samples: HostSamples, seqs: list[Sequence]) -> StepSamples:
+            start = time.perf_counter()
+            try:
+                return real_wait(samples, seqs)
+            finally:
+                waited_s[0] += time.perf_counter() - start
 
         def timed_step() -> list[StreamOutput]:
             assert engine is not None
-            waiting, start = len(engine.scheduler.waiting), time.perf_counter()
+            waiting, start, waited_s[0] = len(engine.scheduler.waiting), time.perf_counter(), 0.0
             outputs = real_step()
-            steps.append((waiting, time.perf_counter() - start))
+            steps.append((waiting, time.perf_counter() - start, waited_s[0]))
             return outputs
 
         engine.step_ahead = timed_step  # type: ignore[method-assign]
+        HostSamples.wait = timed_wait  # type: ignore[method-assign]
 
     async def warm_up_then_time() -> list[float]:  # AsyncLLM serves one event loop: both rounds run in it
         await run_clients(llm, argparse.Namespace(**{**vars(args), "rounds": 1}))
@@ -108,9 +122,13 @@ def main() -> None:
           f"p90 {1e3 * p90:.1f} ms")  # fmt: skip
     if not steps:
         return
-    with_prompts = [(waiting, seconds) for waiting, seconds in steps if waiting]
-    decode_ms = [1e3 * seconds for waiting, seconds in steps if not waiting]
-    print(f"{len(steps)} engine steps; decode-only median {statistics.median(decode_ms):.1f} ms")
+    with_prompts = [(waiting, seconds) for waiting, seconds, _ in steps if waiting]
+    decode = [(1e3 * seconds, 1e3 * waited) for waiting, seconds, waited in steps if not waiting]
+    print(
+        f"{len(steps)} engine steps; decode-only median {statistics.median(ms for ms, _ in decode):.2f} ms, "
+        f"of which waiting for the device median {statistics.median(waited for _, waited in decode):.2f} ms "
+        f"(the rest, host work: median {statistics.median(ms - waited for ms, waited in decode):.2f} ms)"
+    )
     prefill_ms = statistics.median(1e3 * seconds for _, seconds in with_prompts)
     print(f"steps with prompts waiting: {len(with_prompts)}, median {prefill_ms:.1f} ms")
     print("  prompts waiting at each:", [waiting for waiting, _ in with_prompts])
