@@ -283,11 +283,14 @@ def bench_race(case: tuple[int, int], device: str, gen: torch.Generator, copy_gb
     temperatures[::8] = 0.0
     engine_keys = torch.randint(-(1 << 31), 1 << 31, (2,), generator=gen, device=device, dtype=torch.int32)
     draw_count = torch.tensor(7, device=device)
-    out = race_winners_triton(logits, engine_keys, draw_count, temperatures)
-    num_differing = int((out != keyed_sample(logits, temperatures, engine_keys, draw_count)).sum())
 
-    triton_ms = time_graph_ms(lambda: race_winners_triton(logits, engine_keys, draw_count, temperatures), device)
-    eager_ms = time_ms(lambda: race_winners_triton(logits, engine_keys, draw_count, temperatures), device)
+    def run() -> torch.Tensor:
+        return race_winners_triton(logits, engine_keys, draw_count, temperatures)
+
+    num_differing = int((run() != keyed_sample(logits, temperatures, engine_keys, draw_count)).sum())
+
+    triton_ms = time_graph_ms(run, device)
+    eager_ms = time_ms(run, device)
     # The torch path compiled as the engine runs it without Triton: the keys, then the fused race.
     reference = torch.compile(keyed_sample) if device == "cuda" else keyed_sample
     torch_ms = time_graph_ms(lambda: reference(logits, temperatures, engine_keys, draw_count), device)
