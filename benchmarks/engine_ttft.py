@@ -10,7 +10,7 @@ has the same length, the clients' requests end on the same step and the next one
 each round is a burst that one prefill step (or several, under --max-num-batched-tokens) takes in.
 Prints time to first token (add_requests() to the first output) p50/p90, and the engine steps that
 had prompts waiting, with their durations (not with --engine-process: the steps run elsewhere). On one
-GPU the engine loop steps ahead (LLMEngine.step_ahead): a step's duration is then its loop turn, which
+GPU the engine loop steps ahead (LLMEngine.step schedules ahead): a step's duration is then its loop turn, which
 launches the step and waits for the one before it. Each decode turn's time waiting for the device's samples
 is printed beside it: a loop that hardly waits is bound by the host (the engine's turn, and in a thread the
 event loop sharing its GIL), one that waits most of its turn by the device (on CPU the model runs inside the
@@ -34,11 +34,12 @@ sys.path[:0] = [REPO_ROOT, os.path.join(REPO_ROOT, "tests")]
 from serve_load import percentile, write_model_dir  # noqa: E402
 
 from nanovllm import SamplingParams  # noqa: E402
-from nanovllm.engine.async_llm import AsyncLLM  # noqa: E402
-from nanovllm.engine.host_samples import HostSamples  # noqa: E402
-from nanovllm.engine.sequence import Sequence, StepSamples  # noqa: E402
 from nanovllm.outputs import StreamOutput  # noqa: E402
-from nanovllm.utils.gc_freeze import startup_objects_frozen  # noqa: E402
+from nanovllm.runner.host_samples import HostSamples  # noqa: E402
+from nanovllm.scheduler.batch import StepSamples  # noqa: E402
+from nanovllm.scheduler.sequence import Sequence  # noqa: E402
+from nanovllm.serving.async_llm import AsyncLLM  # noqa: E402
+from nanovllm.serving.gc_freeze import startup_objects_frozen  # noqa: E402
 
 
 async def run_clients(llm: AsyncLLM, args: argparse.Namespace) -> list[float]:
@@ -86,7 +87,7 @@ def main() -> None:
     steps: list[tuple[int, float, float]] = []  # (prompts waiting at the start, seconds, seconds waited) per step
     engine = llm.engine
     if engine is not None:  # the engine runs in a thread here: time its steps
-        real_step, real_wait = engine.step_ahead, HostSamples.wait
+        real_step, real_wait = engine.step, HostSamples.wait
         waited_s = [0.0]  # of the current step, waiting for its samples (or the samples of the step before)
 
         def timed_wait(samples: HostSamples, seqs: list[Sequence]) -> StepSamples:
@@ -103,7 +104,7 @@ def main() -> None:
             steps.append((waiting, time.perf_counter() - start, waited_s[0]))
             return outputs
 
-        engine.step_ahead = timed_step  # type: ignore[method-assign]
+        engine.step = timed_step  # type: ignore[method-assign]
         HostSamples.wait = timed_wait  # type: ignore[method-assign]
 
     async def warm_up_then_time() -> list[float]:  # AsyncLLM serves one event loop: both rounds run in it
@@ -112,7 +113,7 @@ def main() -> None:
         return await run_clients(llm, args)
 
     try:
-        # As nanovllm.serve does once the engine is built.
+        # As nanovllm.serving.server does once the engine is built.
         with contextlib.nullcontext() if args.no_gc_freeze else startup_objects_frozen():
             ttfts = asyncio.run(warm_up_then_time())
     finally:

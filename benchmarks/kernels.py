@@ -2,7 +2,7 @@
 
 Shapes are Qwen3-0.6B's attention in bfloat16, with the two block sizes people use. Decode is
 memory-bound, so it is reported as achieved bandwidth next to a plain device copy measured in
-the same run. The sampler's race (kernels/triton_sampler.py) reads a [B, 151936] bf16 logits
+the same run. The sampler's race (sampling/triton_race.py) reads a [B, 151936] bf16 logits
 tensor once, so it is reported the same way (though its hash and logs make it compute-bound at
 large batches); its torch column is the reference torch.compile'd, as the engine runs it without
 Triton, and its check counts rows whose token differs from the reference's. Decode and both race
@@ -44,8 +44,8 @@ from nanovllm.kernels.triton_attention import (
     paged_prefill_attention_triton,
 )
 from nanovllm.kernels.triton_kv_store import store_kv_triton
-from nanovllm.kernels.triton_sampler import race_winners_triton
-from nanovllm.layers.sampler import noise_keys, sample
+from nanovllm.sampling.race import noise_keys, sample
+from nanovllm.sampling.triton_race import race_winners_triton
 
 # Qwen3-0.6B: 16 query heads sharing 8 KV heads, head_dim 128.
 NUM_HEADS = 16

@@ -26,12 +26,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from nanovllm.engine.host_samples import HostSamples  # noqa: E402
-from nanovllm.engine.sampling_metadata import SamplingMetadataBuilder  # noqa: E402
-from nanovllm.engine.scheduler import ScheduledBatch  # noqa: E402
-from nanovllm.engine.sequence import Sequence  # noqa: E402
-from nanovllm.layers.sampler import Sampler  # noqa: E402
+from nanovllm.runner.host_samples import HostSamples  # noqa: E402
+from nanovllm.sampling.metadata import SamplingMetadataBuilder  # noqa: E402
+from nanovllm.sampling.sampler import Sampler  # noqa: E402
 from nanovllm.sampling_params import SamplingParams  # noqa: E402
+from nanovllm.scheduler.batch import ScheduledBatch  # noqa: E402
+from nanovllm.scheduler.sequence import Sequence  # noqa: E402
 
 CONFIGS = {
     "temperature": dict(temperature=0.6),
@@ -77,7 +77,7 @@ def time_config(name: str, batch_size: int, vocab_size: int, device: torch.devic
         if on_cuda:
             events[1].record()
         builder.record(output)
-        HostSamples(output).wait(seqs)  # synchronizes
+        HostSamples.copy_from(output, None).wait(seqs)  # synchronizes
         if i >= 3:
             step_ms.append((time.perf_counter() - start) * 1e3)
             host_ms.append((call_end - call_start) * 1e3)

@@ -32,16 +32,14 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [REPO_ROOT, os.path.join(REPO_ROOT, "tests")]
 
 EMULATION_ENV = "NANOVLLM_EMULATED_DEVICE"  # "DECODE_MS,PREFILL_MS_PER_1K,DECODE_HOST_MS,PREFILL_HOST_MS"
+SAMPLED_TOKEN_ID = 5  # what every emulated step samples; not an EOS id of the tiny tokenizer
 
 
 def emulate_device(decode_ms: float, prefill_ms_per_1k: float, decode_host_ms: float, prefill_host_ms: float) -> None:
     """Replace ModelRunner.run and ModelRunner.launch, in this process, with busy work for the step's host time and
     a sleep for its device time."""
-    from engine_host import stubbed_run  # every row "samples" the same token
-
-    from nanovllm.engine.model_runner import ModelRunner
-    from nanovllm.engine.scheduler import ScheduledBatch
-    from nanovllm.engine.sequence import StepSamples
+    from nanovllm.runner.model_runner import ModelRunner
+    from nanovllm.scheduler.batch import ScheduledBatch, StepSamples
 
     device_free_s = [0.0]  # perf_counter() time at which the emulated device has run every step launched so far
 
@@ -62,7 +60,8 @@ def emulate_device(decode_ms: float, prefill_ms_per_1k: float, decode_host_ms: f
 
         def wait(self, seqs: list) -> StepSamples:
             time.sleep(max(0.0, self.ready_s - time.perf_counter()))
-            return stubbed_run(self.batch)
+            num_rows = len(self.batch.seqs)  # every row "samples" the same token
+            return StepSamples([SAMPLED_TOKEN_ID] * num_rows, [None] * num_rows, [None] * num_rows)
 
     def run(self: ModelRunner, batch: ScheduledBatch) -> StepSamples:
         return EmulatedSamples(batch, launch_on_device(batch)).wait(batch.seqs)
@@ -93,7 +92,7 @@ def main() -> None:
     parser.add_argument("--serve", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)  # the server child
     args = parser.parse_args()
     if args.serve is not None:
-        from nanovllm.serve import main as serve_main
+        from nanovllm.serving.server import main as serve_main
 
         serve_main(args.serve)
         return

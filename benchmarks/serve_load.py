@@ -66,7 +66,7 @@ def parse_args() -> argparse.Namespace:
     target.add_argument("--tiny", action="store_true", help="start a server on the tiny test model (CPU)")
     target.add_argument("--dummy-shape", help="start a server on random weights of a bench.py shape, e.g. qwen3-0.6b")
     parser.add_argument("--model-name", default=SERVED_MODEL_NAME, help="the 'model' field sent (with --url)")
-    parser.add_argument("--server-args", default="", help="extra flags for nanovllm.serve, e.g. '--dtype float32'")
+    parser.add_argument("--server-args", default="", help="extra flags for `nanovllm serve`, e.g. '--dtype float32'")
     parser.add_argument("--num-requests", type=int, default=256, help="requests to send (default 256)")
     parser.add_argument("--concurrency", type=int, default=64, help="requests in flight at once (default 64)")
     parser.add_argument(
@@ -104,7 +104,7 @@ def free_loopback_port() -> int:
 
 
 def start_server(model_dir: str, port: int, extra_args: list[str], timeout_s: float) -> subprocess.Popen:
-    command = [sys.executable, "-m", "nanovllm.serve", "--model", model_dir, "--port", str(port)]
+    command = [sys.executable, "-m", "nanovllm", "serve", "--model", model_dir, "--port", str(port)]
     command += ["--served-model-name", SERVED_MODEL_NAME, "--log-level", "warning", *extra_args]
     print("starting:", " ".join(command), flush=True)
     server = subprocess.Popen(command, cwd=REPO_ROOT)

@@ -34,11 +34,11 @@ from model_fixtures import write_tiny_model  # noqa: E402
 
 from bench import SHAPES  # noqa: E402
 from nanovllm import LLM, SamplingParams  # noqa: E402
-from nanovllm.engine.model_inputs import build_model_inputs  # noqa: E402
-from nanovllm.engine.scheduler import ScheduledBatch  # noqa: E402
-from nanovllm.engine.sequence import Sequence  # noqa: E402
-from nanovllm.engine.tp_worker import WorkerDiedError  # noqa: E402
 from nanovllm.outputs import CompletionOutput  # noqa: E402
+from nanovllm.parallel.workers import WorkerDiedError  # noqa: E402
+from nanovllm.runner.model_inputs import build_model_inputs  # noqa: E402
+from nanovllm.scheduler.batch import ScheduledBatch  # noqa: E402
+from nanovllm.scheduler.sequence import Sequence  # noqa: E402
 
 CONFIG_FIELDS = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                  "num_hidden_layers", "vocab_size", "max_position_embeddings", "tie_word_embeddings")  # fmt: skip
@@ -121,8 +121,8 @@ def distance_to_float32(name: str, exact: list[CompletionOutput], got: list[Comp
 
 def kill_worker_mid_run(model_dir: str, dtype: str, tp: int) -> None:
     llm = LLM(model_dir, dtype=dtype, tensor_parallel_size=tp, **ARGS)
-    assert llm.engine is not None and llm.engine.runner.workers is not None
-    pid = llm.engine.runner.workers.processes[-1].pid
+    assert llm.engine is not None and llm.engine.workers is not None
+    pid = llm.engine.workers.processes[-1].pid
     assert pid is not None
     killed_at: list[float] = []
 

@@ -1,4 +1,4 @@
-"""The ``nanovllm`` console script: ``nanovllm serve --model DIR [flags]`` (see nanovllm/serve.py)."""
+"""The ``nanovllm`` console script: ``nanovllm serve --model DIR [flags]`` (see nanovllm/serving/server.py)."""
 
 import sys
 from collections.abc import Sequence
@@ -11,7 +11,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args or args[0] not in COMMANDS:
         print(f"usage: nanovllm {{{','.join(COMMANDS)}}} ...   (got {args[:1] or 'nothing'})", file=sys.stderr)
         raise SystemExit(2)
-    from nanovllm.serve import main as serve_main
+    from nanovllm.serving.server import main as serve_main
 
     serve_main(args[1:])
 

@@ -1,7 +1,7 @@
 """Engine settings, validated once at construction and never changed afterwards.
 
 :class:`EngineConfig` holds what the user chose. What is discovered later (the model's
-shape, how many KV blocks fit) lives in its own objects: :class:`~nanovllm.models.arch.ModelArch`
+shape, how many KV blocks fit) lives in its own objects: the model's ``ModelArch`` (models/arch.py)
 and the model runner's cache plan.
 """
 
@@ -9,8 +9,6 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any
-
-from nanovllm.models.arch import ModelArch
 
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -68,37 +66,6 @@ class EngineConfig:
         if unknown:
             raise TypeError(f"unknown engine argument(s) {unknown}; valid ones are: {', '.join(valid)}")
         return cls(model=model, **engine_args)
-
-
-def check_tensor_parallel_split(tensor_parallel_size: int, arch: ModelArch) -> None:
-    """Refuse a tensor_parallel_size that does not split the model's heads, MLP and vocabulary evenly.
-
-    Query heads, MLP rows and vocabulary rows are divided among the ranks. Key/value heads are
-    divided too, or, when there are fewer of them than ranks, each is replicated on
-    tensor_parallel_size / num_key_value_heads ranks.
-    """
-    size = tensor_parallel_size
-    for name, value in [
-        ("num_attention_heads", arch.num_heads),
-        ("intermediate_size", arch.intermediate_size),
-        ("vocab_size", arch.vocab_size),
-    ]:
-        if value % size:
-            raise ValueError(
-                f"tensor_parallel_size={size} does not divide the model's {name}={value}; "
-                f"use a tensor_parallel_size that divides it (one of {_divisors(value)[:8]})"
-            )
-    kv = arch.num_kv_heads
-    if kv % size and size % kv:
-        raise ValueError(
-            f"tensor_parallel_size={size} and the model's num_key_value_heads={kv} must divide one another "
-            f"(KV heads are split, or replicated when fewer than the ranks); use one of {_divisors(kv)} or a "
-            f"multiple of {kv}"
-        )
-
-
-def _divisors(value: int) -> list[int]:
-    return [d for d in range(1, value + 1) if value % d == 0]
 
 
 def _check_positive_int(name: str, value: object) -> None:

@@ -7,10 +7,8 @@ from typing import Any
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.beam_search import beam_search
-from nanovllm.engine.block_manager import PrefixCacheStats
 from nanovllm.engine.llm_engine import LLMEngine, Prompt
-from nanovllm.engine.model_runner import release_cached_gpu_memory
-from nanovllm.outputs import BeamSearchOutput, RequestOutput, StreamOutput
+from nanovllm.outputs import BeamSearchOutput, PrefixCacheStats, RequestOutput, StreamOutput
 from nanovllm.sampling_params import SamplingParams
 
 
@@ -66,7 +64,6 @@ class LLM:
         if self.engine is not None:
             self.engine.close()
             self.engine = None
-            release_cached_gpu_memory()  # back to the device, for whatever the process runs next
 
     def _engine(self) -> LLMEngine:
         if self.engine is None:

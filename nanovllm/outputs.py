@@ -89,3 +89,15 @@ class BeamSearchOutput:
     """The best beams of one prompt, best score first."""
 
     sequences: list[BeamSearchSequence]
+
+
+@dataclass
+class PrefixCacheStats:
+    """Prompt tokens looked up in the prefix cache so far, and how many were found (kept by the block manager)."""
+
+    num_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache
+    num_hit_tokens: int = 0  # of those, tokens whose KV was found cached
+
+    @property
+    def hit_rate(self) -> float:
+        return self.num_hit_tokens / self.num_queried_tokens if self.num_queried_tokens else 0.0

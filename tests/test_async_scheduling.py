@@ -176,7 +176,7 @@ def test_schedules_ahead_whenever_enabled(tiny_models: dict[str, Path], params: 
             engine = llm.engine
             assert engine is not None
             engine.add_request([1, 2, 3], params, stream_text=False)
-            assert engine._can_schedule_ahead() == enabled
+            assert engine.schedules_ahead == enabled
 
 
 @pytest.mark.parametrize("with_tokenizer", [True, False])
@@ -237,25 +237,29 @@ def step_until_done(engine: LLMEngine, step: Callable[[], list[StreamOutput]], p
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_step_ahead_gives_the_outputs_of_step(tiny_models: dict[str, Path], case: str) -> None:
-    """Guards the server's loop (LLMEngine.step_ahead): with requests joining and aborted mid-run, stop tokens and
-    strings, n > 1, seeds, logprobs and penalties, its outputs must join to what step() gives, every step's
-    bookkeeping done while the next step runs, and nothing left running at the end."""
+    """Guards the server's loop (LLMEngine.step, scheduling ahead): with requests joining and aborted mid-run,
+    stop tokens and strings, n > 1, seeds, logprobs and penalties, its outputs must join to what steps run in
+    turn give, every step's bookkeeping done while the next step runs, and nothing left running at the end."""
     model_dir = str(tiny_models["qwen3"])
     args = {**BASE_ARGS, **CASES[case]}
     prompts = random_prompts(7, 5, 30 if case == "preemption" else 50, seed=15)
-    with LLM(model_dir, **args) as llm:
+    with LLM(model_dir, async_scheduling=False, **args) as llm:
         greedy = SamplingParams(temperature=0.0, max_tokens=8)
         stop_tokens = [out.token_ids[3] for out in llm.generate(prompts, greedy, use_tqdm=False)]
         params = mixed_params(stop_tokens[:-1])
         params[2] = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True)  # r2, still running at its abort
         params.append(SamplingParams(temperature=0.8, seed=3, n=2, max_tokens=10, stop=["e"]))  # the late request
         engine = llm.engine
-        assert engine is not None and engine._can_schedule_ahead()
+        assert engine is not None and not engine.schedules_ahead
         launches_ahead = count_launches_ahead(engine)
         expected = step_until_done(engine, engine.step, prompts, params)
         assert launches_ahead[0] == 0
-        got = step_until_done(engine, engine.step_ahead, prompts, params)
-        assert launches_ahead[0] > 5, "step_ahead() did not schedule ahead"
+    with LLM(model_dir, **args) as llm:
+        engine = llm.engine
+        assert engine is not None and engine.schedules_ahead
+        launches_ahead = count_launches_ahead(engine)
+        got = step_until_done(engine, engine.step, prompts, params)
+        assert launches_ahead[0] > 5, "step() did not schedule ahead"
     assert sum(value[3] == "stop" for value in expected.values()) >= 2, "the test needs stop tokens or strings"
     # A step run ahead may hold rows of sequences that ended in the step before: other rows' logprobs then move
     # in their last digits (a batch of another size), never their tokens.
@@ -267,20 +271,21 @@ def test_step_ahead_gives_the_outputs_of_step(tiny_models: dict[str, Path], case
         assert [list(top.values()) for top in got[key][2]] == expected_values
 
 
-def test_step_refused_while_a_step_ahead_runs(tiny_models: dict[str, Path]) -> None:
-    """Guards against step() scheduling over a step that step_ahead() launched and nobody recorded."""
+def test_step_reports_each_step_one_call_late(tiny_models: dict[str, Path]) -> None:
+    """Guards the one step contract when scheduling ahead: a call launches the next step and reports the one
+    before, so the first call of a run reports nothing; an abort leaves nothing in flight, and a later run
+    starts afresh."""
     with LLM(str(tiny_models["qwen3"]), num_kvcache_blocks=64, **BASE_ARGS) as llm:
         engine = llm.engine
         assert engine is not None
         engine.add_request([1, 2, 3], SamplingParams(max_tokens=8, ignore_eos=True), request_id="a")
-        assert engine.step_ahead() == []  # launched; its outputs come with the next call
-        with pytest.raises(RuntimeError, match="step_ahead"):
-            engine.step()
-        assert [out.new_token_ids for out in engine.step_ahead()] != []
+        assert engine.step() == []  # launched; its outputs come with the next call
+        assert [out.new_token_ids for out in engine.step()] != []
         engine.abort_request("a")
         assert engine._in_flight is None
         engine.add_request([4, 5], SamplingParams(max_tokens=2, ignore_eos=True), request_id="b")
-        assert [len(out.new_token_ids) for out in engine.step()] == [1], "step() works again once idle"
+        assert engine.step() == [], "a new run starts with nothing in flight"
+        assert [len(out.new_token_ids) for out in engine.step()] == [1]
         engine.abort_request("b")
         # The last request ends on a stop token: the step launched meanwhile holds its wasted row, and must not
         # outlive it (the next step() would refuse).
@@ -290,7 +295,7 @@ def test_step_refused_while_a_step_ahead_runs(tiny_models: dict[str, Path]) -> N
         engine.add_request([7, 8, 9], SamplingParams(temperature=0.0, max_tokens=6, stop_token_ids=[stop]))
         reasons = []
         while engine.has_unfinished_requests():
-            reasons += [out.finish_reason for out in engine.step_ahead() if out.finished]
+            reasons += [out.finish_reason for out in engine.step() if out.finished]
         assert reasons == ["stop"]
         assert engine._in_flight is None, "a step was left running once every request had finished"
 
@@ -307,7 +312,7 @@ def test_step_ahead_failure_then_abort_leaves_the_engine_usable(tiny_models: dic
         for i, prompt in enumerate(prompts):
             engine.add_request(prompt, params, request_id=f"r{i}")
         for _ in range(4):
-            engine.step_ahead()
+            engine.step()
         real_launch = engine.runner.launch
 
         def failing_launch(batch, in_flight):  # type: ignore[no-untyped-def]
@@ -316,7 +321,7 @@ def test_step_ahead_failure_then_abort_leaves_the_engine_usable(tiny_models: dic
 
         engine.runner.launch = failing_launch  # type: ignore[method-assign]
         with pytest.raises(RuntimeError, match="injected"):
-            engine.step_ahead()
+            engine.step()
         assert engine._in_flight is None
         for i in range(len(prompts)):
             assert engine.abort_request(f"r{i}")
@@ -326,6 +331,6 @@ def test_step_ahead_failure_then_abort_leaves_the_engine_usable(tiny_models: dic
         for i, prompt in enumerate(prompts):
             got[engine.add_request(prompt, params, request_id=f"again{i}")] = []
         while engine.has_unfinished_requests():
-            for out in engine.step_ahead():
+            for out in engine.step():
                 got[out.request_id] += out.new_token_ids
     assert list(got.values()) == expected

@@ -1,8 +1,8 @@
 """Block manager unit tests: no model, no GPU."""
 
-from nanovllm.engine.block_manager import BlockManager
-from nanovllm.engine.sequence import Sequence
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.scheduler.block_manager import BlockManager
+from nanovllm.scheduler.sequence import Sequence
 
 BLOCK_SIZE = 16
 

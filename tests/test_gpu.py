@@ -10,14 +10,14 @@ import pytest
 import torch
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.engine.async_llm import AsyncLLM
-from nanovllm.engine.host_samples import NUM_TOKEN_BUFFERS, HostSamples, TokenBuffers
-from nanovllm.engine.model_inputs import build_model_inputs
-from nanovllm.engine.scheduler import ScheduledBatch
-from nanovllm.engine.sequence import Sequence
-from nanovllm.kernels import triton_sampler
 from nanovllm.kernels.backends import is_flash_attn_installed
-from nanovllm.layers.sampler import SamplerOutput
+from nanovllm.runner.host_samples import NUM_TOKEN_BUFFERS, HostSamples, TokenRing
+from nanovllm.runner.model_inputs import build_model_inputs
+from nanovllm.sampling import triton_race
+from nanovllm.sampling.sampler import SamplerOutput
+from nanovllm.scheduler.batch import ScheduledBatch
+from nanovllm.scheduler.sequence import Sequence
+from nanovllm.serving.async_llm import AsyncLLM
 from tests.test_async_scheduling import step_until_done
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -70,7 +70,7 @@ def test_cuda_graphs_equal_eager_under_preemption(tiny_models: dict[str, Path]) 
 
 
 def test_scheduling_ahead_equals_in_turn_with_graphs(tiny_models: dict[str, Path]) -> None:
-    """Guards the device-side feed of pending tokens into the decode graphs (feed_rows, last_sampled), the
+    """Guards the device-side feed of pending tokens into the decode graphs (PendingTokens, last_sampled), the
     pinned staging buffers refilled while the previous step may still copy from them, and rows wasted on
     sequences that a stop token ended."""
     batch = prompts(20, seed=9)
@@ -85,10 +85,11 @@ def test_scheduling_ahead_equals_in_turn_with_graphs(tiny_models: dict[str, Path
 
 
 def test_step_ahead_equals_step_with_graphs(tiny_models: dict[str, Path]) -> None:
-    """Guards the server's loop on CUDA (LLMEngine.step_ahead): decode graphs fed the pending tokens, sampling
-    graphs for greedy and temperature rows, eager rich sampling, a request joining and one aborted mid-run."""
+    """Guards the server's loop on CUDA (LLMEngine.step, scheduling ahead): decode graphs fed the pending tokens,
+    sampling graphs for greedy and temperature rows, eager rich sampling, a request joining and one aborted
+    mid-run, against steps run in turn."""
     batch = prompts(9, seed=12)
-    with LLM(str(tiny_models["qwen3"]), dtype="float32", **ARGS) as llm:
+    with LLM(str(tiny_models["qwen3"]), dtype="float32", async_scheduling=False, **ARGS) as llm:
         engine = llm.engine
         assert engine is not None and engine.runner.decode_graphs is not None
         stop_tokens = [out.token_ids[4] for out in llm.generate(batch, GREEDY, use_tqdm=False)]
@@ -100,7 +101,10 @@ def test_step_ahead_equals_step_with_graphs(tiny_models: dict[str, Path]) -> Non
         ]  # fmt: skip
         params[2] = GREEDY  # the request aborted mid-run: still running then
         expected = step_until_done(engine, engine.step, batch, params)
-        got = step_until_done(engine, engine.step_ahead, batch, params)
+    with LLM(str(tiny_models["qwen3"]), dtype="float32", **ARGS) as llm:
+        engine = llm.engine
+        assert engine is not None and engine.schedules_ahead
+        got = step_until_done(engine, engine.step, batch, params)
     assert sum(value[3] == "stop" for value in expected.values()) >= 2, "the test needs rows ended by stop tokens"
     assert {key: (value[0], value[3]) for key, value in got.items()} == {
         key: (value[0], value[3]) for key, value in expected.items()
@@ -122,7 +126,7 @@ def test_graph_input_copy_waited_for_before_restaging(tiny_models: dict[str, Pat
 
 
 def test_graph_token_buffers_read_before_reuse(tiny_models: dict[str, Path]) -> None:
-    """Guards the two pinned buffers the sampling graphs copy their tokens into by turns: a third step
+    """Guards the token ring's buffers the sampling graphs copy their tokens into by turns: a third step
     launched while the first one's samples are unread must read them before its replay overwrites them."""
     params = SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True)
     with LLM(str(tiny_models["qwen3"]), dtype="float32", **ARGS) as llm:
@@ -238,25 +242,22 @@ def test_graph_sampling_follows_the_engine_seed(tiny_models: dict[str, Path]) ->
     assert sampled_tokens(tiny_models["qwen3"], batch, params, seed=2) != first
 
 
-def test_token_buffers_reused_only_after_read() -> None:
-    """Guards the pinned buffers that sampled token ids land in: a buffer whose tokens were not read yet
-    must not be handed out again (the next copy would overwrite them); read or dropped, it is reused."""
-    buffers = TokenBuffers(max_num_rows=8)
+def test_token_ring_reads_unread_samples_before_reuse() -> None:
+    """Guards the pinned ring that sampled token ids land in: a buffer whose tokens were not read yet must have
+    them read before it is handed out again (the next copy overwrites it); dropped unread, it is reused as is."""
+    ring = TokenRing(max_num_rows=8)
 
     def launch(first_token: int) -> HostSamples:
         token_ids = torch.arange(first_token, first_token + 8, device="cuda")
-        return HostSamples(SamplerOutput(token_ids, None, None, None), buffers)
+        return HostSamples.copy_from(SamplerOutput(token_ids, None, None, None), ring)
 
     held = [launch(10 * i) for i in range(NUM_TOKEN_BUFFERS)]
-    extra = launch(100)  # every buffer held: this one allocates its own
-    assert extra._index is None and all(s._index is not None for s in held)
+    reused = launch(100)  # buffer 0 again, while held[0] is unread
     assert held[0].wait([]).token_ids == list(range(8)), "the first step's tokens were overwritten"
-    reused = launch(200)
-    assert reused._index == 0
     assert held[0].wait([]).token_ids == list(range(8)), "a second wait() must give the tokens it read"
-    del held[1]  # dropped unread: its buffer is free again
-    assert launch(300)._index == 1
-    assert extra.wait([]).token_ids == list(range(100, 108)) and reused.wait([]).token_ids == list(range(200, 208))
+    del held[1]  # dropped unread: its buffer is simply reused
+    again = launch(200)
+    assert reused.wait([]).token_ids == list(range(100, 108)) and again.wait([]).token_ids == list(range(200, 208))
 
 
 SAMPLER_CONFIGS = {
@@ -272,8 +273,8 @@ SAMPLER_CONFIGS = {
 def test_compiled_sampler_full_vocab(config: str) -> None:
     """Guards against Inductor failing or miscompiling the pipeline at a real vocabulary size (151,936
     tokens split its reductions; a tiny test vocabulary does not): compiled CUDA equals eager CUDA."""
-    from nanovllm.engine.sampling_metadata import SamplingMetadataBuilder
-    from nanovllm.layers.sampler import Sampler
+    from nanovllm.sampling.metadata import SamplingMetadataBuilder
+    from nanovllm.sampling.sampler import Sampler
 
     vocab_size, device = 151936, torch.device("cuda")
     gen = torch.Generator().manual_seed(0)
@@ -381,7 +382,7 @@ def test_sampler_compiled_when_the_engine_is_built(tiny_models: dict[str, Path])
     """Guards against the first requests waiting for a compiler: a server's first single-row step and its
     first batch each compiled the sampler, stalling those requests over a second. With the triton backend
     the short path is the Triton race alone, whose kernels the engine's build compiles (no torch.compile)."""
-    kernels = (triton_sampler._race_kernel, triton_sampler._best_of_splits_kernel)
+    kernels = (triton_race._race_kernel, triton_race._best_of_splits_kernel)
     for kernel in kernels:
         kernel.device_caches.clear()  # earlier tests' engines compiled them already; this engine must do it itself
 

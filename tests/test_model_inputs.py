@@ -4,10 +4,10 @@ import random
 
 import torch
 
-from nanovllm.engine.model_inputs import build_model_inputs
-from nanovllm.engine.scheduler import ScheduledBatch
-from nanovllm.engine.sequence import Sequence
+from nanovllm.runner.model_inputs import build_model_inputs
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.scheduler.batch import ScheduledBatch
+from nanovllm.scheduler.sequence import Sequence
 
 BLOCK_SIZE = 16
 

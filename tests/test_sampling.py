@@ -8,21 +8,21 @@ import pytest
 import torch
 import xxhash
 
-from nanovllm.engine.host_samples import HostSamples
-from nanovllm.engine.sampling_metadata import SamplingMetadataBuilder
-from nanovllm.engine.scheduler import ScheduledBatch
-from nanovllm.engine.sequence import PENDING_TOKEN, Sequence
-from nanovllm.layers.sampler import (
+from nanovllm.runner.host_samples import HostSamples
+from nanovllm.sampling.metadata import SamplingMetadataBuilder
+from nanovllm.sampling.race import hash_keys
+from nanovllm.sampling.sampler import (
     Sampler,
     SamplingTensors,
     apply_min_p,
     apply_penalties,
     apply_token_entries,
     apply_top_k_top_p,
-    hash_keys,
     transform_logits,
 )
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.scheduler.batch import ScheduledBatch
+from nanovllm.scheduler.sequence import Sequence
 
 VOCAB = 64
 EOS = 3
@@ -92,9 +92,9 @@ def test_penalty_counts_stay_in_sync_over_steps() -> None:
     table = b.penalty_table
     assert table.output_counts is not None
     for seq in batch.seqs:
-        slot = table.slot_of[seq.seq_id]
+        row = table.row_of[seq.seq_id]
         expected = torch.bincount(torch.tensor(seq.output_token_ids), minlength=VOCAB).int()
-        assert torch.equal(table.output_counts[slot], expected), (seq.output_token_ids, table.output_counts[slot])
+        assert torch.equal(table.output_counts[row], expected), (seq.output_token_ids, table.output_counts[row])
 
 
 def test_logit_bias_and_min_tokens_equal_reference() -> None:
@@ -327,7 +327,7 @@ def test_logprobs_are_raw_log_softmax() -> None:
     logits = torch.randn(3, VOCAB)
     b = builder()
     output = Sampler()(logits, b.build(batch))
-    samples = HostSamples(output).wait(batch.seqs)
+    samples = HostSamples.copy_from(output, None).wait(batch.seqs)
     reference = torch.log_softmax(logits, -1)
     top = reference[0].topk(3)
     expected = dict(zip(top.indices.tolist(), top.values.tolist(), strict=True))
@@ -430,6 +430,6 @@ def test_penalty_row_never_rebuilt_from_a_pending_token() -> None:
     """Guards the penalty table's invariant under scheduling ahead: a row rebuilt from a sequence whose newest
     token is still on the device would miss that token's count, so it must fail loudly instead."""
     batch = make_batch([SamplingParams(repetition_penalty=1.2)])
-    batch.seqs[0].token_ids.append(PENDING_TOKEN)
+    batch.seqs[0].num_pending_tokens = 1
     with pytest.raises(RuntimeError, match="pending"):
         builder().build(batch)

@@ -2,10 +2,11 @@
 
 import pytest
 
-from nanovllm.engine.block_manager import BlockManager
-from nanovllm.engine.scheduler import Scheduler, SchedulerLimits
-from nanovllm.engine.sequence import PENDING_TOKEN, Sequence, SequenceStatus, StepSamples
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.scheduler.batch import StepSamples
+from nanovllm.scheduler.block_manager import BlockManager
+from nanovllm.scheduler.scheduler import Scheduler, SchedulerLimits
+from nanovllm.scheduler.sequence import Sequence, SequenceStatus
 
 BLOCK_SIZE = 16
 EOS = 0
@@ -144,8 +145,9 @@ def test_step_ahead_with_a_stop_token_and_a_preemption_in_flight() -> None:
     scheduler.add(first)
     scheduler.add(second)
     prefill = scheduler.schedule()
-    rows = scheduler.advance(prefill)  # both prompts done: each holds a PENDING_TOKEN at position 16
-    assert rows == [0, 1] and first.token_ids[-1] == second.token_ids[-1] == PENDING_TOKEN
+    rows = scheduler.advance(prefill)  # both prompts done: each has a pending token at position 16
+    assert rows == [0, 1] and first.num_pending_tokens == second.num_pending_tokens == 1
+    assert first.num_tokens == second.num_tokens == 17 and len(first.token_ids) == 16
     decode = scheduler.schedule()  # each needs a block for position 16: one is free, so `second` is preempted
     assert decode.seqs == [first] and second.status is SequenceStatus.WAITING and scheduler.num_preemptions == 1
     finished = scheduler.record_samples(prefill, rows, samples_of([SAMPLED, EOS]))  # second sampled EOS
@@ -159,3 +161,23 @@ def test_step_ahead_with_a_stop_token_and_a_preemption_in_flight() -> None:
     assert finished == [first] and first.num_output_tokens == 2
     assert scheduler.advance(ahead) == [] and first.num_output_tokens == 2  # the wasted row records nothing
     assert not scheduler.has_unfinished() and scheduler.block_manager.num_free_blocks == 3
+
+
+def test_decode_follows_block_boundaries() -> None:
+    """Guards the decode bookkeeping at block boundaries: every token of a long decode gets a slot in a block the
+    sequence owns, each full block is registered once, and every block comes back at the end."""
+    limits = SchedulerLimits(max_num_seqs=4, max_num_batched_tokens=64, max_model_len=128)
+    scheduler = Scheduler(BlockManager(32, BLOCK_SIZE), limits, eos_token_ids={EOS})
+    seqs = [Sequence([1] * (5 + 4 * i), SamplingParams(max_tokens=60, ignore_eos=True)) for i in range(4)]
+    for seq in seqs:
+        scheduler.add(seq)
+    while scheduler.has_unfinished():
+        batch = scheduler.schedule()
+        for seq in batch.seqs:
+            assert len(seq.block_table) * BLOCK_SIZE >= seq.num_tokens, "the newest token has no slot"
+        scheduler.postprocess(batch, samples_of([3] * len(batch.seqs)))
+        for seq in batch.seqs:
+            if not seq.is_finished:
+                assert len(seq.block_hashes) == seq.num_computed_tokens // BLOCK_SIZE
+    assert all(seq.num_output_tokens == 60 for seq in seqs)
+    assert scheduler.block_manager.num_free_blocks == 32

@@ -19,17 +19,17 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.engine.async_llm import AsyncLLM, EngineError, RequestStream
 from nanovllm.outputs import StreamOutput
-from nanovllm.utils.gc_freeze import startup_objects_frozen
+from nanovllm.serving.async_llm import AsyncLLM, EngineError, RequestStream
+from nanovllm.serving.gc_freeze import startup_objects_frozen
 
 uvicorn = pytest.importorskip("uvicorn")
-from nanovllm.entrypoints.app import build_app  # noqa: E402  (needs the serve extra, checked just above)
-from nanovllm.entrypoints.errors import APIError  # noqa: E402
-from nanovllm.entrypoints.openai_api import sse  # noqa: E402
-from nanovllm.entrypoints.params import to_sampling_params  # noqa: E402
-from nanovllm.entrypoints.protocol import CompletionRequest  # noqa: E402
-from nanovllm.serve import engine_args_from, make_parser  # noqa: E402
+from nanovllm.serving.app import build_app  # noqa: E402  (needs the serve extra, checked just above)
+from nanovllm.serving.errors import APIError  # noqa: E402
+from nanovllm.serving.openai_api import sse  # noqa: E402
+from nanovllm.serving.params import to_sampling_params  # noqa: E402
+from nanovllm.serving.protocol import CompletionRequest  # noqa: E402
+from nanovllm.serving.server import engine_args_from, make_parser  # noqa: E402
 
 MODEL_NAME = "tiny-qwen3"
 API_KEY = "test-key"
@@ -192,13 +192,13 @@ def test_concurrent_streams_all_correct(server: Server) -> None:
 def slow_engine(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every engine step takes SLOW_STEP_S longer, so a 200-token request cannot finish before its client leaves."""
     engine = server.async_llm.engine
-    real_step = engine.step_ahead
+    real_step = engine.step
 
     def slow_step() -> Any:
         time.sleep(SLOW_STEP_S)
         return real_step()
 
-    monkeypatch.setattr(engine, "step_ahead", slow_step)
+    monkeypatch.setattr(engine, "step", slow_step)
 
 
 def wait_for_abort(server: Server, num_aborted_before: float) -> dict[str, float]:
@@ -323,13 +323,13 @@ def test_sampling_fields_passed_by_name() -> None:
 def test_engine_error_fails_request_not_server(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
     """Guards against an exception in an engine step killing the engine thread or hanging its requests."""
     engine = server.async_llm.engine
-    real_step = engine.step_ahead
+    real_step = engine.step
 
     def failing_step() -> Any:
-        monkeypatch.setattr(engine, "step_ahead", real_step)  # fail once only
+        monkeypatch.setattr(engine, "step", real_step)  # fail once only
         raise RuntimeError("injected failure")
 
-    monkeypatch.setattr(engine, "step_ahead", failing_step)
+    monkeypatch.setattr(engine, "step", failing_step)
     with pytest.raises(openai.InternalServerError, match="injected failure"):
         server.client().completions.create(model=MODEL_NAME, prompt="Hello", max_tokens=4)
     assert server.async_llm.is_running

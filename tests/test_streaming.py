@@ -152,8 +152,8 @@ def test_generate_after_an_abandoned_stream_steps_quietly(llm: LLM, monkeypatch:
         break
     stream.close()
     per_row_steps = []
-    real_step = engine._step
-    monkeypatch.setattr(engine, "_step", lambda: per_row_steps.append(1) or real_step())
+    real_follow = engine._follow
+    monkeypatch.setattr(engine, "_follow", lambda *args: per_row_steps.append(1) or real_follow(*args))
     outputs = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True), use_tqdm=False)
     assert [len(out.token_ids) for out in outputs] == [8] * len(PROMPTS) and not per_row_steps
 

@@ -19,9 +19,9 @@ import pytest
 import torch.distributed as dist
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.engine.scheduler import ScheduledBatch
-from nanovllm.engine.tp_worker import WorkerDiedError
-from nanovllm.utils.parallel import TensorParallelInfo, get_tensor_parallel
+from nanovllm.parallel.process_group import TensorParallelInfo, get_tensor_parallel
+from nanovllm.parallel.workers import WorkerDiedError
+from nanovllm.scheduler.batch import ScheduledBatch
 
 BLOCK_SIZE = 16
 BASE_ARGS = dict(device="cpu", dtype="float32", kvcache_block_size=BLOCK_SIZE, max_model_len=128, seed=0)
@@ -94,8 +94,8 @@ def test_dropped_engine_stops_workers_and_killed_worker_raises(
     failing with an obscure gloo error) when a worker dies mid-run; close() after that, twice, is harmless."""
     model_dir = str(tiny_models["qwen3"])
     llm = LLM(model_dir, tensor_parallel_size=2, num_kvcache_blocks=64, **BASE_ARGS)
-    assert llm.engine is not None and llm.engine.runner.workers is not None
-    processes = list(llm.engine.runner.workers.processes)
+    assert llm.engine is not None and llm.engine.workers is not None
+    processes = list(llm.engine.workers.processes)
     del llm
     gc.collect()
     for process in processes:
@@ -104,9 +104,9 @@ def test_dropped_engine_stops_workers_and_killed_worker_raises(
     assert_no_tensor_parallel_left()
 
     llm = LLM(model_dir, tensor_parallel_size=2, num_kvcache_blocks=64, **BASE_ARGS)
-    assert llm.engine is not None and llm.engine.runner.workers is not None
+    assert llm.engine is not None and llm.engine.workers is not None
     runner = llm.engine.runner
-    worker = runner.workers.processes[0]
+    worker = llm.engine.workers.processes[0]
     killed_at: list[float] = []
     run_step, steps = runner.run, itertools.count()
 
@@ -137,7 +137,7 @@ def test_workers_stop_at_interpreter_exit(tiny_models: dict[str, Path]) -> None:
     script = (
         "from nanovllm import LLM\n"
         f"llm = LLM({str(tiny_models['qwen3'])!r}, tensor_parallel_size=2, num_kvcache_blocks=64, **{BASE_ARGS!r})\n"
-        "print(llm.engine.runner.workers.processes[0].pid, flush=True)\n"
+        "print(llm.engine.workers.processes[0].pid, flush=True)\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -198,7 +198,7 @@ def test_stuck_rank0_exits_with_the_reason_and_takes_the_workers() -> None:
     collective that waits on a dead worker, the process must exit naming the worker, not hang, and the
     workers still alive (stuck in the same collective) must not outlive it."""
     script = (
-        "import multiprocessing, time, nanovllm.engine.tp_worker as w\n"
+        "import multiprocessing, time, nanovllm.parallel.workers as w\n"
         "w.STUCK_EXIT_S = 0.5\n"
         "if __name__ == '__main__':\n"
         "    worker = multiprocessing.get_context('spawn').Process(target=time.sleep, args=(60,))\n"
@@ -221,7 +221,7 @@ def test_rank0_not_stuck_is_not_exited() -> None:
     """Guards against the last resort killing a process that is not stuck: its engine raised, or it sat
     between steps (an idle engine raises at its next step, however late that comes)."""
     script = (
-        "import nanovllm.engine.tp_worker as w\n"
+        "import nanovllm.parallel.workers as w\n"
         "w.STUCK_EXIT_S = 0.5\n"
         "raised = w._Failure(message='rank 1 exited with code -9', in_step=True)\n"
         "raised.raised.set()\n"

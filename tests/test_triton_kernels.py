@@ -25,8 +25,8 @@ from nanovllm.kernels.triton_attention import (
     paged_prefill_attention_triton,
 )
 from nanovllm.kernels.triton_kv_store import store_kv_triton
-from nanovllm.kernels.triton_sampler import BLOCK_V, race_winners_triton
-from nanovllm.layers.sampler import noise_keys, race_winners, sample
+from nanovllm.sampling.race import noise_keys, race_winners, sample
+from nanovllm.sampling.triton_race import BLOCK_V, race_winners_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Absolute and relative tolerance against a float32 reference on the same (rounded) inputs:

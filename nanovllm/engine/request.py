@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from transformers import PreTrainedTokenizerBase
 
 from nanovllm.engine.completion_text import CompletionText
-from nanovllm.engine.sequence import Sequence
 from nanovllm.outputs import CompletionOutput, RequestOutput
+from nanovllm.scheduler.sequence import Sequence
 
 
 @dataclass

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanovllm.layers.compile import maybe_compile
+from nanovllm.utils.compile import maybe_compile
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -5,37 +5,47 @@ from torch import nn
 
 from nanovllm.kernels.backends import Kernels
 from nanovllm.layers.attention import Attention
-from nanovllm.layers.compile import maybe_compile
 from nanovllm.layers.layernorm import RMSNorm, rms_norm
 from nanovllm.layers.linear import QKVParallelLinear, RowParallelLinear
-from nanovllm.layers.rotary import RotaryEmbedding, apply_rotary
-from nanovllm.models.arch import ModelArch
+from nanovllm.layers.rotary import RopeConfig, RotaryEmbedding, apply_rotary
+from nanovllm.utils.compile import maybe_compile
 
 
 class SelfAttentionBlock(nn.Module):
     """qkv projection -> (optional per-head q/k RMSNorm, as in Qwen3) -> rotary -> attention -> o projection."""
 
-    def __init__(self, arch: ModelArch, kernels: Kernels, qkv_bias: bool, o_bias: bool, qk_norm: bool) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,  # query heads of the whole model (each rank holds its share)
+        num_kv_heads: int,  # key/value heads of the whole model
+        head_dim: int,
+        rope: RopeConfig,
+        max_position: int,  # longest context: the rotary tables' length
+        rms_norm_eps: float,  # of the q/k norms
+        kernels: Kernels,
+        qkv_bias: bool,
+        o_bias: bool,
+        qk_norm: bool,  # an RMSNorm over each query and key head before rotary (Qwen3)
+    ) -> None:
         super().__init__()
-        self.qkv_proj = QKVParallelLinear(arch.hidden_size, arch.head_dim, arch.num_heads, arch.num_kv_heads, qkv_bias)
+        self.qkv_proj = QKVParallelLinear(hidden_size, head_dim, num_heads, num_kv_heads, qkv_bias)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads  # per rank
-        self.head_dim = arch.head_dim
-        self.o_proj = RowParallelLinear(arch.num_heads * arch.head_dim, arch.hidden_size, o_bias)
+        self.head_dim = head_dim
+        self.o_proj = RowParallelLinear(num_heads * head_dim, hidden_size, o_bias)
         compile_ops = kernels.compile_ops
-        self.q_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, compile_ops) if qk_norm else None
-        self.k_norm = RMSNorm(arch.head_dim, arch.rms_norm_eps, compile_ops) if qk_norm else None
-        self.rotary = RotaryEmbedding(arch.head_dim, arch.max_position_embeddings, arch.rope, compile_ops)
+        self.q_norm = RMSNorm(head_dim, rms_norm_eps, compile_ops) if qk_norm else None
+        self.k_norm = RMSNorm(head_dim, rms_norm_eps, compile_ops) if qk_norm else None
+        self.rotary = RotaryEmbedding(head_dim, max_position, rope, compile_ops)
         # Norm and rotary of q and k: one Triton kernel where Triton runs the attention (it splits each head
         # in power-of-two halves), else one compiled function for Qwen3's q/k norm + rotary, else rotary alone.
         self._triton_norm_rotary = None
-        head_dim = arch.head_dim
         if kernels.triton_rotary and head_dim & (head_dim - 1) == 0:
             from nanovllm.kernels.triton_rotary import norm_rotary_triton  # imports Triton: only when chosen
 
             self._triton_norm_rotary = norm_rotary_triton
         self._norm_and_rotate = maybe_compile(norm_and_rotate, compile_ops)
-        scale = arch.head_dim**-0.5
-        self.attn = Attention(self.num_heads, self.num_kv_heads, arch.head_dim, scale, kernels.attention)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5, kernels.attention)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(hidden_states)  # [N, (num_heads + 2 * num_kv_heads) * head_dim]

@@ -5,7 +5,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from nanovllm.utils.parallel import get_tensor_parallel
+from nanovllm.parallel.process_group import get_tensor_parallel
 
 
 class VocabParallelEmbedding(nn.Module):

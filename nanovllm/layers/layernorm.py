@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from nanovllm.layers.compile import maybe_compile
+from nanovllm.utils.compile import maybe_compile
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

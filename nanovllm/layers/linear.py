@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from nanovllm.utils.parallel import get_tensor_parallel
+from nanovllm.parallel.process_group import get_tensor_parallel
 
 
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:

@@ -5,12 +5,24 @@ Each pair of dimensions (i, i + head_dim/2) of a query or key is rotated by the 
 """
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from nanovllm.layers.compile import maybe_compile
-from nanovllm.models.arch import RopeConfig
+from nanovllm.utils.compile import maybe_compile
+
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float  # base of the rotary frequencies
+    rope_type: str = "default"  # "default", "linear" or "llama3"
+    factor: float = 1.0  # context extension factor (linear, llama3)
+    low_freq_factor: float = 1.0  # llama3: wavelengths above original_len / this are scaled fully
+    high_freq_factor: float = 4.0  # llama3: wavelengths below original_len / this are not scaled
+    original_max_position_embeddings: int = 8192  # llama3: context the model was pretrained on
 
 
 def rope_inv_freq(head_dim: int, rope: RopeConfig) -> torch.Tensor:  # [head_dim / 2] float32

@@ -9,18 +9,9 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-ROPE_TYPES = ("default", "linear", "llama3")
+from nanovllm.layers.rotary import ROPE_TYPES, RopeConfig
+
 DEFAULT_ROPE_THETA = 10000.0  # transformers' default base when a config names none
-
-
-@dataclass(frozen=True)
-class RopeConfig:
-    theta: float  # base of the rotary frequencies
-    rope_type: str = "default"  # "default", "linear" or "llama3"
-    factor: float = 1.0  # context extension factor (linear, llama3)
-    low_freq_factor: float = 1.0  # llama3: wavelengths above original_len / this are scaled fully
-    high_freq_factor: float = 4.0  # llama3: wavelengths below original_len / this are not scaled
-    original_max_position_embeddings: int = 8192  # llama3: context the model was pretrained on
 
 
 @dataclass(frozen=True)
@@ -107,3 +98,34 @@ def parse_model_arch(config: dict[str, Any]) -> ModelArch:
 
 def load_model_arch(model_dir: str) -> ModelArch:
     return parse_model_arch(read_config_json(model_dir))
+
+
+def check_tensor_parallel_split(tensor_parallel_size: int, arch: ModelArch) -> None:
+    """Refuse a tensor_parallel_size that does not split the model's heads, MLP and vocabulary evenly.
+
+    Query heads, MLP rows and vocabulary rows are divided among the ranks. Key/value heads are
+    divided too, or, when there are fewer of them than ranks, each is replicated on
+    tensor_parallel_size / num_key_value_heads ranks.
+    """
+    size = tensor_parallel_size
+    for name, value in [
+        ("num_attention_heads", arch.num_heads),
+        ("intermediate_size", arch.intermediate_size),
+        ("vocab_size", arch.vocab_size),
+    ]:
+        if value % size:
+            raise ValueError(
+                f"tensor_parallel_size={size} does not divide the model's {name}={value}; "
+                f"use a tensor_parallel_size that divides it (one of {_divisors(value)[:8]})"
+            )
+    kv = arch.num_kv_heads
+    if kv % size and size % kv:
+        raise ValueError(
+            f"tensor_parallel_size={size} and the model's num_key_value_heads={kv} must divide one another "
+            f"(KV heads are split, or replicated when fewer than the ranks); use one of {_divisors(kv)} or a "
+            f"multiple of {kv}"
+        )
+
+
+def _divisors(value: int) -> list[int]:
+    return [d for d in range(1, value + 1) if value % d == 0]

@@ -19,7 +19,10 @@ class DecoderLayer(nn.Module):
     def __init__(self, arch: ModelArch, kernels: Kernels, qkv_bias: bool, o_bias: bool, qk_norm: bool):
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, kernels.compile_ops)
-        self.self_attn = SelfAttentionBlock(arch, kernels, qkv_bias, o_bias, qk_norm)
+        self.self_attn = SelfAttentionBlock(
+            arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.rope, arch.max_position_embeddings,
+            arch.rms_norm_eps, kernels, qkv_bias, o_bias, qk_norm,
+        )  # fmt: skip
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, kernels.compile_ops)
         self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size, kernels.compile_ops)
 

@@ -1,0 +1,44 @@
+"""What the engine reads from the model directory besides the weights: the tokenizer, the end-of-sequence
+ids, and how long a sequence may be."""
+
+import json
+import os
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from nanovllm.config import EngineConfig
+from nanovllm.models.arch import ModelArch
+
+
+def effective_max_model_len(config: EngineConfig, arch: ModelArch) -> int:
+    """config.max_model_len clamped to the model's limit; a sliding window shorter than it is refused."""
+    max_model_len = min(config.max_model_len, arch.max_position_embeddings)
+    if arch.sliding_window is not None and arch.sliding_window < max_model_len:
+        raise ValueError(
+            f"the model attends through a sliding window of {arch.sliding_window} tokens, which this engine does "
+            f"not implement; set max_model_len <= {arch.sliding_window} (now {max_model_len})"
+        )
+    return max_model_len
+
+
+def load_tokenizer(model_dir: str) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"could not load a tokenizer from {model_dir} ({e}); add its tokenizer files, or pass "
+            "skip_tokenizer_init=True and give prompts as token ids"
+        ) from e
+
+
+def read_eos_token_ids(model_dir: str, arch: ModelArch, tokenizer: PreTrainedTokenizerBase | None) -> set[int]:
+    """Every end-of-sequence id named by config.json, generation_config.json and the tokenizer."""
+    eos_ids = set(arch.eos_token_ids)
+    path = os.path.join(model_dir, "generation_config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            eos = json.load(f).get("eos_token_id")
+        eos_ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        eos_ids.add(tokenizer.eos_token_id)
+    return eos_ids

@@ -1,0 +1,192 @@
+"""The engine loop behind AsyncLLM, and the messages it exchanges with the event loop.
+
+    event loop ──commands: AddRequests, AbortRequests, StopLoop──► EngineLoop: add_request, abort_request, step
+        ▲                                                                │
+        └──── events: Accepted, Progress (a step's outputs and stats), Failed ◄┘
+
+EngineLoop steps while any request is unfinished and blocks for commands when idle, so a request that
+arrives mid-run joins the next step's batch. Where the engine schedules ahead (LLMEngine.step), each turn
+launches the next step and then reports the one before it, whose bookkeeping thus overlaps the next step
+on the device. EngineThread runs it in a thread of this process (commands through a
+queue.Queue); engine_process.EngineProcess runs it in a process of its own. Either hands each event to a
+callback, called from a thread that is not the event loop's.
+"""
+
+import logging
+import pickle
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from nanovllm.engine.llm_engine import EngineStats, LLMEngine, Prompt
+from nanovllm.outputs import StreamOutput
+from nanovllm.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+# ---- commands: event loop -> engine loop ----
+
+
+@dataclass(frozen=True)
+class AddRequests:
+    key: str  # the RequestStream's key, which its accepted event names
+    request_ids: list[str]  # one per request
+    prompts: list[Prompt]  # one per request
+    params: list[SamplingParams]  # one per request
+    submitted_s: float  # time.perf_counter() when the event loop sent the command (one clock for all processes)
+
+
+@dataclass(frozen=True)
+class AbortRequests:
+    request_ids: list[str]  # requests to drop; unknown or finished ones are ignored
+
+
+@dataclass(frozen=True)
+class StopLoop:
+    """Tells the engine loop to fail what is left and exit."""
+
+
+Command = AddRequests | AbortRequests | StopLoop
+
+
+# ---- events: engine loop -> event loop ----
+
+
+@dataclass(frozen=True)
+class Accepted:
+    key: str  # the AddRequests command's key
+    error: Exception | None  # what add_request raised (ValueError, TypeError for bad input); then none was queued
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One turn of the engine loop: a step's outputs (none when it only took commands) and the state after it."""
+
+    outputs: list[StreamOutput]
+    first_token_s: list[float]  # per request that got its first token: seconds since its AddRequests was sent
+    stats: EngineStats
+    num_aborted_requests: int  # cumulative
+
+
+@dataclass(frozen=True)
+class Failed:
+    request_ids: list[str] | None  # None: every request still streaming
+    message: str  # the EngineError each of them gets
+
+
+Event = Accepted | Progress | Failed
+
+
+class EngineLoop:
+    """The engine's side, in its thread or process: apply commands, step, report each turn as events."""
+
+    def __init__(self, engine: LLMEngine, emit: Callable[[Event], None]) -> None:
+        self.engine = engine
+        self.emit = emit
+        self.num_aborted_requests = 0
+        self._live_ids: set[str] = set()  # requests added and not yet finished
+        self._submitted_s: dict[str, float] = {}  # requests with no token yet -> when their AddRequests was sent
+
+    def run(self, take_commands: Callable[[bool], list[Command]]) -> None:
+        """Until a StopLoop: take the commands waiting (wait for one when idle), apply them, step, report."""
+        try:
+            while True:
+                for command in take_commands(not self.engine.has_unfinished_requests()):
+                    if isinstance(command, StopLoop):
+                        self._abort_live("the server is shutting down; the request was aborted")
+                        return
+                    self._apply(command)
+                outputs, first_token_s = self._step() if self.engine.has_unfinished_requests() else ([], [])
+                self.emit(Progress(outputs, first_token_s, self.engine.stats(), self.num_aborted_requests))
+        except Exception as e:  # a bug in this loop: fail every caller loudly rather than hang them
+            logger.exception("the engine loop crashed")
+            self.emit(Failed(None, f"the engine loop crashed: {e!r}"))
+
+    def _apply(self, command: AddRequests | AbortRequests) -> None:
+        if isinstance(command, AbortRequests):
+            for request_id in command.request_ids:
+                if self.engine.abort_request(request_id):
+                    self.num_aborted_requests += 1
+                self._live_ids.discard(request_id)
+                self._submitted_s.pop(request_id, None)
+            return
+        added: list[str] = []
+        try:
+            for request_id, prompt, params in zip(command.request_ids, command.prompts, command.params, strict=True):
+                self.engine.add_request(prompt, params, request_id)
+                added.append(request_id)
+        except Exception as e:  # invalid input (or a tokenizer's failure): take back those queued, tell the caller
+            for request_id in added:
+                self.engine.abort_request(request_id)
+            self.emit(Accepted(command.key, picklable(e)))
+            return
+        self._live_ids.update(added)
+        self._submitted_s.update(dict.fromkeys(added, command.submitted_s))
+        self.emit(Accepted(command.key, None))
+
+    def _step(self) -> tuple[list[StreamOutput], list[float]]:
+        try:
+            outputs = self.engine.step()
+        except Exception as e:
+            logger.exception("an engine step failed; aborting its requests")
+            self._abort_live(f"the engine step failed ({type(e).__name__}: {e}); the request was aborted")
+            return [], []
+        now_s = time.perf_counter()
+        first_token_s = []
+        for out in outputs:
+            submitted_s = self._submitted_s.pop(out.request_id, None) if out.new_token_ids or out.finished else None
+            if submitted_s is not None:
+                first_token_s.append(now_s - submitted_s)
+            if out.finished:
+                self._live_ids.discard(out.request_id)
+        return outputs, first_token_s
+
+    def _abort_live(self, message: str) -> None:
+        request_ids = list(self._live_ids)
+        for request_id in request_ids:
+            if self.engine.abort_request(request_id):
+                self.num_aborted_requests += 1
+        self._live_ids.clear()
+        self._submitted_s.clear()
+        self.emit(Failed(request_ids, message))
+
+
+class EngineThread:
+    """The engine loop in a daemon thread of this process."""
+
+    def __init__(self, engine: LLMEngine, on_event: Callable[[Event], None]) -> None:
+        self._inbox: queue.Queue[Command] = queue.Queue()
+        loop = EngineLoop(engine, on_event)
+        self._thread = threading.Thread(target=loop.run, args=(self._take,), name="nanovllm-engine", daemon=True)
+        self._thread.start()
+
+    def send(self, command: Command) -> None:
+        self._inbox.put(command)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout_s: float) -> None:
+        self._inbox.put(StopLoop())
+        self._thread.join(timeout_s)
+
+    def _take(self, block: bool) -> list[Command]:
+        """Everything in the inbox; waits for the first command when ``block`` (the engine is idle)."""
+        commands: list[Command] = [self._inbox.get()] if block else []
+        while True:
+            try:
+                commands.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return commands
+
+
+def picklable(error: Exception) -> Exception:
+    """``error``, or a RuntimeError with its text where it cannot cross a process boundary."""
+    try:
+        pickle.loads(pickle.dumps(error))
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+    return error

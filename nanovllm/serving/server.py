@@ -1,0 +1,91 @@
+"""The OpenAI-compatible server's command line: ``nanovllm serve --model DIR`` (or ``python -m nanovllm serve ...``).
+
+Every EngineConfig field is a flag: ``max_model_len`` is ``--max-model-len``, a boolean field is
+``--enforce-eager`` / ``--no-enforce-eager``. See README.md, "Serving", for the endpoints.
+"""
+
+import argparse
+import dataclasses
+import logging
+import sys
+import types
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from nanovllm.config import EngineConfig
+
+DEFAULT_HOST = "127.0.0.1"  # loopback unless asked otherwise: no API is exposed to the network by surprise
+DEFAULT_PORT = 8000  # OpenAI-compatible servers' usual port
+# A thread that wants the GIL back (the thread that reads the engine process's events, or the engine thread
+# with --no-engine-process) waits until Python's switch interval runs out, 5 ms by default, while the event loop
+# is busy writing chunks under load: longer than a decode step. A short interval lets it back in quickly.
+GIL_SWITCH_INTERVAL_S = 0.0005
+
+
+def _flag_type(field_type: Any) -> Any:
+    """The scalar type argparse converts a field's value to (``int | None`` -> int)."""
+    if isinstance(field_type, types.UnionType) or typing.get_origin(field_type) is typing.Union:
+        return next(arg for arg in typing.get_args(field_type) if arg is not type(None))
+    return field_type
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """One flag per EngineConfig field except `model`, defaulting to the field's default."""
+    group = parser.add_argument_group("engine arguments (see README.md, 'Engine arguments')")
+    for field in dataclasses.fields(EngineConfig):
+        if field.name == "model":
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        flag_type = _flag_type(field.type)
+        if flag_type is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+        else:
+            group.add_argument(flag, type=flag_type, default=field.default, metavar=flag_type.__name__.upper())
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nanovllm serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="a Hugging Face model directory")
+    parser.add_argument("--served-model-name", help="the name clients pass as 'model' (default: --model)")
+    parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port to listen on (default {DEFAULT_PORT})")
+    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ routes")
+    parser.add_argument("--log-level", default="info", help="uvicorn's log level (default info)")
+    parser.add_argument(
+        "--engine-process",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the engine in a process of its own, which holds its own GIL, so that writing many streams "
+        "does not slow its steps (default); --no-engine-process runs it in a thread of the server",
+    )
+    add_engine_args(parser)
+    return parser
+
+
+def engine_args_from(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        field.name: getattr(args, field.name) for field in dataclasses.fields(EngineConfig) if field.name != "model"
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse the flags, build the engine (the slow part), then serve until interrupted."""
+    import uvicorn  # imported here: the library itself works without the `serve` extra
+
+    from nanovllm.serving.app import build_app
+    from nanovllm.serving.async_llm import AsyncLLM
+    from nanovllm.serving.gc_freeze import startup_objects_frozen
+
+    args = make_parser().parse_args(argv)
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
+    logging.basicConfig(level=args.log_level.upper())
+    async_llm = AsyncLLM.from_engine_args(args.model, engine_process=args.engine_process, **engine_args_from(args))
+    try:
+        app = build_app(async_llm, args.served_model_name or args.model, args.api_key)
+        with startup_objects_frozen():  # the engine (or its handle), the app and the tokenizer serve until exit
+            uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        async_llm.shutdown()
