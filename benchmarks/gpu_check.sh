@@ -3,7 +3,7 @@
 # Usage: bash benchmarks/gpu_check.sh quick|full|serving|breakdown
 #   quick    GPU tests, kernels, a short bench
 #   breakdown  bench.py, then its time per decode step against the floor, then the same with a GPU profile
-#   full     GPU tests, kernels, bench.py temperature-only and with top-k/top-p/repetition penalty, host overhead
+#   full     GPU tests, kernels, bench.py temperature-only and with top-k/top-p/repetition penalty, GPU-busy share
 #   serving  the sampler alone, the engine's time to first token without HTTP, then the server under 64
 #            concurrent streams, engine in a thread and in a process (needs the serve extra installed;
 #            fastapi 0.120 with starlette 0.48 where the image has no opentelemetry, which fastapi 0.165 imports)
@@ -43,5 +43,5 @@ if [ "$mode" = quick ]; then
 else
   timeout 300 python3 bench.py 2>&1 | tee "$out/bench.log" | tail -1
   timeout 300 python3 bench.py --top-p 0.95 --top-k 50 --repetition-penalty 1.1 2>&1 | tee "$out/bench_sampling.log" | tail -1
-  timeout 200 python3 benchmarks/host_overhead.py 2>&1 | tee "$out/host.log" | tail -8
+  timeout 200 python3 benchmarks/gpu_busy.py 2>&1 | tee "$out/gpu_busy.log" | tail -8
 fi

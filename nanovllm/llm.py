@@ -10,6 +10,7 @@ from nanovllm.engine.beam_search import beam_search
 from nanovllm.engine.llm_engine import LLMEngine, Prompt
 from nanovllm.outputs import BeamSearchOutput, PrefixCacheStats, RequestOutput, StreamOutput
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.utils.device import release_cached_gpu_memory
 
 
 class LLM:
@@ -64,6 +65,7 @@ class LLM:
         if self.engine is not None:
             self.engine.close()
             self.engine = None
+            release_cached_gpu_memory()  # the engine's tensors, freed above, back to the device
 
     def _engine(self) -> LLMEngine:
         if self.engine is None:

@@ -32,7 +32,7 @@ ALLOWED: dict[str, set[str]] = {
     "parallel": {"runner", "models", *SCHEDULER_DATA, *DATA},
     "engine": {"scheduler", "runner", "parallel", "sampling", "models", *DATA},
     "serving": {"engine", *DATA},
-    "llm": {"engine", *DATA},
+    "llm": {"engine", "utils", *DATA},
     "cli": {"serving"},
     "__main__": {"cli"},
     "__init__": {"llm", *DATA},

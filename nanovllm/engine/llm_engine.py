@@ -25,7 +25,7 @@ from nanovllm.outputs import PrefixCacheStats, RequestOutput, StreamOutput
 from nanovllm.parallel.process_group import require_no_tensor_parallel_engine
 from nanovllm.parallel.workers import TensorParallelWorkers
 from nanovllm.runner.host_samples import HostSamples
-from nanovllm.runner.model_runner import ModelRunner, rank_device, release_cached_gpu_memory
+from nanovllm.runner.model_runner import ModelRunner, rank_device
 from nanovllm.sampling.metadata import check_params_for_vocab
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.scheduler.batch import ScheduledBatch
@@ -101,12 +101,10 @@ class LLMEngine:
         self._in_flight: StepInFlight | None = None  # launched by the last turn, recorded by the next
 
     def close(self) -> None:
-        """Release the model and the KV cache and stop the tensor-parallel workers, if any. Closing twice is
-        harmless."""
+        """Free the decode graphs and stop the tensor-parallel workers, if any. Closing twice is harmless."""
         self.runner.close(peers_alive=self.workers is None or not self.workers.has_failed)
         if self.workers is not None:
             self.workers.close()
-        release_cached_gpu_memory()  # back to the device, for whatever the process runs next
 
     @property
     def prefix_cache_stats(self) -> PrefixCacheStats:

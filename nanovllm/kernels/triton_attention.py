@@ -29,9 +29,7 @@ MIN_DOT_SIZE = 16
 # over 64-128 and BLOCK_N over 32-64); worth re-tuning per GPU.
 PREFILL_BLOCK_M = 64  # query rows per prefill program
 PREFILL_BLOCK_N = 64  # key positions per prefill loop step
-# Decode tile and launch settings: a sweep of BLOCK_N 32-128, 2-8 warps and 1-4 stages on an H200
-# (2026-11-29, docs/benchmarks.md) found 32 keys, 2 warps and 2 stages fastest in five of the six
-# batches and contexts tried, 3-9% faster than 64 keys, 4 warps and Triton's default 3 stages.
+# Decode tile and launch settings: the fastest of an H200 sweep (`benchmarks/kernels.py --sweep-decode`).
 DECODE_BLOCK_N = 32  # key positions per decode loop step
 DECODE_NUM_WARPS = 2
 DECODE_NUM_STAGES = 2

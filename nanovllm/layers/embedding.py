@@ -41,7 +41,7 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     An all-gather, not a gather to rank 0: NCCL runs a gather as point-to-point sends, and on 2 H200s a
     worker killed mid-decode left rank 0 stuck inside the gather's host call, with the watchdog's abort
-    (engine/tp_worker.py) stuck behind it. The workers' copies cost little: B x vocab values per step.
+    (parallel/workers.py) stuck behind it. The workers' copies cost little: B x vocab values per step.
     """
 
     def __init__(self, vocab_size: int, hidden_size: int) -> None:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 STORE_HOST = "127.0.0.1"  # every rank runs on this host; see README for several hosts
 # How long a rank waits in one collective (or for the others to join) before failing. It must exceed
 # the slowest step one rank can take while another waits: first torch.compile, graph capture, a long
-# prefill on CPU. A dead worker is caught much sooner, by the worker watchdog (engine/tp_worker.py).
+# prefill on CPU. A dead worker is caught much sooner, by the worker watchdog (parallel/workers.py).
 PROCESS_GROUP_TIMEOUT = timedelta(minutes=10)
 
 
@@ -76,7 +76,7 @@ def init_process_group(store: dist.Store, device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         # Connect every NCCL channel now rather than at a collective's first use, so that a later host
-        # call need not wait to connect to a peer that may have died (see engine/tp_worker.py).
+        # call need not wait to connect to a peer that may have died (see parallel/workers.py).
         os.environ.setdefault("NCCL_RUNTIME_CONNECT", "0")
     dist.init_process_group(
         backend,

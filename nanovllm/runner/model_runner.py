@@ -7,7 +7,6 @@ from rank 0's messages and sample nothing.
 """
 
 import dataclasses
-import gc
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 
@@ -35,7 +34,7 @@ from nanovllm.sampling_params import SamplingParams
 from nanovllm.scheduler.batch import ScheduledBatch, StepSamples
 from nanovllm.scheduler.sequence import Sequence
 from nanovllm.utils.context import attention_context
-from nanovllm.utils.device import to_device
+from nanovllm.utils.device import release_cached_gpu_memory, to_device
 
 CPU_KV_CACHE_BYTES = 1 << 30  # KV cache on CPU when num_kvcache_blocks is not given: 1 GiB
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -68,13 +67,6 @@ def resolve_dtype(name: str, arch: ModelArch) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"checkpoint dtype {name!r} is not supported; pass dtype= one of {sorted(DTYPES)}")
     return DTYPES[name]
-
-
-def release_cached_gpu_memory() -> None:
-    """Give the GPU memory torch keeps cached for reuse (the tensors of closed engines) back to the device."""
-    gc.collect()  # a closed engine may still be held by a reference cycle
-    if torch.cuda.is_initialized():
-        torch.cuda.empty_cache()
 
 
 @contextmanager
@@ -120,8 +112,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             # An engine freed earlier in this process leaves its memory in torch's cache. Our weights would
             # be carved from those cached blocks, so they could not be released, and the profile below
-            # would count them as held elsewhere: on 2 x H200 a bf16 engine's 65 GiB cache left the
-            # next engine room for no KV block at all.
+            # would count them as held elsewhere, leaving the KV cache no room.
             release_cached_gpu_memory()
         # The hardware choices, made once: attention kernels, and torch.compile for the small ops on CUDA.
         attention = select_attention_backend(config.attention_backend, self.device, self.block_size)

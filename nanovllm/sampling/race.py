@@ -71,9 +71,9 @@ def race_winners(scaled_logits: torch.Tensor, noise_keys: torch.Tensor) -> torch
 def mix32(x: torch.Tensor) -> torch.Tensor:
     """A bijective 32-bit integer mixer (xorshift-multiply rounds) on int32 tensors, read as uint32 bits.
 
-    Why int32 and not int64 with masks: on a CPU the int64 version ran ten times slower (125 against
-    12 ms for 5M values, 2 cores). An int32 multiply wraps modulo 2**32, as a uint32 one does, and the
-    right shifts are made logical by clearing the bits the sign filled in.
+    Why int32 and not int64 with masks: on a CPU the int64 version ran ten times slower. An int32 multiply
+    wraps modulo 2**32, as a uint32 one does, and the right shifts are made logical by clearing the bits
+    the sign filled in.
     """
     x = x ^ shift_right(x, 16)
     x = x * MIX_MULTIPLIERS[0]
@@ -102,7 +102,7 @@ def hashed_noise(noise_keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
     bits = mix32(mix32(token_ids ^ keys_a) + keys_b)  # [B, vocab_size], uint32 bits in int32
     unsigned = (bits.to(torch.int64) & UINT32_MASK).float()  # the uint32 value, rounded once to float32
     uniform = ((unsigned + 0.5) * HASH_SCALE).clamp_max(MAX_UNIFORM)  # in (0, 1): E is never 0 or inf
-    # -log1p(-u), written out so that the Triton kernel (kernels/triton_sampler.py) can do the same ops:
+    # -log1p(-u), written out so that the Triton kernel (sampling/triton_race.py) can do the same ops:
     # 1 - u rounds, and u / (1 - rounded) corrects the log for it (exact where 1 - u rounds to 1).
     complement = 1.0 - uniform
     return torch.where(complement == 1.0, uniform, -torch.log(complement) * (uniform / (1.0 - complement)))

@@ -101,7 +101,7 @@ class Sampler(nn.Module):
         seed: int = 0,
         compile_ops: bool = False,
         device: torch.device | str | None = None,
-        triton_race: bool = False,  # the race in Triton kernels (kernels/triton_sampler.py), noise never stored
+        triton_race: bool = False,  # the race in Triton kernels (sampling/triton_race.py), noise never stored
     ) -> None:
         super().__init__()
         self._sample: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -145,7 +145,7 @@ class Sampler(nn.Module):
     def draw(self, logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
         """The short path, for rows that are greedy or temperature-only and unseeded: [B] token ids.
 
-        The decode graphs (engine/cuda_graphs.py) capture this call, so it must stay graph-safe: fixed
+        The decode graphs (runner/cuda_graphs.py) capture this call, so it must stay graph-safe: fixed
         shapes, no host reads, device state updated in place.
         """
         return self._race(logits, temperatures, None)

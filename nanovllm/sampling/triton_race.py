@@ -27,7 +27,7 @@ import triton.language as tl
 
 from nanovllm.sampling import race
 
-# From a sweep on an H200 (docs/benchmarks.md): within 11% of the fastest choice at every batch of 1 to 256 rows.
+# From a sweep on an H200: within 11% of the fastest choice at every batch of 1 to 256 rows.
 BLOCK_V = 4096  # vocabulary entries per loop iteration of a program
 NUM_WARPS = 16
 PROGRAMS_PER_SM = 2  # splits are chosen so that a launch has at least this many programs per SM

@@ -1,12 +1,12 @@
 """Live traffic on one engine: asyncio code adds, streams and aborts requests while an engine loop runs them.
 
-    asyncio handlers ──add_requests / abort──► engine loop (engine/engine_loop.py): add_request, step, ...
+    asyncio handlers ──add_requests / abort──► engine loop (serving/engine_loop.py): add_request, step, ...
           ▲                                            │
           └──── RequestStream queues ◄── events ───────┘  (accepted, each step's outputs and stats, failures)
 
 The engine loop runs in a thread of this process (``AsyncLLM(engine)``; tests can reach into the
 engine) or in a process of its own (``AsyncLLM.from_engine_args(..., engine_process=True)``, ``nanovllm
-serve --engine-process``; see engine/engine_process.py). Either way its events reach the event loop
+serve --engine-process``; see serving/engine_process.py). Either way its events reach the event loop
 through ``loop.call_soon_threadsafe``. LLMEngine is not thread-safe; only the engine loop touches it.
 """
 
