@@ -6,7 +6,9 @@ and the model runner's cache plan.
 """
 
 import dataclasses
+import inspect
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +17,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("safetensors", "dummy")
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
 MIN_BLOCK_SIZE = 16  # smallest KV block, in tokens; below this the block tables outgrow the blocks
+# A field line of EngineConfig and its comment: `    name: type = default  # what it means`.
+FIELD_LINE = re.compile(r"^    (?P<name>\w+): [^#]+#\s*(?P<comment>.+)$")
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,12 @@ class EngineConfig:
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("load_format", self.load_format, LOAD_FORMATS)
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+
+    @classmethod
+    def field_help(cls) -> dict[str, str]:
+        """Each field's one-line description: its comment above, where it is written once (for --help)."""
+        lines = inspect.getsource(cls).splitlines()
+        return {m["name"]: m["comment"] for m in map(FIELD_LINE.match, lines) if m is not None}
 
     @classmethod
     def from_kwargs(cls, model: str, **engine_args: Any) -> "EngineConfig":

@@ -1,15 +1,14 @@
 """The user-facing facade: ``LLM(model, **engine_args).generate(prompts, sampling_params)``."""
 
 from collections.abc import Iterator
-from collections.abc import Sequence as SequenceLike
 from types import TracebackType
 from typing import Any
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.beam_search import beam_search
-from nanovllm.engine.llm_engine import LLMEngine, Prompt
+from nanovllm.engine.llm_engine import LLMEngine
+from nanovllm.engine.prompts import PromptsArg, SamplingParamsArg
 from nanovllm.outputs import BeamSearchOutput, PrefixCacheStats, RequestOutput, StreamOutput
-from nanovllm.sampling_params import SamplingParams
 from nanovllm.utils.device import release_cached_gpu_memory
 
 
@@ -21,29 +20,23 @@ class LLM:
         self.engine: LLMEngine | None = LLMEngine(self.config)
 
     def generate(
-        self,
-        prompts: SequenceLike[Prompt],
-        sampling_params: SamplingParams | SequenceLike[SamplingParams] | None = None,
-        use_tqdm: bool = True,
+        self, prompts: PromptsArg, sampling_params: SamplingParamsArg = None, use_tqdm: bool = True
     ) -> list[RequestOutput]:
-        """Complete every prompt (a string or a list of token ids); outputs come back in input order."""
-        return self._engine().generate(prompts, sampling_params or SamplingParams(), use_tqdm)
+        """Complete every prompt; outputs come back in input order. A string or a list of token ids is one
+        prompt; a list of those is several."""
+        return self._engine().generate(prompts, sampling_params, use_tqdm)
 
-    def stream(
-        self,
-        prompts: SequenceLike[Prompt],
-        sampling_params: SamplingParams | SequenceLike[SamplingParams] | None = None,
-    ) -> Iterator[StreamOutput]:
+    def stream(self, prompts: PromptsArg, sampling_params: SamplingParamsArg = None) -> Iterator[StreamOutput]:
         """Like generate, but yields each step's new tokens and text per request as they are sampled.
 
         A prompt's ``request_id`` is its index in ``prompts`` as a string. Breaking out of the loop
         aborts the requests still running and frees their KV cache.
         """
-        return self._engine().stream(prompts, sampling_params or SamplingParams())
+        return self._engine().stream(prompts, sampling_params)
 
     def beam_search(
         self,
-        prompts: SequenceLike[Prompt],
+        prompts: PromptsArg,
         beam_width: int,
         max_tokens: int,
         length_penalty: float = 1.0,
@@ -54,7 +47,7 @@ class LLM:
         Scores are cumulative logprob / len(prompt + completion) ** length_penalty; a beam ends at EOS
         (unless ignore_eos) or after max_tokens tokens.
         """
-        return beam_search(self._engine(), list(prompts), beam_width, max_tokens, length_penalty, ignore_eos)
+        return beam_search(self._engine(), prompts, beam_width, max_tokens, length_penalty, ignore_eos)
 
     def prefix_cache_stats(self) -> PrefixCacheStats:
         """Prompt tokens looked up in the prefix cache so far, and how many were found."""

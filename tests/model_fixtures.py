@@ -264,3 +264,11 @@ def uninitialized_memory_as_nan() -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(was_enabled, warn_only=was_warn_only)
         torch.utils.deterministic.fill_uninitialized_memory = was_filling
+
+
+if __name__ == "__main__":  # python tests/model_fixtures.py DIR [ARCH]: a tiny model to try example.py or the server
+    import sys
+
+    if len(sys.argv) not in (2, 3) or (len(sys.argv) == 3 and sys.argv[2] not in ARCH_CONFIGS):
+        raise SystemExit(f"usage: python tests/model_fixtures.py DIR [{'|'.join(ARCH_CONFIGS)}]")
+    print(write_tiny_model(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) == 3 else "qwen3"))

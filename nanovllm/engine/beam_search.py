@@ -10,7 +10,8 @@ finds its earlier blocks, so only the newest tokens are recomputed.
 
 from dataclasses import dataclass
 
-from nanovllm.engine.llm_engine import LLMEngine, Prompt
+from nanovllm.engine.llm_engine import LLMEngine
+from nanovllm.engine.prompts import PromptsArg, as_prompt_list
 from nanovllm.outputs import BeamSearchOutput, BeamSearchSequence
 from nanovllm.sampling_params import SamplingParams
 
@@ -29,7 +30,7 @@ def beam_score(beam: Beam, num_prompt_tokens: int, length_penalty: float) -> flo
 
 def beam_search(
     engine: LLMEngine,
-    prompts: list[Prompt],
+    prompts: PromptsArg,
     beam_width: int,
     max_tokens: int,
     length_penalty: float = 1.0,
@@ -38,16 +39,17 @@ def beam_search(
     """The ``beam_width`` best completions of each prompt, best first."""
     if not isinstance(beam_width, int) or beam_width < 1:
         raise ValueError(f"beam_width must be an integer >= 1, got {beam_width!r}")
-    prompt_ids = [engine.make_sequence(p, SamplingParams(max_tokens=max_tokens)).token_ids for p in prompts]
-    live: list[list[Beam]] = [[Beam([], 0.0)] for _ in prompts]
-    completed: list[list[Beam]] = [[] for _ in prompts]
+    prompt_list = as_prompt_list(prompts)
+    prompt_ids = [engine.make_sequence(p, SamplingParams(max_tokens=max_tokens)).token_ids for p in prompt_list]
+    live: list[list[Beam]] = [[Beam([], 0.0)] for _ in prompt_list]
+    completed: list[list[Beam]] = [[] for _ in prompt_list]
     step_params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=2 * beam_width, ignore_eos=True)
     for _ in range(max_tokens):
         flat = [(p, beam) for p, beams in enumerate(live) for beam in beams]
         if not flat:
             break
         outputs = engine.generate([prompt_ids[p] + beam.token_ids for p, beam in flat], step_params, use_tqdm=False)
-        candidates: list[list[Beam]] = [[] for _ in prompts]
+        candidates: list[list[Beam]] = [[] for _ in prompt_list]
         for (p, beam), out in zip(flat, outputs, strict=True):
             step_logprobs = out.outputs[0].logprobs
             assert step_logprobs is not None, "the step asked for logprobs"

@@ -12,13 +12,13 @@ Otherwise a turn runs one step to its end. generate(), stream() and the server's
 
 import time
 from collections.abc import Iterator
-from collections.abc import Sequence as SequenceLike
 from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.model_files import effective_max_model_len, load_tokenizer, read_eos_token_ids
+from nanovllm.engine.prompts import Prompt, PromptsArg, SamplingParamsArg, as_params_list, as_prompt_list
 from nanovllm.engine.request import Request
 from nanovllm.models.arch import check_tensor_parallel_split, load_model_arch
 from nanovllm.outputs import PrefixCacheStats, RequestOutput, StreamOutput
@@ -32,8 +32,6 @@ from nanovllm.scheduler.batch import ScheduledBatch
 from nanovllm.scheduler.block_manager import BlockManager
 from nanovllm.scheduler.scheduler import Scheduler, SchedulerLimits
 from nanovllm.scheduler.sequence import Sequence, SequenceStatus
-
-Prompt = str | list[int]
 
 
 @dataclass(frozen=True)
@@ -314,12 +312,9 @@ class LLMEngine:
     # ---- whole runs: generate() and stream() ----
 
     def generate(
-        self,
-        prompts: SequenceLike[Prompt],
-        sampling_params: SamplingParams | SequenceLike[SamplingParams],
-        use_tqdm: bool = True,
+        self, prompts: PromptsArg, sampling_params: SamplingParamsArg = None, use_tqdm: bool = True
     ) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs in input order."""
+        """Run every prompt to completion; outputs in input order (a bare str or token-id list is one prompt)."""
         seqs = self._make_sequences("generate", prompts, sampling_params)
         requests = [self._enqueue(f"gen-{seq.seq_id}", seq, False, reports_steps=False) for seq in seqs]
         try:
@@ -328,9 +323,7 @@ class LLMEngine:
             self.abort_all()  # after an error or interrupt, leave the engine empty and usable
         return [request.to_output(i, self.tokenizer) for i, request in enumerate(requests)]
 
-    def stream(
-        self, prompts: SequenceLike[Prompt], sampling_params: SamplingParams | SequenceLike[SamplingParams]
-    ) -> Iterator[StreamOutput]:
+    def stream(self, prompts: PromptsArg, sampling_params: SamplingParamsArg = None) -> Iterator[StreamOutput]:
         """Run every prompt, yielding what each step adds; a prompt's request id is its index as a string.
 
         Leaving the loop early (break, exception) aborts the requests still running.
@@ -348,18 +341,12 @@ class LLMEngine:
         finally:
             self.abort_all()
 
-    def _make_sequences(
-        self, caller: str, prompts: SequenceLike[Prompt], sampling_params: SamplingParams | SequenceLike[SamplingParams]
-    ) -> list[Sequence]:
+    def _make_sequences(self, caller: str, prompts: PromptsArg, sampling_params: SamplingParamsArg) -> list[Sequence]:
         """Check every request before queueing any; the engine must be idle."""
-        if isinstance(sampling_params, SamplingParams):
-            sampling_params = [sampling_params] * len(prompts)
-        if len(sampling_params) != len(prompts):
-            raise ValueError(
-                f"got {len(prompts)} prompts but {len(sampling_params)} SamplingParams; give one or one each"
-            )
+        prompt_list = as_prompt_list(prompts)
+        params_list = as_params_list(sampling_params, len(prompt_list))
         self._check_idle(caller)
-        pairs = zip(prompts, sampling_params, strict=True)
+        pairs = zip(prompt_list, params_list, strict=True)
         return [self._make_indexed_sequence(i, prompt, params) for i, (prompt, params) in enumerate(pairs)]
 
     def _make_indexed_sequence(self, index: int, prompt: Prompt, params: SamplingParams) -> Sequence:

@@ -9,6 +9,17 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from nanovllm.config import EngineConfig
 from nanovllm.models.arch import ModelArch
 
+TOKENIZER_PROBE = "Hello"  # text every real tokenizer turns into at least one token
+# The files a Hugging Face tokenizer is built from (fast, SentencePiece, byte-level BPE, WordPiece).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer_config.json",
+)
+
 
 def effective_max_model_len(config: EngineConfig, arch: ModelArch) -> int:
     """config.max_model_len clamped to the model's limit; a sliding window shorter than it is refused."""
@@ -22,13 +33,20 @@ def effective_max_model_len(config: EngineConfig, arch: ModelArch) -> int:
 
 
 def load_tokenizer(model_dir: str) -> PreTrainedTokenizerBase:
+    """The model's tokenizer; an error naming the files it looked for when there is none, or it is empty."""
+    fix = "copy the model's tokenizer files there, or pass skip_tokenizer_init=True and give prompts as token ids"
     try:
-        return AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError) as e:
+        raise ValueError(f"could not load a tokenizer from {model_dir} ({e}); {fix}") from e
+    # Without tokenizer files, transformers may build an empty tokenizer that turns every text into no tokens.
+    if not tokenizer.encode(TOKENIZER_PROBE, add_special_tokens=False):
+        present = [name for name in TOKENIZER_FILES if os.path.isfile(os.path.join(model_dir, name))]
         raise ValueError(
-            f"could not load a tokenizer from {model_dir} ({e}); add its tokenizer files, or pass "
-            "skip_tokenizer_init=True and give prompts as token ids"
-        ) from e
+            f"the tokenizer in {model_dir} is empty: it turns {TOKENIZER_PROBE!r} into no tokens. The directory has "
+            f"{present or 'none'} of the tokenizer files {list(TOKENIZER_FILES)}; {fix}"
+        )
+    return tokenizer
 
 
 def read_eos_token_ids(model_dir: str, arch: ModelArch, tokenizer: PreTrainedTokenizerBase | None) -> set[int]:

@@ -5,6 +5,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from nanovllm.layers.linear import check_shape
 from nanovllm.parallel.process_group import get_tensor_parallel
 
 
@@ -22,6 +23,7 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.weight_loader = self.load_shard  # type: ignore[attr-defined]
 
     def load_shard(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        check_shape(loaded, (self.vocab_size_per_rank * self.tp.size, param.shape[1]))
         param.data.copy_(loaded.narrow(0, self.vocab_start, self.vocab_size_per_rank))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [N] -> [N, hidden_size]

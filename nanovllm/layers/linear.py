@@ -18,10 +18,15 @@ from torch import nn
 from nanovllm.parallel.process_group import get_tensor_parallel
 
 
+def check_shape(loaded: torch.Tensor, expected: tuple[int, ...]) -> None:
+    """A checkpoint tensor must have its full, unsharded shape (the loader names the tensor and file)."""
+    if tuple(loaded.shape) != expected:
+        raise ValueError(f"has shape {tuple(loaded.shape)}, expected {expected}")
+
+
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor) -> None:
     """Copy a replicated (unsharded) tensor into its parameter."""
-    if param.shape != loaded.shape:
-        raise ValueError(f"checkpoint tensor has shape {tuple(loaded.shape)}, parameter expects {tuple(param.shape)}")
+    check_shape(loaded, tuple(param.shape))
     param.data.copy_(loaded)
 
 
@@ -46,6 +51,7 @@ class ColumnParallelLinear(nn.Module):
 
     def load_shard(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         size = param.shape[0]
+        check_shape(loaded, (size * self.tp.size, *param.shape[1:]))
         param.data.copy_(loaded.narrow(0, self.tp.rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -70,6 +76,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
     def load_part(self, param: nn.Parameter, loaded: torch.Tensor, part: int) -> None:
         size = self.output_sizes[part] // self.tp.size
         offset = sum(self.output_sizes[:part]) // self.tp.size
+        check_shape(loaded, (self.output_sizes[part], *param.shape[1:]))
         param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.tp.rank * size, size))
 
 
@@ -87,6 +94,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         if num_kv_heads % tp.size and tp.size % num_kv_heads:
             raise ValueError(f"num_key_value_heads {num_kv_heads} and tensor_parallel_size {tp.size} don't divide")
         self.head_dim = head_dim
+        self.total_num_kv_heads = num_kv_heads  # of the whole model
         self.num_heads = num_heads // tp.size  # query heads on this rank
         self.num_kv_heads = max(1, num_kv_heads // tp.size)  # key/value heads on this rank
         # First KV head of this rank: ranks share a head when there are fewer heads than ranks.
@@ -100,6 +108,8 @@ class QKVParallelLinear(ColumnParallelLinear):
 
     def load_qkv(self, param: nn.Parameter, loaded: torch.Tensor, part: str) -> None:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        num_heads = self.num_heads * self.tp.size if part == "q" else self.total_num_kv_heads
+        check_shape(loaded, (num_heads * self.head_dim, *param.shape[1:]))
         if part == "q":
             offset, size, start = 0, q_size, self.tp.rank * q_size
         else:
@@ -121,6 +131,7 @@ class RowParallelLinear(nn.Module):
 
     def load_shard(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         size = param.shape[1]
+        check_shape(loaded, (param.shape[0], size * self.tp.size))
         param.data.copy_(loaded.narrow(1, self.tp.rank * size, size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

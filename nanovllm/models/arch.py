@@ -43,8 +43,13 @@ def read_config_json(model_dir: str) -> dict[str, Any]:
     path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found; the model directory needs a Hugging Face config.json")
-    with open(path) as f:
-        config: dict[str, Any] = json.load(f)
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); restore the model's config.json") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a {type(config).__name__}, not a JSON object; restore the model's config.json")
     return config
 
 
@@ -97,7 +102,11 @@ def parse_model_arch(config: dict[str, Any]) -> ModelArch:
 
 
 def load_model_arch(model_dir: str) -> ModelArch:
-    return parse_model_arch(read_config_json(model_dir))
+    config = read_config_json(model_dir)
+    try:
+        return parse_model_arch(config)
+    except KeyError as e:
+        raise ValueError(f"{os.path.join(model_dir, 'config.json')} lacks the field {e}, which the model needs") from e
 
 
 def check_tensor_parallel_split(tensor_parallel_size: int, arch: ModelArch) -> None:

@@ -13,14 +13,16 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
+from tqdm.auto import tqdm
 
 from nanovllm.layers.linear import default_weight_loader
 
 # Checkpoint tensors that hold nothing we load: precomputed rotary tables some exporters save.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 DUMMY_WEIGHT_STD = 0.02  # spread of random dummy weights, as in common initializers
+MIN_FILES_FOR_PROGRESS = 2  # a progress bar for checkpoints of several shards
 
 
 def _target(name: str, packed: dict[str, tuple[str, Any]]) -> tuple[str, Any]:
@@ -35,28 +37,44 @@ def load_safetensors(model: nn.Module, model_dir: str) -> None:
     files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {model_dir}; use load_format='dummy' for random weights")
-    packed: dict[str, tuple[str, Any]] = getattr(model, "packed_modules_mapping", {})
     params = dict(model.named_parameters())
-    # A tied LM head shares the embedding's parameter, so named_parameters() lists it only once.
-    is_tied = "lm_head.weight" not in params
     loaded: set[tuple[str, Any]] = set()
-    for path in files:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            for ckpt_name in f.keys():
-                if ckpt_name.endswith(IGNORED_SUFFIXES) or (is_tied and ckpt_name == "lm_head.weight"):
-                    continue
-                name, part = _target(ckpt_name, packed)
-                if name not in params:
-                    raise ValueError(f"checkpoint tensor {ckpt_name!r} in {os.path.basename(path)} has no parameter")
-                param = params[name]
-                loader: Callable[..., None] = getattr(param, "weight_loader", default_weight_loader)
-                tensor = f.get_tensor(ckpt_name).to(param.dtype)
-                loader(param, tensor) if part is None else loader(param, tensor, part)
-                loaded.add((name, part))
+    for path in tqdm(files, desc="Loading weights", unit="file", disable=len(files) < MIN_FILES_FOR_PROGRESS):
+        try:
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for ckpt_name in f.keys():
+                    _load_tensor(model, params, f, ckpt_name, loaded)
+        except SafetensorError as e:
+            raise ValueError(f"{path} is not a readable safetensors file ({e}); download it again") from e
+        except ValueError as e:
+            raise ValueError(f"{os.path.basename(path)} in {model_dir}: {e}") from e
     expected = {(name, part) for name, p in params.items() for part in (getattr(p, "shard_ids", ()) or (None,))}
     missing = sorted(f"{name}[{part}]" if part is not None else name for name, part in expected - loaded)
     if missing:
         raise ValueError(f"the checkpoint in {model_dir} lacks {len(missing)} parameter(s): {missing[:8]}")
+
+
+def _load_tensor(
+    model: nn.Module, params: dict[str, nn.Parameter], f: Any, ckpt_name: str, loaded: set[tuple[str, Any]]
+) -> None:
+    """Copy one checkpoint tensor into its parameter (or its part of a fused one), exactly once."""
+    # A tied LM head shares the embedding's parameter, so named_parameters() lists it only once.
+    if ckpt_name.endswith(IGNORED_SUFFIXES) or (ckpt_name == "lm_head.weight" and ckpt_name not in params):
+        return
+    name, part = _target(ckpt_name, getattr(model, "packed_modules_mapping", {}))
+    if name not in params:
+        raise ValueError(f"checkpoint tensor {ckpt_name!r} has no parameter in the model")
+    if (name, part) in loaded:
+        raise ValueError(f"checkpoint tensor {ckpt_name!r} fills {name} a second time (duplicate tensor)")
+    param = params[name]
+    loader: Callable[..., None] = getattr(param, "weight_loader", default_weight_loader)
+    tensor = f.get_tensor(ckpt_name).to(param.dtype)
+    try:
+        loader(param, tensor) if part is None else loader(param, tensor, part)
+    except (ValueError, RuntimeError) as e:
+        where = f"{name}[{part}]" if part is not None else name
+        raise ValueError(f"checkpoint tensor {ckpt_name!r} {e} for parameter {where}") from e
+    loaded.add((name, part))
 
 
 def init_dummy_weights(model: nn.Module, seed: int) -> None:

@@ -40,6 +40,11 @@ WORKER_START_TIMEOUT_S = 300  # a worker imports torch and nanovllm before it sa
 WORKER_EXIT_GRACE_S = 5.0  # after a failed collective, how long to wait for the worker that caused it to exit
 WORKER_JOIN_TIMEOUT_S = 10.0  # at shutdown, how long a worker gets to leave the group before it is killed
 STUCK_EXIT_S = 30.0  # after a worker died (NCCL), how long rank 0 may stay in its step before the process exits
+# The usual reason a worker dies while starting: spawn imports the user's script again in the worker.
+SPAWN_HINT = (
+    "Workers are started with multiprocessing's spawn, which imports your script again in each worker: if your "
+    'script creates the LLM at module level, put that code under `if __name__ == "__main__":`.'
+)
 
 
 @dataclass(frozen=True)
@@ -144,8 +149,13 @@ class TensorParallelWorkers:
     def _wait_for_hello(self) -> None:
         """Fail fast if a worker dies while importing, instead of waiting out the group's rendezvous timeout."""
         for rank, conn in enumerate(self.conns, start=1):
-            if not conn.poll(WORKER_START_TIMEOUT_S) or conn.recv() != "hello":
-                raise self._error(f"tensor-parallel worker rank {rank} did not start")
+            try:
+                said_hello = conn.poll(WORKER_START_TIMEOUT_S) and conn.recv() == "hello"
+            except EOFError:  # it exited before saying hello
+                said_hello = False
+            if not said_hello:
+                error = self._error(f"tensor-parallel worker rank {rank} did not start")
+                raise WorkerDiedError(f"{error} {SPAWN_HINT}") from None
 
     def send_step(self, batch: ScheduledBatch) -> None:
         """Send every worker this step's changes; they run it while rank 0 runs its own share."""

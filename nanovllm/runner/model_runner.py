@@ -37,6 +37,7 @@ from nanovllm.utils.context import attention_context
 from nanovllm.utils.device import release_cached_gpu_memory, to_device
 
 CPU_KV_CACHE_BYTES = 1 << 30  # KV cache on CPU when num_kvcache_blocks is not given: 1 GiB
+MEMORY_PAGE_BYTES = 4096  # the host's memory page (x86-64 and most ARM Linux)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -216,6 +217,11 @@ class ModelRunner:
         shape = (2, len(self.attention_layers), num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
         self.kv_cache = torch.empty(0)  # drop the previous cache before taking memory for the next
         self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        if self.device.type == "cpu":
+            # Take every page of host memory now: blocks are reused least recently freed first, so a cache
+            # touched lazily grows the process's memory for a long time, as if it leaked. One element per page
+            # is written; the rest keeps what torch.empty gave (NaN in the tests that ask for it).
+            self.kv_cache.view(-1)[:: MEMORY_PAGE_BYTES // self.kv_cache.element_size()] = 0
         for i, attn in enumerate(self.attention_layers):
             attn.bind_kv_cache(self.kv_cache[0, i], self.kv_cache[1, i])
 

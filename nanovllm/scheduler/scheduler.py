@@ -49,6 +49,14 @@ class Scheduler:
                 f"the request needs {num_blocks} KV-cache blocks but the cache has "
                 f"{self.block_manager.num_blocks}; raise num_kvcache_blocks or shorten the request"
             )
+        # The n completions share the prompt's full blocks; each holds the rest of its own sequence.
+        num_shared = seq.num_prompt_tokens // block_size
+        num_blocks_all = num_shared + seq.params.n * (num_blocks - num_shared)
+        if seq.params.n > 1 and num_blocks_all > self.block_manager.num_blocks:
+            raise ValueError(
+                f"n={seq.params.n} completions of up to {seq.params.max_tokens} tokens need {num_blocks_all} "
+                f"KV-cache blocks at once but the cache has {self.block_manager.num_blocks}; lower n or max_tokens"
+            )
 
     def add(self, seq: Sequence, first: bool = False) -> None:
         """Queue a sequence for prefill: at the tail, or at the head when ``first`` (it runs next)."""

@@ -33,15 +33,18 @@ def _flag_type(field_type: Any) -> Any:
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     """One flag per EngineConfig field except `model`, defaulting to the field's default."""
     group = parser.add_argument_group("engine arguments (see README.md, 'Engine arguments')")
+    help_of = EngineConfig.field_help()
     for field in dataclasses.fields(EngineConfig):
         if field.name == "model":
             continue
         flag = "--" + field.name.replace("_", "-")
         flag_type = _flag_type(field.type)
+        description = f"{help_of[field.name]} (default: {field.default})"
         if flag_type is bool:
-            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=field.default, help=description)
         else:
-            group.add_argument(flag, type=flag_type, default=field.default, metavar=flag_type.__name__.upper())
+            metavar = flag_type.__name__.upper()
+            group.add_argument(flag, type=flag_type, default=field.default, metavar=metavar, help=description)
 
 
 def make_parser() -> argparse.ArgumentParser:
