@@ -79,7 +79,8 @@ def _online_softmax_step(q, k_t, v, is_visible, m_i, l_i, acc, qk_scale, DOT_PRE
     return m_new, l_i * alpha + tl.sum(p, 1), acc
 
 
-@triton.jit
+# The block tables' width changes with every batch: compiled once, not once per 'multiple of 16' class.
+@triton.jit(do_not_specialize=["stride_table_seq"])
 def _prefill_kernel(
     query_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, context_lens_ptr, block_tables_ptr,
     qk_scale, num_queries_per_kv, head_dim, block_size,
@@ -191,7 +192,7 @@ def _split_len(context_len, num_splits, min_split_len, BLOCK_N: tl.constexpr):
     return tl.maximum(split_len, min_split_len)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_table_seq"])  # see _prefill_kernel
 def _decode_split_kernel(
     query_ptr, k_cache_ptr, v_cache_ptr, partial_out_ptr, partial_lse_ptr, context_lens_ptr, block_tables_ptr,
     qk_scale, num_heads, num_queries_per_kv, head_dim, block_size, num_splits, min_split_len,
