@@ -42,23 +42,25 @@ class PagedBatch:
     query: torch.Tensor  # [N, num_heads, head_dim], a strided view like the model's q of a fused qkv
     k_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim], random everywhere
     v_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
-    k_poisoned: torch.Tensor  # k_cache with NaN in every slot outside all contexts (block 0 included)
+    k_poisoned: torch.Tensor  # k_cache with NaN in every slot outside all contexts and windows (block 0 included)
     v_poisoned: torch.Tensor  # v_cache, likewise
     cu_seqlens_q: torch.Tensor  # [B + 1] int32
     context_lens: torch.Tensor  # [B] int32
     block_tables: torch.Tensor  # [B, max_blocks] int32, shuffled block ids, padded with 0
     max_seqlen_q: int  # longest query, in tokens
     max_context_len: int  # longest context, in tokens
+    sliding_window: int | None  # keys each query sees, itself included; None: every key before it
 
 
 def make_batch(
     q_lens: list[int], context_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
-    dtype: torch.dtype = torch.float32, seed: int = 0,
+    dtype: torch.dtype = torch.float32, seed: int = 0, sliding_window: int | None = None,
 ) -> PagedBatch:  # fmt: skip
     """Sequence b has context_lens[b] cached tokens, the last q_lens[b] of which are queries.
 
     Block ids are shuffled and start at 1: block 0 is what padding entries point at, and it
-    holds only NaN in the poisoned caches, like every slot past a sequence's end.
+    holds only NaN in the poisoned caches, like every slot past a sequence's end and, with a
+    sliding window, every slot before the window of the sequence's first query.
     """
     gen = torch.Generator().manual_seed(seed)
     num_seqs = len(q_lens)
@@ -70,7 +72,9 @@ def make_batch(
     for seq_idx, (num_seq_blocks, context_len) in enumerate(zip(blocks_per_seq, context_lens, strict=True)):
         seq_blocks = [block_ids.pop() for _ in range(num_seq_blocks)]
         block_tables[seq_idx, :num_seq_blocks] = torch.tensor(seq_blocks, dtype=torch.int32)
-        positions = torch.arange(context_len)  # [context_len]
+        first_query_pos = context_len - q_lens[seq_idx]
+        first_seen = 0 if sliding_window is None else max(0, first_query_pos - sliding_window + 1)
+        positions = torch.arange(first_seen, context_len)  # [keys some query of the sequence sees]
         seq_block_ids = torch.tensor(seq_blocks, dtype=torch.long)[positions // block_size]  # [context_len]
         is_used[seq_block_ids * block_size + positions % block_size] = True
 
@@ -86,7 +90,7 @@ def make_batch(
         query=qkv[:, :num_heads].to(DEVICE), k_cache=k_cache.to(DEVICE), v_cache=v_cache.to(DEVICE),
         k_poisoned=k_poisoned.to(DEVICE), v_poisoned=v_poisoned.to(DEVICE), cu_seqlens_q=cu_seqlens_q.to(DEVICE),
         context_lens=torch.tensor(context_lens, dtype=torch.int32, device=DEVICE), block_tables=block_tables.to(DEVICE),
-        max_seqlen_q=max(q_lens), max_context_len=max(context_lens),
+        max_seqlen_q=max(q_lens), max_context_len=max(context_lens), sliding_window=sliding_window,
     )  # fmt: skip
 
 
@@ -94,7 +98,7 @@ def reference_attention(batch: PagedBatch, scale: float) -> torch.Tensor:
     """The reference in float32 on the batch's (possibly 16-bit) values and the clean cache."""
     return paged_attention(
         batch.query.float(), batch.k_cache.float(), batch.v_cache.float(), batch.cu_seqlens_q, batch.max_seqlen_q,
-        batch.context_lens, batch.max_context_len, batch.block_tables, scale,
+        batch.context_lens, batch.max_context_len, batch.block_tables, scale, batch.sliding_window,
     )  # fmt: skip
 
 
@@ -191,7 +195,7 @@ def _check_prefill(batch: PagedBatch, dtype: torch.dtype) -> None:
     with nan_filled_empty():
         out = paged_prefill_attention_triton(
             batch.query, batch.k_poisoned, batch.v_poisoned, batch.cu_seqlens_q, batch.max_seqlen_q,
-            batch.context_lens, batch.max_context_len, batch.block_tables, scale,
+            batch.context_lens, batch.max_context_len, batch.block_tables, scale, batch.sliding_window,
         )  # fmt: skip
     assert_close(out, reference_attention(batch, scale), dtype)
 
@@ -248,8 +252,36 @@ def _check_decode(
         out = paged_decode_attention_triton(
             batch.query, batch.k_poisoned, batch.v_poisoned, batch.context_lens,
             max_context_len or batch.max_context_len, batch.block_tables, scale, num_splits, min_split_len,
+            batch.sliding_window,
         )  # fmt: skip
     assert_close(out, reference_attention(batch, scale), dtype)
+
+
+PREFILL_WINDOW_CASES = {
+    # name: (q_lens, context_lens, num_heads, num_kv_heads, head_dim, block_size, sliding_window)
+    # Prefixes longer than the window, a one-token chunk, a fresh prompt, and one of two query tiles.
+    "window_16": ([7, 1, 20, PREFILL_BLOCK_M + 6], [60, 40, 36, PREFILL_BLOCK_M + 26], 4, 2, 32, 16, 16),
+    "window_1_gqa": ([5, 12], [30, 12], 4, 1, 16, 16, 1),  # each query sees itself alone
+}
+
+
+@pytest.mark.parametrize("case", PREFILL_WINDOW_CASES)
+def test_prefill_attention_sliding_window(case: str) -> None:
+    """Guards against a window off by one (the query itself counts: key > query - window), a tile that starts
+    its keys at the tile's last query instead of its first, and reading keys before every query's window
+    (those hold NaN here: the blocks wholly before it must not be read)."""
+    *shape, sliding_window = PREFILL_WINDOW_CASES[case]
+    _check_prefill(make_batch(*shape, sliding_window=sliding_window), torch.float32)
+
+
+@pytest.mark.parametrize("num_splits", [None, 3])
+def test_decode_attention_sliding_window(num_splits: int | None) -> None:
+    """Guards against splits that divide the whole context instead of the window (empty or NaN splits), a
+    merge that counts splits of the whole context, and reading keys before the window (NaN here); contexts
+    shorter than the window see all of it."""
+    batch = make_batch([1] * 5, [300, 37, 130, 1, 64], 4, 2, 32, 16, sliding_window=64)
+    _check_decode(batch, torch.float32, num_splits)
+    _check_decode(batch, torch.float32, num_splits, max_context_len=GRAPH_MAX_CONTEXT_LEN)
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
