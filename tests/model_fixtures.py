@@ -102,7 +102,8 @@ ARCH_CONFIGS: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
     ),
     # LLaMA 2 style: plain rope, untied embeddings.
     "llama2": (LlamaConfig, {"rope_theta": 10_000.0, "tie_word_embeddings": False}),
-    "mistral": (MistralConfig, {"rope_theta": 1_000_000.0, "sliding_window": None, "tie_word_embeddings": False}),
+    # Mistral: every layer attends through a window shorter than the longer prompts and their completions.
+    "mistral": (MistralConfig, {"rope_theta": 1_000_000.0, "sliding_window": 24, "tie_word_embeddings": False}),
 }
 
 # Model directories the `tiny_models` fixture builds: name -> (arch, legacy_rope_keys).

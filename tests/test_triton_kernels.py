@@ -307,20 +307,21 @@ def test_default_num_splits() -> None:
 
 
 @pytest.mark.parametrize(
-    "num_heads, num_kv_heads, head_dim, has_norm, dtype",
+    "num_heads, num_kv_heads, head_dim, has_norm, dtype, unit_offset",
     [
-        (4, 2, 32, True, torch.float32),  # the tiny Qwen3
-        (16, 8, 128, True, torch.float32),  # Qwen3-0.6B
-        (6, 1, 64, False, torch.float32),  # rotary alone (LLaMA), head counts not powers of two
-        (16, 8, 128, True, torch.float16),
+        (4, 2, 32, True, torch.float32, False),  # the tiny Qwen3
+        (16, 8, 128, True, torch.float32, False),  # Qwen3-0.6B
+        (6, 1, 64, False, torch.float32, False),  # rotary alone (LLaMA), head counts not powers of two
+        (16, 8, 128, True, torch.float16, False),
+        (8, 4, 256, True, torch.float32, True),  # Gemma 3: (1 + w) norm weights, head_dim 256
     ],
 )
 def test_norm_rotary_matches_unfused_ops(
-    num_heads: int, num_kv_heads: int, head_dim: int, has_norm: bool, dtype: torch.dtype
+    num_heads: int, num_kv_heads: int, head_dim: int, has_norm: bool, dtype: torch.dtype, unit_offset: bool
 ) -> None:
     """Guards against the fused norm + rotary kernel computing another function than rms_norm then
-    apply_rotary: wrong halves, a norm over the wrong width, a strided q/k view of the fused qkv read
-    as contiguous, or heads dropped when their count is not a power of two."""
+    apply_rotary: wrong halves, a norm over the wrong width, Gemma's (1 + w) weights taken as w, a strided
+    q/k view of the fused qkv read as contiguous, or heads dropped when their count is not a power of two."""
     from nanovllm.kernels.triton_rotary import norm_rotary_triton
     from nanovllm.layers.layernorm import rms_norm
     from nanovllm.layers.rotary import RotaryEmbedding, apply_rotary
@@ -334,11 +335,12 @@ def test_norm_rotary_matches_unfused_ops(
     key = qkv[:, num_heads * head_dim : (num_heads + num_kv_heads) * head_dim].view(num_tokens, num_kv_heads, head_dim)
     positions = torch.tensor([0, 1, 17, 1000, 4095], device=DEVICE)
     weights = [torch.randn(head_dim, generator=gen).to(DEVICE, dtype) if has_norm else None for _ in range(2)]
-    q_out, k_out = norm_rotary_triton(positions, query, key, *weights, eps, rotary.cos, rotary.sin)
+    q_out, k_out = norm_rotary_triton(positions, query, key, *weights, eps, rotary.cos, rotary.sin, unit_offset)
 
     q32, k32 = query.float(), key.float()
     if has_norm:
-        q32, k32 = rms_norm(q32, weights[0].float(), eps), rms_norm(k32, weights[1].float(), eps)
+        q32 = rms_norm(q32, weights[0].float(), eps, unit_offset)
+        k32 = rms_norm(k32, weights[1].float(), eps, unit_offset)
     q_ref, k_ref = apply_rotary(positions, q32, k32, rotary.cos, rotary.sin)
     tolerance = TOLERANCE[dtype] * 4  # the reference rounds once at the end here; values reach ~4 after the norm
     for got, ref in ((q_out, q_ref), (k_out, k_ref)):

@@ -1,15 +1,17 @@
 """Load safetensors checkpoints (one file or many shards) into a model, shard by shard.
 
-Checkpoint names map onto model parameters directly, except the tensors that our layers
-fuse: ``q_proj``/``k_proj``/``v_proj`` go into ``qkv_proj`` and ``gate_proj``/``up_proj`` into
-``gate_up_proj``, each through its parameter's ``weight_loader`` with the part it fills.
+A model family may rename, transpose or split its checkpoint's tensors first (its
+``checkpoint_tensors``: GPT-2's Conv1D weights, Phi-3's fused q/k/v). Names then map onto model
+parameters directly, except the tensors that our layers fuse: ``q_proj``/``k_proj``/``v_proj``
+go into ``qkv_proj`` and ``gate_proj``/``up_proj`` into ``gate_up_proj``, each through its
+parameter's ``weight_loader`` with the part it fills.
 Every parameter (and every part of a fused one) must be loaded exactly once, and every
 checkpoint tensor must land somewhere: anything else is an error, never a silent default.
 """
 
 import glob
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -36,6 +38,10 @@ def load_safetensors(model: nn.Module, model_dir: str) -> None:
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {model_dir}; use load_format='dummy' for random weights")
     packed: dict[str, tuple[str, Any]] = getattr(model, "packed_modules_mapping", {})
+    # The family's reading of its checkpoint (renamed, transposed, fused tensors split): name -> [(name, tensor)].
+    checkpoint_tensors: Callable[[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]] = getattr(
+        model, "checkpoint_tensors", lambda name, tensor: [(name, tensor)]
+    )
     params = dict(model.named_parameters())
     # A tied LM head shares the embedding's parameter, so named_parameters() lists it only once.
     is_tied = "lm_head.weight" not in params
@@ -45,14 +51,17 @@ def load_safetensors(model: nn.Module, model_dir: str) -> None:
             for ckpt_name in f.keys():
                 if ckpt_name.endswith(IGNORED_SUFFIXES) or (is_tied and ckpt_name == "lm_head.weight"):
                     continue
-                name, part = _target(ckpt_name, packed)
-                if name not in params:
-                    raise ValueError(f"checkpoint tensor {ckpt_name!r} in {os.path.basename(path)} has no parameter")
-                param = params[name]
-                loader: Callable[..., None] = getattr(param, "weight_loader", default_weight_loader)
-                tensor = f.get_tensor(ckpt_name).to(param.dtype)
-                loader(param, tensor) if part is None else loader(param, tensor, part)
-                loaded.add((name, part))
+                for mapped_name, tensor in checkpoint_tensors(ckpt_name, f.get_tensor(ckpt_name)):
+                    name, part = _target(mapped_name, packed)
+                    if name not in params:
+                        raise ValueError(
+                            f"checkpoint tensor {ckpt_name!r} in {os.path.basename(path)} has no parameter ({name!r})"
+                        )
+                    param = params[name]
+                    loader: Callable[..., None] = getattr(param, "weight_loader", default_weight_loader)
+                    tensor = tensor.to(param.dtype)
+                    loader(param, tensor) if part is None else loader(param, tensor, part)
+                    loaded.add((name, part))
     expected = {(name, part) for name, p in params.items() for part in (getattr(p, "shard_ids", ()) or (None,))}
     missing = sorted(f"{name}[{part}]" if part is not None else name for name, part in expected - loaded)
     if missing:
@@ -66,6 +75,6 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
         if generator is None:
             generator = torch.Generator(device=param.device).manual_seed(seed)
         if param.dim() == 1:
-            param.data.fill_(1.0 if "norm" in name else 0.0)
+            param.data.fill_(1.0 if name.endswith("norm.weight") else 0.0)  # LayerNorm biases are biases
         else:
             param.data.normal_(0.0, DUMMY_WEIGHT_STD, generator=generator)
