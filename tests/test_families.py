@@ -154,6 +154,39 @@ def test_unsupported_config_is_refused_before_weights(family_dirs: dict[str, Pat
         LLM(str(edited_config_dir(family_dirs[family], tmp_path, edit)), **BASE_ARGS)
 
 
+def to_legacy_gemma3(config: dict[str, Any]) -> None:
+    """Gemma 3's config.json as the hub's first checkpoints spell it: a pattern, two top-level rope bases."""
+    del config["layer_types"], config["rope_parameters"]
+    config.update(sliding_window_pattern=2, rope_theta=50_000.0, rope_local_base_freq=500.0)
+    config["rope_scaling"] = {"rope_type": "linear", "factor": 2.0}  # the global layers'
+
+
+def to_legacy_rope(config: dict[str, Any], scaling_type: str | None = None) -> None:
+    """rope_parameters as top-level rope_theta, partial_rotary_factor and rope_scaling (LongRoPE as "su")."""
+    params = config.pop("rope_parameters")
+    config.update(rope_theta=params.pop("rope_theta"), partial_rotary_factor=params.pop("partial_rotary_factor"))
+    params.pop("original_max_position_embeddings", None)  # top-level in these configs
+    config["rope_scaling"] = None if scaling_type is None else {**params, "rope_type": scaling_type}
+
+
+LEGACY_CONFIGS: dict[str, Callable[[dict[str, Any]], None]] = {
+    "gemma3": to_legacy_gemma3,
+    "phi3": lambda config: to_legacy_rope(config, "su"),
+    "phi": to_legacy_rope,
+}
+
+
+@pytest.mark.parametrize("family", LEGACY_CONFIGS)
+def test_legacy_config_spelling_reads_the_same(family_dirs: dict[str, Path], tmp_path: Path, family: str) -> None:
+    """Guards against the config.json spellings hub checkpoints still carry (before transformers 5) being read
+    as another model: Gemma 3's sliding_window_pattern and rope_local_base_freq, top-level rope_theta and
+    partial_rotary_factor, Phi-3's "su" LongRoPE."""
+    from nanovllm.models.registry import load_model_arch
+
+    legacy_dir = edited_config_dir(family_dirs[family], tmp_path, LEGACY_CONFIGS[family])
+    assert load_model_arch(str(legacy_dir)) == load_model_arch(str(family_dirs[family]))
+
+
 def test_longrope_table_matches_transformers_past_original_length() -> None:
     """Guards the LongRoPE positions no engine test reaches: at and past original_max_position_embeddings the
     long factors rotate (transformers' choice once a sequence is that long), below it the short ones, both
