@@ -21,8 +21,12 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
     LlamaConfig,
     MistralConfig,
+    Phi3Config,
+    PhiConfig,
     PretrainedConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
@@ -102,7 +106,50 @@ ARCH_CONFIGS: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
     ),
     # LLaMA 2 style: plain rope, untied embeddings.
     "llama2": (LlamaConfig, {"rope_theta": 10_000.0, "tie_word_embeddings": False}),
-    "mistral": (MistralConfig, {"rope_theta": 1_000_000.0, "sliding_window": None, "tie_word_embeddings": False}),
+    # Mistral: every layer attends through a window shorter than the longer prompts and their completions.
+    "mistral": (MistralConfig, {"rope_theta": 1_000_000.0, "sliding_window": 24, "tie_word_embeddings": False}),
+}
+# Families tested with one workload each by tests/test_families.py (not the whole of tests/test_models.py, to
+# keep CI short). Config values differ from the defaults wherever an engine could ignore them unseen.
+FAMILY_CONFIGS: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
+    # Gemma 3: layer 0 slides over 16 keys with rotary base 500, layer 1 is global with base 50000 and linear
+    # scaling; q.k scaled by query_pre_attn_scalar (not head_dim); final logits soft-capped.
+    "gemma3": (
+        Gemma3TextConfig,
+        {
+            "head_dim": 16,
+            "sliding_window": 16,
+            "sliding_window_pattern": 2,
+            "rope_local_base_freq": 500.0,
+            "rope_theta": 50_000.0,
+            "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+            "query_pre_attn_scalar": 24,
+            "final_logit_softcapping": 15.0,
+            "tie_word_embeddings": True,
+        },
+    ),
+    # Phi-3: fused qkv and gate_up tensors, a window, rotary over 12 of 16 dimensions (Phi-4-mini's 0.75) with
+    # LongRoPE; sequences stay below original_max_position_embeddings, where transformers uses the short factors.
+    "phi3": (
+        Phi3Config,
+        {
+            "rope_theta": 20_000.0,
+            "partial_rotary_factor": 0.75,
+            "sliding_window": 24,
+            "original_max_position_embeddings": 128,
+            "rope_scaling": {
+                "rope_type": "longrope",
+                "short_factor": [1.0, 1.3, 1.7, 2.2, 3.0, 4.5],
+                "long_factor": [1.5, 2.5, 4.0, 6.0, 9.0, 14.0],
+            },
+            "tie_word_embeddings": False,
+        },
+    ),
+    # phi-2: LayerNorm, attention and MLP in parallel, rotary over half of each head, exact GELU (phi-2's own
+    # config says gelu_new, which GPT-2 below covers), biases everywhere including the LM head.
+    "phi": (PhiConfig, {"partial_rotary_factor": 0.5, "rope_theta": 30_000.0, "hidden_act": "gelu"}),
+    # GPT-2: learned positions, Conv1D weights, tied head; each layer's scores divided by its number too.
+    "gpt2": (GPT2Config, {"n_inner": 128, "activation_function": "gelu_new", "scale_attn_by_inverse_layer_idx": True}),
 }
 
 # Model directories the `tiny_models` fixture builds: name -> (arch, legacy_rope_keys).
@@ -146,10 +193,14 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
 
 def make_config(arch: str, tokenizer: PreTrainedTokenizerFast, **config_overrides: Any) -> PretrainedConfig:
     """The transformers config object for `arch` at tiny size, with the tokenizer's special ids."""
-    if arch not in ARCH_CONFIGS:
-        raise ValueError(f"arch={arch!r} is not one of {sorted(ARCH_CONFIGS)}")
-    config_cls, arch_fields = ARCH_CONFIGS[arch]
-    fields = {**TINY_SIZES, **arch_fields, **config_overrides}
+    configs = {**ARCH_CONFIGS, **FAMILY_CONFIGS}
+    if arch not in configs:
+        raise ValueError(f"arch={arch!r} is not one of {sorted(configs)}")
+    config_cls, arch_fields = configs[arch]
+    # Only the sizes the family's config has a field for (GPT-2 has no num_key_value_heads).
+    known = set(getattr(config_cls, "__dataclass_fields__", {})) | set(config_cls.attribute_map)
+    sizes = {key: value for key, value in TINY_SIZES.items() if key in known}
+    fields = {**sizes, **arch_fields, **config_overrides}
     return config_cls(
         **fields,
         bos_token_id=tokenizer.bos_token_id,
@@ -193,7 +244,7 @@ def _name_tokenizer_class(tokenizer_config_path: Path) -> None:
 def write_tiny_model(
     path: Path, arch: str, seed: int = 0, *, legacy_rope_keys: bool = False, **config_overrides: Any
 ) -> Path:
-    """Write a tiny random-weight model of `arch` (a key of ARCH_CONFIGS) to `path` and return it.
+    """Write a tiny random-weight model of `arch` (a key of ARCH_CONFIGS or FAMILY_CONFIGS) to `path`; return it.
 
     The same (arch, seed, config_overrides) always gives the same weights, so a `legacy_rope_keys`
     directory holds the same model as the default one with only config.json spelled differently.

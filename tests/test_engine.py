@@ -157,7 +157,7 @@ def test_bad_engine_arguments(model_dir: str, tmp_path: Path) -> None:
     unknown = tmp_path / "unknown_arch"
     shutil.copytree(model_dir, unknown)
     config = json.loads((unknown / "config.json").read_text())
-    config["architectures"] = ["GPT2LMHeadModel"]
+    config["architectures"] = ["MambaForCausalLM"]  # a family nanovllm does not run
     (unknown / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="not supported; supported: .*Qwen3ForCausalLM"):
         LLM(str(unknown), **BASE_ARGS)

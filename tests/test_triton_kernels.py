@@ -42,23 +42,25 @@ class PagedBatch:
     query: torch.Tensor  # [N, num_heads, head_dim], a strided view like the model's q of a fused qkv
     k_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim], random everywhere
     v_cache: torch.Tensor  # [num_blocks, block_size, num_kv_heads, head_dim]
-    k_poisoned: torch.Tensor  # k_cache with NaN in every slot outside all contexts (block 0 included)
+    k_poisoned: torch.Tensor  # k_cache with NaN in every slot outside all contexts and windows (block 0 included)
     v_poisoned: torch.Tensor  # v_cache, likewise
     cu_seqlens_q: torch.Tensor  # [B + 1] int32
     context_lens: torch.Tensor  # [B] int32
     block_tables: torch.Tensor  # [B, max_blocks] int32, shuffled block ids, padded with 0
     max_seqlen_q: int  # longest query, in tokens
     max_context_len: int  # longest context, in tokens
+    sliding_window: int | None  # keys each query sees, itself included; None: every key before it
 
 
 def make_batch(
     q_lens: list[int], context_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int, block_size: int,
-    dtype: torch.dtype = torch.float32, seed: int = 0,
+    dtype: torch.dtype = torch.float32, seed: int = 0, sliding_window: int | None = None,
 ) -> PagedBatch:  # fmt: skip
     """Sequence b has context_lens[b] cached tokens, the last q_lens[b] of which are queries.
 
     Block ids are shuffled and start at 1: block 0 is what padding entries point at, and it
-    holds only NaN in the poisoned caches, like every slot past a sequence's end.
+    holds only NaN in the poisoned caches, like every slot past a sequence's end and, with a
+    sliding window, every slot before the window of the sequence's first query.
     """
     gen = torch.Generator().manual_seed(seed)
     num_seqs = len(q_lens)
@@ -70,7 +72,9 @@ def make_batch(
     for seq_idx, (num_seq_blocks, context_len) in enumerate(zip(blocks_per_seq, context_lens, strict=True)):
         seq_blocks = [block_ids.pop() for _ in range(num_seq_blocks)]
         block_tables[seq_idx, :num_seq_blocks] = torch.tensor(seq_blocks, dtype=torch.int32)
-        positions = torch.arange(context_len)  # [context_len]
+        first_query_pos = context_len - q_lens[seq_idx]
+        first_seen = 0 if sliding_window is None else max(0, first_query_pos - sliding_window + 1)
+        positions = torch.arange(first_seen, context_len)  # [keys some query of the sequence sees]
         seq_block_ids = torch.tensor(seq_blocks, dtype=torch.long)[positions // block_size]  # [context_len]
         is_used[seq_block_ids * block_size + positions % block_size] = True
 
@@ -86,7 +90,7 @@ def make_batch(
         query=qkv[:, :num_heads].to(DEVICE), k_cache=k_cache.to(DEVICE), v_cache=v_cache.to(DEVICE),
         k_poisoned=k_poisoned.to(DEVICE), v_poisoned=v_poisoned.to(DEVICE), cu_seqlens_q=cu_seqlens_q.to(DEVICE),
         context_lens=torch.tensor(context_lens, dtype=torch.int32, device=DEVICE), block_tables=block_tables.to(DEVICE),
-        max_seqlen_q=max(q_lens), max_context_len=max(context_lens),
+        max_seqlen_q=max(q_lens), max_context_len=max(context_lens), sliding_window=sliding_window,
     )  # fmt: skip
 
 
@@ -94,7 +98,7 @@ def reference_attention(batch: PagedBatch, scale: float) -> torch.Tensor:
     """The reference in float32 on the batch's (possibly 16-bit) values and the clean cache."""
     return paged_attention(
         batch.query.float(), batch.k_cache.float(), batch.v_cache.float(), batch.cu_seqlens_q, batch.max_seqlen_q,
-        batch.context_lens, batch.max_context_len, batch.block_tables, scale,
+        batch.context_lens, batch.max_context_len, batch.block_tables, scale, batch.sliding_window,
     )  # fmt: skip
 
 
@@ -191,7 +195,7 @@ def _check_prefill(batch: PagedBatch, dtype: torch.dtype) -> None:
     with nan_filled_empty():
         out = paged_prefill_attention_triton(
             batch.query, batch.k_poisoned, batch.v_poisoned, batch.cu_seqlens_q, batch.max_seqlen_q,
-            batch.context_lens, batch.max_context_len, batch.block_tables, scale,
+            batch.context_lens, batch.max_context_len, batch.block_tables, scale, batch.sliding_window,
         )  # fmt: skip
     assert_close(out, reference_attention(batch, scale), dtype)
 
@@ -248,8 +252,36 @@ def _check_decode(
         out = paged_decode_attention_triton(
             batch.query, batch.k_poisoned, batch.v_poisoned, batch.context_lens,
             max_context_len or batch.max_context_len, batch.block_tables, scale, num_splits, min_split_len,
+            batch.sliding_window,
         )  # fmt: skip
     assert_close(out, reference_attention(batch, scale), dtype)
+
+
+PREFILL_WINDOW_CASES = {
+    # name: (q_lens, context_lens, num_heads, num_kv_heads, head_dim, block_size, sliding_window)
+    # Prefixes longer than the window, a one-token chunk, a fresh prompt, and one of two query tiles.
+    "window_16": ([7, 1, 20, PREFILL_BLOCK_M + 6], [60, 40, 36, PREFILL_BLOCK_M + 26], 4, 2, 32, 16, 16),
+    "window_1_gqa": ([5, 12], [30, 12], 4, 1, 16, 16, 1),  # each query sees itself alone
+}
+
+
+@pytest.mark.parametrize("case", PREFILL_WINDOW_CASES)
+def test_prefill_attention_sliding_window(case: str) -> None:
+    """Guards against a window off by one (the query itself counts: key > query - window), a tile that starts
+    its keys at the tile's last query instead of its first, and reading keys before every query's window
+    (those hold NaN here: the blocks wholly before it must not be read)."""
+    *shape, sliding_window = PREFILL_WINDOW_CASES[case]
+    _check_prefill(make_batch(*shape, sliding_window=sliding_window), torch.float32)
+
+
+def test_decode_attention_sliding_window() -> None:
+    """Guards against splits that divide the whole context instead of the window (empty or NaN splits), a
+    merge that counts splits of the whole context, and reading keys before the window (NaN here); contexts
+    shorter than the window see all of it. Three splits of the window, then as many as a graph-sized grid
+    for max_model_len would choose."""
+    batch = make_batch([1] * 5, [300, 37, 130, 1, 64], 4, 2, 32, 16, sliding_window=64)
+    _check_decode(batch, torch.float32, num_splits=3)
+    _check_decode(batch, torch.float32, num_splits=None, max_context_len=GRAPH_MAX_CONTEXT_LEN)
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
@@ -275,20 +307,21 @@ def test_default_num_splits() -> None:
 
 
 @pytest.mark.parametrize(
-    "num_heads, num_kv_heads, head_dim, has_norm, dtype",
+    "num_heads, num_kv_heads, head_dim, has_norm, dtype, unit_offset",
     [
-        (4, 2, 32, True, torch.float32),  # the tiny Qwen3
-        (16, 8, 128, True, torch.float32),  # Qwen3-0.6B
-        (6, 1, 64, False, torch.float32),  # rotary alone (LLaMA), head counts not powers of two
-        (16, 8, 128, True, torch.float16),
+        (4, 2, 32, True, torch.float32, False),  # the tiny Qwen3
+        (16, 8, 128, True, torch.float32, False),  # Qwen3-0.6B
+        (6, 1, 64, False, torch.float32, False),  # rotary alone (LLaMA), head counts not powers of two
+        (16, 8, 128, True, torch.float16, False),
+        (8, 4, 256, True, torch.float32, True),  # Gemma 3: (1 + w) norm weights, head_dim 256
     ],
 )
 def test_norm_rotary_matches_unfused_ops(
-    num_heads: int, num_kv_heads: int, head_dim: int, has_norm: bool, dtype: torch.dtype
+    num_heads: int, num_kv_heads: int, head_dim: int, has_norm: bool, dtype: torch.dtype, unit_offset: bool
 ) -> None:
     """Guards against the fused norm + rotary kernel computing another function than rms_norm then
-    apply_rotary: wrong halves, a norm over the wrong width, a strided q/k view of the fused qkv read
-    as contiguous, or heads dropped when their count is not a power of two."""
+    apply_rotary: wrong halves, a norm over the wrong width, Gemma's (1 + w) weights taken as w, a strided
+    q/k view of the fused qkv read as contiguous, or heads dropped when their count is not a power of two."""
     from nanovllm.kernels.triton_rotary import norm_rotary_triton
     from nanovllm.layers.layernorm import rms_norm
     from nanovllm.layers.rotary import RotaryEmbedding, apply_rotary
@@ -302,11 +335,12 @@ def test_norm_rotary_matches_unfused_ops(
     key = qkv[:, num_heads * head_dim : (num_heads + num_kv_heads) * head_dim].view(num_tokens, num_kv_heads, head_dim)
     positions = torch.tensor([0, 1, 17, 1000, 4095], device=DEVICE)
     weights = [torch.randn(head_dim, generator=gen).to(DEVICE, dtype) if has_norm else None for _ in range(2)]
-    q_out, k_out = norm_rotary_triton(positions, query, key, *weights, eps, rotary.cos, rotary.sin)
+    q_out, k_out = norm_rotary_triton(positions, query, key, *weights, eps, rotary.cos, rotary.sin, unit_offset)
 
     q32, k32 = query.float(), key.float()
     if has_norm:
-        q32, k32 = rms_norm(q32, weights[0].float(), eps), rms_norm(k32, weights[1].float(), eps)
+        q32 = rms_norm(q32, weights[0].float(), eps, unit_offset)
+        k32 = rms_norm(k32, weights[1].float(), eps, unit_offset)
     q_ref, k_ref = apply_rotary(positions, q32, k32, rotary.cos, rotary.sin)
     tolerance = TOLERANCE[dtype] * 4  # the reference rounds once at the end here; values reach ~4 after the norm
     for got, ref in ((q_out, q_ref), (k_out, k_ref)):

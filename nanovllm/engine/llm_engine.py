@@ -20,7 +20,8 @@ from nanovllm.config import EngineConfig
 from nanovllm.engine.model_files import effective_max_model_len, load_tokenizer, read_eos_token_ids
 from nanovllm.engine.prompts import Prompt, PromptsArg, SamplingParamsArg, as_params_list, as_prompt_list
 from nanovllm.engine.request import Request
-from nanovllm.models.arch import check_tensor_parallel_split, load_model_arch
+from nanovllm.models.arch import check_tensor_parallel_split
+from nanovllm.models.registry import load_model_arch
 from nanovllm.outputs import PrefixCacheStats, RequestOutput, StreamOutput
 from nanovllm.parallel.process_group import require_no_tensor_parallel_engine
 from nanovllm.parallel.workers import TensorParallelWorkers

@@ -22,14 +22,8 @@ TOKENIZER_FILES = (
 
 
 def effective_max_model_len(config: EngineConfig, arch: ModelArch) -> int:
-    """config.max_model_len clamped to the model's limit; a sliding window shorter than it is refused."""
-    max_model_len = min(config.max_model_len, arch.max_position_embeddings)
-    if arch.sliding_window is not None and arch.sliding_window < max_model_len:
-        raise ValueError(
-            f"the model attends through a sliding window of {arch.sliding_window} tokens, which this engine does "
-            f"not implement; set max_model_len <= {arch.sliding_window} (now {max_model_len})"
-        )
-    return max_model_len
+    """config.max_model_len clamped to the model's limit (every attention backend masks sliding windows)."""
+    return min(config.max_model_len, arch.max_position_embeddings)
 
 
 def load_tokenizer(model_dir: str) -> PreTrainedTokenizerBase:

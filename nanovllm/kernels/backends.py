@@ -39,6 +39,7 @@ class AttentionBackend(Protocol):
         v_cache: Tensor,
         metadata: AttentionMetadata,
         scale: float,
+        sliding_window: int | None,  # keys each query sees, itself included; None: every key before it
     ) -> Tensor:  # [N, num_heads, head_dim]
         ...
 
@@ -70,11 +71,12 @@ class TorchBackend:
         v_cache: Tensor,
         metadata: AttentionMetadata,
         scale: float,
+        sliding_window: int | None,
     ) -> Tensor:
         m = metadata
         return reference.paged_attention(
             query, k_cache, v_cache, m.cu_seqlens_q, m.max_seqlen_q, m.context_lens, m.max_context_len,
-            m.block_tables, scale,
+            m.block_tables, scale, sliding_window,
         )  # fmt: skip
 
 
@@ -102,22 +104,25 @@ class TritonBackend:
         v_cache: Tensor,
         metadata: AttentionMetadata,
         scale: float,
+        sliding_window: int | None,
     ) -> Tensor:
         m = metadata
         if m.is_prefill:
             return self._attention.paged_prefill_attention_triton(
                 query, k_cache, v_cache, m.cu_seqlens_q, m.max_seqlen_q, m.context_lens, m.max_context_len,
-                m.block_tables, scale,
+                m.block_tables, scale, sliding_window,
             )  # fmt: skip
         return self._attention.paged_decode_attention_triton(
-            query, k_cache, v_cache, m.context_lens, m.max_context_len, m.block_tables, scale
-        )
+            query, k_cache, v_cache, m.context_lens, m.max_context_len, m.block_tables, scale,
+            sliding_window=sliding_window,
+        )  # fmt: skip
 
 
 class FlashAttnBackend(TritonBackend):
     """flash-attn: varlen prefill reading cached prefixes through the block table, and kvcache decode.
 
-    It has no KV-store kernel of its own, so it keeps our Triton one (inherited ``store_kv``).
+    It has no KV-store kernel of its own, so it keeps our Triton one (inherited ``store_kv``). A sliding
+    window is its ``window_size=(window - 1, 0)``: keys at most window - 1 before the query, none after.
     """
 
     name = "flash_attn"
@@ -138,18 +143,20 @@ class FlashAttnBackend(TritonBackend):
         v_cache: Tensor,
         metadata: AttentionMetadata,
         scale: float,
+        sliding_window: int | None,
     ) -> Tensor:
         m = metadata
+        window_size = (-1, -1) if sliding_window is None else (sliding_window - 1, 0)  # (-1, -1): no window
         if m.is_prefill:
             cu_seqlens_k = torch.nn.functional.pad(m.context_lens.cumsum(0, dtype=torch.int32), (1, 0))
             return self._varlen(
                 query, k_cache, v_cache, cu_seqlens_q=m.cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                 max_seqlen_q=m.max_seqlen_q, max_seqlen_k=m.max_context_len, softmax_scale=scale, causal=True,
-                block_table=m.block_tables,
+                block_table=m.block_tables, window_size=window_size,
             )  # fmt: skip
         out = self._with_kvcache(
             query.unsqueeze(1), k_cache, v_cache, cache_seqlens=m.context_lens, block_table=m.block_tables,
-            softmax_scale=scale, causal=True,
+            softmax_scale=scale, causal=True, window_size=window_size,
         )  # fmt: skip  # [B, 1, num_heads, head_dim]
         return out.squeeze(1)
 

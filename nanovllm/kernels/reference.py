@@ -38,8 +38,9 @@ def paged_attention(
     max_context_len: int,
     block_tables: torch.Tensor,  # [B, max_blocks] int32
     scale: float,
+    sliding_window: int | None = None,  # keys each query sees, itself included; None: all before it
 ) -> torch.Tensor:  # [N, num_heads, head_dim]
-    """Causal attention of each sequence's new tokens over all its cached tokens.
+    """Causal attention of each sequence's new tokens over all its cached tokens (or the last ``sliding_window``).
 
     The new tokens' K/V must already be in the cache (call :func:`store_kv` first).
     """
@@ -71,6 +72,8 @@ def paged_attention(
     q_positions = (context_lens - q_lens)[:, None] + torch.arange(max_seqlen_q, device=device)  # [B, max_seqlen_q]
     is_visible = k_positions[None, None, :] <= q_positions[:, :, None]  # [B, max_seqlen_q, max_context_len]
     is_visible &= (k_positions[None, :] < context_lens[:, None])[:, None, :]
+    if sliding_window is not None:  # and within the window: key > query - window (transformers' rule)
+        is_visible &= k_positions[None, None, :] > q_positions[:, :, None] - sliding_window
 
     out = F.scaled_dot_product_attention(
         padded_q.transpose(1, 2),  # [B, num_heads, max_seqlen_q, head_dim]

@@ -12,8 +12,13 @@ find each position's cache row through the block table, so a tile may span cache
     row in block:   0  1  2  3 | 0  1  2  3           row   = pos % block_size
 
 Positions at or past ``context_len`` are masked on load, so padding entries and unwritten
-(possibly NaN) slots are never used. Softmax runs in the base-2 domain: the scale is
-multiplied by log2(e) once so the kernels can call ``exp2``.
+(possibly NaN) slots are never used. A layer with a sliding window (Mistral, Gemma 3) starts each
+loop at the first key its queries can see, so the blocks before the window are not read at all:
+
+    window = 4, query at position 9 (decode):   keys 0 1 2 3 4 5 | 6 7 8 9
+                                                  never loaded    | loaded: key > 9 - 4
+
+Softmax runs in the base-2 domain: the scale is multiplied by log2(e) once so the kernels can call ``exp2``.
 """
 
 import math
@@ -73,8 +78,11 @@ def _online_softmax_step(q, k_t, v, is_visible, m_i, l_i, acc, qk_scale, DOT_PRE
     scores = tl.dot(q, k_t.to(q.dtype), input_precision=DOT_PRECISION) * qk_scale  # [rows, BLOCK_N], log2 units
     scores = tl.where(is_visible, scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, 1))  # [rows]
-    alpha = tl.exp2(m_i - m_new)  # [rows], 0 on the first tile (m_i = -inf)
-    p = tl.exp2(scores - m_new[:, None])  # [rows, BLOCK_N]
+    # A row that has seen no key yet (a padded query row, or one whose window starts past this tile) keeps
+    # m = -inf; subtracting 0 instead keeps its alpha and p at 0 rather than exp2(-inf - -inf) = NaN.
+    m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # [rows]
+    alpha = tl.exp2(m_i - m_shift)  # [rows], 0 on the first tile (m_i = -inf)
+    p = tl.exp2(scores - m_shift[:, None])  # [rows, BLOCK_N]
     acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)
     return m_new, l_i * alpha + tl.sum(p, 1), acc
 
@@ -83,17 +91,18 @@ def _online_softmax_step(q, k_t, v, is_visible, m_i, l_i, acc, qk_scale, DOT_PRE
 @triton.jit(do_not_specialize=["stride_table_seq"])
 def _prefill_kernel(
     query_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, context_lens_ptr, block_tables_ptr,
-    qk_scale, num_queries_per_kv, head_dim, block_size,
+    qk_scale, num_queries_per_kv, head_dim, block_size, sliding_window,
     stride_q_token, stride_q_head, stride_o_token, stride_o_head,
     stride_cache_block, stride_cache_slot, stride_cache_head, stride_table_seq,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    FP32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FP32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, IS_SLIDING: tl.constexpr,
 ):  # fmt: skip
     """Flash attention for BLOCK_M query tokens of one sequence and one head.
 
     Query row i of the sequence sits at position prefix_len + i and sees keys 0..that
-    position. Keys are streamed in BLOCK_N tiles with an online softmax, stopping after the
-    tile's last query position (causal), so no [q_len, context_len] matrix is ever built.
+    position (IS_SLIDING: only the last sliding_window of them). Keys are streamed in BLOCK_N
+    tiles with an online softmax, from the first key the tile's first query sees to the tile's
+    last query position (causal), so no [q_len, context_len] matrix is ever built.
     """
     tile_idx, seq_idx, head_idx = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start = tl.load(cu_seqlens_q_ptr + seq_idx)
@@ -119,10 +128,13 @@ def _prefill_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     key_end = tl.minimum(context_len, prefix_len + (tile_idx + 1) * BLOCK_M)  # past the tile's last query
+    key_begin = 0
+    if IS_SLIDING:  # the first query of the tile sees keys > its position - sliding_window
+        key_begin = tl.maximum(prefix_len + tile_idx * BLOCK_M - sliding_window + 1, 0)
     block_table_ptr = block_tables_ptr + seq_idx * stride_table_seq
     k_head_ptr = k_cache_ptr + kv_head_idx * stride_cache_head  # the cache seen as [num_blocks, block_size, head_dim]
     v_head_ptr = v_cache_ptr + kv_head_idx * stride_cache_head
-    for key_start in range(0, key_end, BLOCK_N):
+    for key_start in range(key_begin, key_end, BLOCK_N):
         key_pos = key_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
         key_mask = key_pos < key_end
         row_offs = _cache_row_offsets(
@@ -130,9 +142,11 @@ def _prefill_kernel(
         )
         k_t, v = _load_kv_tile(k_head_ptr, v_head_ptr, row_offs, key_mask, head_dim, BLOCK_D)
         is_visible = (key_pos[None, :] <= q_pos[:, None]) & key_mask[None, :]  # [BLOCK_M, BLOCK_N], causal
+        if IS_SLIDING:
+            is_visible &= key_pos[None, :] > q_pos[:, None] - sliding_window
         m_i, l_i, acc = _online_softmax_step(q, k_t, v, is_visible, m_i, l_i, acc, qk_scale, DOT_PRECISION)
 
-    out = acc / l_i[:, None]  # [BLOCK_M, BLOCK_D]
+    out = acc / tl.maximum(l_i, 1.0)[:, None]  # [BLOCK_M, BLOCK_D]; l_i >= 1 in every row that saw a key
     out_offs = token_idx[:, None] * stride_o_token + head_idx * stride_o_head + dim_offs[None, :]
     tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
@@ -158,8 +172,9 @@ def paged_prefill_attention_triton(
     max_context_len: int,
     block_tables: torch.Tensor,  # [B, max_blocks] int32, padded with 0
     scale: float,
+    sliding_window: int | None = None,  # keys each query sees, itself included; None: all before it
 ) -> torch.Tensor:  # [N, num_heads, head_dim]
-    """Causal attention of each sequence's new tokens over its whole cache (prefix + new)."""
+    """Causal attention of each sequence's new tokens over its whole cache (prefix + new), or its window."""
     num_tokens, num_heads, head_dim = query.shape
     _check_cache(query, k_cache, v_cache)
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=query.dtype, device=query.device)
@@ -171,46 +186,56 @@ def paged_prefill_attention_triton(
     grid = (triton.cdiv(max_seqlen_q, block_m), num_seqs, num_heads)
     _prefill_kernel[grid](
         query, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables,
-        scale * LOG2E, num_heads // k_cache.shape[2], head_dim, k_cache.shape[1],
+        scale * LOG2E, num_heads // k_cache.shape[2], head_dim, k_cache.shape[1], sliding_window or 0,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         BLOCK_M=block_m, BLOCK_N=PREFILL_BLOCK_N, BLOCK_D=_block_dim(head_dim),
-        **_dot_options(query), num_warps=4,
+        **_dot_options(query), IS_SLIDING=sliding_window is not None, num_warps=4,
     )  # fmt: skip
     return out
 
 
 @triton.jit
-def _split_len(context_len, num_splits, min_split_len, BLOCK_N: tl.constexpr):
-    """Key positions per split of one sequence: its own context over num_splits, in whole BLOCK_N tiles.
+def _first_visible_key(context_len, sliding_window, IS_SLIDING: tl.constexpr):
+    """The first key position a sequence's decode query (at context_len - 1) sees: 0, or the window's start."""
+    if IS_SLIDING:
+        return tl.maximum(context_len - sliding_window, 0)
+    return 0
 
-    Sized from the sequence's context, not the batch's longest possible one, so a CUDA graph
+
+@triton.jit
+def _split_len(num_keys, num_splits, min_split_len, BLOCK_N: tl.constexpr):
+    """Key positions per split of one sequence: the keys it sees over num_splits, in whole BLOCK_N tiles.
+
+    Sized from the sequence's own keys, not the batch's longest possible context, so a CUDA graph
     captured for max_model_len still spreads a short context over all its splits. No split is
     shorter than min_split_len, so a short context uses fewer splits.
     """
-    split_len = tl.cdiv(tl.cdiv(tl.maximum(context_len, 1), num_splits), BLOCK_N) * BLOCK_N
+    split_len = tl.cdiv(tl.cdiv(tl.maximum(num_keys, 1), num_splits), BLOCK_N) * BLOCK_N
     return tl.maximum(split_len, min_split_len)
 
 
 @triton.jit(do_not_specialize=["stride_table_seq"])  # see _prefill_kernel
 def _decode_split_kernel(
     query_ptr, k_cache_ptr, v_cache_ptr, partial_out_ptr, partial_lse_ptr, context_lens_ptr, block_tables_ptr,
-    qk_scale, num_heads, num_queries_per_kv, head_dim, block_size, num_splits, min_split_len,
+    qk_scale, num_heads, num_queries_per_kv, head_dim, block_size, num_splits, min_split_len, sliding_window,
     stride_q_seq, stride_q_head, stride_cache_block, stride_cache_slot, stride_cache_head, stride_table_seq,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    FP32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    FP32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, IS_SLIDING: tl.constexpr,
 ):  # fmt: skip
     """Phase 1 of flash decoding: one sequence, one KV head, one split of the context.
 
     The query heads that share this KV head are the rows of one [BLOCK_G, BLOCK_D] tile, so
     each K/V element is read once per (sequence, kv_head). The split covers key positions
-    [split_idx * split_len, (split_idx + 1) * split_len) and leaves, per query head, its
-    output normalised over the split and the split's log-sum-exp (base 2) of the scores.
+    [first + split_idx * split_len, first + (split_idx + 1) * split_len), first being the first
+    key the query sees, and leaves, per query head, its output normalised over the split and the
+    split's log-sum-exp (base 2) of the scores.
     """
     seq_idx, kv_head_idx, split_idx = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     context_len = tl.load(context_lens_ptr + seq_idx)
-    split_len = _split_len(context_len, num_splits, min_split_len, BLOCK_N)
-    split_start = split_idx * split_len
+    first_key = _first_visible_key(context_len, sliding_window, IS_SLIDING)
+    split_len = _split_len(context_len - first_key, num_splits, min_split_len, BLOCK_N)
+    split_start = first_key + split_idx * split_len
     if split_start >= context_len:
         return  # past this sequence's end: phase 2 skips this split
     split_end = tl.minimum(split_start + split_len, context_len)
@@ -233,7 +258,7 @@ def _decode_split_kernel(
     v_head_ptr = v_cache_ptr + kv_head_idx * stride_cache_head
     for key_start in range(split_start, split_end, BLOCK_N):
         key_pos = key_start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-        key_mask = key_pos < split_end  # the one query token sees every cached key
+        key_mask = key_pos < split_end  # the one query token sees every key from first_key on
         row_offs = _cache_row_offsets(
             block_table_ptr, key_pos, key_mask, block_size, stride_cache_block, stride_cache_slot
         )
@@ -250,7 +275,7 @@ def _decode_split_kernel(
 @triton.jit
 def _decode_reduce_kernel(
     partial_out_ptr, partial_lse_ptr, out_ptr, context_lens_ptr, num_heads, head_dim, num_splits, min_split_len,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+    sliding_window, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, IS_SLIDING: tl.constexpr,
 ):  # fmt: skip
     """Phase 2 of flash decoding: merge the splits of one (sequence, query head).
 
@@ -261,9 +286,10 @@ def _decode_reduce_kernel(
     """
     seq_idx, head_idx = tl.program_id(0), tl.program_id(1)
     context_len = tl.load(context_lens_ptr + seq_idx)
-    split_len = _split_len(context_len, num_splits, min_split_len, BLOCK_N)
+    num_keys = context_len - _first_visible_key(context_len, sliding_window, IS_SLIDING)
+    split_len = _split_len(num_keys, num_splits, min_split_len, BLOCK_N)
     split_offs = tl.arange(0, BLOCK_S)  # [BLOCK_S]
-    is_active = split_offs < tl.cdiv(context_len, split_len)  # the splits phase 1 wrote
+    is_active = split_offs < tl.cdiv(num_keys, split_len)  # the splits phase 1 wrote
     dim_offs = tl.arange(0, BLOCK_D)
     lse_idx = (seq_idx * num_heads + head_idx) * num_splits + split_offs  # [BLOCK_S]
     lse = tl.load(partial_lse_ptr + lse_idx, mask=is_active, other=float("-inf"))
@@ -295,11 +321,13 @@ def paged_decode_attention_triton(
     scale: float,
     num_splits: int | None = None,
     min_split_len: int = MIN_TOKENS_PER_SPLIT,
+    sliding_window: int | None = None,  # keys the query sees, itself included; None: all before it
 ) -> torch.Tensor:  # [B, num_heads, head_dim]
     """Attention of one query token per sequence over its cache, split over the context (flash decoding).
 
-    ``num_splits`` defaults to :func:`default_num_splits`; each sequence divides its own context into
-    at most that many splits of at least ``min_split_len`` keys. A sequence with context_len 0 gets zeros.
+    ``num_splits`` defaults to :func:`default_num_splits`; each sequence divides the keys it sees (its
+    context, or the last ``sliding_window`` of it) into at most that many splits of at least
+    ``min_split_len`` keys. A sequence with context_len 0 gets zeros.
     """
     num_seqs, num_heads, head_dim = query.shape
     num_kv_heads = k_cache.shape[2]
@@ -308,22 +336,26 @@ def paged_decode_attention_triton(
     if num_seqs == 0:
         return out
     if num_splits is None:
-        num_splits = default_num_splits(num_seqs, num_kv_heads, max_context_len)
+        max_keys = max_context_len if sliding_window is None else min(max_context_len, sliding_window)
+        num_splits = default_num_splits(num_seqs, num_kv_heads, max_keys)
+    window_args = dict(sliding_window=sliding_window or 0, IS_SLIDING=sliding_window is not None)
     partial_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=query.device)
     partial_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=query.device)
     group_size = num_heads // num_kv_heads
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, k_cache, v_cache, partial_out, partial_lse, context_lens, block_tables,
         scale * LOG2E, num_heads, group_size, head_dim, k_cache.shape[1], num_splits, min_split_len,
-        query.stride(0), query.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
+        stride_q_seq=query.stride(0), stride_q_head=query.stride(1), stride_cache_block=k_cache.stride(0),
+        stride_cache_slot=k_cache.stride(1), stride_cache_head=k_cache.stride(2),
+        stride_table_seq=block_tables.stride(0),
         BLOCK_G=max(MIN_DOT_SIZE, triton.next_power_of_2(group_size)), BLOCK_N=DECODE_BLOCK_N,
-        BLOCK_D=_block_dim(head_dim), **_dot_options(query), num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES,
+        BLOCK_D=_block_dim(head_dim), **_dot_options(query), **window_args, num_warps=DECODE_NUM_WARPS,
+        num_stages=DECODE_NUM_STAGES,
     )  # fmt: skip
     _decode_reduce_kernel[(num_seqs, num_heads)](
         partial_out, partial_lse, out, context_lens, num_heads, head_dim, num_splits, min_split_len,
         BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=_block_dim(head_dim), BLOCK_N=DECODE_BLOCK_N,
-        num_warps=4,
+        **window_args, num_warps=4,
     )  # fmt: skip
     return out
 

@@ -1,18 +1,35 @@
-"""The gated MLP shared by the decoder models: down(silu(gate(x)) * up(x))."""
+"""The decoders' feed-forward blocks: gated (LLaMA, Gemma, Phi-3) and plain (GPT-2, Phi)."""
 
 import torch
 from torch import nn
 
-from nanovllm.layers.activation import SiluAndMul
-from nanovllm.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+from nanovllm.layers.activation import Activation
+from nanovllm.layers.linear import ColumnParallelLinear, MergedColumnParallelLinear, RowParallelLinear
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, compile_ops: bool = False) -> None:
+    """down(act(gate(x)) * up(x)): SwiGLU with SiLU, GeGLU with GELU."""
+
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, compile_ops: bool = False, hidden_act: str = "silu"
+    ) -> None:
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2)
-        self.act = SiluAndMul(compile_ops)
+        self.act = Activation(hidden_act, is_gated=True, compile_ops=compile_ops)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, hidden_size] -> [N, hidden_size]
         return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class MLP(nn.Module):
+    """fc2(act(fc1(x))), both projections with biases: GPT-2's and Phi's feed-forward."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, compile_ops: bool, hidden_act: str) -> None:
+        super().__init__()
+        self.fc1 = ColumnParallelLinear(hidden_size, intermediate_size, bias=True)
+        self.act = Activation(hidden_act, compile_ops=compile_ops)
+        self.fc2 = RowParallelLinear(intermediate_size, hidden_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, hidden_size] -> [N, hidden_size]
+        return self.fc2(self.act(self.fc1(x)))  # fc1: [N, intermediate_size / tp] on this rank

@@ -1,15 +1,17 @@
 """Load safetensors checkpoints (one file or many shards) into a model, shard by shard.
 
-Checkpoint names map onto model parameters directly, except the tensors that our layers
-fuse: ``q_proj``/``k_proj``/``v_proj`` go into ``qkv_proj`` and ``gate_proj``/``up_proj`` into
-``gate_up_proj``, each through its parameter's ``weight_loader`` with the part it fills.
+A model family may rename, transpose or split its checkpoint's tensors first (its
+``checkpoint_tensors``: GPT-2's Conv1D weights, Phi-3's fused q/k/v). Names then map onto model
+parameters directly, except the tensors that our layers fuse: ``q_proj``/``k_proj``/``v_proj``
+go into ``qkv_proj`` and ``gate_proj``/``up_proj`` into ``gate_up_proj``, each through its
+parameter's ``weight_loader`` with the part it fills.
 Every parameter (and every part of a fused one) must be loaded exactly once, and every
 checkpoint tensor must land somewhere: anything else is an error, never a silent default.
 """
 
 import glob
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -57,24 +59,28 @@ def load_safetensors(model: nn.Module, model_dir: str) -> None:
 def _load_tensor(
     model: nn.Module, params: dict[str, nn.Parameter], f: Any, ckpt_name: str, loaded: set[tuple[str, Any]]
 ) -> None:
-    """Copy one checkpoint tensor into its parameter (or its part of a fused one), exactly once."""
+    """Copy one checkpoint tensor into its parameter (or its parts of fused ones), each part exactly once."""
     # A tied LM head shares the embedding's parameter, so named_parameters() lists it only once.
     if ckpt_name.endswith(IGNORED_SUFFIXES) or (ckpt_name == "lm_head.weight" and ckpt_name not in params):
         return
-    name, part = _target(ckpt_name, getattr(model, "packed_modules_mapping", {}))
-    if name not in params:
-        raise ValueError(f"checkpoint tensor {ckpt_name!r} has no parameter in the model")
-    if (name, part) in loaded:
-        raise ValueError(f"checkpoint tensor {ckpt_name!r} fills {name} a second time (duplicate tensor)")
-    param = params[name]
-    loader: Callable[..., None] = getattr(param, "weight_loader", default_weight_loader)
-    tensor = f.get_tensor(ckpt_name).to(param.dtype)
-    try:
-        loader(param, tensor) if part is None else loader(param, tensor, part)
-    except (ValueError, RuntimeError) as e:
-        where = f"{name}[{part}]" if part is not None else name
-        raise ValueError(f"checkpoint tensor {ckpt_name!r} {e} for parameter {where}") from e
-    loaded.add((name, part))
+    # The family's reading of its checkpoint (renamed, transposed, fused tensors split): name -> [(name, tensor)].
+    checkpoint_tensors: Callable[[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]] = getattr(
+        model, "checkpoint_tensors", lambda name, tensor: [(name, tensor)]
+    )
+    for mapped_name, tensor in checkpoint_tensors(ckpt_name, f.get_tensor(ckpt_name)):
+        name, part = _target(mapped_name, getattr(model, "packed_modules_mapping", {}))
+        if name not in params:
+            raise ValueError(f"checkpoint tensor {ckpt_name!r} has no parameter in the model ({name!r})")
+        if (name, part) in loaded:
+            raise ValueError(f"checkpoint tensor {ckpt_name!r} fills {name} a second time (duplicate tensor)")
+        param = params[name]
+        loader: Callable[..., None] = getattr(param, "weight_loader", default_weight_loader)
+        try:
+            loader(param, tensor.to(param.dtype)) if part is None else loader(param, tensor.to(param.dtype), part)
+        except (ValueError, RuntimeError) as e:
+            where = f"{name}[{part}]" if part is not None else name
+            raise ValueError(f"checkpoint tensor {ckpt_name!r} {e} for parameter {where}") from e
+        loaded.add((name, part))
 
 
 def init_dummy_weights(model: nn.Module, seed: int) -> None:
@@ -84,6 +90,6 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
         if generator is None:
             generator = torch.Generator(device=param.device).manual_seed(seed)
         if param.dim() == 1:
-            param.data.fill_(1.0 if "norm" in name else 0.0)
+            param.data.fill_(1.0 if name.endswith("norm.weight") else 0.0)  # LayerNorm biases are biases
         else:
             param.data.normal_(0.0, DUMMY_WEIGHT_STD, generator=generator)

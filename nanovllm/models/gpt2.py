@@ -1,0 +1,66 @@
+"""GPT-2: LLaMA's pre-norm decoder as it first was: LayerNorm, a plain GELU MLP, biases everywhere, and
+learned absolute positions added to the token embeddings instead of rotary.
+
+Its checkpoint names modules its own way (transformer.h.N.attn.c_attn, ...), keeps q, k and v in one
+tensor, and stores every linear weight transposed, [in, out] (the Conv1D layout of the original code).
+"""
+
+from collections.abc import Iterator
+
+import torch
+
+from nanovllm.kernels.backends import Kernels
+from nanovllm.models.arch import ModelArch
+from nanovllm.models.llama import LlamaForCausalLM, rename, split_rows
+
+# Buffers older checkpoints saved beside the weights: the causal mask, which holds nothing to load.
+MASK_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
+
+
+class GPT2LMHeadModel(LlamaForCausalLM):
+    checkpoint_renames = (
+        ("transformer.", "model."),
+        (".h.", ".layers."),
+        (".ln_1.", ".input_layernorm."),
+        (".ln_2.", ".post_attention_layernorm."),
+        (".attn.c_attn.", ".self_attn.qkv_proj."),
+        (".attn.c_proj.", ".self_attn.o_proj."),
+        (".mlp.c_fc.", ".mlp.fc1."),
+        (".mlp.c_proj.", ".mlp.fc2."),
+        ("model.wte.", "model.embed_tokens."),
+        ("model.wpe.", "model.embed_positions."),
+        ("model.ln_f.", "model.norm."),
+    )
+    config_aliases = {
+        "n_embd": "hidden_size",
+        "n_layer": "num_hidden_layers",
+        "n_head": "num_attention_heads",
+        "n_positions": "max_position_embeddings",
+        "n_inner": "intermediate_size",
+        "layer_norm_epsilon": "layer_norm_eps",
+        "activation_function": "hidden_act",
+    }
+    config_defaults = {"hidden_act": "gelu_new", "layer_norm_eps": 1e-5, "tie_word_embeddings": True}
+    supported_options = {"add_cross_attention": (False,)}
+    has_rotary = False
+    norm = "layer"
+    qkv_bias = o_bias = True
+    gated_mlp = False
+    learned_positions = True
+
+    def __init__(self, arch: ModelArch, kernels: Kernels) -> None:
+        super().__init__(arch, kernels)
+        self.qkv_parts = [(f".{part}_proj.", arch.hidden_size) for part in "qkv"]  # rows of c_attn, in order
+
+    def checkpoint_tensors(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        if name.endswith(MASK_BUFFER_SUFFIXES):
+            return
+        if not name.startswith(("transformer.", "lm_head.")):  # the hub's gpt2 checkpoints drop the prefix
+            name = "transformer." + name
+        name = rename(name, self.checkpoint_renames)
+        if tensor.dim() == 2 and (".self_attn." in name or ".mlp." in name):
+            tensor = tensor.t()  # Conv1D's [in, out] -> [out, in]
+        if ".qkv_proj." in name:
+            yield from split_rows(name, tensor, ".qkv_proj.", self.qkv_parts)
+        else:
+            yield name, tensor
