@@ -30,7 +30,7 @@ class VocabParallelEmbedding(nn.Module):
         self.register_buffer("scale", None if scale is None else torch.tensor(scale), persistent=False)
 
     def load_shard(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
-        check_shape(loaded, (self.vocab_size_per_rank * self.tp.size, param.shape[1]))
+        check_shape(loaded, (self.vocab_size_per_rank * self.tp.size, *param.shape[1:]))  # weight or LM-head bias
         param.data.copy_(loaded.narrow(0, self.vocab_start, self.vocab_size_per_rank))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [N] -> [N, hidden_size]
