@@ -23,10 +23,12 @@ from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     PretrainedConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 # Byte-level BPE merges learned on CORPUS; 256 byte tokens + this many merges, before specials.
@@ -103,6 +105,26 @@ ARCH_CONFIGS: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
     # LLaMA 2 style: plain rope, untied embeddings.
     "llama2": (LlamaConfig, {"rope_theta": 10_000.0, "tie_word_embeddings": False}),
     "mistral": (MistralConfig, {"rope_theta": 1_000_000.0, "sliding_window": None, "tie_word_embeddings": False}),
+    # Qwen3-MoE: 8 experts, top-2, weights not renormalised; layer 0 keeps the dense MLP (mlp_only_layers), so
+    # both kinds of layer run, and an expert's width (moe_intermediate_size) differs from the dense one's.
+    "qwen3_moe": (
+        Qwen3MoeConfig,
+        {
+            "head_dim": 32,
+            "rope_theta": 1_000_000.0,
+            "tie_word_embeddings": False,
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "norm_topk_prob": False,
+            "mlp_only_layers": [0],
+        },
+    ),
+    # Mixtral: every layer sparse, 4 experts of intermediate_size, top-2, weights renormalised.
+    "mixtral": (
+        MixtralConfig,
+        {"rope_theta": 1_000_000.0, "sliding_window": None, "num_local_experts": 4, "num_experts_per_tok": 2},
+    ),
 }
 
 # Model directories the `tiny_models` fixture builds: name -> (arch, legacy_rope_keys).

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nanovllm.layers.rotary import ROPE_TYPES, RopeConfig
+from nanovllm.models.moe_arch import MoeArch, parse_moe
 
 DEFAULT_ROPE_THETA = 10000.0  # transformers' default base when a config names none
 
@@ -32,6 +33,7 @@ class ModelArch:
     dtype: str  # the checkpoint's dtype name, e.g. "bfloat16"
     sliding_window: int | None  # Mistral-style attention window; None = full attention
     eos_token_ids: tuple[int, ...]  # config.json's end-of-sequence ids
+    moe: MoeArch | None = None  # the mixture-of-experts layers (models/moe_arch.py); None for a dense model
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -93,6 +95,7 @@ def parse_model_arch(config: dict[str, Any]) -> ModelArch:
         dtype=config.get("dtype") or config.get("torch_dtype") or "float32",
         sliding_window=config.get("sliding_window") if use_sliding else None,
         eos_token_ids=eos_ids,
+        moe=parse_moe(config, architectures[0], config["num_hidden_layers"]),
     )
 
 
@@ -103,14 +106,16 @@ def load_model_arch(model_dir: str) -> ModelArch:
 def check_tensor_parallel_split(tensor_parallel_size: int, arch: ModelArch) -> None:
     """Refuse a tensor_parallel_size that does not split the model's heads, MLP and vocabulary evenly.
 
-    Query heads, MLP rows and vocabulary rows are divided among the ranks. Key/value heads are
+    Query heads, MLP rows (each expert's too) and vocabulary rows are divided among the ranks. Key/value heads are
     divided too, or, when there are fewer of them than ranks, each is replicated on
     tensor_parallel_size / num_key_value_heads ranks.
     """
     size = tensor_parallel_size
+    experts = [] if arch.moe is None else [("moe_intermediate_size", arch.moe.moe_intermediate_size)]
     for name, value in [
         ("num_attention_heads", arch.num_heads),
         ("intermediate_size", arch.intermediate_size),
+        *experts,
         ("vocab_size", arch.vocab_size),
     ]:
         if value % size:

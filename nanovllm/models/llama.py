@@ -11,12 +11,14 @@ from nanovllm.kernels.backends import Kernels
 from nanovllm.layers.attention_block import SelfAttentionBlock
 from nanovllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import RMSNorm
-from nanovllm.layers.mlp import GatedMLP
 from nanovllm.models.arch import ModelArch
+from nanovllm.models.moe import make_mlp
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, kernels: Kernels, qkv_bias: bool, o_bias: bool, qk_norm: bool):
+    def __init__(
+        self, arch: ModelArch, kernels: Kernels, qkv_bias: bool, o_bias: bool, qk_norm: bool, layer_idx: int
+    ) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, kernels.compile_ops)
         self.self_attn = SelfAttentionBlock(
@@ -24,7 +26,7 @@ class DecoderLayer(nn.Module):
             arch.rms_norm_eps, kernels, qkv_bias, o_bias, qk_norm,
         )  # fmt: skip
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, kernels.compile_ops)
-        self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size, kernels.compile_ops)
+        self.mlp = make_mlp(arch, kernels, layer_idx)  # gated MLP, or a mixture of experts (models/moe.py)
 
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
@@ -43,7 +45,7 @@ class DecoderModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(arch, kernels, qkv_bias, o_bias, qk_norm) for _ in range(arch.num_layers)
+            DecoderLayer(arch, kernels, qkv_bias, o_bias, qk_norm, layer_idx) for layer_idx in range(arch.num_layers)
         )
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, kernels.compile_ops)
 

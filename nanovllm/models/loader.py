@@ -2,7 +2,8 @@
 
 Checkpoint names map onto model parameters directly, except the tensors that our layers
 fuse: ``q_proj``/``k_proj``/``v_proj`` go into ``qkv_proj`` and ``gate_proj``/``up_proj`` into
-``gate_up_proj``, each through its parameter's ``weight_loader`` with the part it fills.
+``gate_up_proj``, each through its parameter's ``weight_loader`` with the part it fills. A model
+with a ``checkpoint_target`` method maps names itself first (per-expert tensors: models/moe.py).
 Every parameter (and every part of a fused one) must be loaded exactly once, and every
 checkpoint tensor must land somewhere: anything else is an error, never a silent default.
 """
@@ -36,6 +37,7 @@ def load_safetensors(model: nn.Module, model_dir: str) -> None:
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {model_dir}; use load_format='dummy' for random weights")
     packed: dict[str, tuple[str, Any]] = getattr(model, "packed_modules_mapping", {})
+    model_target: Callable[[str], tuple[str, Any] | None] = getattr(model, "checkpoint_target", lambda name: None)
     params = dict(model.named_parameters())
     # A tied LM head shares the embedding's parameter, so named_parameters() lists it only once.
     is_tied = "lm_head.weight" not in params
@@ -45,7 +47,7 @@ def load_safetensors(model: nn.Module, model_dir: str) -> None:
             for ckpt_name in f.keys():
                 if ckpt_name.endswith(IGNORED_SUFFIXES) or (is_tied and ckpt_name == "lm_head.weight"):
                     continue
-                name, part = _target(ckpt_name, packed)
+                name, part = model_target(ckpt_name) or _target(ckpt_name, packed)
                 if name not in params:
                     raise ValueError(f"checkpoint tensor {ckpt_name!r} in {os.path.basename(path)} has no parameter")
                 param = params[name]
