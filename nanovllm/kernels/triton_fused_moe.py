@@ -30,12 +30,13 @@ import triton.language as tl
 
 from nanovllm.kernels.triton_attention import _dot_options
 
-# Tile sizes (vLLM's untuned fused-MoE defaults are of this kind): few rows per expert, as in decode, want a
-# short block so that padding each expert's group to it wastes little; many rows, as in prefill, a taller one.
+# Tile sizes, untuned (of the kind of vLLM's defaults where it has no tuned config): few rows per expert, as in
+# decode, want a short block so that padding each expert's group to it wastes little; many, as in prefill, a
+# taller one. Decode streams weights, so the reduction step is long enough for wide loads.
 SMALL_BLOCK_M = 16  # rows per block when experts average at most this many rows; tl.dot's smallest size
 LARGE_BLOCK_M = 64  # rows per block otherwise
 BLOCK_N = 64  # output columns per program
-BLOCK_K = 32  # reduction step
+BLOCK_K = 64  # reduction step
 
 
 @dataclass(frozen=True)
