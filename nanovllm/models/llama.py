@@ -11,8 +11,9 @@ from nanovllm.kernels.backends import Kernels
 from nanovllm.layers.attention_block import SelfAttentionBlock
 from nanovllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import RMSNorm
+from nanovllm.layers.mlp import GatedMLP
 from nanovllm.models.arch import ModelArch
-from nanovllm.models.moe import make_mlp
+from nanovllm.models.moe import sparse_moe_block
 
 
 class DecoderLayer(nn.Module):
@@ -26,7 +27,10 @@ class DecoderLayer(nn.Module):
             arch.rms_norm_eps, kernels, qkv_bias, o_bias, qk_norm,
         )  # fmt: skip
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, kernels.compile_ops)
-        self.mlp = make_mlp(arch, kernels, layer_idx)  # gated MLP, or a mixture of experts (models/moe.py)
+        if arch.moe is not None and arch.moe.is_sparse(layer_idx):
+            self.mlp: nn.Module = sparse_moe_block(arch.hidden_size, arch.moe, kernels)  # models/moe.py
+        else:
+            self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size, kernels.compile_ops)
 
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None

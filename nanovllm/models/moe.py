@@ -1,4 +1,4 @@
-"""What the mixture-of-experts families share: each decoder layer's MLP, and where the checkpoint's per-expert
+"""What the mixture-of-experts families share: the sparse layers' MLP, and where the checkpoint's per-expert
 tensors land.
 
 A checkpoint stores every expert separately; our layer stacks them (layers/moe.py), so each tensor loads as one
@@ -11,25 +11,19 @@ part of a stacked parameter:
 import re
 from typing import Any
 
-from torch import nn
-
 from nanovllm.kernels.backends import Kernels
-from nanovllm.layers.mlp import GatedMLP
 from nanovllm.layers.moe import SparseMoeBlock
-from nanovllm.models.arch import ModelArch
+from nanovllm.models.moe_arch import MoeArch
 
 # "<prefix>.experts.<expert index>.<projection>.weight", as the Hugging Face checkpoints of both families name them.
 EXPERT_TENSOR = re.compile(r"^(?P<prefix>.+\.experts)\.(?P<expert_idx>\d+)\.(?P<projection>\w+)\.weight$")
 STACKED_PARAMS = {"gate": "gate_up_proj", "up": "gate_up_proj", "down": "down_proj"}  # projection -> parameter
 
 
-def make_mlp(arch: ModelArch, kernels: Kernels, layer_idx: int) -> nn.Module:
-    """The MLP of decoder layer ``layer_idx``: the mixture of experts where the config makes it sparse."""
-    moe = arch.moe
-    if moe is None or not moe.is_sparse(layer_idx):
-        return GatedMLP(arch.hidden_size, arch.intermediate_size, kernels.compile_ops)
+def sparse_moe_block(hidden_size: int, moe: MoeArch, kernels: Kernels) -> SparseMoeBlock:
+    """The MLP of a sparse decoder layer (``moe.is_sparse(layer_idx)``), with the kernel chosen for this engine."""
     return SparseMoeBlock(
-        arch.hidden_size, moe.moe_intermediate_size, moe.num_experts, moe.num_experts_per_tok, moe.norm_topk_prob,
+        hidden_size, moe.moe_intermediate_size, moe.num_experts, moe.num_experts_per_tok, moe.norm_topk_prob,
         kernels.triton_moe,
     )  # fmt: skip
 
