@@ -20,7 +20,7 @@ from test_tp import assert_no_tensor_parallel_left
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.kernels.fused_moe import fused_moe
-from nanovllm.kernels.triton_fused_moe import LARGE_BLOCK_M, SMALL_BLOCK_M, choose_block_m, sort_by_expert
+from nanovllm.kernels.triton_fused_moe import choose_block_m, sort_by_expert
 from nanovllm.layers.moe import SparseMoeBlock
 from nanovllm.models.arch import check_tensor_parallel_split, parse_model_arch
 
@@ -77,7 +77,7 @@ def test_sort_by_expert_puts_every_slot_once_in_its_experts_block() -> None:
     [
         (1, 8, 2, 64, 32, torch.float32),  # one decode token: 2 of 8 experts used
         (5, 4, 1, 48, 40, torch.float32),  # top-1; widths that are no multiple of the tiles (masks)
-        (70, 4, 2, 64, 32, torch.float32),  # 140 slots over 4 experts: the tall prefill blocks
+        (70, 4, 2, 64, 32, torch.float32),  # 140 slots over 4 experts: the tall (prefill) blocks
         (9, 8, 2, 64, 32, torch.bfloat16),
     ],
 )
@@ -101,11 +101,6 @@ def test_triton_fused_moe_matches_reference(
     assert got.dtype == dtype and error <= TOLERANCE[dtype] * max(1.0, scale), (
         f"max error {error:.2e} (output scale {scale:.2f}, block_m {choose_block_m(num_tokens * top_k, num_experts)})"
     )
-
-
-def test_block_height_follows_rows_per_expert() -> None:
-    """Guards the tile choice: decode (few rows per expert) must take the short blocks that waste little padding."""
-    assert choose_block_m(8, 128) == SMALL_BLOCK_M and choose_block_m(16384 * 8, 128) == LARGE_BLOCK_M
 
 
 def hf_moe_block(family: str, norm_topk_prob: bool) -> tuple[torch.nn.Module, Any]:
