@@ -3,6 +3,7 @@
     python bench.py                      # Qwen3-0.6B shape, random weights (GPU: full workload)
     python bench.py --model DIR          # a real checkpoint
     python bench.py --shape qwen3-8b     # another built-in shape
+    python bench.py --shape qwen3-30b-a3b  # mixture of experts: 128 experts, top-8 (about 61 GB: GPU only)
     python bench.py --tensor-parallel-size 2   # the model split over 2 GPUs
 
 Workload (as nano-vllm's bench.py): random.seed(0); 256 requests; each prompt has
@@ -57,7 +58,24 @@ SHAPES = {
         "num_hidden_layers": 36,
         "tie_word_embeddings": False,
     },
+    "qwen3-30b-a3b": {
+        **QWEN3_COMMON,
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "hidden_size": 2048,
+        "intermediate_size": 6144,
+        "moe_intermediate_size": 768,
+        "num_experts": 128,
+        "num_experts_per_tok": 8,
+        "norm_topk_prob": True,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "num_attention_heads": 32,
+        "num_key_value_heads": 4,
+        "num_hidden_layers": 48,
+        "tie_word_embeddings": False,
+    },
 }
+GPU_ONLY_SHAPES = {"qwen3-30b-a3b"}  # their random weights alone outgrow a CPU machine's memory (61 GB in bf16)
 GPU_WORKLOAD = {"num_seqs": 256, "max_input_len": 1024, "max_output_len": 1024}
 CPU_WORKLOAD = {"num_seqs": 8, "max_input_len": 64, "max_output_len": 32}  # about a minute on 2 cores
 
@@ -128,6 +146,8 @@ def main() -> None:
         if getattr(args, key) is not None:
             workload[key] = getattr(args, key)
     min_len = min(args.min_len, workload["max_input_len"], workload["max_output_len"])
+    if not on_gpu and not args.model and args.shape in GPU_ONLY_SHAPES:
+        raise SystemExit(f"--shape {args.shape} needs a GPU; without one, use --shape qwen3-0.6b or --model DIR")
     if not on_gpu:
         print(f"no GPU: running a scaled-down workload {workload}, prompts/outputs from {min_len} tokens")
     engine_args = dict(

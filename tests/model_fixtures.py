@@ -25,12 +25,14 @@ from transformers import (
     GPT2Config,
     LlamaConfig,
     MistralConfig,
+    MixtralConfig,
     Phi3Config,
     PhiConfig,
     PretrainedConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 # Byte-level BPE merges learned on CORPUS; 256 byte tokens + this many merges, before specials.
@@ -108,6 +110,26 @@ ARCH_CONFIGS: dict[str, tuple[type[PretrainedConfig], dict[str, Any]]] = {
     "llama2": (LlamaConfig, {"rope_theta": 10_000.0, "tie_word_embeddings": False}),
     # Mistral: every layer attends through a window shorter than the longer prompts and their completions.
     "mistral": (MistralConfig, {"rope_theta": 1_000_000.0, "sliding_window": 24, "tie_word_embeddings": False}),
+    # Qwen3-MoE: 8 experts, top-2, weights not renormalised; layer 0 keeps the dense MLP (mlp_only_layers), so
+    # both kinds of layer run, and an expert's width (moe_intermediate_size) differs from the dense one's.
+    "qwen3_moe": (
+        Qwen3MoeConfig,
+        {
+            "head_dim": 32,
+            "rope_theta": 1_000_000.0,
+            "tie_word_embeddings": False,
+            "num_experts": 8,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "norm_topk_prob": False,
+            "mlp_only_layers": [0],
+        },
+    ),
+    # Mixtral: every layer sparse, 4 experts of intermediate_size, top-2, weights renormalised.
+    "mixtral": (
+        MixtralConfig,
+        {"rope_theta": 1_000_000.0, "sliding_window": None, "num_local_experts": 4, "num_experts_per_tok": 2},
+    ),
 }
 # Families tested with one workload each by tests/test_families.py (not the whole of tests/test_models.py, to
 # keep CI short). Config values differ from the defaults wherever an engine could ignore them unseen.

@@ -14,6 +14,7 @@ from typing import Any
 from nanovllm.layers.activation import ACTIVATIONS
 from nanovllm.layers.attention_block import AttentionSpec
 from nanovllm.layers.rotary import ROPE_TYPES, RopeConfig
+from nanovllm.models.moe_arch import MoeArch, parse_moe
 
 DEFAULT_ROPE_THETA = 10000.0  # transformers' default base when a config names none
 # transformers' names for the two kinds of attention layer (config.json's layer_types).
@@ -41,6 +42,7 @@ class ModelArch:
     final_logit_softcapping: float | None  # logits = cap * tanh(logits / cap) (Gemma); None: left as they are
     dtype: str  # the checkpoint's dtype name, e.g. "bfloat16"
     eos_token_ids: tuple[int, ...]  # config.json's end-of-sequence ids
+    moe: MoeArch | None = None  # the mixture-of-experts layers (models/moe_arch.py); None for a dense model
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -211,6 +213,7 @@ def parse_model_arch(config: dict[str, Any], has_rotary: bool = True) -> ModelAr
         final_logit_softcapping=config.get("final_logit_softcapping"),
         dtype=config.get("dtype") or config.get("torch_dtype") or "float32",
         eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
+        moe=parse_moe(config, architectures[0], num_layers),
     )
 
 
@@ -227,14 +230,16 @@ def check_supported_options(config: dict[str, Any], supported: dict[str, tuple[A
 def check_tensor_parallel_split(tensor_parallel_size: int, arch: ModelArch) -> None:
     """Refuse a tensor_parallel_size that does not split the model's heads, MLP and vocabulary evenly.
 
-    Query heads, MLP rows and vocabulary rows are divided among the ranks. Key/value heads are
+    Query heads, MLP rows (each expert's too) and vocabulary rows are divided among the ranks. Key/value heads are
     divided too, or, when there are fewer of them than ranks, each is replicated on
     tensor_parallel_size / num_key_value_heads ranks.
     """
     size = tensor_parallel_size
+    experts = [] if arch.moe is None else [("moe_intermediate_size", arch.moe.moe_intermediate_size)]
     for name, value in [
         ("num_attention_heads", arch.num_heads),
         ("intermediate_size", arch.intermediate_size),
+        *experts,
         ("vocab_size", arch.vocab_size),
     ]:
         if value % size:

@@ -27,7 +27,7 @@ class SandwichDecoderLayer(nn.Module):
         self.self_attn = build_attention(arch, layer_idx, kernels, options)
         self.post_attention_layernorm = build_norm(options.norm, size, eps, compile_ops)
         self.pre_feedforward_layernorm = build_norm(options.norm, size, eps, compile_ops)
-        self.mlp = build_mlp(arch, kernels, options)
+        self.mlp = build_mlp(arch, layer_idx, kernels, options)
         self.post_feedforward_layernorm = build_norm(options.norm, size, eps, compile_ops)
 
     def forward(

@@ -23,6 +23,7 @@ from nanovllm.layers.embedding import ParallelLMHead, PositionEmbedding, VocabPa
 from nanovllm.layers.layernorm import LayerNorm, RMSNorm, build_norm
 from nanovllm.layers.mlp import MLP, GatedMLP
 from nanovllm.models.arch import ModelArch, check_supported_options, parse_model_arch
+from nanovllm.models.moe import sparse_moe_block
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,10 @@ def build_attention(arch: ModelArch, layer_idx: int, kernels: Kernels, options: 
     )  # fmt: skip
 
 
-def build_mlp(arch: ModelArch, kernels: Kernels, options: DecoderOptions) -> GatedMLP | MLP:
+def build_mlp(arch: ModelArch, layer_idx: int, kernels: Kernels, options: DecoderOptions) -> nn.Module:
+    """The layer's MLP: a mixture of experts on a sparse layer (models/moe.py), else gated or plain."""
+    if arch.moe is not None and arch.moe.is_sparse(layer_idx):
+        return sparse_moe_block(arch.hidden_size, arch.moe, kernels)
     if options.gated_mlp:
         return GatedMLP(arch.hidden_size, arch.intermediate_size, kernels.compile_ops, arch.hidden_act)
     return MLP(arch.hidden_size, arch.intermediate_size, kernels.compile_ops, arch.hidden_act)
@@ -69,7 +73,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = build_norm(options.norm, arch.hidden_size, arch.norm_eps, kernels.compile_ops)
         self.self_attn = build_attention(arch, layer_idx, kernels, options)
         self.post_attention_layernorm = build_norm(options.norm, arch.hidden_size, arch.norm_eps, kernels.compile_ops)
-        self.mlp = build_mlp(arch, kernels, options)
+        self.mlp = build_mlp(arch, layer_idx, kernels, options)
 
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None

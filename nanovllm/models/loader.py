@@ -1,8 +1,9 @@
 """Load safetensors checkpoints (one file or many shards) into a model, shard by shard.
 
 A model family may rename, transpose or split its checkpoint's tensors first (its
-``checkpoint_tensors``: GPT-2's Conv1D weights, Phi-3's fused q/k/v). Names then map onto model
-parameters directly, except the tensors that our layers fuse: ``q_proj``/``k_proj``/``v_proj``
+``checkpoint_tensors``: GPT-2's Conv1D weights, Phi-3's fused q/k/v), and map names onto its
+parameters itself (its ``checkpoint_target``: per-expert tensors, models/moe.py). Other names map
+onto model parameters directly, except the tensors that our layers fuse: ``q_proj``/``k_proj``/``v_proj``
 go into ``qkv_proj`` and ``gate_proj``/``up_proj`` into ``gate_up_proj``, each through its
 parameter's ``weight_loader`` with the part it fills.
 Every parameter (and every part of a fused one) must be loaded exactly once, and every
@@ -56,6 +57,12 @@ def load_safetensors(model: nn.Module, model_dir: str) -> None:
         raise ValueError(f"the checkpoint in {model_dir} lacks {len(missing)} parameter(s): {missing[:8]}")
 
 
+def _checkpoint_target(model: nn.Module, name: str) -> tuple[str, Any]:
+    """(parameter name, part) of a checkpoint tensor: the family's own mapping first, then the fused layers'."""
+    model_target: Callable[[str], tuple[str, Any] | None] = getattr(model, "checkpoint_target", lambda name: None)
+    return model_target(name) or _target(name, getattr(model, "packed_modules_mapping", {}))
+
+
 def _load_tensor(
     model: nn.Module, params: dict[str, nn.Parameter], f: Any, ckpt_name: str, loaded: set[tuple[str, Any]]
 ) -> None:
@@ -68,7 +75,7 @@ def _load_tensor(
         model, "checkpoint_tensors", lambda name, tensor: [(name, tensor)]
     )
     for mapped_name, tensor in checkpoint_tensors(ckpt_name, f.get_tensor(ckpt_name)):
-        name, part = _target(mapped_name, getattr(model, "packed_modules_mapping", {}))
+        name, part = _checkpoint_target(model, mapped_name)
         if name not in params:
             raise ValueError(f"checkpoint tensor {ckpt_name!r} has no parameter in the model ({name!r})")
         if (name, part) in loaded:

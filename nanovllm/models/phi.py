@@ -21,7 +21,7 @@ class ParallelDecoderLayer(nn.Module):
         super().__init__()
         self.input_layernorm = build_norm(options.norm, arch.hidden_size, arch.norm_eps, kernels.compile_ops)
         self.self_attn = build_attention(arch, layer_idx, kernels, options)
-        self.mlp = build_mlp(arch, kernels, options)
+        self.mlp = build_mlp(arch, layer_idx, kernels, options)
 
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None

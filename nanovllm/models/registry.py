@@ -11,20 +11,24 @@ from nanovllm.models.arch import ModelArch, read_config_json
 from nanovllm.models.gemma3 import Gemma3ForCausalLM
 from nanovllm.models.gpt2 import GPT2LMHeadModel
 from nanovllm.models.llama import LlamaForCausalLM
+from nanovllm.models.mixtral import MixtralForCausalLM
 from nanovllm.models.phi import PhiForCausalLM
 from nanovllm.models.phi3 import Phi3ForCausalLM
 from nanovllm.models.qwen2 import Qwen2ForCausalLM
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
+from nanovllm.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[LlamaForCausalLM]] = {
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "GPT2LMHeadModel": GPT2LMHeadModel,
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,  # Mistral is LLaMA's layout; its sliding window is config.json's
+    "MixtralForCausalLM": MixtralForCausalLM,
     "PhiForCausalLM": PhiForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "Qwen2ForCausalLM": Qwen2ForCausalLM,
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
 }
 
 

@@ -117,9 +117,9 @@ class ModelRunner:
             release_cached_gpu_memory()
         # The hardware choices, made once: attention kernels, and torch.compile for the small ops on CUDA.
         attention = select_attention_backend(config.attention_backend, self.device, self.block_size)
-        # Where Triton runs the attention, it also runs the queries' and keys' norm and rotary.
-        on_cuda = self.device.type == "cuda"
-        self.kernels = Kernels(attention, compile_ops=on_cuda, triton_rotary=attention.name != "torch")
+        # Where Triton runs the attention, it also runs the queries' and keys' norm and rotary, and the experts.
+        on_cuda, on_triton = self.device.type == "cuda", attention.name != "torch"
+        self.kernels = Kernels(attention, compile_ops=on_cuda, triton_rotary=on_triton, triton_moe=on_triton)
         with _default_dtype(self.dtype), self.device:
             self.model = build_model(arch, self.kernels)
         if config.load_format == "dummy":
