@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from nanovllm.layers.rotary import ROPE_TYPES, RopeConfig
+from nanovllm.models.quant_config import QuantConfig, check_quantized_split, parse_quant_config
 
 DEFAULT_ROPE_THETA = 10000.0  # transformers' default base when a config names none
 
@@ -32,6 +33,7 @@ class ModelArch:
     dtype: str  # the checkpoint's dtype name, e.g. "bfloat16"
     sliding_window: int | None  # Mistral-style attention window; None = full attention
     eos_token_ids: tuple[int, ...]  # config.json's end-of-sequence ids
+    quantization: QuantConfig | None = None  # config.json's quantization_config; None = float weights
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -93,6 +95,7 @@ def parse_model_arch(config: dict[str, Any]) -> ModelArch:
         dtype=config.get("dtype") or config.get("torch_dtype") or "float32",
         sliding_window=config.get("sliding_window") if use_sliding else None,
         eos_token_ids=eos_ids,
+        quantization=parse_quant_config(config.get("quantization_config")),
     )
 
 
@@ -124,6 +127,10 @@ def check_tensor_parallel_split(tensor_parallel_size: int, arch: ModelArch) -> N
             f"tensor_parallel_size={size} and the model's num_key_value_heads={kv} must divide one another "
             f"(KV heads are split, or replicated when fewer than the ranks); use one of {_divisors(kv)} or a "
             f"multiple of {kv}"
+        )
+    if arch.quantization is not None:
+        check_quantized_split(
+            arch.quantization, size, arch.hidden_size, arch.intermediate_size, arch.num_heads, kv, arch.head_dim
         )
 
 

@@ -12,19 +12,23 @@ from nanovllm.layers.attention_block import SelfAttentionBlock
 from nanovllm.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.mlp import GatedMLP
+from nanovllm.layers.quantization.base import LinearQuantization
 from nanovllm.models.arch import ModelArch
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, arch: ModelArch, kernels: Kernels, qkv_bias: bool, o_bias: bool, qk_norm: bool):
+    def __init__(
+        self, arch: ModelArch, kernels: Kernels, qkv_bias: bool, o_bias: bool, qk_norm: bool,
+        quant: LinearQuantization | None, prefix: str,  # quantized layers; the layer's checkpoint name
+    ):  # fmt: skip
         super().__init__()
         self.input_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, kernels.compile_ops)
         self.self_attn = SelfAttentionBlock(
             arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.rope, arch.max_position_embeddings,
-            arch.rms_norm_eps, kernels, qkv_bias, o_bias, qk_norm,
+            arch.rms_norm_eps, kernels, qkv_bias, o_bias, qk_norm, quant, f"{prefix}.self_attn",
         )  # fmt: skip
         self.post_attention_layernorm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, kernels.compile_ops)
-        self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size, kernels.compile_ops)
+        self.mlp = GatedMLP(arch.hidden_size, arch.intermediate_size, kernels.compile_ops, quant, f"{prefix}.mlp")
 
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
@@ -39,11 +43,15 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, arch: ModelArch, kernels: Kernels, qkv_bias: bool, o_bias: bool, qk_norm: bool):
+    def __init__(
+        self, arch: ModelArch, kernels: Kernels, qkv_bias: bool, o_bias: bool, qk_norm: bool,
+        quant: LinearQuantization | None,
+    ):  # fmt: skip
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(arch.vocab_size, arch.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(arch, kernels, qkv_bias, o_bias, qk_norm) for _ in range(arch.num_layers)
+            DecoderLayer(arch, kernels, qkv_bias, o_bias, qk_norm, quant, f"model.layers.{i}")
+            for i in range(arch.num_layers)
         )
         self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, kernels.compile_ops)
 
@@ -71,10 +79,10 @@ class LlamaForCausalLM(nn.Module):
     qkv_bias: bool | None = None  # None: follow config.json's attention_bias
     qk_norm = False
 
-    def __init__(self, arch: ModelArch, kernels: Kernels) -> None:
+    def __init__(self, arch: ModelArch, kernels: Kernels, quant: LinearQuantization | None = None) -> None:
         super().__init__()
         qkv_bias = arch.attention_bias if self.qkv_bias is None else self.qkv_bias
-        self.model = DecoderModel(arch, kernels, qkv_bias, arch.attention_bias, self.qk_norm)
+        self.model = DecoderModel(arch, kernels, qkv_bias, arch.attention_bias, self.qk_norm, quant)
         self.lm_head = ParallelLMHead(arch.vocab_size, arch.hidden_size)
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

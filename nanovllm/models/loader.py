@@ -50,8 +50,13 @@ def load_safetensors(model: nn.Module, model_dir: str) -> None:
                     raise ValueError(f"checkpoint tensor {ckpt_name!r} in {os.path.basename(path)} has no parameter")
                 param = params[name]
                 loader: Callable[..., None] = getattr(param, "weight_loader", default_weight_loader)
-                tensor = f.get_tensor(ckpt_name).to(param.dtype)
-                loader(param, tensor) if part is None else loader(param, tensor, part)
+                tensor = f.get_tensor(ckpt_name)
+                if not getattr(param, "takes_checkpoint_dtype", False):  # quantized tensors convert themselves
+                    tensor = tensor.to(param.dtype)
+                try:
+                    loader(param, tensor) if part is None else loader(param, tensor, part)
+                except ValueError as error:
+                    raise ValueError(f"checkpoint tensor {ckpt_name!r} in {os.path.basename(path)}: {error}") from error
                 loaded.add((name, part))
     expected = {(name, part) for name, p in params.items() for part in (getattr(p, "shard_ids", ()) or (None,))}
     missing = sorted(f"{name}[{part}]" if part is not None else name for name, part in expected - loaded)
@@ -60,12 +65,21 @@ def load_safetensors(model: nn.Module, model_dir: str) -> None:
 
 
 def init_dummy_weights(model: nn.Module, seed: int) -> None:
-    """Random weights with the checkpoint's shapes, for benchmarks: norms 1, biases 0, matrices N(0, std)."""
+    """Random weights with the checkpoint's shapes, for benchmarks: norms 1, biases 0, matrices N(0, std);
+    quantized tensors as their scheme fills them (about the same spread)."""
     generator: torch.Generator | None = None
     for name, param in model.named_parameters():
         if generator is None:
             generator = torch.Generator(device=param.device).manual_seed(seed)
-        if param.dim() == 1:
+        if hasattr(param, "dummy_fill"):  # a quantized tensor: codes, FP8 values or scales
+            param.dummy_fill(param.data, generator)
+        elif param.dim() == 1:
             param.data.fill_(1.0 if "norm" in name else 0.0)
         else:
             param.data.normal_(0.0, DUMMY_WEIGHT_STD, generator=generator)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (a tied weight counted once): the weights' device memory."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
