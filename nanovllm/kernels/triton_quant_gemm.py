@@ -46,6 +46,25 @@ def pick_tiles(num_rows: int, k_step_limit: int) -> TileSizes:
 
 
 @triton.jit
+def _tile_rows_and_columns(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's rows of x and y [BLOCK_M] and output columns [BLOCK_N]."""
+    return tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M), tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+
+
+@triton.jit
+def _load_x_tile(x_ptr, offs_m, k, M, K, stride_xm):
+    """x[offs_m, k] as [BLOCK_M, BLOCK_K], zeros past M and K."""
+    mask = (offs_m[:, None] < M) & (k[None, :] < K)
+    return tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _store_y_tile(y_ptr, acc, offs_m, offs_n, M, N, stride_ym):
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _int_weight_gemm_kernel(
     x_ptr,  # [M, K]
     qweight_ptr,  # [N, K / CODES_PER_WORD] int32
@@ -70,17 +89,13 @@ def _int_weight_gemm_kernel(
     BLOCK_K: tl.constexpr,
 ):
     CODES_PER_WORD: tl.constexpr = 32 // BITS
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
-    mask_m, mask_n = offs_m < M, offs_n < N
+    offs_m, offs_n = _tile_rows_and_columns(BLOCK_M, BLOCK_N)  # [BLOCK_M], [BLOCK_N]
+    mask_n = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k_start in range(0, K, BLOCK_K):
-        k = k_start + offs_k  # [BLOCK_K]
+        k = k_start + tl.arange(0, BLOCK_K)  # [BLOCK_K]
         mask_k = k < K
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0
-        )  # [BLOCK_M, BLOCK_K]
+        x = _load_x_tile(x_ptr, offs_m, k, M, K, stride_xm)  # [BLOCK_M, BLOCK_K]
         words = tl.load(
             qweight_ptr + offs_n[None, :] * stride_qn + (k // CODES_PER_WORD)[:, None],
             mask=mask_k[:, None] & mask_n[None, :],
@@ -95,8 +110,7 @@ def _int_weight_gemm_kernel(
         else:
             w = (codes.to(tl.float32) - (1 << (BITS - 1))) * scale[None, :]
         acc += tl.dot(x.to(DOT_DTYPE), w.to(x.dtype).to(DOT_DTYPE), input_precision=DOT_PRECISION)
-    y_offs = offs_m[:, None] * stride_ym + offs_n[None, :]
-    tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    _store_y_tile(y_ptr, acc, offs_m, offs_n, M, N, stride_ym)
 
 
 def _int_dot_options(x: torch.Tensor) -> dict[str, tl.dtype | str]:
@@ -155,17 +169,13 @@ def _fp8_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-    offs_k = tl.arange(0, BLOCK_K)  # [BLOCK_K]
+    offs_m, offs_n = _tile_rows_and_columns(BLOCK_M, BLOCK_N)  # [BLOCK_M], [BLOCK_N]
     mask_m, mask_n = offs_m < M, offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k_start in range(0, K, BLOCK_K):
-        k = k_start + offs_k  # [BLOCK_K]
+        k = k_start + tl.arange(0, BLOCK_K)  # [BLOCK_K]
         mask_k = k < K
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0.0
-        )  # [BLOCK_M, BLOCK_K]
+        x = _load_x_tile(x_ptr, offs_m, k, M, K, stride_xm)  # [BLOCK_M, BLOCK_K] FP8
         w = tl.load(
             w_ptr + offs_n[None, :] * stride_wn + k[:, None], mask=mask_k[:, None] & mask_n[None, :], other=0.0
         )  # [BLOCK_K, BLOCK_N]
@@ -174,8 +184,7 @@ def _fp8_gemm_kernel(
         w_scale = tl.load(w_scales_ptr + offs_n * stride_wsn + scale_idx, mask=mask_n, other=0.0)  # [BLOCK_N]
         partial = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), out_dtype=tl.float32)  # [BLOCK_M, BLOCK_N]
         acc += partial * x_scale[:, None] * w_scale[None, :]
-    y_offs = offs_m[:, None] * stride_ym + offs_n[None, :]
-    tl.store(y_ptr + y_offs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    _store_y_tile(y_ptr, acc, offs_m, offs_n, M, N, stride_ym)
 
 
 def fp8_gemm_triton(

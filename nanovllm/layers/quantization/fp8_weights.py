@@ -88,8 +88,10 @@ def _quantize_rows(layer: ShardedLinear, loaded: Tensor, shard: WeightShard) -> 
     """Online quantization: this rank's float rows -> FP8 values (returned) and their scales (stored here)."""
     if not loaded.is_floating_point() or loaded.dtype == FP8_DTYPE:
         raise ValueError(f"is {loaded.dtype}; quantization='fp8' quantizes float (bf16, fp16, fp32) weights")
-    values, scales = quantize_fp8_per_row(_this_rank(loaded, shard).to(torch.float32))  # [rows, in], [rows]
-    layer.weight_scale.narrow(0, shard.out_offset, shard.out_size).copy_(scales.unsqueeze(1))  # type: ignore[attr-defined]
+    scale_rows = layer.weight_scale.narrow(0, shard.out_offset, shard.out_size)  # type: ignore[attr-defined]
+    rows = _this_rank(loaded, shard).to(scale_rows.device, torch.float32)  # quantized where the weights live
+    values, scales = quantize_fp8_per_row(rows)  # [rows, in] FP8, [rows] float32
+    scale_rows.copy_(scales.unsqueeze(1))
     return values
 
 
