@@ -80,6 +80,6 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of the model's parameters and buffers (a tied weight counted once): the weights' device memory."""
+    """Bytes of the model's parameters and buffers (rotary tables, online FP8 scales; a tied weight once)."""
     tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
     return sum(t.numel() * t.element_size() for t in tensors.values())

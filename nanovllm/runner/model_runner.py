@@ -40,10 +40,10 @@ from nanovllm.utils.context import attention_context
 from nanovllm.utils.device import release_cached_gpu_memory, to_device
 
 CPU_KV_CACHE_BYTES = 1 << 30  # KV cache on CPU when num_kvcache_blocks is not given: 1 GiB
-GIB = 1 << 30
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GIB = 1 << 30  # bytes per GiB, for logs
 
 logger = logging.getLogger(__name__)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -124,9 +124,9 @@ class ModelRunner:
         attention = select_attention_backend(config.attention_backend, self.device, self.block_size)
         # Where Triton runs the attention, it also runs the queries' and keys' norm and rotary.
         on_cuda = self.device.type == "cuda"
-        quantized_gemm = select_quantized_gemm(self.device, self.dtype)
+        quantized_gemm = select_quantized_gemm(self.device, self.dtype)  # used by quantized linear layers only
         self.kernels = Kernels(
-            attention, on_cuda, triton_rotary=attention.name != "torch", quantized_gemm=quantized_gemm
+            attention, compile_ops=on_cuda, triton_rotary=attention.name != "torch", quantized_gemm=quantized_gemm
         )
         quant = choose_quantization(arch.quantization, config.quantization)
         with _default_dtype(self.dtype), self.device:
