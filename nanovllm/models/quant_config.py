@@ -118,10 +118,6 @@ def _parse_compressed_tensors(raw: dict[str, Any]) -> QuantConfig:
     for field in ("kv_cache_scheme", "sparsity_config", "transform_config"):
         if raw.get(field):
             raise _refuse(method, field, raw[field], "none (quantized linear weights only)")
-    if raw.get("quantization_status", "compressed") != "compressed":
-        raise _refuse(
-            method, "quantization_status", raw.get("quantization_status"), "'compressed' (a saved checkpoint)"
-        )
     groups = raw.get("config_groups") or {}
     if len(groups) != 1:
         raise _refuse(method, "config_groups", sorted(groups), "exactly one group (one scheme for every layer)")
