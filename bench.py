@@ -5,6 +5,8 @@
     python bench.py --shape qwen3-8b     # another built-in shape
     python bench.py --shape qwen3-30b-a3b  # mixture of experts: 128 experts, top-8 (about 61 GB: GPU only)
     python bench.py --tensor-parallel-size 2   # the model split over 2 GPUs
+    python bench.py --quantization fp8   # FP8 weights (online); awq, gptq, w4a16, fp8-block...: random weights
+                                         # in that published format (without --model)
 
 Workload (as nano-vllm's bench.py): random.seed(0); 256 requests; each prompt has
 randint(100, 1024) token ids drawn with randint(0, 10000); each request then gets
@@ -76,6 +78,37 @@ SHAPES = {
     },
 }
 GPU_ONLY_SHAPES = {"qwen3-30b-a3b"}  # their random weights alone outgrow a CPU machine's memory (61 GB in bf16)
+# Random weights in a published format: the quantization_config its config.json carries.
+FP8_ARGS = {"num_bits": 8, "type": "float", "symmetric": True}
+W4A16_WEIGHTS = {
+    "num_bits": 4,
+    "type": "int",
+    "strategy": "group",
+    "group_size": 128,
+    "symmetric": True,
+    "dynamic": False,
+}
+FP8_CHANNEL = {
+    "weights": {**FP8_ARGS, "strategy": "channel", "dynamic": False},
+    "input_activations": {**FP8_ARGS, "strategy": "token", "dynamic": True},
+}
+QUANTIZED_FORMATS: dict[str, dict[str, Any]] = {
+    "fp8-block": {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]},
+    "fp8-dynamic": {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "config_groups": {"group_0": {"targets": ["Linear"], **FP8_CHANNEL}},
+        "ignore": ["lm_head"],
+    },
+    "w4a16": {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": W4A16_WEIGHTS}},
+        "ignore": ["lm_head"],
+    },
+    "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
+    "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True},
+}
 GPU_WORKLOAD = {"num_seqs": 256, "max_input_len": 1024, "max_output_len": 1024}
 CPU_WORKLOAD = {"num_seqs": 8, "max_input_len": 64, "max_output_len": 32}  # about a minute on 2 cores
 
@@ -97,14 +130,22 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=0, help="top_k of every request (default 0 = off)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="of every request (default 1.0 = off)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs (processes) to split the model over")
+    parser.add_argument(
+        "--quantization", choices=["fp8", *QUANTIZED_FORMATS],
+        help="fp8: quantize the weights to FP8 as they load; another: random weights in that format (no --model)",
+    )  # fmt: skip
     return parser.parse_args()
 
 
-def build_dummy_llm(shape: str, **engine_args: Any) -> LLM:
-    """An engine over random weights of a built-in shape; no tokenizer, so prompts are token ids."""
+def build_dummy_llm(shape: str, quantized_format: str | None, **engine_args: Any) -> LLM:
+    """An engine over random weights of a built-in shape (in a quantized format if given); no tokenizer, so
+    prompts are token ids."""
+    config = dict(SHAPES[shape])
+    if quantized_format is not None:
+        config["quantization_config"] = QUANTIZED_FORMATS[quantized_format]
     with tempfile.TemporaryDirectory() as tmp:  # only config.json is read, at construction
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(SHAPES[shape], f)
+            json.dump(config, f)
         return LLM(tmp, load_format="dummy", skip_tokenizer_init=True, **engine_args)
 
 
@@ -157,10 +198,17 @@ def main() -> None:
         attention_backend=args.backend,
         tensor_parallel_size=args.tensor_parallel_size,
     )
+    quantized_format = args.quantization if args.quantization in QUANTIZED_FORMATS else None
+    if args.quantization == "fp8":
+        engine_args["quantization"] = "fp8"
     if args.model:
+        if quantized_format is not None:
+            raise SystemExit(f"--quantization {quantized_format} makes random weights; a --model is read as it is")
         llm = LLM(args.model, dtype=args.dtype, **engine_args)
     else:
-        llm = build_dummy_llm(args.shape, dtype=args.dtype, **engine_args)
+        llm = build_dummy_llm(args.shape, quantized_format, dtype=args.dtype, **engine_args)
+    if llm.engine is not None:
+        print(f"model weights on rank 0: {llm.engine.runner.weight_bytes / (1 << 30):.2f} GiB")
     sampling = dict(top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty)
     prompts, params = make_workload(
         workload["num_seqs"], min_len, workload["max_input_len"], workload["max_output_len"], **sampling

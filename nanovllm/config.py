@@ -16,6 +16,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("safetensors", "dummy")
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
+QUANTIZATIONS = (None, "fp8")  # online quantization of a float checkpoint's linear weights as they load
 MIN_BLOCK_SIZE = 16  # smallest KV block, in tokens; below this the block tables outgrow the blocks
 # A field line of EngineConfig and its comment: `    name: type = default  # what it means`.
 FIELD_LINE = re.compile(r"^    (?P<name>\w+): [^#]+#\s*(?P<comment>.+)$")
@@ -42,6 +43,7 @@ class EngineConfig:
     attention_backend: str = "auto"  # "auto", "torch", "triton" or "flash_attn"
     seed: int = 0  # seeds random sampling and dummy weights
     skip_tokenizer_init: bool = False  # load no tokenizer: prompts must be token ids, outputs have empty text
+    quantization: str | None = None  # "fp8": quantize a float checkpoint's linear weights to FP8 per row as they load
 
     def __post_init__(self) -> None:
         if not os.path.isdir(self.model):
@@ -61,6 +63,11 @@ class EngineConfig:
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("load_format", self.load_format, LOAD_FORMATS)
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}; a quantized checkpoint "
+                "(fp8, compressed-tensors, AWQ, GPTQ) needs none: its config.json's quantization_config is read"
+            )
 
     @classmethod
     def field_help(cls) -> dict[str, str]:

@@ -21,6 +21,7 @@ from nanovllm.engine.model_files import effective_max_model_len, load_tokenizer,
 from nanovllm.engine.prompts import Prompt, PromptsArg, SamplingParamsArg, as_params_list, as_prompt_list
 from nanovllm.engine.request import Request
 from nanovllm.models.arch import check_tensor_parallel_split
+from nanovllm.models.quant_config import choose_quantization
 from nanovllm.models.registry import load_model_arch
 from nanovllm.outputs import PrefixCacheStats, RequestOutput, StreamOutput
 from nanovllm.parallel.process_group import require_no_tensor_parallel_engine
@@ -76,6 +77,7 @@ class LLMEngine:
         eos_ids = read_eos_token_ids(config.model, self.arch, self.tokenizer)
         require_no_tensor_parallel_engine()
         check_tensor_parallel_split(config.tensor_parallel_size, self.arch)
+        choose_quantization(self.arch.quantization, config.quantization)  # refused here, before any device memory
         self.workers: TensorParallelWorkers | None = None  # ranks 1..N-1 under tensor parallelism
         if config.tensor_parallel_size > 1:  # started first: every rank builds its runner in lockstep
             self.workers = TensorParallelWorkers(config, self.arch, self.max_model_len, rank_device(config, 0))

@@ -10,13 +10,14 @@ when it is constructed.
 
 import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from nanovllm.kernels import reference
+from nanovllm.kernels.quant_backends import QuantizedGemm, TorchQuantizedGemm
 from nanovllm.utils.context import AttentionMetadata
 
 FLASH_ATTN_BLOCK_MULTIPLE = 256  # flash-attn's paged KV needs page sizes that are multiples of 256
@@ -52,6 +53,7 @@ class Kernels:
     compile_ops: bool  # torch.compile the small elementwise ops (RMSNorm, rotary, SiluAndMul)
     triton_rotary: bool = False  # q/k RMSNorm and rotary in one Triton kernel (kernels/triton_rotary.py)
     triton_moe: bool = False  # mixture-of-experts layers in the fused Triton kernel (kernels/triton_fused_moe.py)
+    quantized_gemm: QuantizedGemm = field(default_factory=TorchQuantizedGemm)  # GEMMs of quantized linear layers
 
 
 class TorchBackend:

@@ -9,6 +9,7 @@ from nanovllm.kernels.backends import Kernels
 from nanovllm.layers.attention import Attention
 from nanovllm.layers.layernorm import RMSNorm, rms_norm
 from nanovllm.layers.linear import QKVParallelLinear, RowParallelLinear
+from nanovllm.layers.quantization.base import LinearQuantization
 from nanovllm.layers.rotary import RopeConfig, RotaryEmbedding, apply_rotary
 from nanovllm.utils.compile import maybe_compile
 
@@ -40,12 +41,16 @@ class SelfAttentionBlock(nn.Module):
         qkv_bias: bool,
         o_bias: bool,
         qk_norm: str | None,  # "rms" or "rms_unit_offset": a norm over each query and key head before rotary
+        quant: LinearQuantization | None = None,  # which projections hold quantized weights; None = none
+        prefix: str = "",  # this block's module name in the checkpoint, e.g. "model.layers.0.self_attn"
     ) -> None:
         super().__init__()
-        self.qkv_proj = QKVParallelLinear(hidden_size, head_dim, num_heads, num_kv_heads, qkv_bias)
+        qkv_scheme = quant.scheme_for(prefix, ("q_proj", "k_proj", "v_proj")) if quant else None
+        o_scheme = quant.scheme_for(prefix, ("o_proj",)) if quant else None
+        self.qkv_proj = QKVParallelLinear(hidden_size, head_dim, num_heads, num_kv_heads, qkv_bias, qkv_scheme)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads  # per rank
         self.head_dim = head_dim
-        self.o_proj = RowParallelLinear(num_heads * head_dim, hidden_size, o_bias)
+        self.o_proj = RowParallelLinear(num_heads * head_dim, hidden_size, o_bias, o_scheme)
         compile_ops = kernels.compile_ops
         self.q_norm: RMSNorm | None = None
         self.k_norm: RMSNorm | None = None

@@ -5,18 +5,27 @@ from torch import nn
 
 from nanovllm.layers.activation import Activation
 from nanovllm.layers.linear import ColumnParallelLinear, MergedColumnParallelLinear, RowParallelLinear
+from nanovllm.layers.quantization.base import LinearQuantization
 
 
 class GatedMLP(nn.Module):
     """down(act(gate(x)) * up(x)): SwiGLU with SiLU, GeGLU with GELU."""
 
     def __init__(
-        self, hidden_size: int, intermediate_size: int, compile_ops: bool = False, hidden_act: str = "silu"
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        compile_ops: bool = False,
+        hidden_act: str = "silu",
+        quant: LinearQuantization | None = None,  # which projections hold quantized weights; None = none
+        prefix: str = "",  # this MLP's module name in the checkpoint, e.g. "model.layers.0.mlp"
     ) -> None:
         super().__init__()
-        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2)
+        gate_up = quant.scheme_for(prefix, ("gate_proj", "up_proj")) if quant else None
+        down = quant.scheme_for(prefix, ("down_proj",)) if quant else None
+        self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, scheme=gate_up)
         self.act = Activation(hidden_act, is_gated=True, compile_ops=compile_ops)
-        self.down_proj = RowParallelLinear(intermediate_size, hidden_size)
+        self.down_proj = RowParallelLinear(intermediate_size, hidden_size, scheme=down)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, hidden_size] -> [N, hidden_size]
         return self.down_proj(self.act(self.gate_up_proj(x)))

@@ -15,6 +15,7 @@ from nanovllm.layers.activation import ACTIVATIONS
 from nanovllm.layers.attention_block import AttentionSpec
 from nanovllm.layers.rotary import ROPE_TYPES, RopeConfig
 from nanovllm.models.moe_arch import MoeArch, parse_moe
+from nanovllm.models.quant_config import QuantConfig, check_quantized_split, parse_quant_config
 
 DEFAULT_ROPE_THETA = 10000.0  # transformers' default base when a config names none
 # transformers' names for the two kinds of attention layer (config.json's layer_types).
@@ -43,6 +44,7 @@ class ModelArch:
     dtype: str  # the checkpoint's dtype name, e.g. "bfloat16"
     eos_token_ids: tuple[int, ...]  # config.json's end-of-sequence ids
     moe: MoeArch | None = None  # the mixture-of-experts layers (models/moe_arch.py); None for a dense model
+    quantization: QuantConfig | None = None  # config.json's quantization_config; None = float weights
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -214,6 +216,7 @@ def parse_model_arch(config: dict[str, Any], has_rotary: bool = True) -> ModelAr
         dtype=config.get("dtype") or config.get("torch_dtype") or "float32",
         eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
         moe=parse_moe(config, architectures[0], num_layers),
+        quantization=parse_quant_config(config.get("quantization_config")),
     )
 
 
@@ -253,6 +256,10 @@ def check_tensor_parallel_split(tensor_parallel_size: int, arch: ModelArch) -> N
             f"tensor_parallel_size={size} and the model's num_key_value_heads={kv} must divide one another "
             f"(KV heads are split, or replicated when fewer than the ranks); use one of {_divisors(kv)} or a "
             f"multiple of {kv}"
+        )
+    if arch.quantization is not None:
+        check_quantized_split(
+            arch.quantization, size, arch.hidden_size, arch.intermediate_size, arch.num_heads, kv, arch.head_dim
         )
 
 

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import torch
 
 from nanovllm.kernels.backends import Kernels
+from nanovllm.layers.quantization.base import LinearQuantization
 from nanovllm.models.arch import ModelArch
 from nanovllm.models.llama import LlamaForCausalLM, rename, split_rows
 
@@ -48,8 +49,8 @@ class GPT2LMHeadModel(LlamaForCausalLM):
     gated_mlp = False
     learned_positions = True
 
-    def __init__(self, arch: ModelArch, kernels: Kernels) -> None:
-        super().__init__(arch, kernels)
+    def __init__(self, arch: ModelArch, kernels: Kernels, quant: LinearQuantization | None = None) -> None:
+        super().__init__(arch, kernels, quant)
         self.qkv_parts = [(f".{part}_proj.", arch.hidden_size) for part in "qkv"]  # rows of c_attn, in order
 
     def checkpoint_tensors(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:

@@ -22,6 +22,7 @@ from nanovllm.layers.attention_block import SelfAttentionBlock
 from nanovllm.layers.embedding import ParallelLMHead, PositionEmbedding, VocabParallelEmbedding
 from nanovllm.layers.layernorm import LayerNorm, RMSNorm, build_norm
 from nanovllm.layers.mlp import MLP, GatedMLP
+from nanovllm.layers.quantization.base import LinearQuantization
 from nanovllm.models.arch import ModelArch, check_supported_options, parse_model_arch
 from nanovllm.models.moe import sparse_moe_block
 
@@ -37,13 +38,14 @@ class DecoderOptions:
     gated_mlp: bool  # down(act(gate) * up); else fc2(act(fc1)) with biases
     learned_positions: bool  # a learned position embedding added to the token embedding (GPT-2)
     embed_scale: float | None  # the token embeddings are multiplied by this (Gemma: sqrt(hidden_size))
+    quant: LinearQuantization | None  # which linear layers hold quantized weights (layers/quantization/); None = none
 
 
 def build_attention(arch: ModelArch, layer_idx: int, kernels: Kernels, options: DecoderOptions) -> SelfAttentionBlock:
     return SelfAttentionBlock(
         arch.hidden_size, arch.num_heads, arch.num_kv_heads, arch.head_dim, arch.layer_attention[layer_idx],
         arch.max_position_embeddings, arch.norm_eps, kernels, options.qkv_bias, options.o_bias,
-        options.norm if options.qk_norm else None,
+        options.norm if options.qk_norm else None, options.quant, f"model.layers.{layer_idx}.self_attn",
     )  # fmt: skip
 
 
@@ -52,7 +54,10 @@ def build_mlp(arch: ModelArch, layer_idx: int, kernels: Kernels, options: Decode
     if arch.moe is not None and arch.moe.is_sparse(layer_idx):
         return sparse_moe_block(arch.hidden_size, arch.moe, kernels)
     if options.gated_mlp:
-        return GatedMLP(arch.hidden_size, arch.intermediate_size, kernels.compile_ops, arch.hidden_act)
+        return GatedMLP(
+            arch.hidden_size, arch.intermediate_size, kernels.compile_ops, arch.hidden_act, options.quant,
+            f"model.layers.{layer_idx}.mlp",
+        )  # fmt: skip
     return MLP(arch.hidden_size, arch.intermediate_size, kernels.compile_ops, arch.hidden_act)
 
 
@@ -156,9 +161,9 @@ class LlamaForCausalLM(nn.Module):
     lm_head_bias = False
     layer_cls: ClassVar[type[nn.Module]] = DecoderLayer  # built as layer_cls(arch, layer_idx, kernels, options)
 
-    def __init__(self, arch: ModelArch, kernels: Kernels) -> None:
+    def __init__(self, arch: ModelArch, kernels: Kernels, quant: LinearQuantization | None = None) -> None:
         super().__init__()
-        self.model = DecoderModel(arch, kernels, self.decoder_options(arch), self.layer_cls)
+        self.model = DecoderModel(arch, kernels, self.decoder_options(arch, quant), self.layer_cls)
         self.lm_head = ParallelLMHead(
             arch.vocab_size, arch.hidden_size, self.lm_head_bias, arch.final_logit_softcapping
         )
@@ -174,8 +179,9 @@ class LlamaForCausalLM(nn.Module):
         check_supported_options(config, cls.supported_options, cls.__name__)
         return parse_model_arch(config, cls.has_rotary)
 
-    def decoder_options(self, arch: ModelArch) -> DecoderOptions:
+    def decoder_options(self, arch: ModelArch, quant: LinearQuantization | None) -> DecoderOptions:
         return DecoderOptions(
+            quant=quant,
             norm=self.norm,
             qkv_bias=arch.attention_bias if self.qkv_bias is None else self.qkv_bias,
             o_bias=arch.attention_bias if self.o_bias is None else self.o_bias,

@@ -82,8 +82,10 @@ def _load_tensor(
             raise ValueError(f"checkpoint tensor {ckpt_name!r} fills {name} a second time (duplicate tensor)")
         param = params[name]
         loader: Callable[..., None] = getattr(param, "weight_loader", default_weight_loader)
+        if not getattr(param, "takes_checkpoint_dtype", False):  # quantized tensors convert themselves
+            tensor = tensor.to(param.dtype)
         try:
-            loader(param, tensor.to(param.dtype)) if part is None else loader(param, tensor.to(param.dtype), part)
+            loader(param, tensor) if part is None else loader(param, tensor, part)
         except (ValueError, RuntimeError) as e:
             where = f"{name}[{part}]" if part is not None else name
             raise ValueError(f"checkpoint tensor {ckpt_name!r} {e} for parameter {where}") from e
@@ -91,12 +93,21 @@ def _load_tensor(
 
 
 def init_dummy_weights(model: nn.Module, seed: int) -> None:
-    """Random weights with the checkpoint's shapes, for benchmarks: norms 1, biases 0, matrices N(0, std)."""
+    """Random weights with the checkpoint's shapes, for benchmarks: norms 1, biases 0, matrices N(0, std);
+    quantized tensors as their scheme fills them (about the same spread)."""
     generator: torch.Generator | None = None
     for name, param in model.named_parameters():
         if generator is None:
             generator = torch.Generator(device=param.device).manual_seed(seed)
-        if param.dim() == 1:
+        if hasattr(param, "dummy_fill"):  # a quantized tensor: codes, FP8 values or scales
+            param.dummy_fill(param.data, generator)
+        elif param.dim() == 1:
             param.data.fill_(1.0 if name.endswith("norm.weight") else 0.0)  # LayerNorm biases are biases
         else:
             param.data.normal_(0.0, DUMMY_WEIGHT_STD, generator=generator)
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (rotary tables, online FP8 scales; a tied weight once)."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())

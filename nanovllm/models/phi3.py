@@ -9,13 +9,14 @@ from collections.abc import Iterator
 import torch
 
 from nanovllm.kernels.backends import Kernels
+from nanovllm.layers.quantization.base import LinearQuantization
 from nanovllm.models.arch import ModelArch
 from nanovllm.models.llama import LlamaForCausalLM, split_rows
 
 
 class Phi3ForCausalLM(LlamaForCausalLM):
-    def __init__(self, arch: ModelArch, kernels: Kernels) -> None:
-        super().__init__(arch, kernels)
+    def __init__(self, arch: ModelArch, kernels: Kernels, quant: LinearQuantization | None = None) -> None:
+        super().__init__(arch, kernels, quant)
         q_size, kv_size = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
         # Rows of the fused checkpoint tensors, in order: split so each part is sharded as LLaMA's is.
         self.qkv_parts = [(".q_proj.", q_size), (".k_proj.", kv_size), (".v_proj.", kv_size)]

@@ -14,6 +14,7 @@ from nanovllm.models.llama import LlamaForCausalLM
 from nanovllm.models.mixtral import MixtralForCausalLM
 from nanovllm.models.phi import PhiForCausalLM
 from nanovllm.models.phi3 import Phi3ForCausalLM
+from nanovllm.models.quant_config import QuantConfig
 from nanovllm.models.qwen2 import Qwen2ForCausalLM
 from nanovllm.models.qwen3 import Qwen3ForCausalLM
 from nanovllm.models.qwen3_moe import Qwen3MoeForCausalLM
@@ -54,5 +55,7 @@ def load_model_arch(model_dir: str) -> ModelArch:
         raise ValueError(f"{os.path.join(model_dir, 'config.json')} lacks the field {e}, which the model needs") from e
 
 
-def build_model(arch: ModelArch, kernels: Kernels) -> LlamaForCausalLM:
-    return model_class({"architectures": [arch.architecture]})(arch, kernels)
+def build_model(arch: ModelArch, kernels: Kernels, quant: QuantConfig | None = None) -> LlamaForCausalLM:
+    """The model of config.json's architecture; its linear layers quantized as ``quant`` says (None: not)."""
+    model_cls = model_class({"architectures": [arch.architecture]})
+    return model_cls(arch, kernels, quant.linear_quantization(kernels.quantized_gemm) if quant else None)

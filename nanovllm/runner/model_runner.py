@@ -7,6 +7,7 @@ from rank 0's messages and sample nothing.
 """
 
 import dataclasses
+import logging
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 
@@ -15,9 +16,11 @@ import torch.distributed as dist
 
 from nanovllm.config import EngineConfig
 from nanovllm.kernels.backends import Kernels, select_attention_backend
+from nanovllm.kernels.quant_backends import select_quantized_gemm
 from nanovllm.layers.attention import Attention
 from nanovllm.models.arch import ModelArch
-from nanovllm.models.loader import init_dummy_weights, load_safetensors
+from nanovllm.models.loader import init_dummy_weights, load_safetensors, weight_bytes
+from nanovllm.models.quant_config import choose_quantization
 from nanovllm.models.registry import build_model
 from nanovllm.runner.cuda_graphs import DecodeGraphs
 from nanovllm.runner.host_samples import HostSamples, TokenRing
@@ -39,6 +42,9 @@ from nanovllm.utils.device import release_cached_gpu_memory, to_device
 CPU_KV_CACHE_BYTES = 1 << 30  # KV cache on CPU when num_kvcache_blocks is not given: 1 GiB
 MEMORY_PAGE_BYTES = 4096  # the host's memory page (x86-64 and most ARM Linux)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+GIB = 1 << 30  # bytes per GiB, for logs
+
+logger = logging.getLogger(__name__)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -119,13 +125,22 @@ class ModelRunner:
         attention = select_attention_backend(config.attention_backend, self.device, self.block_size)
         # Where Triton runs the attention, it also runs the queries' and keys' norm and rotary, and the experts.
         on_cuda, on_triton = self.device.type == "cuda", attention.name != "torch"
-        self.kernels = Kernels(attention, compile_ops=on_cuda, triton_rotary=on_triton, triton_moe=on_triton)
+        quantized_gemm = select_quantized_gemm(self.device, self.dtype)  # used by quantized linear layers only
+        self.kernels = Kernels(
+            attention, compile_ops=on_cuda, triton_rotary=on_triton, triton_moe=on_triton, quantized_gemm=quantized_gemm
+        )
+        quant = choose_quantization(arch.quantization, config.quantization)
         with _default_dtype(self.dtype), self.device:
-            self.model = build_model(arch, self.kernels)
+            self.model = build_model(arch, self.kernels, quant)
         if config.load_format == "dummy":
             init_dummy_weights(self.model, config.seed)
         else:
             load_safetensors(self.model, config.model)
+        self.weight_bytes = weight_bytes(self.model)  # on this rank; the KV cache gets what is left
+        logger.info(
+            "rank %d: model weights take %.2f GiB (%s)", self.rank, self.weight_bytes / GIB,
+            quant.method if quant else f"unquantized {self.dtype}",
+        )  # fmt: skip
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         self.sampler = Sampler(
             config.seed, self.kernels.compile_ops, self.device, triton_race=attention.name != "torch"

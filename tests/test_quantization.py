@@ -1,0 +1,176 @@
+"""Quantized checkpoints in the engine against transformers running the same quantized model, float32 on CPU.
+
+The checkpoints (tests/quant_fixtures.py) are written by compressed-tensors itself, or repacked from one into
+AWQ, GPTQ and Qwen's "fp8" layouts; transformers runs the compressed-tensors checkpoint that holds the same
+numbers (decompressing its weights, and quantizing FP8 activations per token on the fly as the format says).
+Greedy tokens must be equal and the generated tokens' logprobs within LOGPROB_TOLERANCE.
+"""
+
+import logging
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+import torch
+from model_fixtures import write_tiny_model
+from quant_fixtures import REPACKED_FROM, load_reference, write_compressed_tensors
+from safetensors.torch import load_file
+
+from nanovllm import LLM, SamplingParams
+
+ENGINE_ARGS = dict(device="cpu", dtype="float32", kvcache_block_size=16, num_kvcache_blocks=32, max_model_len=128)
+PROMPTS = [[5], [11, 7, 301, 42, 9, 250, 3, 77, 120], list(range(30, 50))]  # 1 token, a partial block, 1.25 blocks
+MAX_TOKENS = 6
+GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=0)
+# Engine and transformers compute the same dequantized products in float32; they differ in summation order
+# only (measured up to ~1e-5 on these models), far below a quantization step's effect on a logit (~1e-2).
+LOGPROB_TOLERANCE = 1e-4
+# Run against transformers here; AWQ and fp8_block under TP=2 below; every repacked format loads the tensors
+# of the checkpoint it came from (test_repacked_formats_load_the_same_tensors).
+FORMATS = ["W4A16", "W4A16_ASYM", "FP8_DYNAMIC", "FP8_PER_TENSOR", "FP8_BLOCK", "gptq8"]
+# One format per other architecture (qwen3 runs them all): q/k/v biases (qwen2), llama3 rope, tied embeddings
+# and key/value projections narrower than a 128-row block (llama), mistral.
+OTHER_ARCHS = {"qwen2": "W4A16_ASYM", "llama": "FP8_BLOCK", "mistral": "W8A16"}
+
+
+@lru_cache(maxsize=16)
+def reference_model(ct_dir: str) -> torch.nn.Module:
+    return load_reference(Path(ct_dir), asymmetric="ASYM" in Path(ct_dir).name)
+
+
+def hf_logprobs(model: torch.nn.Module, prompt: list[int], generated: list[int]) -> torch.Tensor:
+    """transformers' logprobs [len(generated), vocab] for each generated token, given the tokens before it.
+
+    The engine's tokens are transformers' greedy tokens exactly when each is the argmax of its row: one
+    forward over prompt + generated checks every step (the first difference is the first wrong argmax).
+    """
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt + generated])).logits[0]  # [len(prompt) + len(generated), vocab]
+    return logits[len(prompt) - 1 : -1].log_softmax(-1)
+
+
+def check_against_transformers(
+    model_dir: Path, reference_dir: Path, tolerance: float = LOGPROB_TOLERANCE, **engine_args: object
+) -> None:
+    with LLM(str(model_dir), **{**ENGINE_ARGS, **engine_args}) as llm:  # type: ignore[arg-type]
+        outputs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    reference = reference_model(str(reference_dir))
+    for prompt_idx, (prompt, output) in enumerate(zip(PROMPTS, outputs, strict=True)):
+        want_logprobs = hf_logprobs(reference, prompt, output.token_ids)  # [MAX_TOKENS, vocab]
+        want_ids = want_logprobs.argmax(-1).tolist()
+        where = f"{model_dir.name} {engine_args or ''} prompt {prompt_idx}"
+        assert output.token_ids == want_ids, f"{where}: engine {output.token_ids}, transformers' argmax {want_ids}"
+        got = torch.tensor([step[t] for step, t in zip(output.outputs[0].logprobs, want_ids, strict=True)])
+        want = want_logprobs[torch.arange(MAX_TOKENS), want_ids]
+        assert float((got - want).abs().max()) <= tolerance, f"{where}: logprobs {got} vs {want}"
+
+
+@pytest.mark.parametrize("name", FORMATS)
+def test_engine_matches_transformers(quant_checkpoints: dict[str, Path], name: str) -> None:
+    """Guards against a misread format: packing order, zero-point offsets (GPTQ's zero - 1, compressed-tensors'
+    signed codes), scales per group, channel, tensor or block, scales on the wrong fused part, and activations
+    quantized per token (or per block) differently from what the format specifies."""
+    check_against_transformers(quant_checkpoints[name], quant_checkpoints[REPACKED_FROM.get(name, name)])
+
+
+def quantized_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    """What the engine holds for every quantized layer after loading model_dir, by role, as raw bytes."""
+    with LLM(str(model_dir), **ENGINE_ARGS) as llm:  # type: ignore[arg-type]
+        assert llm.engine is not None
+        tensors = {}
+        for module_name, module in llm.engine.runner.model.named_modules():
+            scheme = getattr(module, "scheme", None)
+            if scheme is None:
+                continue
+            for role, name in scheme.names.items():  # role ("codes", "scales" ...) -> tensor name in its format
+                tensors[f"{module_name}.{role}"] = getattr(module, name).detach().flatten().view(torch.uint8)
+    return tensors
+
+
+@pytest.mark.parametrize("name", sorted(REPACKED_FROM))
+def test_repacked_formats_load_the_same_tensors(quant_checkpoints: dict[str, Path], name: str) -> None:
+    """Guards against a reader of AWQ, GPTQ or Qwen's fp8 layout that unpacks, transposes or offsets anything
+    differently from compressed-tensors' reader: the same model in both layouts must load to the same bytes
+    (AWQ's word order and packed zero points, GPTQ's transposed codes and zero - 1, fp8's scalar and block
+    scales). The compressed-tensors checkpoints match transformers above."""
+    got, want = quantized_tensors(quant_checkpoints[name]), quantized_tensors(quant_checkpoints[REPACKED_FROM[name]])
+    assert got.keys() == want.keys(), f"{sorted(got)} != {sorted(want)}"
+    differing = [key for key in got if not torch.equal(got[key], want[key])]
+    assert not differing, f"{name} loads different {differing} than {REPACKED_FROM[name]}"
+
+
+@pytest.mark.parametrize("arch", sorted(OTHER_ARCHS))
+def test_other_architectures(tmp_path: Path, arch: str) -> None:
+    """Guards against quantization that works for qwen3's layers only: q/k/v biases added to a quantized
+    product (qwen2), tied embeddings left unquantized (llama), llama2 and mistral layouts."""
+    float_dir = write_tiny_model(tmp_path / "float", arch, hidden_size=128, intermediate_size=256)
+    ct_dir = write_compressed_tensors(float_dir, tmp_path / OTHER_ARCHS[arch], OTHER_ARCHS[arch])
+    check_against_transformers(ct_dir, ct_dir)
+
+
+def test_online_fp8_is_compressed_tensors_fp8_dynamic(quant_checkpoints: dict[str, Path]) -> None:
+    """Guards against quantization="fp8" quantizing a float checkpoint differently from the per-channel FP8
+    that compressed-tensors writes (FP8_DYNAMIC of the same model): the weights must be bit-equal, scales too,
+    and the engine must match transformers on that checkpoint."""
+    check_against_transformers(quant_checkpoints["float"], quant_checkpoints["FP8_DYNAMIC"], quantization="fp8")
+    written = load_file(str(quant_checkpoints["FP8_DYNAMIC"] / "model.safetensors"))
+    with LLM(str(quant_checkpoints["float"]), quantization="fp8", **ENGINE_ARGS) as llm:  # type: ignore[arg-type]
+        assert llm.engine is not None
+        mlp = llm.engine.runner.model.model.layers[1].mlp
+        down_weight, down_scale = mlp.down_proj.weight, mlp.down_proj.weight_scale
+        gate_up_scale = mlp.gate_up_proj.weight_scale
+    prefix = "model.layers.1.mlp"
+    want_weight = written[f"{prefix}.down_proj.weight"]
+    assert torch.equal(down_weight.view(torch.uint8), want_weight.view(torch.uint8)), "FP8 bits differ"
+    assert torch.equal(down_scale, written[f"{prefix}.down_proj.weight_scale"]), "down_proj scales differ"
+    want_gate_up = torch.cat([written[f"{prefix}.gate_proj.weight_scale"], written[f"{prefix}.up_proj.weight_scale"]])
+    assert torch.equal(gate_up_scale, want_gate_up), "fused gate/up scales differ"
+
+
+@pytest.mark.parametrize("name", ["awq", "fp8_block"])
+def test_tp2_matches_transformers(quant_checkpoints: dict[str, Path], name: str) -> None:
+    """Guards against quantized weights sharded across the wrong rows or columns: AWQ's words packed along the
+    output (split between ranks at 8-column word edges), group scales and zero points cut with the input
+    columns of o_proj and down_proj, FP8 block scales repeated on the rows of each rank. TP=1 gives
+    transformers' tokens too (test_engine_matches_transformers), so TP=2 gives TP=1's."""
+    check_against_transformers(quant_checkpoints[name], quant_checkpoints[REPACKED_FROM[name]], tensor_parallel_size=2)
+
+
+def test_weight_memory_is_logged_and_smaller(
+    quant_checkpoints: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Guards against quantized layers that still hold (or also hold) float weights, which the KV-cache sizing
+    would then count: the 4-bit model's linear layers must take about an eighth of the float32 ones."""
+    sizes = {}
+    with caplog.at_level(logging.INFO, logger="nanovllm.runner.model_runner"):
+        for name in ("float", "W4A16"):
+            with LLM(str(quant_checkpoints[name]), **ENGINE_ARGS) as llm:  # type: ignore[arg-type]
+                assert llm.engine is not None
+                sizes[name] = llm.engine.runner.weight_bytes
+    assert "model weights take" in caplog.text and "compressed-tensors" in caplog.text, caplog.text
+    # 2 layers x (qkv 128 x 512 + o 256 x 128 + gate_up 128 x 512 + down 256 x 128) weights; the embeddings,
+    # LM head and norms stay float32. Each weight: 4 bytes -> half a byte of code plus a 4-byte scale per 128.
+    num_linear = 2 * (128 * 512 + 256 * 128 + 128 * 512 + 256 * 128)
+    saved = sizes["float"] - sizes["W4A16"]
+    assert saved == num_linear * (4 - 0.5 - 4 / 128), f"float {sizes['float']} B, W4A16 {sizes['W4A16']} B"
+
+
+@pytest.mark.parametrize(("name", "quantization"), [("awq", None), ("fp8_block", None), ("float", "fp8")])
+def test_dummy_weights(quant_checkpoints: dict[str, Path], name: str, quantization: str | None) -> None:
+    """Guards against load_format="dummy" (bench.py's random weights) failing on quantized tensors or giving
+    NaN: integer codes, FP8 values and scales each need their own random fill."""
+    args = dict(ENGINE_ARGS, load_format="dummy", quantization=quantization)
+    with LLM(str(quant_checkpoints[name]), **args) as llm:  # type: ignore[arg-type]
+        output = llm.generate(PROMPTS[:1], GREEDY, use_tqdm=False)[0]
+    logprobs = [step[token] for step, token in zip(output.outputs[0].logprobs, output.token_ids, strict=True)]
+    assert all(torch.isfinite(torch.tensor(logprobs))), logprobs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: the Triton GEMMs compiled, CUDA graphs")
+@pytest.mark.parametrize("name", ["W4A16_ASYM", "gptq8", "FP8_DYNAMIC", "FP8_BLOCK", "awq"])
+def test_gpu_matches_transformers(quant_checkpoints: dict[str, Path], name: str) -> None:
+    """Guards against the compiled GEMMs (and decode steps replayed from CUDA graphs) diverging from the CPU
+    path: float32 on the GPU, so FP8 goes through the Triton FP8 GEMM; the tolerance allows for its FP8 dot's
+    accumulation order and TF32-free float32 products summed in other orders."""
+    reference = quant_checkpoints[REPACKED_FROM.get(name, name)]
+    check_against_transformers(quant_checkpoints[name], reference, tolerance=1e-3, device="cuda")
