@@ -115,7 +115,7 @@ class ModelRunner:
             # would count them as held elsewhere, leaving the KV cache no room.
             release_cached_gpu_memory()
         # The hardware choices, made once: attention kernels, and torch.compile for the small ops on CUDA.
-        attention = select_attention_backend(config.attention_backend, self.device, self.block_size)
+        attention = select_attention_backend(config.attention_backend, self.device, self.block_size, self.dtype)
         # Where Triton runs the attention, it also runs the queries' and keys' norm and rotary.
         on_cuda = self.device.type == "cuda"
         self.kernels = Kernels(attention, compile_ops=on_cuda, triton_rotary=attention.name != "torch")
