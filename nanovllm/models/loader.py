@@ -5,6 +5,7 @@ fuse: ``q_proj``/``k_proj``/``v_proj`` go into ``qkv_proj`` and ``gate_proj``/``
 ``gate_up_proj``, each through its parameter's ``weight_loader`` with the part it fills.
 Every parameter (and every part of a fused one) must be loaded exactly once, and every
 checkpoint tensor must land somewhere: anything else is an error, never a silent default.
+KV-cache scales are the one exception: models/kv_scales.py reads them for an FP8 cache.
 """
 
 import glob
@@ -17,6 +18,7 @@ from safetensors import safe_open
 from torch import nn
 
 from nanovllm.layers.linear import default_weight_loader
+from nanovllm.models.kv_scales import is_kv_scale_name
 
 # Checkpoint tensors that hold nothing we load: precomputed rotary tables some exporters save.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -43,7 +45,8 @@ def load_safetensors(model: nn.Module, model_dir: str) -> None:
     for path in files:
         with safe_open(path, framework="pt", device="cpu") as f:
             for ckpt_name in f.keys():
-                if ckpt_name.endswith(IGNORED_SUFFIXES) or (is_tied and ckpt_name == "lm_head.weight"):
+                is_kv_scale = is_kv_scale_name(ckpt_name)  # the KV cache's, read by models/kv_scales.py
+                if ckpt_name.endswith(IGNORED_SUFFIXES) or is_kv_scale or (is_tied and ckpt_name == "lm_head.weight"):
                     continue
                 name, part = _target(ckpt_name, packed)
                 if name not in params:
