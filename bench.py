@@ -7,6 +7,7 @@
     python bench.py --tensor-parallel-size 2   # the model split over 2 GPUs
     python bench.py --quantization fp8   # FP8 weights (online); awq, gptq, w4a16, fp8-block...: random weights
                                          # in that published format (without --model)
+    python bench.py --kv-cache-dtype fp8       # K/V stored in FP8 (e4m3): twice the tokens in the same memory
 
 Workload (as nano-vllm's bench.py): random.seed(0); 256 requests; each prompt has
 randint(100, 1024) token ids drawn with randint(0, 10000); each request then gets
@@ -126,6 +127,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     parser.add_argument("--no-async-scheduling", action="store_true", help="run each step before scheduling the next")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype), fp8, fp8_e4m3, fp8_e5m2")
     parser.add_argument("--top-p", type=float, default=1.0, help="top_p of every request (default 1.0 = off)")
     parser.add_argument("--top-k", type=int, default=0, help="top_k of every request (default 0 = off)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="of every request (default 1.0 = off)")
@@ -137,7 +139,7 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def build_dummy_llm(shape: str, quantized_format: str | None, **engine_args: Any) -> LLM:
+def build_dummy_llm(shape: str, quantized_format: str | None = None, **engine_args: Any) -> LLM:
     """An engine over random weights of a built-in shape (in a quantized format if given); no tokenizer, so
     prompts are token ids."""
     config = dict(SHAPES[shape])
@@ -197,6 +199,7 @@ def main() -> None:
         async_scheduling=not args.no_async_scheduling,
         attention_backend=args.backend,
         tensor_parallel_size=args.tensor_parallel_size,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
     quantized_format = args.quantization if args.quantization in QUANTIZED_FORMATS else None
     if args.quantization == "fp8":
@@ -207,8 +210,9 @@ def main() -> None:
         llm = LLM(args.model, dtype=args.dtype, **engine_args)
     else:
         llm = build_dummy_llm(args.shape, quantized_format, dtype=args.dtype, **engine_args)
-    if llm.engine is not None:
+    if llm.engine is not None:  # the memory plan's outcome: an FP8 cache holds twice the tokens of bfloat16's
         print(f"model weights on rank 0: {llm.engine.runner.weight_bytes / (1 << 30):.2f} GiB")
+        print(f"KV cache ({args.kv_cache_dtype}): {llm.engine.stats().kv_cache_capacity_tokens} tokens")
     sampling = dict(top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty)
     prompts, params = make_workload(
         workload["num_seqs"], min_len, workload["max_input_len"], workload["max_output_len"], **sampling

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One GPU-machine session: correctness checks first, then timings. Logs go to $OUT when it is set.
-# Usage: bash benchmarks/gpu_check.sh quick|full|serving|breakdown
+# Usage: bash benchmarks/gpu_check.sh quick|full|serving|breakdown|fp8
 #   quick    GPU tests, kernels, a short bench
 #   breakdown  bench.py, then its time per decode step against the floor, then the same with a GPU profile
 #   full     GPU tests, kernels, bench.py temperature-only and with top-k/top-p/repetition penalty, GPU-busy share
 #   serving  the sampler alone, the engine's time to first token without HTTP, then the server under 64
 #            concurrent streams, engine in a thread and in a process (needs the serve extra installed;
 #            fastapi 0.120 with starlette 0.48 where the image has no opentelemetry, which fastapi 0.165 imports)
+#   fp8      the FP8 KV-cache tests, bench.py with a bf16 and an FP8 cache in turn, FP8 accuracy on the 0.6B shape
 set -u
 export PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/nanovllm-gpu-check}
@@ -28,6 +29,17 @@ if [ "$mode" = serving ]; then
       --prompt-len 128 --max-tokens 128 --processes 4 --server-args="$server_args" 2>&1 \
       | tee "$out/serve_load_$engine.log" | tail -8
   done
+  exit 0
+fi
+if [ "$mode" = fp8 ]; then
+  timeout 300 python3 -m pytest -q tests/test_fp8_kernels.py 2>&1 | tee "$out/pytest_fp8_kernels.log" | tail -3
+  timeout 300 python3 -m pytest -q tests/test_gpu.py -k fp8 2>&1 | tee "$out/pytest_fp8_gpu.log" | tail -3
+  for run in 1 2; do  # alternating: the first run of a machine start is the slowest
+    for kv in auto fp8; do
+      timeout 300 python3 bench.py --kv-cache-dtype $kv 2>&1 | tee "$out/bench_${kv}_$run.log" | tail -2
+    done
+  done
+  timeout 600 python3 benchmarks/kv_cache_accuracy.py --shape qwen3-0.6b 2>&1 | tee "$out/fp8_accuracy.log" | tail -2
   exit 0
 fi
 if [ "$mode" = breakdown ]; then

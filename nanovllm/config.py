@@ -17,6 +17,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 LOAD_FORMATS = ("safetensors", "dummy")
 ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
 QUANTIZATIONS = (None, "fp8")  # online quantization of a float checkpoint's linear weights as they load
+# vLLM's kv_cache_dtype values: "auto" is the model's dtype, "fp8" means "fp8_e4m3".
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
 MIN_BLOCK_SIZE = 16  # smallest KV block, in tokens; below this the block tables outgrow the blocks
 # A field line of EngineConfig and its comment: `    name: type = default  # what it means`.
 FIELD_LINE = re.compile(r"^    (?P<name>\w+): [^#]+#\s*(?P<comment>.+)$")
@@ -41,6 +43,7 @@ class EngineConfig:
     dtype: str = "auto"  # "auto" (the checkpoint's), "float32", "bfloat16" or "float16"
     load_format: str = "safetensors"  # "safetensors", or "dummy": random weights of the right shapes
     attention_backend: str = "auto"  # "auto", "torch", "triton" or "flash_attn"
+    kv_cache_dtype: str = "auto"  # "auto" (the model's dtype), "fp8" (= "fp8_e4m3") or "fp8_e5m2": 1 byte a value
     seed: int = 0  # seeds random sampling and dummy weights
     skip_tokenizer_init: bool = False  # load no tokenizer: prompts must be token ids, outputs have empty text
     quantization: str | None = None  # "fp8": quantize a float checkpoint's linear weights to FP8 per row as they load
@@ -67,6 +70,12 @@ class EngineConfig:
             raise ValueError(
                 f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}; a quantized checkpoint "
                 "(fp8, compressed-tensors, AWQ, GPTQ) needs none: its config.json's quantization_config is read"
+            )
+        _check_choice("kv_cache_dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
+        if self.kv_cache_dtype != "auto" and self.attention_backend == "flash_attn":
+            raise ValueError(
+                f"attention_backend='flash_attn' cannot read kv_cache_dtype={self.kv_cache_dtype!r}: flash-attn 2 "
+                "reads only 16-bit caches; use attention_backend='triton' (or 'auto'), or kv_cache_dtype='auto'"
             )
 
     @classmethod

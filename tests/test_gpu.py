@@ -433,6 +433,29 @@ def test_flash_attn_cuda_graphs_equal_eager(tiny_models: dict[str, Path]) -> Non
     assert graphs == eager
 
 
+@pytest.mark.parametrize("kv_cache_dtype", ["fp8", "fp8_e5m2"])
+def test_fp8_cache_triton_in_graphs_equals_torch(tiny_models: dict[str, Path], kv_cache_dtype: str) -> None:
+    """Guards against the compiled Triton kernels (the CPU tests run them only in the interpreter) writing or
+    reading an FP8 cache otherwise than the reference, and against FP8 decode inside CUDA graphs."""
+    args = dict(dtype="float32", kv_cache_dtype=kv_cache_dtype)
+    torch_tokens = greedy_tokens(tiny_models["qwen3"], attention_backend="torch", enforce_eager=True, **args)
+    triton_tokens = greedy_tokens(tiny_models["qwen3"], attention_backend="triton", **args)
+    assert triton_tokens == torch_tokens
+
+
+def test_fp8_cache_holds_twice_the_blocks_of_bfloat16(tiny_models: dict[str, Path]) -> None:
+    """Guards against the GPU memory plan counting an FP8 cache in the model's element size: the same
+    gpu_memory_utilization must give twice the blocks (the profiled step's peak is the same for both)."""
+    args = {k: v for k, v in ARGS.items() if k != "num_kvcache_blocks"}
+    num_blocks = {}
+    for kv_cache_dtype in ("auto", "fp8"):
+        with LLM(str(tiny_models["qwen3"]), dtype="bfloat16", kv_cache_dtype=kv_cache_dtype,
+                 gpu_memory_utilization=0.5, **args) as llm:  # fmt: skip
+            assert llm.engine is not None
+            num_blocks[kv_cache_dtype] = llm.engine.runner.num_kvcache_blocks
+    assert 1.98 * num_blocks["auto"] <= num_blocks["fp8"] <= 2.02 * num_blocks["auto"], num_blocks
+
+
 needs_2_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 
 

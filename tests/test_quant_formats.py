@@ -74,7 +74,7 @@ BAD_CONFIGS: list[tuple[str, dict[str, Any], str]] = [
     ("W4A16", {"config_groups.group_1": {}}, r"config_groups=\['group_0', 'group_1'\].*exactly one"),
     ("FP8_DYNAMIC", {"input_activations": None}, r"input_activations.type=None"),
     ("FP8_DYNAMIC", {"input_activations.dynamic": False}, r"input_activations.dynamic=False"),
-    ("FP8_DYNAMIC", {"kv_cache_scheme": {"num_bits": 8}}, r"kv_cache_scheme="),
+    ("FP8_DYNAMIC", {"sparsity_config": {"format": "sparse-24"}}, r"sparsity_config="),
 ]
 
 

@@ -45,6 +45,7 @@ class EngineStats:
     kv_cache_usage: float  # share of KV-cache blocks held by unfinished requests, 0..1
     prefix_cache_queries: int  # prompt tokens looked up in the prefix cache so far
     prefix_cache_hits: int  # of those, tokens found cached
+    kv_cache_capacity_tokens: int  # tokens the KV cache holds (blocks x block size); FP8 holds 2x bfloat16's
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,7 @@ class LLMEngine:
             kv_cache_usage=1.0 - block_manager.num_free_blocks / block_manager.num_blocks,
             prefix_cache_queries=block_manager.stats.num_queried_tokens,
             prefix_cache_hits=block_manager.stats.num_hit_tokens,
+            kv_cache_capacity_tokens=block_manager.num_blocks * block_manager.block_size,
         )
 
     # ---- requests in ----

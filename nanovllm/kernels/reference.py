@@ -7,10 +7,33 @@ clarity over speed: it gathers each sequence's cached keys into a padded batch a
 Cache layout (shared by every backend, and what flash-attn expects):
     k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim]
     slot s lives in block s // block_size at offset s % block_size.
+
+An FP8 cache (float8_e4m3fn or float8_e5m2) holds each value divided by its layer's scale, rounded to
+nearest and saturated at the format's largest finite value; attention reads it back times the scale:
+
+    stored = fp8(clamp(x / k_scale, -max, max))      read = float(stored) * k_scale      (V likewise)
+
+A cache in the model's dtype has scales 1.0, which makes both steps plain casts.
 """
 
 import torch
 import torch.nn.functional as F
+
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def quantize(x: torch.Tensor, scale: float, cache_dtype: torch.dtype) -> torch.Tensor:
+    """What a cache of ``cache_dtype`` stores for ``x``: x / scale, saturated when FP8 (never inf or NaN)."""
+    scaled = x.float() * (1.0 / scale)  # times the reciprocal, as the Triton store computes it
+    if cache_dtype in FP8_DTYPES:
+        finfo = torch.finfo(cache_dtype)
+        scaled = scaled.clamp(finfo.min, finfo.max)
+    return scaled.to(cache_dtype)
+
+
+def dequantize(stored: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """What attention reads from cache values ``stored``: stored * scale, in ``dtype``."""
+    return (stored.float() * scale).to(dtype)
 
 
 def store_kv(
@@ -19,13 +42,15 @@ def store_kv(
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [N] int64, -1 = skip this token (a padded graph lane)
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> None:
-    """Write each token's new key and value into its cache slot."""
+    """Write each token's new key and value into its cache slot, quantized (see the module docstring)."""
     is_real = slot_mapping >= 0
     slots = slot_mapping[is_real]
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
-    k_cache.view(-1, num_kv_heads, head_dim)[slots] = key[is_real].to(k_cache.dtype)
-    v_cache.view(-1, num_kv_heads, head_dim)[slots] = value[is_real].to(v_cache.dtype)
+    k_cache.view(-1, num_kv_heads, head_dim)[slots] = quantize(key[is_real], k_scale, k_cache.dtype)
+    v_cache.view(-1, num_kv_heads, head_dim)[slots] = quantize(value[is_real], v_scale, v_cache.dtype)
 
 
 def paged_attention(
@@ -37,8 +62,10 @@ def paged_attention(
     context_lens: torch.Tensor,  # [B] int32, cached + new tokens per sequence
     max_context_len: int,
     block_tables: torch.Tensor,  # [B, max_blocks] int32
-    scale: float,
+    scale: float,  # of the softmax: usually head_dim ** -0.5
     sliding_window: int | None = None,  # keys each query sees, itself included; None: all before it
+    k_scale: float = 1.0,  # the caches' scales (see the module docstring)
+    v_scale: float = 1.0,
 ) -> torch.Tensor:  # [N, num_heads, head_dim]
     """Causal attention of each sequence's new tokens over all its cached tokens (or the last ``sliding_window``).
 
@@ -59,8 +86,10 @@ def paged_attention(
     table = block_tables[:, :num_blocks_used].long()  # [B, num_blocks_used]
     k_positions = torch.arange(max_context_len, device=device)  # [max_context_len]
     is_in_context = (k_positions[None, :] < context_lens[:, None])[:, :, None, None]  # [B, max_context_len, 1, 1]
-    keys = k_cache[table].flatten(1, 2)[:, :max_context_len].where(is_in_context, 0.0)
-    values = v_cache[table].flatten(1, 2)[:, :max_context_len].where(is_in_context, 0.0)
+    keys = dequantize(k_cache[table].flatten(1, 2)[:, :max_context_len], k_scale, query.dtype)
+    keys = keys.where(is_in_context, 0.0)
+    values = dequantize(v_cache[table].flatten(1, 2)[:, :max_context_len], v_scale, query.dtype)
+    values = values.where(is_in_context, 0.0)
 
     # Scatter the flat queries into [B, max_seqlen_q, num_heads, head_dim].
     seq_of_token = torch.repeat_interleave(torch.arange(num_seqs, device=device), q_lens)  # [N]
@@ -77,8 +106,8 @@ def paged_attention(
 
     out = F.scaled_dot_product_attention(
         padded_q.transpose(1, 2),  # [B, num_heads, max_seqlen_q, head_dim]
-        keys.transpose(1, 2).to(query.dtype),  # [B, num_kv_heads, max_context_len, head_dim]
-        values.transpose(1, 2).to(query.dtype),
+        keys.transpose(1, 2),  # [B, num_kv_heads, max_context_len, head_dim]
+        values.transpose(1, 2),
         attn_mask=is_visible[:, None],
         scale=scale,
         enable_gqa=True,

@@ -19,6 +19,11 @@ loop at the first key its queries can see, so the blocks before the window are n
                                                   never loaded    | loaded: key > 9 - 4
 
 Softmax runs in the base-2 domain: the scale is multiplied by log2(e) once so the kernels can call ``exp2``.
+
+An FP8 cache is dequantized per tile, in registers: each K/V tile is loaded in FP8 and converted to
+the dot's dtype (exact: every FP8 value is a float16, bfloat16 and float32 value). Its scales ride on
+scalars instead of on every element: (q . k * k_scale) * scale is q . k times (scale * k_scale), and
+softmax(scores) @ (V * v_scale) is (softmax(scores) @ V) * v_scale.
 """
 
 import math
@@ -91,7 +96,7 @@ def _online_softmax_step(q, k_t, v, is_visible, m_i, l_i, acc, qk_scale, DOT_PRE
 @triton.jit(do_not_specialize=["stride_table_seq"])
 def _prefill_kernel(
     query_ptr, k_cache_ptr, v_cache_ptr, out_ptr, cu_seqlens_q_ptr, context_lens_ptr, block_tables_ptr,
-    qk_scale, num_queries_per_kv, head_dim, block_size, sliding_window,
+    qk_scale, v_scale, num_queries_per_kv, head_dim, block_size, sliding_window,
     stride_q_token, stride_q_head, stride_o_token, stride_o_head,
     stride_cache_block, stride_cache_slot, stride_cache_head, stride_table_seq,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -146,7 +151,7 @@ def _prefill_kernel(
             is_visible &= key_pos[None, :] > q_pos[:, None] - sliding_window
         m_i, l_i, acc = _online_softmax_step(q, k_t, v, is_visible, m_i, l_i, acc, qk_scale, DOT_PRECISION)
 
-    out = acc / tl.maximum(l_i, 1.0)[:, None]  # [BLOCK_M, BLOCK_D]; l_i >= 1 in every row that saw a key
+    out = acc * (v_scale / tl.maximum(l_i, 1.0))[:, None]  # [BLOCK_M, BLOCK_D]; l_i >= 1 in every row that saw a key
     out_offs = token_idx[:, None] * stride_o_token + head_idx * stride_o_head + dim_offs[None, :]
     tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
@@ -171,8 +176,10 @@ def paged_prefill_attention_triton(
     context_lens: torch.Tensor,  # [B] int32, cached + new tokens per sequence
     max_context_len: int,
     block_tables: torch.Tensor,  # [B, max_blocks] int32, padded with 0
-    scale: float,
+    scale: float,  # of the softmax
     sliding_window: int | None = None,  # keys each query sees, itself included; None: all before it
+    k_scale: float = 1.0,  # the caches' scales: a value v is stored as v / scale (see kernels/reference.py)
+    v_scale: float = 1.0,
 ) -> torch.Tensor:  # [N, num_heads, head_dim]
     """Causal attention of each sequence's new tokens over its whole cache (prefix + new), or its window."""
     num_tokens, num_heads, head_dim = query.shape
@@ -186,7 +193,8 @@ def paged_prefill_attention_triton(
     grid = (triton.cdiv(max_seqlen_q, block_m), num_seqs, num_heads)
     _prefill_kernel[grid](
         query, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables,
-        scale * LOG2E, num_heads // k_cache.shape[2], head_dim, k_cache.shape[1], sliding_window or 0,
+        scale * k_scale * LOG2E, v_scale, num_heads // k_cache.shape[2], head_dim, k_cache.shape[1],
+        sliding_window or 0,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         BLOCK_M=block_m, BLOCK_N=PREFILL_BLOCK_N, BLOCK_D=_block_dim(head_dim),
@@ -218,7 +226,7 @@ def _split_len(num_keys, num_splits, min_split_len, BLOCK_N: tl.constexpr):
 @triton.jit(do_not_specialize=["stride_table_seq"])  # see _prefill_kernel
 def _decode_split_kernel(
     query_ptr, k_cache_ptr, v_cache_ptr, partial_out_ptr, partial_lse_ptr, context_lens_ptr, block_tables_ptr,
-    qk_scale, num_heads, num_queries_per_kv, head_dim, block_size, num_splits, min_split_len, sliding_window,
+    qk_scale, v_scale, num_heads, num_queries_per_kv, head_dim, block_size, num_splits, min_split_len, sliding_window,
     stride_q_seq, stride_q_head, stride_cache_block, stride_cache_slot, stride_cache_head, stride_table_seq,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     FP32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, IS_SLIDING: tl.constexpr,
@@ -269,7 +277,7 @@ def _decode_split_kernel(
     lse_idx = (seq_idx * num_heads + head_offs) * num_splits + split_idx  # [BLOCK_G]
     tl.store(partial_lse_ptr + lse_idx, m_i + tl.log2(l_i), mask=group_mask)
     out_offs = lse_idx[:, None].to(tl.int64) * head_dim + dim_offs[None, :]  # [BLOCK_G, BLOCK_D]
-    tl.store(partial_out_ptr + out_offs, acc / l_i[:, None], mask=q_mask)
+    tl.store(partial_out_ptr + out_offs, acc * (v_scale / l_i)[:, None], mask=q_mask)
 
 
 @triton.jit
@@ -318,10 +326,12 @@ def paged_decode_attention_triton(
     context_lens: torch.Tensor,  # [B] int32, cached tokens per sequence including the new one
     max_context_len: int,
     block_tables: torch.Tensor,  # [B, max_blocks] int32, padded with 0
-    scale: float,
+    scale: float,  # of the softmax
     num_splits: int | None = None,
     min_split_len: int = MIN_TOKENS_PER_SPLIT,
     sliding_window: int | None = None,  # keys the query sees, itself included; None: all before it
+    k_scale: float = 1.0,  # the caches' scales: a value v is stored as v / scale (see kernels/reference.py)
+    v_scale: float = 1.0,
 ) -> torch.Tensor:  # [B, num_heads, head_dim]
     """Attention of one query token per sequence over its cache, split over the context (flash decoding).
 
@@ -344,7 +354,8 @@ def paged_decode_attention_triton(
     group_size = num_heads // num_kv_heads
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, k_cache, v_cache, partial_out, partial_lse, context_lens, block_tables,
-        scale * LOG2E, num_heads, group_size, head_dim, k_cache.shape[1], num_splits, min_split_len,
+        scale * k_scale * LOG2E, v_scale, num_heads, group_size, head_dim, k_cache.shape[1], num_splits,
+        min_split_len,
         stride_q_seq=query.stride(0), stride_q_head=query.stride(1), stride_cache_block=k_cache.stride(0),
         stride_cache_slot=k_cache.stride(1), stride_cache_head=k_cache.stride(2),
         stride_table_seq=block_tables.stride(0),

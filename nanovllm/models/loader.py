@@ -8,6 +8,7 @@ go into ``qkv_proj`` and ``gate_proj``/``up_proj`` into ``gate_up_proj``, each t
 parameter's ``weight_loader`` with the part it fills.
 Every parameter (and every part of a fused one) must be loaded exactly once, and every
 checkpoint tensor must land somewhere: anything else is an error, never a silent default.
+KV-cache scales are the one exception: models/kv_scales.py reads them for an FP8 cache.
 """
 
 import glob
@@ -21,6 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from nanovllm.layers.linear import default_weight_loader
+from nanovllm.models.kv_scales import is_kv_scale_name
 
 # Checkpoint tensors that hold nothing we load: precomputed rotary tables some exporters save.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -69,6 +71,8 @@ def _load_tensor(
     """Copy one checkpoint tensor into its parameter (or its parts of fused ones), each part exactly once."""
     # A tied LM head shares the embedding's parameter, so named_parameters() lists it only once.
     if ckpt_name.endswith(IGNORED_SUFFIXES) or (ckpt_name == "lm_head.weight" and ckpt_name not in params):
+        return
+    if is_kv_scale_name(ckpt_name):  # the KV cache's scales, read by models/kv_scales.py
         return
     # The family's reading of its checkpoint (renamed, transposed, fused tensors split): name -> [(name, tensor)].
     checkpoint_tensors: Callable[[str, torch.Tensor], Iterable[tuple[str, torch.Tensor]]] = getattr(

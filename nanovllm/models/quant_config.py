@@ -113,12 +113,15 @@ def _parse_gptq(raw: dict[str, Any]) -> QuantConfig:
     return QuantConfig(method, IntWeights("gptq", bits, group_size, has_zero_points=False), ALL_LINEAR, ())
 
 
-def _parse_compressed_tensors(raw: dict[str, Any]) -> QuantConfig:
+def _parse_compressed_tensors(raw: dict[str, Any]) -> QuantConfig | None:
+    """The linear weights' scheme; kv_cache_scheme is the KV cache's (models/kv_scales.py reads it)."""
     method = "compressed-tensors"
-    for field in ("kv_cache_scheme", "sparsity_config", "transform_config"):
+    for field in ("sparsity_config", "transform_config"):
         if raw.get(field):
             raise _refuse(method, field, raw[field], "none (quantized linear weights only)")
     groups = raw.get("config_groups") or {}
+    if not groups and raw.get("kv_cache_scheme"):
+        return None  # only the KV cache is quantized: the weights are float
     if len(groups) != 1:
         raise _refuse(method, "config_groups", sorted(groups), "exactly one group (one scheme for every layer)")
     group = next(iter(groups.values()))

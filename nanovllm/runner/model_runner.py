@@ -24,6 +24,7 @@ from nanovllm.models.quant_config import choose_quantization
 from nanovllm.models.registry import build_model
 from nanovllm.runner.cuda_graphs import DecodeGraphs
 from nanovllm.runner.host_samples import HostSamples, TokenRing
+from nanovllm.runner.kv_cache import KVCacheLayout, bind_kv_cache, plan_kv_scales, resolve_kv_cache_dtype
 from nanovllm.runner.model_inputs import (
     ModelInputs,
     PendingTokens,
@@ -40,7 +41,6 @@ from nanovllm.utils.context import attention_context
 from nanovllm.utils.device import release_cached_gpu_memory, to_device
 
 CPU_KV_CACHE_BYTES = 1 << 30  # KV cache on CPU when num_kvcache_blocks is not given: 1 GiB
-MEMORY_PAGE_BYTES = 4096  # the host's memory page (x86-64 and most ARM Linux)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 GIB = 1 << 30  # bytes per GiB, for logs
 
@@ -122,7 +122,9 @@ class ModelRunner:
             # would count them as held elsewhere, leaving the KV cache no room.
             release_cached_gpu_memory()
         # The hardware choices, made once: attention kernels, and torch.compile for the small ops on CUDA.
-        attention = select_attention_backend(config.attention_backend, self.device, self.block_size)
+        cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
+        attention = select_attention_backend(config.attention_backend, self.device, self.block_size, cache_dtype)
+        self.kv_scales = plan_kv_scales(config, cache_dtype, arch.num_layers)  # each layer's, checked here
         # Where Triton runs the attention, it also runs the queries' and keys' norm and rotary, and the experts.
         on_cuda, on_triton = self.device.type == "cuda", attention.name != "torch"
         quantized_gemm = select_quantized_gemm(self.device, self.dtype)  # used by quantized linear layers only
@@ -142,6 +144,7 @@ class ModelRunner:
             quant.method if quant else f"unquantized {self.dtype}",
         )  # fmt: skip
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.kv_layout = KVCacheLayout.of(self.attention_layers, self.block_size, cache_dtype)
         self.sampler = Sampler(
             config.seed, self.kernels.compile_ops, self.device, triton_race=attention.name != "torch"
         )
@@ -169,9 +172,7 @@ class ModelRunner:
     @property
     def block_bytes(self) -> int:
         """Bytes of one KV block on this rank, all layers, K and V."""
-        layer = self.attention_layers[0]
-        itemsize = torch.empty(0, dtype=self.dtype).element_size()
-        return 2 * len(self.attention_layers) * self.block_size * layer.num_kv_heads * layer.head_dim * itemsize
+        return self.kv_layout.block_bytes
 
     def _plan_num_blocks(self) -> int:
         """KV blocks that fit on this rank."""
@@ -228,17 +229,9 @@ class ModelRunner:
         return max(0, int(budget) // self.block_bytes)
 
     def _allocate_kv_cache(self, num_blocks: int) -> None:
-        layer = self.attention_layers[0]
-        shape = (2, len(self.attention_layers), num_blocks, self.block_size, layer.num_kv_heads, layer.head_dim)
         self.kv_cache = torch.empty(0)  # drop the previous cache before taking memory for the next
-        self.kv_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
-        if self.device.type == "cpu":
-            # Take every page of host memory now: blocks are reused least recently freed first, so a cache
-            # touched lazily grows the process's memory for a long time, as if it leaked. One element per page
-            # is written; the rest keeps what torch.empty gave (NaN in the tests that ask for it).
-            self.kv_cache.view(-1)[:: MEMORY_PAGE_BYTES // self.kv_cache.element_size()] = 0
-        for i, attn in enumerate(self.attention_layers):
-            attn.bind_kv_cache(self.kv_cache[0, i], self.kv_cache[1, i])
+        self.kv_cache = self.kv_layout.allocate(num_blocks, self.device)
+        bind_kv_cache(self.kv_cache, self.attention_layers, self.kv_scales)
 
     def run(self, batch: ScheduledBatch) -> StepSamples:
         """One step, run to its end: rank 0 returns what was sampled for every sequence, workers nothing."""
