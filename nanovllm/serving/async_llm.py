@@ -23,7 +23,15 @@ from nanovllm.config import EngineConfig
 from nanovllm.engine.llm_engine import EngineStats, LLMEngine, Prompt, load_tokenizer
 from nanovllm.outputs import StreamOutput
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.serving.engine_loop import AbortRequests, Accepted, AddRequests, EngineThread, Event, Progress
+from nanovllm.serving.engine_loop import (
+    AbortRequests,
+    Accepted,
+    AddRequests,
+    EngineThread,
+    Event,
+    Progress,
+    num_kvcache_tokens,
+)
 from nanovllm.serving.engine_process import ENGINE_PROCESS_JOIN_TIMEOUT_S, EngineProcess
 
 
@@ -98,7 +106,8 @@ class AsyncLLM:
         """Serve ``engine`` from a background thread of this process."""
         self.engine: LLMEngine | None = engine  # owned by the engine thread from now on; None with a process
         self.max_model_len = engine.max_model_len
-        self.tokenizer: PreTrainedTokenizerBase | None = engine.tokenizer  # the event loop's own copy is the app's
+        self.num_kvcache_tokens = num_kvcache_tokens(engine)  # the KV cache's size in tokens
+        self.tokenizer: PreTrainedTokenizerBase | None = engine.tokenizer  # the app's copies tokenize its prompts
         self._runner: EngineThread | EngineProcess = EngineThread(engine, self._receive)
         self._init_front(engine.stats())
 
@@ -111,6 +120,7 @@ class AsyncLLM:
         async_llm.engine = None
         runner = EngineProcess(model, engine_args, async_llm._receive)
         async_llm.max_model_len = runner.max_model_len
+        async_llm.num_kvcache_tokens = runner.num_kvcache_tokens
         async_llm.tokenizer = None if engine_args.get("skip_tokenizer_init") else load_tokenizer(model)
         async_llm._runner = runner
         async_llm._init_front(runner.first_stats)

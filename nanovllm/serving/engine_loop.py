@@ -183,6 +183,12 @@ class EngineThread:
                 return commands
 
 
+def num_kvcache_tokens(engine: LLMEngine) -> int:
+    """The KV cache's size in tokens: what all requests running at once can hold."""
+    block_manager = engine.scheduler.block_manager
+    return block_manager.num_blocks * block_manager.block_size
+
+
 def picklable(error: Exception) -> Exception:
     """``error``, or a RuntimeError with its text where it cannot cross a process boundary."""
     try:
