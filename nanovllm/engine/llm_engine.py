@@ -30,7 +30,8 @@ from nanovllm.sampling.metadata import check_params_for_vocab
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.scheduler.batch import ScheduledBatch
 from nanovllm.scheduler.block_manager import BlockManager
-from nanovllm.scheduler.scheduler import Scheduler, SchedulerLimits
+from nanovllm.scheduler.mixed import build_scheduler
+from nanovllm.scheduler.scheduler import SchedulerLimits
 from nanovllm.scheduler.sequence import Sequence, SequenceStatus
 
 Prompt = str | list[int]
@@ -90,7 +91,7 @@ class LLMEngine:
             self.runner.num_kvcache_blocks, config.kvcache_block_size, config.enable_prefix_caching
         )
         limits = SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
-        self.scheduler = Scheduler(block_manager, limits, eos_ids)
+        self.scheduler = build_scheduler(block_manager, limits, eos_ids, config.max_num_prefill_tokens)
         # Launch each step before recording the one before. Not under tensor parallelism: the workers take each
         # step's input tokens from rank 0's messages, so rank 0 must have them.
         self.schedules_ahead = config.async_scheduling and self.workers is None

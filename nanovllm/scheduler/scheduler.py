@@ -63,17 +63,19 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         """The next step's batch: prefill when a waiting prompt fits, otherwise decode."""
-        batch = self._schedule_prefill()
+        batch = self._schedule_prefill(self.limits.max_num_batched_tokens)
         if batch.seqs:
             return batch
         return self._schedule_decode()
 
-    def _schedule_prefill(self) -> ScheduledBatch:
+    def _schedule_prefill(self, budget: int) -> ScheduledBatch:
+        """Waiting prompts, in order, as many tokens as ``budget`` allows (the last one maybe in part)."""
         seqs: list[Sequence] = []
         num_new_tokens: list[int] = []
-        budget = self.limits.max_num_batched_tokens
         while self.waiting and budget > 0 and len(self.running) + len(seqs) < self.limits.max_num_seqs:
             seq = self.waiting[0]
+            if seq.num_pending_tokens:
+                break  # preempted by this very schedule (a mixed step's decode) with its newest token on the device
             if not seq.block_table:
                 if not self.block_manager.can_allocate(seq):
                     break
