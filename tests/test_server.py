@@ -438,7 +438,7 @@ def test_engine_process_serves_like_the_engine_thread(server: Server) -> None:
     first_token_s: list[float] = []
 
     async def run(llm: AsyncLLM) -> tuple[list[tuple[str, str | None]], str, float, float]:
-        llm.first_token_observers.append(first_token_s.append)
+        llm.first_token_observers.append(lambda times, _: first_token_s.append(times.first_token_s - times.submitted_s))
         streams = [await llm.add_requests([prompt], [greedy]) for prompt in PROMPTS[:3]]
         results = await asyncio.gather(*(stream_text(stream) for stream in streams))
         with pytest.raises(ValueError) as bad:

@@ -1,9 +1,14 @@
-"""When a request's first token comes (issue #29): the ordering rules of the engine loop, and mixed prefill and decode
-steps."""
+"""When a request's first token comes (issue #29): the ordering rules of the engine loop, mixed prefill and decode
+steps, and a server whose model takes a fixed time per step, where the time to first token is counted in steps."""
 
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from nanovllm import LLM, SamplingParams
@@ -12,8 +17,10 @@ from nanovllm.scheduler.block_manager import BlockManager
 from nanovllm.scheduler.mixed import MixedScheduler
 from nanovllm.scheduler.scheduler import SchedulerLimits
 from nanovllm.scheduler.sequence import Sequence
+from nanovllm.serving.async_llm import AsyncLLM
 from tests.test_async_scheduling import mixed_params
 from tests.test_engine import BASE_ARGS, random_prompts
+from tests.test_server import ENGINE_ARGS, uvicorn_in_thread
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 MAX_CALLS = 10  # step() calls a test waits for a first token; it comes within 5
@@ -130,3 +137,95 @@ def test_mixed_steps_give_the_same_tokens(tiny_models: dict[str, Path]) -> None:
     num_mixed = sum(batch.is_prefill and 1 in batch.num_new_tokens for batch in launched)
     assert num_mixed > 10, f"only {num_mixed} mixed steps"
     assert got == expected
+
+
+STEP_S = 0.1  # the stub model's time per step: long next to HTTP on loopback, so that TTFT counts steps
+NUM_STREAMS = 6  # requests decoding when the timed one arrives
+
+
+@dataclass
+class StubDevice:
+    """A model that takes STEP_S per step on an emulated device (steps queue behind one another) and samples
+    token 5 for every row; ``num_launched`` counts the steps launched."""
+
+    num_launched: int = 0
+    free_at_s: float = 0.0  # time.perf_counter() when the emulated device has run every step launched
+
+    def launch(self, batch: ScheduledBatch, in_flight: ScheduledBatch | None = None) -> "StubSamples":
+        self.num_launched += 1
+        self.free_at_s = max(time.perf_counter(), self.free_at_s) + STEP_S
+        return StubSamples(len(batch.seqs), self.free_at_s)
+
+    def run(self, batch: ScheduledBatch) -> StepSamples:
+        return self.launch(batch).wait(batch.seqs)
+
+
+@dataclass
+class StubSamples:
+    num_rows: int  # rows of the step
+    ready_s: float  # when the emulated device has run the step
+
+    def wait(self, seqs: list[Sequence]) -> StepSamples:
+        time.sleep(max(0.0, self.ready_s - time.perf_counter()))
+        return StepSamples([5] * self.num_rows, [None] * self.num_rows, [None] * self.num_rows)
+
+
+@pytest.fixture
+def stub_server(tiny_models: dict[str, Path]) -> Iterator[tuple[str, StubDevice]]:
+    """A server (the engine in a thread) whose model is a StubDevice."""
+    pytest.importorskip("uvicorn")
+    from nanovllm.serving.app import build_app
+
+    async_llm = AsyncLLM.from_engine_args(str(tiny_models["qwen3"]), **ENGINE_ARGS)
+    engine = async_llm.engine
+    assert engine is not None
+    device = StubDevice()
+    engine.runner.launch, engine.runner.run = device.launch, device.run  # type: ignore[method-assign,assignment]
+    try:
+        with uvicorn_in_thread(build_app(async_llm, "stub")) as url:
+            yield url, device
+    finally:
+        async_llm.shutdown()
+
+
+def test_first_token_within_three_steps_of_arrival_under_load(stub_server: tuple[str, StubDevice]) -> None:
+    """Guards the server's path to a first token, counted in steps of a model with a fixed step time: with streams
+    decoding, a new request waits at most for the turn in progress, joins the next step launched (queued on the
+    device behind the one in flight) and its token is reported as that step ends: within 3 steps of its arrival.
+    Counted in launches, that is at most 4 (the turn after launches a step as the chunk goes out). A request
+    waiting for the running streams, or outputs held back a step, would take more. The stages of the server's
+    time to first token each get observations (/metrics/samples)."""
+    url, device = stub_server
+    body = {"model": "stub", "prompt": [1, 2, 3, 4], "ignore_eos": True, "stream": True}
+    stop = threading.Event()
+
+    def stream_until_stopped() -> None:
+        with httpx.stream("POST", f"{url}/v1/completions", json={**body, "max_tokens": 200}, timeout=60) as response:
+            for _ in response.iter_lines():
+                if stop.is_set():
+                    return
+
+    streams = [threading.Thread(target=stream_until_stopped) for _ in range(NUM_STREAMS)]
+    try:
+        for thread in streams:
+            thread.start()
+        while device.num_launched < 5:
+            time.sleep(STEP_S)
+        ttft_steps = []
+        with httpx.Client(base_url=url, timeout=60) as client:  # made first: building one takes 100s of ms
+            for _ in range(3):
+                time.sleep(STEP_S * 1.37)  # arrive at varied points of a step
+                launched_before = device.num_launched
+                with client.stream("POST", "/v1/completions", json={**body, "max_tokens": 2}) as response:
+                    next(line for line in response.iter_lines() if line.startswith("data: {"))
+                    ttft_steps.append(device.num_launched - launched_before)
+    finally:
+        stop.set()
+        for thread in streams:
+            thread.join(60)
+    assert max(ttft_steps) <= 4, f"first chunks came {ttft_steps} steps after arrival"
+    samples = httpx.get(f"{url}/metrics/samples", params={"latest": 1}).json()
+    for stage in ("parse", "tokenize", "handoff", "queue", "prefill", "return", "dispatch"):
+        assert samples[f"nanovllm:request_{stage}_time_seconds"]["count"] >= 3, (stage, samples)
+    prefill_s = samples["nanovllm:request_prefill_time_seconds"]["latest"][0]
+    assert STEP_S <= prefill_s <= 3.5 * STEP_S, f"prefill stage {prefill_s:.3f} s, {STEP_S} s a step"

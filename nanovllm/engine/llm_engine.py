@@ -190,6 +190,11 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
+    def has_launched(self, request_id: str) -> bool:
+        """False while the request waits for its first step to be launched; True once one was (or it has left)."""
+        request = self.requests.get(request_id)
+        return request is None or request.seqs[0].num_computed_tokens > 0
+
     def _forget(self, request: Request) -> None:
         del self.requests[request.request_id]
         self._followed.discard(request.request_id)

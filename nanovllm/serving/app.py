@@ -55,6 +55,11 @@ def build_app(
     async def prometheus_metrics() -> Response:
         return Response(metrics.render(), media_type=PROMETHEUS_CONTENT_TYPE)
 
+    @app.get("/metrics/samples")
+    async def latency_samples(latest: int = 0) -> dict[str, Any]:
+        """Each latency histogram's count and its ``latest`` raw observations (seconds): exact percentiles."""
+        return metrics.samples(latest)
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         card = {

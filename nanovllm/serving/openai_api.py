@@ -181,6 +181,8 @@ class OpenAIServing:
         except EngineError as e:
             raise APIError(503, str(e)) from e
         self.metrics.prompt_tokens.inc(sum(len(ids) for ids in job.prompt_token_ids))
+        self.metrics.observe("request_parse_time_seconds", job.arrival.handler_s - job.arrival.received_s)
+        self.metrics.observe("request_tokenize_time_seconds", job.tokenized_s - job.arrival.handler_s)
         return stream
 
     async def _run(self, job: Job, request: SamplingRequest, raw_request: Request) -> Response:
@@ -208,7 +210,7 @@ class OpenAIServing:
     async def _collect(self, stream: RequestStream, timers: list[ChoiceTimer]) -> list[Choice]:
         choices = [Choice() for _ in timers]
         async for idx, out in stream:
-            timers[idx].record(len(out.new_token_ids), out.finish_reason)
+            timers[idx].record(out, stream.first_output_s)
             choices[idx].text_parts.append(out.text_delta)
             choices[idx].num_tokens += len(out.new_token_ids)
             choices[idx].finish_reason = out.finish_reason
@@ -229,7 +231,7 @@ class OpenAIServing:
                 # still one chunk per step and choice, but one socket send (the loop's costliest part).
                 events = []
                 for idx, out in [first, *stream.take_ready()]:
-                    timers[idx].record(len(out.new_token_ids), out.finish_reason)
+                    timers[idx].record(out, stream.first_output_s)
                     choices[idx].num_tokens += len(out.new_token_ids)
                     text = {"content": out.text_delta} if job.is_chat else out.text_delta
                     events.append(sse(self._chunk(job, [self._choice_delta(job, idx, text, out.finish_reason)])))
