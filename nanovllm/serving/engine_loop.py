@@ -102,7 +102,8 @@ class EngineLoop:
                 taken_s = time.perf_counter()
                 accepted: list[Accepted] = []
                 for command in commands:
-                    if isinstance(command, StopLoop):
+                    if isinstance(command, StopLoop):  # answer what was accepted, then fail it with the rest
+                        self.emit(Progress(accepted, [], [], self.engine.stats(), self.num_aborted_requests))
                         self._abort_live("the server is shutting down; the request was aborted")
                         return
                     if isinstance(command, AbortRequests):

@@ -9,7 +9,7 @@ import re
 from typing import Any
 
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.serving.errors import APIError
+from nanovllm.serving.errors import APIError, quoted
 from nanovllm.serving.protocol import ChatCompletionRequest, SamplingRequest
 
 # Request fields the server itself handles; they never reach SamplingParams.
@@ -59,12 +59,12 @@ def check_unsupported(request: SamplingRequest) -> None:
     for name in ("logprobs", "top_logprobs", "suffix", "echo"):
         value = getattr(request, name, None)
         if value is not None and not is_neutral(value, UNSUPPORTED_OFF_VALUES[name]):
-            raise APIError(400, f"'{name}' is not supported by this server (got {value!r}); leave it out", param=name)
+            raise APIError(400, f"'{name}' is not supported by this server (got {quoted(value)}); leave it out", name)
 
 
 def check_n(request: SamplingRequest, max_n: int) -> None:
     if not 1 <= request.n <= max_n:
-        message = f"n must be in [1, {max_n}] (this server's --max-n), got {request.n}; ask for fewer completions"
+        message = f"n must be in [1, {max_n}] (this server's --max-n), got {request.n}; set n within it"
         raise APIError(400, message, param="n")
 
 
@@ -97,7 +97,7 @@ def to_sampling_params(request: SamplingRequest, default_max_tokens: int) -> Sam
         else:
             raise APIError(
                 400,
-                f"'{name}' is not supported by this server's sampler (got {fields[name]!r}); supported sampling "
+                f"'{name}' is not supported by this server's sampler (got {quoted(fields[name])}); supported sampling "
                 f"fields: {', '.join(sorted(known))}",
                 param=name,
             )
