@@ -15,9 +15,11 @@ below --max-token-id (ids the tiny tokenizer knows) and exactly --max-tokens out
 --duration-s has passed. Each SSE chunk carries one engine step's tokens of one request, so
 the time to the first chunk is the time to first token and the gaps between chunks are the
 inter-token latencies. A warm-up round (one request per client, not counted) runs first. The
-server's own time-to-first-token and inter-token histograms (/metrics, read before and after the
-timed run) are reported too: a gap between the two views is time spent outside the engine and
-response path (HTTP parsing, the socket, the load client itself).
+server's own latencies over the timed run are reported too, with exact percentiles from the raw
+observations it keeps (/metrics/samples): its time to first token split into stages (parse,
+tokenize, hand-off to the engine loop, queue, prefill, return, dispatch to the handler; see
+nanovllm/serving/metrics.py), its inter-token latency and end-to-end latency. The client's time to
+first token minus the server's is HTTP in and out, the SSE write and the load client itself.
 """
 
 import argparse
@@ -44,10 +46,18 @@ sys.path.insert(0, os.path.join(REPO_ROOT, "tests"))
 
 SERVED_MODEL_NAME = "load-test"
 WARMUP_MAX_TOKENS = 8  # output tokens of each warm-up request
-SERVER_LATENCIES = {  # histograms of the server's /metrics reported next to the client's figures
+SERVER_LATENCIES = {  # the server's latencies reported next to the client's figures, in the order of a request
+    "nanovllm:request_parse_time_seconds": "  parse",
+    "nanovllm:request_tokenize_time_seconds": "  tokenize",
+    "nanovllm:request_handoff_time_seconds": "  hand-off to the engine loop",
+    "nanovllm:request_queue_time_seconds": "  queue",
+    "nanovllm:request_prefill_time_seconds": "  prefill (and the step ahead of it)",
+    "nanovllm:request_return_time_seconds": "  return to the event loop",
+    "nanovllm:request_dispatch_time_seconds": "  dispatch to its handler",
     "nanovllm:time_to_first_token_seconds": "time to first token",
     "nanovllm:engine_time_to_first_token_seconds": "time to first token in the engine loop",
     "nanovllm:inter_token_latency_seconds": "inter-token latency",
+    "nanovllm:e2e_request_latency_seconds": "end-to-end latency",
 }
 
 
@@ -217,35 +227,27 @@ def report(timings: list[RequestTiming]) -> None:
     print(f"end-to-end latency: p50 {percentile(e2e_s, 50):.2f} s, p99 {percentile(e2e_s, 99):.2f} s")
 
 
-def server_histograms(base_url: str) -> dict[str, dict[float, float]]:
-    """The server's latency histograms from /metrics: metric name -> {bucket upper bound (s): cumulative count}."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    histograms: dict[str, dict[float, float]] = {}
-    response = httpx.get(f"{base_url}/metrics", timeout=10)
-    if response.status_code != 200:
-        return histograms  # a server without Prometheus metrics: only the client's view is reported
-    for family in text_string_to_metric_families(response.text):
-        if family.name in SERVER_LATENCIES:
-            buckets = {float(s.labels["le"]): s.value for s in family.samples if s.name.endswith("_bucket")}
-            histograms[family.name] = buckets
-    return histograms
+def server_samples(base_url: str, num_latest: int) -> dict[str, dict]:
+    """The server's latency observations (/metrics/samples): name -> {"count": all so far, "latest": [seconds]}."""
+    response = httpx.get(f"{base_url}/metrics/samples", params={"latest": num_latest}, timeout=60)
+    return response.json() if response.status_code == 200 else {}  # another server: the client's view only
 
 
-def bucket_percentile(before: dict[float, float], after: dict[float, float], pct: float) -> float:
-    """The smallest bucket bound holding pct% of the observations made between two scrapes; NaN if none."""
-    counts = {le: after[le] - before.get(le, 0.0) for le in sorted(after)}
-    total = counts[float("inf")] if counts else 0.0
-    return next((le for le, count in counts.items() if total and count >= pct / 100 * total), float("nan"))
-
-
-def report_server_side(before: dict[str, dict[float, float]], after: dict[str, dict[float, float]]) -> None:
-    """What the server measured over the timed run: from the request's arrival in its handler to the chunk
-    handed to the response, so HTTP parsing, the socket and the client are outside it."""
+def report_server_side(base_url: str, before: dict[str, dict]) -> None:
+    """What the server measured over the timed run: each stage from the body's arrival to the handler's first
+    token, then its whole time to first token, inter-token and end-to-end latency (percentiles of the raw values;
+    of the latest the server keeps, where the run made more)."""
+    if not before:
+        return
+    counts_after = {name: entry["count"] for name, entry in server_samples(base_url, 0).items()}
+    num_new = {name: count - before.get(name, {"count": 0})["count"] for name, count in counts_after.items()}
+    after = server_samples(base_url, max(num_new.values(), default=0))
+    print("server side, over the timed run:                  p50 ms     p99 ms   observations")
     for name, label in SERVER_LATENCIES.items():
-        if name in after:
-            p50, p99 = (bucket_percentile(before.get(name, {}), after[name], pct) * 1e3 for pct in (50, 99))
-            print(f"server side, {label}: p50 <= {p50:g} ms, p99 <= {p99:g} ms (histogram bucket bounds)")
+        if num_new.get(name):
+            values_ms = [1e3 * value for value in after[name]["latest"][-num_new[name] :]]
+            p50, p99 = percentile(values_ms, 50), percentile(values_ms, 99)
+            print(f"  {label:<44} {p50:9.2f}  {p99:9.2f}  {len(values_ms):>12}")
 
 
 def main() -> None:
@@ -267,9 +269,9 @@ def main() -> None:
         try:
             with ProcessPoolExecutor(args.processes, mp_context=multiprocessing.get_context("spawn")) as pool:
                 run_clients(pool, args, base_url, args.concurrency, WARMUP_MAX_TOKENS)
-                histograms_before = server_histograms(base_url)
+                samples_before = server_samples(base_url, 0)
                 report(run_clients(pool, args, base_url, args.num_requests, args.max_tokens))
-            report_server_side(histograms_before, server_histograms(base_url))
+            report_server_side(base_url, samples_before)
         finally:
             if server is not None:
                 server.terminate()

@@ -30,6 +30,9 @@ class EngineConfig:
 
     model: str  # a Hugging Face model directory: config.json, *.safetensors, tokenizer files
     max_num_batched_tokens: int = 16384  # token budget of one engine step (prefill chunks and decodes)
+    # N: every step decodes all running sequences and prefills at most N prompt tokens beside them, so that a long
+    # prompt does not stall the streams (scheduler/mixed.py); None: prompts prefill in steps of their own.
+    max_num_prefill_tokens: int | None = None  # prompt tokens per step beside the decodes; None = prefill steps
     max_num_seqs: int = 512  # most sequences running at once
     max_model_len: int = 4096  # longest prompt + completion, in tokens; clamped to the model's limit
     gpu_memory_utilization: float = 0.9  # share of GPU memory the engine may use, KV cache included
@@ -53,6 +56,8 @@ class EngineConfig:
             raise FileNotFoundError(f"model directory {self.model!r} does not exist; pass a Hugging Face model dir")
         _check_positive_int("max_num_batched_tokens", self.max_num_batched_tokens)
         _check_positive_int("max_num_seqs", self.max_num_seqs)
+        if self.max_num_prefill_tokens is not None:
+            _check_positive_int("max_num_prefill_tokens", self.max_num_prefill_tokens)
         _check_positive_int("max_model_len", self.max_model_len)
         _check_positive_int("tensor_parallel_size", self.tensor_parallel_size)
         size = self.kvcache_block_size

@@ -27,7 +27,7 @@ uvicorn = pytest.importorskip("uvicorn")
 from nanovllm.serving.app import build_app  # noqa: E402  (needs the serve extra, checked just above)
 from nanovllm.serving.errors import APIError  # noqa: E402
 from nanovllm.serving.openai_api import sse  # noqa: E402
-from nanovllm.serving.params import to_sampling_params  # noqa: E402
+from nanovllm.serving.params import one_choice, to_sampling_params  # noqa: E402
 from nanovllm.serving.protocol import CompletionRequest  # noqa: E402
 from nanovllm.serving.server import engine_args_from, make_parser  # noqa: E402
 
@@ -124,14 +124,26 @@ def test_completion_matches_offline_generate(server: Server) -> None:
 
 
 def test_n_choices_and_batched_prompts(server: Server) -> None:
-    """Guards against choices of one call mixed up, misnumbered or miscounted when each is its own request."""
-    expected = [server.expected_text(prompt, 6) for prompt in PROMPTS[:2]]
+    """Guards against choices of one call mixed up, misnumbered or miscounted when each is its own request
+    (choice i of a seeded call samples with seed + i, as the offline engine does given that seed)."""
+    seed, max_tokens = 7, 6
+    expected = [
+        [
+            server.reference.generate(
+                [prompt], SamplingParams(temperature=0.8, seed=seed + i, max_tokens=max_tokens, ignore_eos=True),
+                use_tqdm=False,
+            )[0].text
+            for i in range(2)
+        ]
+        for prompt in PROMPTS[:2]
+    ]  # fmt: skip
     out = server.client().completions.create(
-        model=MODEL_NAME, prompt=PROMPTS[:2], n=2, max_tokens=6, temperature=0, extra_body={"ignore_eos": True}
-    )
+        model=MODEL_NAME, prompt=PROMPTS[:2], n=2, max_tokens=max_tokens, temperature=0.8, seed=seed,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
     texts = [choice.text for choice in sorted(out.choices, key=lambda choice: choice.index)]
-    assert texts == [expected[0], expected[0], expected[1], expected[1]], (texts, expected)
-    assert out.usage is not None and out.usage.completion_tokens == 4 * 6, out.usage
+    assert texts == [*expected[0], *expected[1]], (texts, expected)
+    assert out.usage is not None and out.usage.completion_tokens == 4 * max_tokens, out.usage
 
 
 def test_chat_matches_offline_generate(server: Server) -> None:
@@ -254,8 +266,8 @@ BAD_REQUESTS = [
         400,
         "messages",
     ),  # noqa: E501
-    ("negative temperature", "/v1/completions", {**GOOD_BODY, "temperature": -1}, None, 400, None),
-    ("max_tokens 0", "/v1/completions", {**GOOD_BODY, "max_tokens": 0}, None, 400, None),
+    ("negative temperature", "/v1/completions", {**GOOD_BODY, "temperature": -1}, None, 400, "temperature"),
+    ("max_tokens 0", "/v1/completions", {**GOOD_BODY, "max_tokens": 0}, None, 400, "max_tokens"),
     ("temperature not a number", "/v1/completions", {**GOOD_BODY, "temperature": "hot"}, None, 400, "temperature"),
     ("token id out of vocab", "/v1/completions", {**GOOD_BODY, "prompt": [1, 99999]}, None, 400, None),
     ("logprobs", "/v1/completions", {**GOOD_BODY, "logprobs": 2}, None, 400, "logprobs"),
@@ -311,10 +323,10 @@ def test_sampling_fields_passed_by_name() -> None:
     """Guards against a client's sampling field being dropped silently, or a neutral default refused."""
     fields = {"model": MODEL_NAME, "prompt": "x", "temperature": 0.5, "ignore_eos": True, "top_p": 1.0, "n": 3}
     params = to_sampling_params(CompletionRequest(**fields), default_max_tokens=16)
-    assert (params.temperature, params.ignore_eos, params.max_tokens) == (0.5, True, 16), params
+    assert (params.temperature, params.ignore_eos, params.max_tokens, params.n) == (0.5, True, 16, 3), params
     seeded = CompletionRequest(**fields, seed=7)
     if "seed" in {f.name for f in dataclasses.fields(SamplingParams)}:
-        assert to_sampling_params(seeded, 16, seed_offset=2).seed == 9  # type: ignore[attr-defined]
+        assert one_choice(to_sampling_params(seeded, 16), 2).seed == 9  # type: ignore[attr-defined]
     with pytest.raises(APIError, match="made_up_knob") as error:
         to_sampling_params(CompletionRequest(**fields, made_up_knob=1), default_max_tokens=16)
     assert error.value.status_code == 400 and error.value.param == "made_up_knob", error.value
@@ -426,7 +438,7 @@ def test_engine_process_serves_like_the_engine_thread(server: Server) -> None:
     first_token_s: list[float] = []
 
     async def run(llm: AsyncLLM) -> tuple[list[tuple[str, str | None]], str, float, float]:
-        llm.first_token_observers.append(first_token_s.append)
+        llm.first_token_observers.append(lambda times, _: first_token_s.append(times.first_token_s - times.submitted_s))
         streams = [await llm.add_requests([prompt], [greedy]) for prompt in PROMPTS[:3]]
         results = await asyncio.gather(*(stream_text(stream) for stream in streams))
         with pytest.raises(ValueError) as bad:

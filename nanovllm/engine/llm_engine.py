@@ -32,7 +32,8 @@ from nanovllm.sampling.metadata import check_params_for_vocab
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.scheduler.batch import ScheduledBatch
 from nanovllm.scheduler.block_manager import BlockManager
-from nanovllm.scheduler.scheduler import Scheduler, SchedulerLimits
+from nanovllm.scheduler.mixed import build_scheduler
+from nanovllm.scheduler.scheduler import SchedulerLimits
 from nanovllm.scheduler.sequence import Sequence, SequenceStatus
 
 
@@ -92,7 +93,7 @@ class LLMEngine:
             self.runner.num_kvcache_blocks, config.kvcache_block_size, config.enable_prefix_caching
         )
         limits = SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
-        self.scheduler = Scheduler(block_manager, limits, eos_ids)
+        self.scheduler = build_scheduler(block_manager, limits, eos_ids, config.max_num_prefill_tokens)
         # Launch each step before recording the one before. Not under tensor parallelism: the workers take each
         # step's input tokens from rank 0's messages, so rank 0 must have them.
         self.schedules_ahead = config.async_scheduling and self.workers is None
@@ -191,6 +192,11 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
+
+    def has_launched(self, request_id: str) -> bool:
+        """False while the request waits for its first step to be launched; True once one was (or it has left)."""
+        request = self.requests.get(request_id)
+        return request is None or request.seqs[0].num_computed_tokens > 0
 
     def _forget(self, request: Request) -> None:
         del self.requests[request.request_id]

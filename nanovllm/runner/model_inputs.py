@@ -65,31 +65,53 @@ def build_model_inputs(batch: ScheduledBatch, block_size: int, device: torch.dev
 
 @dataclass(frozen=True)
 class PendingTokens:
-    """Where a decode step finds the input tokens that are still on the device: the step launched just before
-    sampled them, and the host schedules this step before they reach it.
+    """Where a step finds the input tokens that are still on the device: the step launched just before sampled
+    them, and the host schedules this step before they reach it. A pending token is always the last new token of
+    its row: the only one of a decode row, never one of a prompt chunk (a mixed step, scheduler/mixed.py, holds both).
+    Entries are per token of the step's flat batch; in a decode step that is per row.
 
-        row of this step:   0  1  2  3
-        is_pending:         T  T  F  T    row 2 came back from preemption: the host has its token
-        source_rows:        1  0  0  3    the row of the step before (of last_sampled) that sampled it
+        token of this step:  0  1  2  3
+        is_pending:          T  T  F  T    token 2 came back from preemption: the host has it
+        source_rows:         1  0  0  3    the row of the step before (of last_sampled) that sampled it
     """
 
-    is_pending: np.ndarray  # [B] bool, whether the row's input token is pending
-    source_rows: np.ndarray  # [B] int64, the row of the step before that sampled it; 0 where not pending
+    is_pending: np.ndarray  # [N] bool, whether the token is pending
+    source_rows: np.ndarray  # [N] int64, the row of the step before that sampled it; 0 where not pending
 
 
 def find_pending_tokens(batch: ScheduledBatch, in_flight: ScheduledBatch | None) -> PendingTokens | None:
-    """The pending input tokens of a decode ``batch`` launched while ``in_flight`` runs; None when it has none."""
-    if in_flight is None or batch.is_prefill:
-        return None  # a pending token is a decode step's input: prefill chunks never end in one
+    """The pending input tokens of ``batch`` launched while ``in_flight`` runs; None when it has none."""
+    if in_flight is None:
+        return None
     row_of = {seq.seq_id: row for row, seq in enumerate(in_flight.seqs)}
+    if batch.is_prefill:
+        return _pending_in_prefill(batch, row_of)
     is_pending = np.array([seq.num_pending_tokens > 0 for seq in batch.seqs], dtype=bool)
     source_rows = np.array([row_of[seq.seq_id] if seq.num_pending_tokens else 0 for seq in batch.seqs], np.int64)
+    return PendingTokens(is_pending, source_rows)
+
+
+def _pending_in_prefill(batch: ScheduledBatch, row_of: dict[int, int]) -> PendingTokens | None:
+    """A prefill step's pending tokens: those of a mixed step's decode rows (a row is pending where it reaches the
+    end of a sequence with a pending token); None for prompt chunks alone."""
+    rows = [
+        row
+        for row, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True))
+        if seq.num_pending_tokens and seq.num_computed_tokens + num_new == seq.num_tokens
+    ]
+    if not rows:
+        return None
+    last_token_idx = np.cumsum(batch.num_new_tokens) - 1  # [B] each row's last token in the flat batch
+    is_pending = np.zeros(int(last_token_idx[-1]) + 1, dtype=bool)  # [N]
+    source_rows = np.zeros(len(is_pending), dtype=np.int64)  # [N]
+    is_pending[last_token_idx[rows]] = True
+    source_rows[last_token_idx[rows]] = [row_of[batch.seqs[row].seq_id] for row in rows]
     return PendingTokens(is_pending, source_rows)
 
 
 def feed_pending_tokens(
     input_ids: torch.Tensor, is_pending: torch.Tensor, source_rows: torch.Tensor, last_sampled: torch.Tensor
 ) -> torch.Tensor:
-    """Decode input ids [B] with row ``source_rows[b]`` of the step before's samples wherever ``is_pending[b]``
-    (all on the device)."""
+    """Input ids [N] with row ``source_rows[i]`` of the step before's samples wherever ``is_pending[i]`` (all on the
+    device)."""
     return torch.where(is_pending, last_sampled[source_rows], input_ids)

@@ -49,13 +49,10 @@ class Scheduler:
                 f"the request needs {num_blocks} KV-cache blocks but the cache has "
                 f"{self.block_manager.num_blocks}; raise num_kvcache_blocks or shorten the request"
             )
-        # The n completions share the prompt's full blocks; each holds the rest of its own sequence.
-        num_shared = seq.num_prompt_tokens // block_size
-        num_blocks_all = num_shared + seq.params.n * (num_blocks - num_shared)
-        if seq.params.n > 1 and num_blocks_all > self.block_manager.num_blocks:
+        if seq.params.n > self.limits.max_num_seqs:  # its completions could never run together
             raise ValueError(
-                f"n={seq.params.n} completions of up to {seq.params.max_tokens} tokens need {num_blocks_all} "
-                f"KV-cache blocks at once but the cache has {self.block_manager.num_blocks}; lower n or max_tokens"
+                f"n={seq.params.n} completions exceed max_num_seqs={self.limits.max_num_seqs}, the most sequences "
+                "that run at once; lower n or raise max_num_seqs"
             )
 
     def add(self, seq: Sequence, first: bool = False) -> None:
@@ -71,17 +68,19 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         """The next step's batch: prefill when a waiting prompt fits, otherwise decode."""
-        batch = self._schedule_prefill()
+        batch = self._schedule_prefill(self.limits.max_num_batched_tokens)
         if batch.seqs:
             return batch
         return self._schedule_decode()
 
-    def _schedule_prefill(self) -> ScheduledBatch:
+    def _schedule_prefill(self, budget: int) -> ScheduledBatch:
+        """Waiting prompts, in order, as many tokens as ``budget`` allows (the last one maybe in part)."""
         seqs: list[Sequence] = []
         num_new_tokens: list[int] = []
-        budget = self.limits.max_num_batched_tokens
         while self.waiting and budget > 0 and len(self.running) + len(seqs) < self.limits.max_num_seqs:
             seq = self.waiting[0]
+            if seq.num_pending_tokens:
+                break  # preempted by this very schedule (a mixed step's decode) with its newest token on the device
             if not seq.block_table:
                 if not self.block_manager.can_allocate(seq):
                     break

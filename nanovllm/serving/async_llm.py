@@ -23,8 +23,18 @@ from nanovllm.config import EngineConfig
 from nanovllm.engine.llm_engine import EngineStats, LLMEngine, Prompt, load_tokenizer
 from nanovllm.outputs import StreamOutput
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.serving.engine_loop import AbortRequests, Accepted, AddRequests, EngineThread, Event, Progress
+from nanovllm.serving.engine_loop import (
+    AbortRequests,
+    Accepted,
+    AddRequests,
+    EngineThread,
+    Event,
+    Failed,
+    Progress,
+    num_kvcache_tokens,
+)
 from nanovllm.serving.engine_process import ENGINE_PROCESS_JOIN_TIMEOUT_S, EngineProcess
+from nanovllm.serving.request_timing import FirstTokenTimes
 
 
 class EngineError(RuntimeError):
@@ -45,10 +55,13 @@ class RequestStream:
         self._index_of = {request_id: idx for idx, request_id in enumerate(request_ids)}
         self._queue: asyncio.Queue[StreamOutput | BaseException] = asyncio.Queue()
         self._unfinished = set(request_ids)  # requests whose final output has not been consumed
+        self.first_output_s: dict[str, float] = {}  # request id -> when its first output was put here (perf_counter)
         self._error: BaseException | None = None  # met by take_ready(); the next turn of the iteration raises it
         self.accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def put(self, item: StreamOutput | BaseException) -> None:
+        if isinstance(item, StreamOutput) and item.request_id not in self.first_output_s:
+            self.first_output_s[item.request_id] = time.perf_counter()
         self._queue.put_nowait(item)
 
     def __aiter__(self) -> "RequestStream":
@@ -98,7 +111,8 @@ class AsyncLLM:
         """Serve ``engine`` from a background thread of this process."""
         self.engine: LLMEngine | None = engine  # owned by the engine thread from now on; None with a process
         self.max_model_len = engine.max_model_len
-        self.tokenizer: PreTrainedTokenizerBase | None = engine.tokenizer  # the event loop's own copy is the app's
+        self.num_kvcache_tokens = num_kvcache_tokens(engine)  # the KV cache's size in tokens
+        self.tokenizer: PreTrainedTokenizerBase | None = engine.tokenizer  # the app's copies tokenize its prompts
         self._runner: EngineThread | EngineProcess = EngineThread(engine, self._receive)
         self._init_front(engine.stats())
 
@@ -111,6 +125,7 @@ class AsyncLLM:
         async_llm.engine = None
         runner = EngineProcess(model, engine_args, async_llm._receive)
         async_llm.max_model_len = runner.max_model_len
+        async_llm.num_kvcache_tokens = runner.num_kvcache_tokens
         async_llm.tokenizer = None if engine_args.get("skip_tokenizer_init") else load_tokenizer(model)
         async_llm._runner = runner
         async_llm._init_front(runner.first_stats)
@@ -122,10 +137,9 @@ class AsyncLLM:
         self._accepting: dict[str, RequestStream] = {}  # AddRequests key -> its stream, until the engine answers
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stats = stats  # as of the engine loop's last turn
-        # Called with the seconds from add_requests() to a request's first token, as the engine loop sees it;
-        # the server's histogram of it, set against its own time to first token, tells the engine's share of
-        # that latency from the event loop's.
-        self.first_token_observers: list[Callable[[float], None]] = []
+        # Called for each request that got its first token, with its times in the engine loop and when the event
+        # loop had them (time.perf_counter()): the server's stage histograms (serving/metrics.py).
+        self.first_token_observers: list[Callable[[FirstTokenTimes, float], None]] = []
 
     @property
     def is_running(self) -> bool:
@@ -199,30 +213,37 @@ class AsyncLLM:
 
     def _handle(self, event: Event) -> None:
         if isinstance(event, Progress):
+            returned_s = time.perf_counter()
+            self._accept(event.accepted)
             self._stats = event.stats
             self.num_aborted_requests = event.num_aborted_requests
-            for seconds in event.first_token_s:
+            for times in event.first_tokens:
                 for observe in self.first_token_observers:
-                    observe(seconds)
+                    observe(times, returned_s)
             self._deliver(event.outputs)
-        elif isinstance(event, Accepted):
-            stream = self._accepting.get(event.key)
+        else:
+            self._fail(event)
+
+    def _accept(self, accepted: list[Accepted]) -> None:
+        for answer in accepted:
+            stream = self._accepting.get(answer.key)
             if stream is not None and not stream.accepted.done():  # else its caller was cancelled and aborted it
-                if event.error is None:
+                if answer.error is None:
                     stream.accepted.set_result(None)
                 else:
-                    stream.accepted.set_exception(event.error)
-        else:
-            error = EngineError(event.message)
-            if event.request_ids is None:  # the engine is gone: requests it has not answered never will be
-                for stream in self._accepting.values():
-                    if not stream.accepted.done():
-                        stream.accepted.set_exception(error)
-            request_ids = list(self._streams) if event.request_ids is None else event.request_ids
-            for request_id in request_ids:
-                stream = self._streams.pop(request_id, None)
-                if stream is not None:
-                    stream.put(error)
+                    stream.accepted.set_exception(answer.error)
+
+    def _fail(self, failed: Failed) -> None:
+        error = EngineError(failed.message)
+        if failed.request_ids is None:  # the engine is gone: requests it has not answered never will be
+            for accepting in self._accepting.values():
+                if not accepting.accepted.done():
+                    accepting.accepted.set_exception(error)
+        request_ids = list(self._streams) if failed.request_ids is None else failed.request_ids
+        for request_id in request_ids:
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                stream.put(error)
 
     def _deliver(self, outputs: list[StreamOutput]) -> None:
         for out in outputs:

@@ -2,13 +2,14 @@
 
     event loop ──commands: AddRequests, AbortRequests, StopLoop──► EngineLoop: add_request, abort_request, step
         ▲                                                                │
-        └──── events: Accepted, Progress (a step's outputs and stats), Failed ◄┘
+        └──── events: Progress (one per turn: acceptances, a step's outputs, stats), Failed ◄┘
 
-EngineLoop steps while any request is unfinished and blocks for commands when idle, so a request that
-arrives mid-run joins the next step's batch. Where the engine schedules ahead (LLMEngine.step), each turn
-launches the next step and then reports the one before it, whose bookkeeping thus overlaps the next step
-on the device. EngineThread runs it in a thread of this process (commands through a
-queue.Queue); engine_process.EngineProcess runs it in a process of its own. Either hands each event to a
+Each turn of EngineLoop takes every command waiting, without waiting for more (it blocks only when idle),
+applies them, steps, and sends one Progress: so a request that arrives while a step runs joins the very next
+step launched, and the outputs of a step go back together, in one message. Where the engine schedules ahead
+(LLMEngine.step), each turn launches the next step and then reports the one before it, whose bookkeeping
+thus overlaps the next step on the device. EngineThread runs it in a thread of this process (commands through
+a queue.Queue); engine_process.EngineProcess runs it in a process of its own. Either hands each event to a
 callback, called from a thread that is not the event loop's.
 """
 
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from nanovllm.engine.llm_engine import EngineStats, LLMEngine, Prompt
 from nanovllm.outputs import StreamOutput
 from nanovllm.sampling_params import SamplingParams
+from nanovllm.serving.request_timing import FirstTokenClock, FirstTokenTimes
 
 logger = logging.getLogger(__name__)
 
@@ -63,10 +65,12 @@ class Accepted:
 
 @dataclass(frozen=True)
 class Progress:
-    """One turn of the engine loop: a step's outputs (none when it only took commands) and the state after it."""
+    """One turn of the engine loop: the commands it accepted, a step's outputs (none when it only took commands)
+    and the state after it."""
 
-    outputs: list[StreamOutput]
-    first_token_s: list[float]  # per request that got its first token: seconds since its AddRequests was sent
+    accepted: list[Accepted]  # one per AddRequests command taken this turn
+    outputs: list[StreamOutput]  # one per row of the step recorded this turn
+    first_tokens: list[FirstTokenTimes]  # the requests whose first output is among ``outputs``
     stats: EngineStats
     num_aborted_requests: int  # cumulative
 
@@ -77,7 +81,7 @@ class Failed:
     message: str  # the EngineError each of them gets
 
 
-Event = Accepted | Progress | Failed
+Event = Progress | Failed
 
 
 class EngineLoop:
@@ -88,31 +92,39 @@ class EngineLoop:
         self.emit = emit
         self.num_aborted_requests = 0
         self._live_ids: set[str] = set()  # requests added and not yet finished
-        self._submitted_s: dict[str, float] = {}  # requests with no token yet -> when their AddRequests was sent
+        self._clock = FirstTokenClock()  # the requests with no token yet, and when they passed each stage
 
     def run(self, take_commands: Callable[[bool], list[Command]]) -> None:
         """Until a StopLoop: take the commands waiting (wait for one when idle), apply them, step, report."""
         try:
             while True:
-                for command in take_commands(not self.engine.has_unfinished_requests()):
-                    if isinstance(command, StopLoop):
+                commands = take_commands(not self.engine.has_unfinished_requests())
+                taken_s = time.perf_counter()
+                accepted: list[Accepted] = []
+                for command in commands:
+                    if isinstance(command, StopLoop):  # answer what was accepted, then fail it with the rest
+                        self.emit(Progress(accepted, [], [], self.engine.stats(), self.num_aborted_requests))
                         self._abort_live("the server is shutting down; the request was aborted")
                         return
-                    self._apply(command)
-                outputs, first_token_s = self._step() if self.engine.has_unfinished_requests() else ([], [])
-                self.emit(Progress(outputs, first_token_s, self.engine.stats(), self.num_aborted_requests))
+                    if isinstance(command, AbortRequests):
+                        self._abort(command.request_ids)
+                    else:
+                        accepted.append(self._add(command, taken_s))
+                outputs, first_tokens = self._step() if self.engine.has_unfinished_requests() else ([], [])
+                stats = self.engine.stats()
+                self.emit(Progress(accepted, outputs, first_tokens, stats, self.num_aborted_requests))
         except Exception as e:  # a bug in this loop: fail every caller loudly rather than hang them
             logger.exception("the engine loop crashed")
             self.emit(Failed(None, f"the engine loop crashed: {e!r}"))
 
-    def _apply(self, command: AddRequests | AbortRequests) -> None:
-        if isinstance(command, AbortRequests):
-            for request_id in command.request_ids:
-                if self.engine.abort_request(request_id):
-                    self.num_aborted_requests += 1
-                self._live_ids.discard(request_id)
-                self._submitted_s.pop(request_id, None)
-            return
+    def _abort(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
+            if self.engine.abort_request(request_id):
+                self.num_aborted_requests += 1
+            self._live_ids.discard(request_id)
+        self._clock.forget(request_ids)
+
+    def _add(self, command: AddRequests, taken_s: float) -> Accepted:
         added: list[str] = []
         try:
             for request_id, prompt, params in zip(command.request_ids, command.prompts, command.params, strict=True):
@@ -121,28 +133,24 @@ class EngineLoop:
         except Exception as e:  # invalid input (or a tokenizer's failure): take back those queued, tell the caller
             for request_id in added:
                 self.engine.abort_request(request_id)
-            self.emit(Accepted(command.key, picklable(e)))
-            return
+            return Accepted(command.key, picklable(e))
         self._live_ids.update(added)
-        self._submitted_s.update(dict.fromkeys(added, command.submitted_s))
-        self.emit(Accepted(command.key, None))
+        self._clock.added(added, command.submitted_s, taken_s)
+        return Accepted(command.key, None)
 
-    def _step(self) -> tuple[list[StreamOutput], list[float]]:
+    def _step(self) -> tuple[list[StreamOutput], list[FirstTokenTimes]]:
+        turn_s = time.perf_counter()
         try:
             outputs = self.engine.step()
         except Exception as e:
             logger.exception("an engine step failed; aborting its requests")
             self._abort_live(f"the engine step failed ({type(e).__name__}: {e}); the request was aborted")
             return [], []
-        now_s = time.perf_counter()
-        first_token_s = []
+        self._clock.launched(self.engine, turn_s)
         for out in outputs:
-            submitted_s = self._submitted_s.pop(out.request_id, None) if out.new_token_ids or out.finished else None
-            if submitted_s is not None:
-                first_token_s.append(now_s - submitted_s)
             if out.finished:
                 self._live_ids.discard(out.request_id)
-        return outputs, first_token_s
+        return outputs, self._clock.first_tokens(outputs, time.perf_counter())
 
     def _abort_live(self, message: str) -> None:
         request_ids = list(self._live_ids)
@@ -150,7 +158,7 @@ class EngineLoop:
             if self.engine.abort_request(request_id):
                 self.num_aborted_requests += 1
         self._live_ids.clear()
-        self._submitted_s.clear()
+        self._clock.clear()
         self.emit(Failed(request_ids, message))
 
 
@@ -181,6 +189,12 @@ class EngineThread:
                 commands.append(self._inbox.get_nowait())
             except queue.Empty:
                 return commands
+
+
+def num_kvcache_tokens(engine: LLMEngine) -> int:
+    """The KV cache's size in tokens: what all requests running at once can hold."""
+    block_manager = engine.scheduler.block_manager
+    return block_manager.num_blocks * block_manager.block_size
 
 
 def picklable(error: Exception) -> Exception:

@@ -18,7 +18,7 @@ from typing import Any
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.llm_engine import EngineStats, LLMEngine
-from nanovllm.serving.engine_loop import Command, EngineLoop, Event, Failed, StopLoop, picklable
+from nanovllm.serving.engine_loop import Command, EngineLoop, Event, Failed, StopLoop, num_kvcache_tokens, picklable
 from nanovllm.serving.gc_freeze import startup_objects_frozen
 
 logger = logging.getLogger(__name__)
@@ -29,8 +29,9 @@ ENGINE_PROCESS_JOIN_TIMEOUT_S = 30.0  # after this, a shutdown kills the engine 
 class _Ready:
     """The engine process built its engine (the first message it sends)."""
 
-    max_model_len: int
-    stats: EngineStats
+    max_model_len: int  # the engine's, clamped to the model's limit
+    num_kvcache_tokens: int  # the KV cache's size in tokens
+    stats: EngineStats  # before any request
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class EngineProcess:
             self.stop(ENGINE_PROCESS_JOIN_TIMEOUT_S)
             raise first.error
         self.max_model_len = first.max_model_len
+        self.num_kvcache_tokens = first.num_kvcache_tokens
         self.first_stats = first.stats
         self._reader = threading.Thread(target=self._read, args=(on_event,), name="nanovllm-engine-events", daemon=True)
         self._reader.start()
@@ -129,7 +131,7 @@ def _engine_process_main(
 
     try:
         with startup_objects_frozen():  # no full collection walks the engine while it serves
-            events.send(_Ready(engine.max_model_len, engine.stats()))
+            events.send(_Ready(engine.max_model_len, num_kvcache_tokens(engine), engine.stats()))
             EngineLoop(engine, emit).run(lambda block: _take_from_pipe(commands, block))
     finally:
         engine.close()

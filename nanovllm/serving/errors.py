@@ -3,6 +3,7 @@
 Bad input is a 4xx answer, never an exception that reaches uvicorn; the server keeps serving.
 """
 
+import json
 import logging
 import secrets
 from typing import Any
@@ -18,6 +19,9 @@ logger = logging.getLogger(__name__)
 # OpenAI's error "type" for each status class the server returns.
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}
 PROTECTED_PATH_PREFIX = "/v1/"  # paths that need the API key; /health and /metrics stay open to probes
+MAX_QUOTED_INPUT_CHARS = 80  # of a rejected value quoted in a message (a rejected prompt may be megabytes)
+# The names pydantic puts in an error's location for the member of a union that failed ("str", "list[int]").
+UNION_MEMBER_TAGS = frozenset({"str", "int", "float", "bool", "none"})
 
 
 class APIError(Exception):
@@ -36,8 +40,24 @@ def error_body(status_code: int, message: str, param: str | None = None, code: s
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
+class ASCIIJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped. An error message may quote the client's text, and text that
+    JSON can carry is not always valid UTF-8 (a lone surrogate, "\\ud800"): written raw, it would fail to encode
+    and turn the answer into a dropped connection."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
+
+
 def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error_body(error.status_code, error.message, error.param, error.code), error.status_code)
+    body = error_body(error.status_code, error.message, error.param, error.code)
+    return ASCIIJSONResponse(body, error.status_code)
+
+
+def quoted(value: object) -> str:
+    """``repr(value)``, cut to MAX_QUOTED_INPUT_CHARS."""
+    text = repr(value)
+    return text if len(text) <= MAX_QUOTED_INPUT_CHARS else text[:MAX_QUOTED_INPUT_CHARS] + "..."
 
 
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -46,12 +66,17 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     if not errors:
         return "the request body is invalid", None
     first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
     if first.get("type") == "json_invalid":
         return f"the request body is not valid JSON: {first.get('msg')}; send a JSON object", None
+    loc = [str(part) for part in first.get("loc", ()) if part != "body" and not _is_union_member(part)]
     field = ".".join(loc) or None
-    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
-    return f"{field or 'body'}: {first.get('msg')}, got {first.get('input')!r}{more}", field
+    num_more = len(errors) - 1
+    more = f" (and {num_more} more problem{'s' if num_more > 1 else ''})" if num_more else ""
+    return f"{field or 'body'}: {first.get('msg')}, got {quoted(first.get('input'))}{more}", field
+
+
+def _is_union_member(part: object) -> bool:
+    return isinstance(part, str) and (part in UNION_MEMBER_TAGS or "[" in part)
 
 
 def install_error_handlers(app: FastAPI) -> None:

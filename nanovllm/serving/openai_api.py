@@ -15,14 +15,16 @@ from typing import Any
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
-from transformers import PreTrainedTokenizerBase
 
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.serving.async_llm import AsyncLLM, EngineError, RequestStream
-from nanovllm.serving.errors import APIError, error_body
+from nanovllm.serving.errors import APIError, error_body, quoted
+from nanovllm.serving.limits import ServerLimits
 from nanovllm.serving.metrics import ChoiceTimer, ServerMetrics
-from nanovllm.serving.params import check_unsupported, to_sampling_params
-from nanovllm.serving.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest
+from nanovllm.serving.params import check_fits_kv_cache, check_n, check_unsupported, one_choice, to_sampling_params
+from nanovllm.serving.prompts import CONTEXT_LENGTH_EXCEEDED, PromptTokenizer, check_encodable
+from nanovllm.serving.protocol import ChatCompletionRequest, CompletionRequest, SamplingRequest, is_token_id
+from nanovllm.serving.request_body import body_received_s
 
 SSE_DONE = "data: [DONE]\n\n"
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
@@ -53,16 +55,25 @@ class Choice:
 
 
 @dataclass(frozen=True)
+class Arrival:
+    """When an API call reached the server (time.perf_counter()), where its latency and stage metrics start."""
+
+    received_s: float  # its whole body had arrived: its latency starts here
+    handler_s: float  # its handler began, the body parsed and validated
+
+
+@dataclass(frozen=True)
 class Job:
     """One API call turned into engine requests."""
 
     response_id: str  # "cmpl-..." or "chatcmpl-..."
     is_chat: bool  # chat.completion objects rather than text_completion
-    arrival_s: float  # time.perf_counter() when the request arrived
+    arrival: Arrival  # when the call came
     prompt_token_ids: list[list[int]]  # each distinct prompt, tokenized
     choice_prompt_idx: list[int]  # for each choice, the index of its prompt
     params: list[SamplingParams]  # for each choice
     created: int = field(default_factory=lambda: int(time.time()))  # Unix seconds, as OpenAI's "created"
+    tokenized_s: float = field(default_factory=time.perf_counter)  # its prompts were token ids (jobs are made then)
 
     def usage(self, choices: list[Choice]) -> dict[str, int]:
         num_prompt_tokens = sum(len(ids) for ids in self.prompt_token_ids)
@@ -80,66 +91,67 @@ class OpenAIServing:
     def __init__(
         self,
         async_llm: AsyncLLM,
-        tokenizer: PreTrainedTokenizerBase | None,
+        prompts: PromptTokenizer | None,
         model_name: str,
         metrics: ServerMetrics,
+        limits: ServerLimits,
     ) -> None:
         self.async_llm = async_llm
-        self.tokenizer = tokenizer  # the event loop's own copy; the engine has its own
+        self.prompts = prompts  # tokenizes off the event loop; None without a tokenizer (skip_tokenizer_init)
         self.model_name = model_name
         self.metrics = metrics
+        self.limits = limits
 
     async def completions(self, request: CompletionRequest, raw_request: Request) -> Response:
-        arrival_s = time.perf_counter()
+        handler_s = time.perf_counter()
         self._check_common(request)
-        prompts = self._completion_prompts(request.prompt)
-        job = self._make_job(request, prompts, arrival_s, is_chat=False)
+        prompts = await self._completion_prompts(request.prompt)
+        job = self._make_job(request, prompts, Arrival(body_received_s(raw_request, handler_s), handler_s), False)
         return await self._run(job, request, raw_request)
 
     async def chat_completions(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
-        arrival_s = time.perf_counter()
+        handler_s = time.perf_counter()
         self._check_common(request)
-        job = self._make_job(request, [self._chat_prompt(request)], arrival_s, is_chat=True)
+        prompt = await self._chat_prompt(request)
+        job = self._make_job(request, [prompt], Arrival(body_received_s(raw_request, handler_s), handler_s), True)
         return await self._run(job, request, raw_request)
 
     def _check_common(self, request: SamplingRequest) -> None:
         if request.model != self.model_name:
-            message = f"model {request.model!r} is not served here; this server serves {self.model_name!r}"
+            message = f"model {quoted(request.model)} is not served here; this server serves {self.model_name!r}"
             raise APIError(404, message, param="model", code="model_not_found")
         check_unsupported(request)
+        check_n(request, self.limits.max_n)
+        check_encodable(request, "")
 
-    def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        if self.tokenizer is None:
-            raise APIError(400, "this server runs without a tokenizer (skip_tokenizer_init); send token ids")
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+    async def _encode(self, text: str, field: str) -> list[int]:
+        if self.prompts is None:
+            raise APIError(400, "this server runs without a tokenizer (skip_tokenizer_init); send token ids", field)
+        return await self.prompts.encode(text, field)
 
-    def _completion_prompts(self, prompt: str | list[int] | list[str] | list[list[int]]) -> list[list[int]]:
+    async def _completion_prompts(self, prompt: str | list[int] | list[str] | list[list[int]]) -> list[list[int]]:
+        """Each prompt as token ids (the shapes were checked by CompletionRequest)."""
         if isinstance(prompt, str):
-            return [self._encode(prompt)]
-        if not prompt:
-            raise APIError(400, "prompt is an empty list; give a string, token ids, or a list of either", "prompt")
+            return [await self._encode(prompt, "prompt")]
         items: list[Any] = list(prompt)
-        if all(isinstance(item, int) for item in items):
+        if is_token_id(items[0]):
             return [items]
-        return [self._encode(item) if isinstance(item, str) else list(item) for item in items]
+        prompts = []
+        for idx, item in enumerate(items):
+            prompts.append(await self._encode(item, f"prompt.{idx}") if isinstance(item, str) else item)
+        return prompts
 
-    def _chat_prompt(self, request: ChatCompletionRequest) -> list[int]:
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+    async def _chat_prompt(self, request: ChatCompletionRequest) -> list[int]:
+        if self.prompts is None or not self.prompts.has_chat_template:
             raise APIError(400, "the model's tokenizer has no chat template; use /v1/completions", "messages")
         messages = []
         for message in request.messages:
             content = message.content
-            text = "\n".join(part.text for part in content) if isinstance(content, list) else (content or "")
+            text = "\n".join(part.text for part in content) if isinstance(content, list) else content
             messages.append({**message.model_dump(exclude_none=True), "content": text})
-        try:
-            rendered = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=request.add_generation_prompt
-            )
-        except Exception as e:  # jinja errors, including the template's own raise_exception
-            raise APIError(400, f"the chat template could not render these messages: {e}", "messages") from e
-        return self._encode(str(rendered), add_special_tokens=False)  # the template wrote any special tokens itself
+        return await self.prompts.encode_chat(messages, request.add_generation_prompt)
 
-    def _make_job(self, request: SamplingRequest, prompts: list[list[int]], arrival_s: float, is_chat: bool) -> Job:
+    def _make_job(self, request: SamplingRequest, prompts: list[list[int]], arrival: Arrival, is_chat: bool) -> Job:
         choice_prompt_idx: list[int] = []
         params: list[SamplingParams] = []
         for prompt_idx, prompt_ids in enumerate(prompts):
@@ -151,12 +163,14 @@ class OpenAIServing:
                         f"the prompt has {len(prompt_ids)} tokens, which leaves no room to generate within "
                         f"max_model_len={self.async_llm.max_model_len}; shorten the messages"
                     )
-                    raise APIError(400, message, "messages", "context_length_exceeded")
+                    raise APIError(400, message, "messages", CONTEXT_LENGTH_EXCEEDED)
+            prompt_params = to_sampling_params(request, default_max_tokens)
+            check_fits_kv_cache(len(prompt_ids), request.n, prompt_params.max_tokens, self.async_llm.num_kvcache_tokens)
             for choice_idx in range(request.n):
                 choice_prompt_idx.append(prompt_idx)
-                params.append(to_sampling_params(request, default_max_tokens, seed_offset=choice_idx))
+                params.append(one_choice(prompt_params, choice_idx))
         response_id = f"{'chatcmpl' if is_chat else 'cmpl'}-{uuid.uuid4().hex}"
-        return Job(response_id, is_chat, arrival_s, prompts, choice_prompt_idx, params)
+        return Job(response_id, is_chat, arrival, prompts, choice_prompt_idx, params)
 
     async def _submit(self, job: Job) -> RequestStream:
         prompts = [job.prompt_token_ids[idx] for idx in job.choice_prompt_idx]
@@ -167,11 +181,13 @@ class OpenAIServing:
         except EngineError as e:
             raise APIError(503, str(e)) from e
         self.metrics.prompt_tokens.inc(sum(len(ids) for ids in job.prompt_token_ids))
+        self.metrics.observe("request_parse_time_seconds", job.arrival.handler_s - job.arrival.received_s)
+        self.metrics.observe("request_tokenize_time_seconds", job.tokenized_s - job.arrival.handler_s)
         return stream
 
     async def _run(self, job: Job, request: SamplingRequest, raw_request: Request) -> Response:
         stream = await self._submit(job)
-        timers = [ChoiceTimer(self.metrics, job.arrival_s) for _ in job.params]
+        timers = [ChoiceTimer(self.metrics, job.arrival.received_s) for _ in job.params]
         if request.stream:
             include_usage = request.stream_options is not None and request.stream_options.include_usage
             events = self._stream_events(job, stream, timers, include_usage)
@@ -194,7 +210,7 @@ class OpenAIServing:
     async def _collect(self, stream: RequestStream, timers: list[ChoiceTimer]) -> list[Choice]:
         choices = [Choice() for _ in timers]
         async for idx, out in stream:
-            timers[idx].record(len(out.new_token_ids), out.finish_reason)
+            timers[idx].record(out, stream.first_output_s)
             choices[idx].text_parts.append(out.text_delta)
             choices[idx].num_tokens += len(out.new_token_ids)
             choices[idx].finish_reason = out.finish_reason
@@ -215,7 +231,7 @@ class OpenAIServing:
                 # still one chunk per step and choice, but one socket send (the loop's costliest part).
                 events = []
                 for idx, out in [first, *stream.take_ready()]:
-                    timers[idx].record(len(out.new_token_ids), out.finish_reason)
+                    timers[idx].record(out, stream.first_output_s)
                     choices[idx].num_tokens += len(out.new_token_ids)
                     text = {"content": out.text_delta} if job.is_chat else out.text_delta
                     events.append(sse(self._chunk(job, [self._choice_delta(job, idx, text, out.finish_reason)])))

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from nanovllm.config import EngineConfig
+from nanovllm.serving.limits import DEFAULT_MAX_N, DEFAULT_MAX_REQUEST_BODY_BYTES, ServerLimits
 
 DEFAULT_HOST = "127.0.0.1"  # loopback unless asked otherwise: no API is exposed to the network by surprise
 DEFAULT_PORT = 8000  # OpenAI-compatible servers' usual port
@@ -64,6 +65,15 @@ def make_parser() -> argparse.ArgumentParser:
         help="run the engine in a process of its own, which holds its own GIL, so that writing many streams "
         "does not slow its steps (default); --no-engine-process runs it in a thread of the server",
     )
+    parser.add_argument(
+        "--max-n", type=int, default=DEFAULT_MAX_N, help=f"most completions per prompt, n (default {DEFAULT_MAX_N})"
+    )
+    parser.add_argument(
+        "--max-request-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BODY_BYTES,
+        help=f"largest request body; a larger one is a 413 (default {DEFAULT_MAX_REQUEST_BODY_BYTES})",
+    )
     add_engine_args(parser)
     return parser
 
@@ -85,9 +95,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = make_parser().parse_args(argv)
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     logging.basicConfig(level=args.log_level.upper())
+    limits = ServerLimits(max_n=args.max_n, max_request_body_bytes=args.max_request_body_bytes)  # checked first
     async_llm = AsyncLLM.from_engine_args(args.model, engine_process=args.engine_process, **engine_args_from(args))
     try:
-        app = build_app(async_llm, args.served_model_name or args.model, args.api_key)
+        app = build_app(async_llm, args.served_model_name or args.model, args.api_key, limits)
         with startup_objects_frozen():  # the engine (or its handle), the app and the tokenizer serve until exit
             uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
