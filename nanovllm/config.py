@@ -38,6 +38,10 @@ class EngineConfig:
     attention_backend: str = "auto"  # "auto", "torch", "triton" or "flash_attn"
     seed: int = 0  # seeds random sampling and dummy weights
     skip_tokenizer_init: bool = False  # load no tokenizer: prompts must be token ids, outputs have empty text
+    enable_lora: bool = False  # serve LoRA adapters (LoRARequest) beside the base model
+    max_loras: int = 4  # adapters on the device at once: distinct adapters among running requests
+    max_lora_rank: int = 16  # largest adapter rank `r` accepted
+    max_cpu_loras: int | None = None  # adapters kept in host memory; None = max_loras
 
     def __post_init__(self) -> None:
         if not os.path.isdir(self.model):
@@ -57,6 +61,7 @@ class EngineConfig:
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("load_format", self.load_format, LOAD_FORMATS)
         _check_choice("attention_backend", self.attention_backend, ATTENTION_BACKENDS)
+        _check_lora_limits(self.max_loras, self.max_lora_rank, self.max_cpu_loras)
 
     @classmethod
     def from_kwargs(cls, model: str, **engine_args: Any) -> "EngineConfig":
@@ -71,6 +76,18 @@ class EngineConfig:
 def _check_positive_int(name: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_lora_limits(max_loras: int, max_lora_rank: int, max_cpu_loras: int | None) -> None:
+    _check_positive_int("max_loras", max_loras)
+    _check_positive_int("max_lora_rank", max_lora_rank)
+    if max_cpu_loras is not None:
+        _check_positive_int("max_cpu_loras", max_cpu_loras)
+        if max_cpu_loras < max_loras:
+            raise ValueError(
+                f"max_cpu_loras={max_cpu_loras} is less than max_loras={max_loras}: every adapter on the device is "
+                "also kept in host memory; raise max_cpu_loras or leave it None"
+            )
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

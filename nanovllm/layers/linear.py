@@ -15,6 +15,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from nanovllm.kernels.lora import LoRAKernels
+from nanovllm.layers.lora import LoRASlots, ShardRange
 from nanovllm.parallel.process_group import get_tensor_parallel
 
 
@@ -43,13 +45,36 @@ class ColumnParallelLinear(nn.Module):
         self.output_size_per_rank = output_size // self.tp.size
         self.weight = _make_param(self.output_size_per_rank, input_size, loader=self.load_shard)
         self.bias = _make_param(self.output_size_per_rank, loader=self.load_shard) if bias else None
+        self.lora: LoRASlots | None = None  # adapters' A and B, once enable_lora() was called
 
     def load_shard(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         size = param.shape[0]
         param.data.copy_(loaded.narrow(0, self.tp.rank * size, size))
 
+    def part_rows(self, part: int | str | None = None) -> ShardRange:
+        """Where this rank's rows of checkpoint part ``part`` lie (a plain layer has one part, None)."""
+        size = self.output_size_per_rank
+        return ShardRange(0, size, self.tp.rank * size)
+
+    def load_part(self, param: nn.Parameter, loaded: torch.Tensor, part: int | str) -> None:
+        rows = self.part_rows(part)
+        param.data.narrow(0, rows.local_offset, rows.size).copy_(loaded.narrow(0, rows.full_start, rows.size))
+
+    def enable_lora(self, max_loras: int, max_lora_rank: int, kernels: LoRAKernels) -> None:
+        """Give the layer LoRA slots: A whole, B sharded as the weight's rows of each part (layers/lora.py)."""
+        parts = getattr(self.weight, "shard_ids", ()) or (None,)
+        in_range = ShardRange(0, self.weight.shape[1], 0)
+        out_slices = tuple(self.part_rows(part) for part in parts)
+        self.lora = LoRASlots(in_range, out_slices, max_loras, max_lora_rank, kernels, like=self.weight)
+
+    def lora_slice(self, part: int | str | None) -> int:
+        """Which LoRA slice holds checkpoint part ``part`` (q, k, v of a qkv layer, in that order)."""
+        parts = getattr(self.weight, "shard_ids", ()) or (None,)
+        return list(parts).index(part)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias)
+        return y if self.lora is None else self.lora(x, y)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -67,10 +92,10 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
             self.bias.weight_loader = self.load_part  # type: ignore[attr-defined]
             self.bias.shard_ids = self.weight.shard_ids  # type: ignore[attr-defined]
 
-    def load_part(self, param: nn.Parameter, loaded: torch.Tensor, part: int) -> None:
+    def part_rows(self, part: int | str | None = None) -> ShardRange:
+        assert isinstance(part, int), f"a merged layer's parts are numbered, got {part!r}"
         size = self.output_sizes[part] // self.tp.size
-        offset = sum(self.output_sizes[:part]) // self.tp.size
-        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.tp.rank * size, size))
+        return ShardRange(sum(self.output_sizes[:part]) // self.tp.size, size, self.tp.rank * size)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -95,17 +120,15 @@ class QKVParallelLinear(ColumnParallelLinear):
         super().__init__(hidden_size, output_size, bias)
         for param in (self.weight, self.bias):
             if param is not None:
-                param.weight_loader = self.load_qkv  # type: ignore[attr-defined]
+                param.weight_loader = self.load_part  # type: ignore[attr-defined]
                 param.shard_ids = ("q", "k", "v")  # type: ignore[attr-defined]
 
-    def load_qkv(self, param: nn.Parameter, loaded: torch.Tensor, part: str) -> None:
+    def part_rows(self, part: int | str | None = None) -> ShardRange:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if part == "q":
-            offset, size, start = 0, q_size, self.tp.rank * q_size
-        else:
-            offset = q_size if part == "k" else q_size + kv_size
-            size, start = kv_size, self.kv_head_start * self.head_dim
-        param.data.narrow(0, offset, size).copy_(loaded.narrow(0, start, size))
+            return ShardRange(0, q_size, self.tp.rank * q_size)
+        offset = q_size if part == "k" else q_size + kv_size
+        return ShardRange(offset, kv_size, self.kv_head_start * self.head_dim)
 
 
 class RowParallelLinear(nn.Module):
@@ -118,14 +141,27 @@ class RowParallelLinear(nn.Module):
             raise ValueError(f"input size {input_size} is not divisible by tensor_parallel_size {self.tp.size}")
         self.weight = _make_param(output_size, input_size // self.tp.size, loader=self.load_shard)
         self.bias = _make_param(output_size, loader=default_weight_loader) if bias else None
+        self.lora: LoRASlots | None = None  # adapters' A and B, once enable_lora() was called
 
     def load_shard(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
         size = param.shape[1]
         param.data.copy_(loaded.narrow(1, self.tp.rank * size, size))
 
+    def enable_lora(self, max_loras: int, max_lora_rank: int, kernels: LoRAKernels) -> None:
+        """Give the layer LoRA slots: A sharded as the weight's input columns, B whole (layers/lora.py)."""
+        in_size, out_size = self.weight.shape[1], self.weight.shape[0]
+        in_range = ShardRange(0, in_size, self.tp.rank * in_size)
+        self.lora = LoRASlots(in_range, (ShardRange(0, out_size, 0),), max_loras, max_lora_rank, kernels, self.weight)
+
+    def lora_slice(self, part: int | str | None) -> int:
+        """A row-parallel layer has one LoRA slice."""
+        return 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The bias is added once, on rank 0, so the all-reduce does not count it tp times.
         y = F.linear(x, self.weight, self.bias if self.tp.rank == 0 else None)
+        if self.lora is not None:  # each rank's partial LoRA (its input columns) joins the all-reduce below
+            y = self.lora(x, y)
         if self.tp.size > 1:
             dist.all_reduce(y)
         return y

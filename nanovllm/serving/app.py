@@ -2,10 +2,12 @@
 
 import copy
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
 
+from nanovllm.lora_request import LoRARequest
 from nanovllm.serving.async_llm import AsyncLLM
 from nanovllm.serving.errors import APIError, APIKeyMiddleware, install_error_handlers
 from nanovllm.serving.metrics import ServerMetrics
@@ -15,8 +17,11 @@ from nanovllm.serving.protocol import ChatCompletionRequest, CompletionRequest
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def build_app(async_llm: AsyncLLM, model_name: str, api_key: str | None = None) -> FastAPI:
-    """An app serving `async_llm` as `model_name`; /v1/ routes need `api_key` when one is given.
+def build_app(
+    async_llm: AsyncLLM, model_name: str, api_key: str | None = None, lora_modules: Sequence[LoRARequest] = ()
+) -> FastAPI:
+    """An app serving `async_llm` as `model_name`, and each of `lora_modules` under its own name (a request's
+    `model` picks one); /v1/ routes need `api_key` when one is given.
 
     The caller owns `async_llm` (its shutdown is not tied to the app's lifetime).
     """
@@ -26,7 +31,7 @@ def build_app(async_llm: AsyncLLM, model_name: str, api_key: str | None = None) 
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
     metrics = ServerMetrics(async_llm)
     tokenizer = copy.deepcopy(async_llm.tokenizer)  # fast tokenizers must not be shared across threads
-    serving = OpenAIServing(async_llm, tokenizer, model_name, metrics)
+    serving = OpenAIServing(async_llm, tokenizer, model_name, metrics, lora_modules)
     created = int(time.time())
 
     @app.get("/health")
@@ -48,7 +53,10 @@ def build_app(async_llm: AsyncLLM, model_name: str, api_key: str | None = None) 
             "owned_by": "nanovllm",
             "max_model_len": async_llm.max_model_len,
         }
-        return {"object": "list", "data": [card]}
+        adapters = [
+            {**card, "id": lora.lora_name, "root": lora.lora_path, "parent": model_name} for lora in lora_modules
+        ]
+        return {"object": "list", "data": [card, *adapters]}
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest, raw_request: Request) -> Response:

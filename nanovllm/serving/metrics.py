@@ -57,6 +57,9 @@ class ServerMetrics:
             f"{PREFIX}prompt_tokens", "Prompt tokens of accepted requests", registry=self.registry
         )
         self.generation_tokens = Counter(f"{PREFIX}generation_tokens", "Tokens generated", registry=self.registry)
+        self.lora_requests = Counter(
+            f"{PREFIX}lora_requests", "Requests accepted, by LoRA adapter", ["lora_name"], registry=self.registry
+        )
         self.request_success = Counter(
             f"{PREFIX}request_success", "Requests finished, by reason", ["finished_reason"], registry=self.registry
         )

@@ -9,7 +9,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +17,7 @@ from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from transformers import PreTrainedTokenizerBase
 
+from nanovllm.lora_request import LoRARequest
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.serving.async_llm import AsyncLLM, EngineError, RequestStream
 from nanovllm.serving.errors import APIError, error_body
@@ -62,6 +63,8 @@ class Job:
     prompt_token_ids: list[list[int]]  # each distinct prompt, tokenized
     choice_prompt_idx: list[int]  # for each choice, the index of its prompt
     params: list[SamplingParams]  # for each choice
+    model: str  # the name the client asked for (the base model's or an adapter's), echoed in responses
+    lora_request: LoRARequest | None  # the adapter that name picks; None = the base model
     created: int = field(default_factory=lambda: int(time.time()))  # Unix seconds, as OpenAI's "created"
 
     def usage(self, choices: list[Choice]) -> dict[str, int]:
@@ -83,11 +86,13 @@ class OpenAIServing:
         tokenizer: PreTrainedTokenizerBase | None,
         model_name: str,
         metrics: ServerMetrics,
+        lora_modules: Sequence[LoRARequest] = (),
     ) -> None:
         self.async_llm = async_llm
         self.tokenizer = tokenizer  # the event loop's own copy; the engine has its own
         self.model_name = model_name
         self.metrics = metrics
+        self.lora_modules = {lora.lora_name: lora for lora in lora_modules}  # adapters a request's `model` may name
 
     async def completions(self, request: CompletionRequest, raw_request: Request) -> Response:
         arrival_s = time.perf_counter()
@@ -103,8 +108,9 @@ class OpenAIServing:
         return await self._run(job, request, raw_request)
 
     def _check_common(self, request: SamplingRequest) -> None:
-        if request.model != self.model_name:
-            message = f"model {request.model!r} is not served here; this server serves {self.model_name!r}"
+        if request.model != self.model_name and request.model not in self.lora_modules:
+            served = ", ".join(repr(name) for name in [self.model_name, *self.lora_modules])
+            message = f"model {request.model!r} is not served here; this server serves {served}"
             raise APIError(404, message, param="model", code="model_not_found")
         check_unsupported(request)
 
@@ -156,17 +162,21 @@ class OpenAIServing:
                 choice_prompt_idx.append(prompt_idx)
                 params.append(to_sampling_params(request, default_max_tokens, seed_offset=choice_idx))
         response_id = f"{'chatcmpl' if is_chat else 'cmpl'}-{uuid.uuid4().hex}"
-        return Job(response_id, is_chat, arrival_s, prompts, choice_prompt_idx, params)
+        lora_request = self.lora_modules.get(request.model)
+        return Job(response_id, is_chat, arrival_s, prompts, choice_prompt_idx, params, request.model, lora_request)
 
     async def _submit(self, job: Job) -> RequestStream:
         prompts = [job.prompt_token_ids[idx] for idx in job.choice_prompt_idx]
+        lora_requests = None if job.lora_request is None else [job.lora_request] * len(prompts)
         try:
-            stream = await self.async_llm.add_requests(prompts, job.params)
+            stream = await self.async_llm.add_requests(prompts, job.params, lora_requests)
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e)) from e
         except EngineError as e:
             raise APIError(503, str(e)) from e
         self.metrics.prompt_tokens.inc(sum(len(ids) for ids in job.prompt_token_ids))
+        if job.lora_request is not None:
+            self.metrics.lora_requests.labels(lora_name=job.lora_request.lora_name).inc(len(prompts))
         return stream
 
     async def _run(self, job: Job, request: SamplingRequest, raw_request: Request) -> Response:
@@ -238,7 +248,7 @@ class OpenAIServing:
             "id": job.response_id,
             "object": kind,
             "created": job.created,
-            "model": self.model_name,
+            "model": job.model,
             "choices": choices,
         }
 
