@@ -5,6 +5,7 @@ at zero, which would make an adapter that is never applied look right) and saves
 user's training run would. The reference runs PEFT's ``merge_and_unload()`` model: W + scaling * B A.
 """
 
+import copy
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -55,10 +56,10 @@ def write_peft_adapter(path: Path, model_dir: Path, spec: AdapterSpec, seed: int
 
 @lru_cache(maxsize=32)
 def merged_model(model_dir: str, adapter_dir: str) -> torch.nn.Module:
-    """PEFT's model with the adapter merged into the base weights, loaded once per pair."""
+    """PEFT's model with the adapter merged into (a copy of) the base model's weights, built once per pair."""
     from peft import PeftModel
 
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    base = copy.deepcopy(load_hf_model(model_dir))
     return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().eval()
 
 

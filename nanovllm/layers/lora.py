@@ -70,13 +70,16 @@ class LoRASlots(nn.Module):
     def load(self, slot: int, slice_idx: int, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
         """Copy this rank's shard of one PEFT module's A [rank, in] and B [out, rank] (full, on the host) into a slot.
 
-        Ranks below the slots' are zero-padded: the rows of A and columns of B past ``rank`` stay zero.
+        Ranks below the slots' are zero-padded: the rows of A and columns of B past ``rank`` stay zero. The whole
+        tensors go to the device, where the shard is cut: a strided host view would copy synchronously.
         """
         rank = lora_a.shape[0]
         inp, out = self.in_range, self.out_slices[slice_idx]
-        self.lora_a[slot, slice_idx, :rank].copy_(lora_a.narrow(1, inp.full_start, inp.size), non_blocking=True)
+        lora_a = lora_a.to(self.lora_a.device, non_blocking=True)  # [rank, in_features], whole
+        lora_b = lora_b.to(self.lora_b.device, non_blocking=True)  # [out_features, rank], whole
+        self.lora_a[slot, slice_idx, :rank].copy_(lora_a.narrow(1, inp.full_start, inp.size))
         rows = self.lora_b[slot, out.local_offset : out.local_offset + out.size, :rank]  # [out.size, rank]
-        rows.copy_(lora_b.narrow(0, out.full_start, out.size), non_blocking=True)
+        rows.copy_(lora_b.narrow(0, out.full_start, out.size))
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """y [N, out] (the layer's output for x [N, in]) plus each token's LoRA, in place."""
