@@ -20,17 +20,15 @@ from nanovllm.scheduler.scheduler import Scheduler, SchedulerLimits
 from nanovllm.scheduler.sequence import Sequence
 
 # A LLaMA shape: q 4 x 16, k/v 2 x 16, MLP 128, 2 layers.
-ARCH = parse_model_arch(
-    {
-        "architectures": ["LlamaForCausalLM"],
-        "vocab_size": 512,
-        "hidden_size": 64,
-        "intermediate_size": 128,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-    }
-)
+ARCH_CONFIG = {
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+}
+ARCH = parse_model_arch({"architectures": ["LlamaForCausalLM"], **ARCH_CONFIG})
 PREFIX = "base_model.model.model.layers"  # PEFT's names of a causal LM's decoder layers
 RANK = 4
 
@@ -152,15 +150,15 @@ def test_scheduler_admits_at_most_max_loras_adapters_and_keeps_order() -> None:
     """Guards against a batch needing more adapters than the device has slots (the runner would fail), and against
     a passed-over request losing its place or blocking base-model requests behind it."""
     scheduler = Scheduler(BlockManager(64, 16), SchedulerLimits(8, 256, 128, max_loras=1), eos_token_ids=set())
-    seqs = [lora_seq([1, 2, 3], lora_id) for lora_id in (1, 2, None, 1, 2)]
+    seqs = [lora_seq([1, 2, 3], lora_id) for lora_id in (None, 1, 2, None, 1, 2)]
     for seq in seqs:
         scheduler.add(seq)
     batch = scheduler.schedule()
-    assert batch.seqs == [seqs[0], seqs[2], seqs[3]], [s.lora_request for s in batch.seqs]
-    assert list(scheduler.waiting) == [seqs[1], seqs[4]], "the passed-over requests keep their order"
+    assert batch.seqs == [seqs[0], seqs[1], seqs[3], seqs[4]], [s.lora_request for s in batch.seqs]
+    assert list(scheduler.waiting) == [seqs[2], seqs[5]], "the passed-over requests keep their order"
     for seq in batch.seqs:
         scheduler.abort(seq)  # adapter 1's sequences end: adapter 2 may come in
-    assert scheduler.schedule().seqs == [seqs[1], seqs[4]]
+    assert scheduler.schedule().seqs == [seqs[2], seqs[5]]
 
 
 def test_prefix_blocks_keyed_by_adapter() -> None:
@@ -183,3 +181,34 @@ def test_siblings_of_n_completions_keep_the_adapter() -> None:
         "r", Sequence([1, 2, 3], SamplingParams(n=3, temperature=1.0), 0, first.lora_request), None, False
     )
     assert [seq.lora_request for seq in request.seqs] == [first.lora_request] * 3, request.seqs
+
+
+def test_serve_lora_flags(tmp_path: Path) -> None:
+    """Guards against --lora-modules accepted without --enable-lora, a malformed or repeated NAME=PATH, and a bad
+    adapter directory found only when a request first uses it (the server would answer 500s instead of failing
+    to start)."""
+    pytest.importorskip("uvicorn")
+    from nanovllm.serving.server import lora_modules_from, make_parser
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"], **ARCH_CONFIG}))
+    good, bad = write_adapter(tmp_path / "good"), write_adapter(tmp_path / "bad", {"r": 64})
+
+    def parse(*flags: str) -> list[LoRARequest]:
+        return lora_modules_from(make_parser().parse_args(["--model", str(model_dir), *flags]), "base")
+
+    assert parse("--enable-lora", "--lora-modules", f"sql={good}", f"chat={good}") == [
+        LoRARequest("sql", 1, str(good)),
+        LoRARequest("chat", 2, str(good)),
+    ]
+    for flags, words in [  # --enable-lora when given, then the --lora-modules values
+        ((f"sql={good}",), "needs --enable-lora"),
+        (("--enable-lora", f"{good}"), "NAME=PATH"),
+        (("--enable-lora", f"sql={good}", f"sql={good}"), "'sql' is already served"),
+        (("--enable-lora", f"base={good}"), "'base' is already served"),
+        (("--enable-lora", f"sql={bad}"), "max_lora_rank=16"),
+    ]:
+        enable, pairs = [f for f in flags if f.startswith("--")], [f for f in flags if not f.startswith("--")]
+        with pytest.raises(ValueError, match=words):
+            parse(*enable, "--lora-modules", *pairs)

@@ -5,7 +5,7 @@ adapter would be one too many waits in the queue (passed over, keeping its place
 sequence finishes or is preempted. Nothing fails because of load.
 """
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from nanovllm.scheduler.sequence import Sequence
 
@@ -13,9 +13,9 @@ from nanovllm.scheduler.sequence import Sequence
 class LoRAAdmission:
     """The adapters in use during one scheduling pass, and whether a waiting sequence may join them."""
 
-    def __init__(self, max_loras: int | None, holders: Iterable[Sequence]) -> None:
+    def __init__(self, max_loras: int | None, holders: Callable[[], Iterable[Sequence]]) -> None:
         self.max_loras = max_loras  # None: LoRA is off, every sequence is admitted
-        self._holders = holders  # the sequences holding KV blocks (running, or mid-prefill), read on first need
+        self._holders = holders  # the sequences holding KV blocks (running, or mid-prefill), asked on first need
         self._in_use: set[int] | None = None  # their adapters' ids
 
     def can_admit(self, seq: Sequence) -> bool:
@@ -32,5 +32,5 @@ class LoRAAdmission:
 
     def _adapters_in_use(self) -> set[int]:
         if self._in_use is None:
-            self._in_use = {s.lora_request.lora_int_id for s in self._holders if s.lora_request is not None}
+            self._in_use = {s.lora_request.lora_int_id for s in self._holders() if s.lora_request is not None}
         return self._in_use

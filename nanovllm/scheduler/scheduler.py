@@ -9,9 +9,7 @@ With LoRA, a prompt whose adapter would be one more than the device slots hold i
 (scheduler/lora_admission.py).
 """
 
-import itertools
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 from nanovllm.scheduler.batch import ScheduledBatch, StepSamples
@@ -78,7 +76,7 @@ class Scheduler:
         seqs: list[Sequence] = []
         num_new_tokens: list[int] = []
         budget = self.limits.max_num_batched_tokens
-        adapters = LoRAAdmission(self.limits.max_loras, self._block_holders())
+        adapters = LoRAAdmission(self.limits.max_loras, self._block_holders)
         passed_over: list[Sequence] = []  # prompts whose LoRA adapter has no device slot now; they keep their place
         while self.waiting and budget > 0 and len(self.running) + len(seqs) < self.limits.max_num_seqs:
             seq = self.waiting[0]
@@ -102,9 +100,9 @@ class Scheduler:
         self.waiting.extendleft(reversed(passed_over))
         return ScheduledBatch(seqs, num_new_tokens, is_prefill=True)
 
-    def _block_holders(self) -> Iterator[Sequence]:
+    def _block_holders(self) -> list[Sequence]:
         """The sequences holding KV blocks: the running ones and a prompt in the middle of its prefill."""
-        return itertools.chain(self.running, (seq for seq in self.waiting if seq.block_table))
+        return [*self.running, *(seq for seq in self.waiting if seq.block_table)]
 
     def _schedule_decode(self) -> ScheduledBatch:
         """Every running sequence decodes one token, oldest first; when the cache runs out of blocks, the newest
