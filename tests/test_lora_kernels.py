@@ -52,7 +52,7 @@ def test_triton_shrink_and_expand_match_reference(dtype: torch.dtype, num_tokens
     scalings = torch.tensor([0.5, 3.0, 2.0], device=DEVICE)
     y = torch.randn(num_tokens, sum(SLICE_SIZES), generator=gen).to(dtype).to(DEVICE)
 
-    want_shrunk = lora_shrink(x, lora_a, metadata.token_slots)
+    want_shrunk = lora_shrink(x, lora_a, metadata)
     got_shrunk = lora_shrink_triton(x, lora_a, metadata)
     tol = TOLERANCE[dtype] * want_shrunk.abs().max().item()
     torch.testing.assert_close(got_shrunk, want_shrunk, atol=tol, rtol=0, msg=lambda m: f"shrink: {m}")
@@ -61,7 +61,7 @@ def test_triton_shrink_and_expand_match_reference(dtype: torch.dtype, num_tokens
     offset = 0
     for slice_idx, size in enumerate(SLICE_SIZES):
         cols = slice(offset, offset + size)
-        lora_expand(want_y[:, cols], want_shrunk[slice_idx], lora_b[:, cols], scalings, metadata.token_slots)
+        lora_expand(want_y[:, cols], want_shrunk[slice_idx], lora_b[:, cols], scalings, metadata)
         lora_expand_triton(got_y[:, cols], want_shrunk[slice_idx], lora_b[:, cols], scalings, metadata)
         offset += size
     tol = TOLERANCE[dtype] * want_y.float().abs().max().item()

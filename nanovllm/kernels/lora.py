@@ -7,7 +7,8 @@
 Importing this module does not import Triton: the Triton kernels load when chosen.
 """
 
-from typing import Protocol
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -28,65 +29,21 @@ def slot_rank(max_lora_rank: int) -> int:
     return rank
 
 
-class LoRAKernels(Protocol):
-    name: str
+@dataclass(frozen=True)
+class LoRAKernels:
+    """The two LoRA kernels of one implementation (lora_reference.py documents their contract)."""
 
-    def shrink(self, x: torch.Tensor, lora_a: torch.Tensor, metadata: LoRAMetadata) -> torch.Tensor:
-        """x [N, in_features] @ A[slot]^T for every slice: [num_slices, N, max_rank] float32 (A is
-        [max_loras, num_slices, max_rank, in_features]); zero or untouched where a token has no adapter."""
-        ...
-
-    def expand(
-        self,
-        y: torch.Tensor,  # [N, out_features] (one slice's columns), updated in place
-        shrunk: torch.Tensor,  # [N, max_rank] float32, one slice of shrink()
-        lora_b: torch.Tensor,  # [max_loras, out_features, max_rank]
-        scalings: torch.Tensor,  # [max_loras] float32
-        metadata: LoRAMetadata,
-    ) -> None:
-        """y += scaling[slot] * shrunk @ B[slot]^T for each token with an adapter."""
-        ...
-
-
-class TorchLoRAKernels:
-    name = "torch"
-
-    def shrink(self, x: torch.Tensor, lora_a: torch.Tensor, metadata: LoRAMetadata) -> torch.Tensor:
-        return lora_reference.lora_shrink(x, lora_a, metadata.token_slots)
-
-    def expand(
-        self,
-        y: torch.Tensor,
-        shrunk: torch.Tensor,
-        lora_b: torch.Tensor,
-        scalings: torch.Tensor,
-        metadata: LoRAMetadata,
-    ) -> None:
-        lora_reference.lora_expand(y, shrunk, lora_b, scalings, metadata.token_slots)
-
-
-class TritonLoRAKernels:
-    name = "triton"
-
-    def __init__(self) -> None:
-        from nanovllm.kernels import triton_lora  # imports Triton: only when chosen
-
-        self._kernels = triton_lora
-
-    def shrink(self, x: torch.Tensor, lora_a: torch.Tensor, metadata: LoRAMetadata) -> torch.Tensor:
-        return self._kernels.lora_shrink_triton(x, lora_a, metadata)
-
-    def expand(
-        self,
-        y: torch.Tensor,
-        shrunk: torch.Tensor,
-        lora_b: torch.Tensor,
-        scalings: torch.Tensor,
-        metadata: LoRAMetadata,
-    ) -> None:
-        self._kernels.lora_expand_triton(y, shrunk, lora_b, scalings, metadata)
+    name: str  # "torch" or "triton"
+    # (x [N, in], A [max_loras, num_slices, rank, in], metadata) -> x A[slot]^T [num_slices, N, rank] float32
+    shrink: Callable[[torch.Tensor, torch.Tensor, LoRAMetadata], torch.Tensor]
+    # (y [N, out] updated in place, shrunk [N, rank], B [max_loras, out, rank], scalings [max_loras], metadata)
+    expand: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, LoRAMetadata], None]
 
 
 def select_lora_kernels(use_triton: bool) -> LoRAKernels:
     """Triton where the engine runs its other Triton kernels (attention backend "triton" or "flash_attn")."""
-    return TritonLoRAKernels() if use_triton else TorchLoRAKernels()
+    if not use_triton:
+        return LoRAKernels("torch", lora_reference.lora_shrink, lora_reference.lora_expand)
+    from nanovllm.kernels import triton_lora  # imports Triton: only when chosen
+
+    return LoRAKernels("triton", triton_lora.lora_shrink_triton, triton_lora.lora_expand_triton)

@@ -12,13 +12,16 @@ each token's own: simple and free of data-dependent shapes, at max_loras times t
 
 import torch
 
+from nanovllm.utils.lora_metadata import LoRAMetadata
+
 
 def lora_shrink(
     x: torch.Tensor,  # [N, in_features]
     lora_a: torch.Tensor,  # [max_loras, num_slices, max_rank, in_features]
-    token_slots: torch.Tensor,  # [N] int32, each token's slot; negative = base model
+    metadata: LoRAMetadata,  # of which this reads token_slots only
 ) -> torch.Tensor:  # [num_slices, N, max_rank] float32; zero for base-model tokens
     """x @ A^T of each token's adapter, for every slice."""
+    token_slots = metadata.token_slots  # [N] int32, each token's slot; NO_ADAPTER = base model
     num_slots, num_slices, max_rank, _ = lora_a.shape
     shrunk = torch.zeros(num_slices, x.shape[0], max_rank, dtype=torch.float32, device=x.device)
     x32 = x.float()
@@ -34,9 +37,10 @@ def lora_expand(
     shrunk: torch.Tensor,  # [N, max_rank] float32, this slice's lora_shrink output
     lora_b: torch.Tensor,  # [max_loras, out_features, max_rank]
     scalings: torch.Tensor,  # [max_loras] float32
-    token_slots: torch.Tensor,  # [N] int32, each token's slot; negative = base model
+    metadata: LoRAMetadata,  # of which this reads token_slots only
 ) -> None:
     """y += scaling * shrunk @ B^T of each token's adapter; base-model tokens keep y."""
+    token_slots = metadata.token_slots  # [N] int32
     delta = torch.zeros(y.shape, dtype=torch.float32, device=y.device)  # [N, out_features]
     for slot in range(lora_b.shape[0]):
         is_slot = (token_slots == slot)[:, None]  # [N, 1]
