@@ -77,8 +77,9 @@ def generate_ids(llm: LLM, prompts: list[list[int]], loras: list[LoRARequest | N
 
 
 def mixed_batch(requests: dict[str, LoRARequest]) -> tuple[list[list[int]], list[LoRARequest | None]]:
-    """Rows of adapter a, b, the base model and c, then a's prompt (two blocks and more) under b."""
-    prompts = [random_prompt(length, seed) for seed, length in enumerate((2 * BLOCK_SIZE + 3, 9, 20, 5))]
+    """Rows of adapter a, b, the base model and c, then a's prompt (two blocks and more) under b. The first and
+    third prompts fill a new block as they decode."""
+    prompts = [random_prompt(length, seed) for seed, length in enumerate((3 * BLOCK_SIZE - 2, 9, BLOCK_SIZE - 3, 5))]
     return [*prompts, prompts[0]], [requests["a"], requests["b"], None, requests["c"], requests["b"]]
 
 
@@ -103,18 +104,23 @@ def test_more_adapters_than_slots_queue_and_reload(
     tiny_models: dict[str, Path], adapters: dict[str, dict[str, str]]
 ) -> None:
     """Guards against a batch needing more adapters than max_loras (an error under load instead of waiting), an
-    adapter evicted from its slot or the host cache and not reloaded right, and a request lost while it waited."""
+    adapter evicted from its slot or the host cache and not reloaded right, a request lost while it waited, and
+    adapter slots misassigned to the tokens of prompt chunks or of preempted, recomputed sequences."""
     requests = lora_requests(adapters["qwen3"])
     prompts, loras = mixed_batch(requests)
     prompts, loras = prompts * 2, loras[::-1] + loras  # 10 rows, the adapters interleaved
     expected = expected_tokens(tiny_models["qwen3"], prompts, loras)
-    with LLM(str(tiny_models["qwen3"]), max_loras=1, max_cpu_loras=2, **LORA_ARGS) as llm:
+    # 24-token steps chunk the longer prompts; 8 blocks of 16 make the running sequences preempt one another.
+    tight = {**LORA_ARGS, "num_kvcache_blocks": 8, "max_num_batched_tokens": 24}
+    with LLM(str(tiny_models["qwen3"]), max_loras=1, max_cpu_loras=2, **tight) as llm:
         got = generate_ids(llm, prompts, loras)
         again = generate_ids(llm, prompts[:1], loras[:1])  # adapter b: evicted from its slot by now
         assert llm.engine is not None and llm.engine.runner.lora is not None
         manager = llm.engine.runner.lora
+        num_preemptions = llm.engine.scheduler.num_preemptions
     assert got == expected, f"engine {got} != PEFT {expected}"
     assert again == expected[:1], (again, expected[:1])
+    assert num_preemptions > 0, "the workload must preempt"
     assert manager.num_slot_loads > 3, f"3 adapters over 1 slot must reload some: {manager.num_slot_loads} loads"
     assert manager.cache.num_disk_reads > 3, f"3 adapters, 2 kept on the host: {manager.cache.num_disk_reads} reads"
 
