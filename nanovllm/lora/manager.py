@@ -11,7 +11,6 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from nanovllm.config import EngineConfig
 from nanovllm.kernels.lora import LoRAKernels
 from nanovllm.layers.linear import ColumnParallelLinear, RowParallelLinear
 from nanovllm.lora.adapter import LoRAAdapter, lora_module_shapes
@@ -29,18 +28,24 @@ LoRALinear = ColumnParallelLinear | RowParallelLinear
 
 class LoRAManager:
     def __init__(
-        self, model: LlamaForCausalLM, arch: ModelArch, config: EngineConfig, kernels: LoRAKernels, device: torch.device
+        self,
+        model: LlamaForCausalLM,
+        arch: ModelArch,
+        max_loras: int,  # device slots
+        max_lora_rank: int,  # largest rank accepted
+        max_cpu_loras: int,  # adapters kept in host memory
+        kernels: LoRAKernels,
+        device: torch.device,
     ) -> None:
-        self.max_loras = config.max_loras
+        self.max_loras = max_loras
         self.device = device
         # (decoder layer index, PEFT module name) -> the linear layer that computes it, and its slice there.
         self.targets: dict[tuple[int, str], tuple[LoRALinear, int]] = dict(_find_targets(model, arch))
         self.linears = list(dict.fromkeys(linear for linear, _ in self.targets.values()))  # each fused layer once
         for linear in self.linears:
-            linear.enable_lora(config.max_loras, config.max_lora_rank, kernels)
-        capacity = config.max_cpu_loras or config.max_loras
-        self.cache = AdapterCache(arch, config.max_lora_rank, capacity, pin_memory=device.type == "cuda")
-        self.slots = AdapterSlots(config.max_loras)
+            linear.enable_lora(max_loras, max_lora_rank, kernels)
+        self.cache = AdapterCache(arch, max_lora_rank, max_cpu_loras, pin_memory=device.type == "cuda")
+        self.slots = AdapterSlots(max_loras)
         self.num_slot_loads = 0  # adapters copied into a device slot so far
 
     def check(self, request: LoRARequest) -> None:

@@ -132,7 +132,10 @@ class ModelRunner:
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         if config.enable_lora:  # its device slots come before the KV cache takes the memory left
             lora_kernels = select_lora_kernels(use_triton=attention.name != "torch")
-            self.lora = LoRAManager(self.model, arch, config, lora_kernels, self.device)
+            max_cpu_loras = config.max_cpu_loras or config.max_loras
+            self.lora = LoRAManager(
+                self.model, arch, config.max_loras, config.max_lora_rank, max_cpu_loras, lora_kernels, self.device
+            )
         self.sampler = Sampler(
             config.seed, self.kernels.compile_ops, self.device, triton_race=attention.name != "torch"
         )
