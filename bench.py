@@ -8,6 +8,7 @@
     python bench.py --quantization fp8   # FP8 weights (online); awq, gptq, w4a16, fp8-block...: random weights
                                          # in that published format (without --model)
     python bench.py --kv-cache-dtype fp8       # K/V stored in FP8 (e4m3): twice the tokens in the same memory
+    python bench.py --num-loras 4        # 4 random LoRA adapters (rank 16, all seven projections) and the base
 
 Workload (as nano-vllm's bench.py): random.seed(0); 256 requests; each prompt has
 randint(100, 1024) token ids drawn with randint(0, 10000); each request then gets
@@ -26,7 +27,7 @@ from typing import Any
 
 import torch
 
-from nanovllm import LLM, SamplingParams
+from nanovllm import LLM, LoRARequest, SamplingParams
 
 # Real configs of the shapes we benchmark (from the models' published config.json).
 QWEN3_COMMON = {
@@ -110,6 +111,8 @@ QUANTIZED_FORMATS: dict[str, dict[str, Any]] = {
     "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
     "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True},
 }
+LORA_RANK = 16  # the issue's LoRA benchmark: rank 16 on q, k, v, o, gate, up and down
+LORA_WEIGHT_STD = 0.02  # spread of the random adapter weights, as the dummy model's
 GPU_WORKLOAD = {"num_seqs": 256, "max_input_len": 1024, "max_output_len": 1024}
 CPU_WORKLOAD = {"num_seqs": 8, "max_input_len": 64, "max_output_len": 32}  # about a minute on 2 cores
 
@@ -136,6 +139,9 @@ def parse_args() -> argparse.Namespace:
         "--quantization", choices=["fp8", *QUANTIZED_FORMATS],
         help="fp8: quantize the weights to FP8 as they load; another: random weights in that format (no --model)",
     )  # fmt: skip
+    parser.add_argument(
+        "--num-loras", type=int, default=0, help="random LoRA adapters; requests go round-robin over them and the base"
+    )
     return parser.parse_args()
 
 
@@ -149,6 +155,47 @@ def build_dummy_llm(shape: str, quantized_format: str | None = None, **engine_ar
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f)
         return LLM(tmp, load_format="dummy", skip_tokenizer_init=True, **engine_args)
+
+
+def model_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The benchmarked model's config.json."""
+    if not args.model:
+        return SHAPES[args.shape]
+    with open(os.path.join(args.model, "config.json")) as f:
+        config: dict[str, Any] = json.load(f)
+    return config
+
+
+def write_random_adapters(config: dict[str, Any], num_loras: int, root: str) -> list[LoRARequest]:
+    """PEFT-layout adapters of rank LORA_RANK on every projection of a model with this config.json, in ``root``."""
+    from safetensors.torch import save_file
+
+    hidden, inter, layers = config["hidden_size"], config["intermediate_size"], config["num_hidden_layers"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    q_size = config["num_attention_heads"] * head_dim
+    kv_size = config.get("num_key_value_heads", config["num_attention_heads"]) * head_dim
+    shapes = {  # module -> (its block, out_features, in_features)
+        "q_proj": ("self_attn", q_size, hidden), "k_proj": ("self_attn", kv_size, hidden),
+        "v_proj": ("self_attn", kv_size, hidden), "o_proj": ("self_attn", hidden, q_size),
+        "gate_proj": ("mlp", inter, hidden), "up_proj": ("mlp", inter, hidden), "down_proj": ("mlp", hidden, inter),
+    }  # fmt: skip
+    requests = []
+    for lora_id in range(1, num_loras + 1):
+        path = os.path.join(root, f"lora{lora_id}")
+        os.makedirs(path)
+        with open(os.path.join(path, "adapter_config.json"), "w") as f:
+            json.dump(
+                {"peft_type": "LORA", "r": LORA_RANK, "lora_alpha": 2 * LORA_RANK, "target_modules": list(shapes)}, f
+            )
+        weights = {}
+        for layer in range(layers):
+            for module, (block, out_features, in_features) in shapes.items():
+                prefix = f"base_model.model.model.layers.{layer}.{block}.{module}"
+                weights[f"{prefix}.lora_A.weight"] = LORA_WEIGHT_STD * torch.randn(LORA_RANK, in_features)
+                weights[f"{prefix}.lora_B.weight"] = LORA_WEIGHT_STD * torch.randn(out_features, LORA_RANK)
+        save_file(weights, os.path.join(path, "adapter_model.safetensors"))
+        requests.append(LoRARequest(f"lora{lora_id}", lora_id, path))
+    return requests
 
 
 def make_workload(
@@ -204,6 +251,8 @@ def main() -> None:
     quantized_format = args.quantization if args.quantization in QUANTIZED_FORMATS else None
     if args.quantization == "fp8":
         engine_args["quantization"] = "fp8"
+    if args.num_loras:
+        engine_args.update(enable_lora=True, max_loras=args.num_loras, max_lora_rank=LORA_RANK)
     if args.model:
         if quantized_format is not None:
             raise SystemExit(f"--quantization {quantized_format} makes random weights; a --model is read as it is")
@@ -217,7 +266,12 @@ def main() -> None:
     prompts, params = make_workload(
         workload["num_seqs"], min_len, workload["max_input_len"], workload["max_output_len"], **sampling
     )
+    adapter_dir = tempfile.TemporaryDirectory()  # each request's adapter is read when it arrives: kept to the end
+    adapters = write_random_adapters(model_config(args), args.num_loras, adapter_dir.name)
+    lora_requests = [[None, *adapters][i % (len(adapters) + 1)] for i in range(len(prompts))]
     llm.generate(["Benchmark: "] if llm.engine and llm.engine.tokenizer else [[1, 2, 3]], use_tqdm=False)
+    if adapters:  # the LoRA kernels compile on first use too
+        llm.generate([[1, 2, 3]] * len(adapters), use_tqdm=False, lora_request=adapters)
     if any(value != default for value, default in zip(sampling.values(), (1.0, 0, 1.0), strict=True)):
         # The sampler compiles one graph per combination of stages and batch size 1 / >1 on first use:
         # warm that up too, as the default path is warmed above, so the timed run measures no compilation.
@@ -226,10 +280,11 @@ def main() -> None:
     full_collections = FullCollectionTimer()
     gc.callbacks.append(full_collections)
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
+    outputs = llm.generate(prompts, params, use_tqdm=False, lora_request=lora_requests)
     elapsed = time.perf_counter() - start
     gc.callbacks.remove(full_collections)
     llm.close()
+    adapter_dir.cleanup()
     num_output_tokens = sum(len(out.token_ids) for out in outputs)
     pauses = full_collections.seconds
     print(f"full garbage collections in the timed run: {len(pauses)}, {1e3 * sum(pauses):.0f} ms")

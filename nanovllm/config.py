@@ -50,6 +50,10 @@ class EngineConfig:
     seed: int = 0  # seeds random sampling and dummy weights
     skip_tokenizer_init: bool = False  # load no tokenizer: prompts must be token ids, outputs have empty text
     quantization: str | None = None  # "fp8": quantize a float checkpoint's linear weights to FP8 per row as they load
+    enable_lora: bool = False  # serve LoRA adapters (LoRARequest) beside the base model
+    max_loras: int = 4  # adapters on the device at once: distinct adapters among running requests
+    max_lora_rank: int = 16  # largest adapter rank `r` accepted
+    max_cpu_loras: int | None = None  # adapters kept in host memory; None = max_loras
 
     def __post_init__(self) -> None:
         if not os.path.isdir(self.model):
@@ -83,6 +87,8 @@ class EngineConfig:
                 "reads only 16-bit caches; use attention_backend='triton' (or 'auto'), or kv_cache_dtype='auto'"
             )
 
+        _check_lora_limits(self.max_loras, self.max_lora_rank, self.max_cpu_loras)
+
     @classmethod
     def field_help(cls) -> dict[str, str]:
         """Each field's one-line description: its comment above, where it is written once (for --help)."""
@@ -102,6 +108,18 @@ class EngineConfig:
 def _check_positive_int(name: str, value: object) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_lora_limits(max_loras: int, max_lora_rank: int, max_cpu_loras: int | None) -> None:
+    _check_positive_int("max_loras", max_loras)
+    _check_positive_int("max_lora_rank", max_lora_rank)
+    if max_cpu_loras is not None:
+        _check_positive_int("max_cpu_loras", max_cpu_loras)
+        if max_cpu_loras < max_loras:
+            raise ValueError(
+                f"max_cpu_loras={max_cpu_loras} is less than max_loras={max_loras}: every adapter on the device is "
+                "also kept in host memory; raise max_cpu_loras or leave it None"
+            )
 
 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 from nanovllm.config import EngineConfig
 from nanovllm.engine.beam_search import beam_search
 from nanovllm.engine.llm_engine import LLMEngine
+from nanovllm.engine.lora_requests import LoRARequests
 from nanovllm.engine.prompts import PromptsArg, SamplingParamsArg
 from nanovllm.outputs import BeamSearchOutput, PrefixCacheStats, RequestOutput, StreamOutput
 from nanovllm.utils.device import release_cached_gpu_memory
@@ -20,19 +21,28 @@ class LLM:
         self.engine: LLMEngine | None = LLMEngine(self.config)
 
     def generate(
-        self, prompts: PromptsArg, sampling_params: SamplingParamsArg = None, use_tqdm: bool = True
+        self,
+        prompts: PromptsArg,
+        sampling_params: SamplingParamsArg = None,
+        use_tqdm: bool = True,
+        lora_request: LoRARequests = None,
     ) -> list[RequestOutput]:
         """Complete every prompt; outputs come back in input order. A string or a list of token ids is one
-        prompt; a list of those is several."""
-        return self._engine().generate(prompts, sampling_params, use_tqdm)
+        prompt; a list of those is several.
 
-    def stream(self, prompts: PromptsArg, sampling_params: SamplingParamsArg = None) -> Iterator[StreamOutput]:
+        ``lora_request``: one LoRARequest for every prompt, or a list aligned with them; None is the base model.
+        """
+        return self._engine().generate(prompts, sampling_params, use_tqdm, lora_request)
+
+    def stream(
+        self, prompts: PromptsArg, sampling_params: SamplingParamsArg = None, lora_request: LoRARequests = None
+    ) -> Iterator[StreamOutput]:
         """Like generate, but yields each step's new tokens and text per request as they are sampled.
 
         A prompt's ``request_id`` is its index in ``prompts`` as a string. Breaking out of the loop
         aborts the requests still running and frees their KV cache.
         """
-        return self._engine().stream(prompts, sampling_params)
+        return self._engine().stream(prompts, sampling_params, lora_request)
 
     def beam_search(
         self,
@@ -41,13 +51,15 @@ class LLM:
         max_tokens: int,
         length_penalty: float = 1.0,
         ignore_eos: bool = False,
+        lora_request: LoRARequests = None,
     ) -> list[BeamSearchOutput]:
         """The ``beam_width`` most likely completions of each prompt (vLLM's beam search), best score first.
 
         Scores are cumulative logprob / len(prompt + completion) ** length_penalty; a beam ends at EOS
         (unless ignore_eos) or after max_tokens tokens.
         """
-        return beam_search(self._engine(), prompts, beam_width, max_tokens, length_penalty, ignore_eos)
+        engine = self._engine()
+        return beam_search(engine, prompts, beam_width, max_tokens, length_penalty, ignore_eos, lora_request)
 
     def prefix_cache_stats(self) -> PrefixCacheStats:
         """Prompt tokens looked up in the prefix cache so far, and how many were found."""

@@ -307,7 +307,11 @@ def hf_greedy_reference(model_dir: str, prompt_ids: tuple[int, ...], max_tokens:
     Every step re-runs the whole sequence without a KV cache: slower than `generate` but obviously
     correct, and free of generation-config defaults (EOS, repetition penalty) that could leak in.
     """
-    model = load_hf_model(model_dir)
+    return greedy_reference(load_hf_model(model_dir), prompt_ids, max_tokens)
+
+
+def greedy_reference(model: torch.nn.Module, prompt_ids: tuple[int, ...], max_tokens: int) -> GreedyReference:
+    """hf_greedy_reference's loop on a transformers model already loaded (e.g. one with an adapter merged in)."""
     token_ids = list(prompt_ids)
     top2_margins: list[float] = []
     with torch.inference_mode():

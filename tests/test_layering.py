@@ -2,7 +2,7 @@
 
 Each part of the package may import only the parts listed for it in ALLOWED, so imports flow one way:
 
-    llm -> engine -> scheduler, runner (-> sampling, models -> layers -> kernels), parallel;  serving -> engine
+    llm -> engine -> scheduler, runner (-> sampling, lora -> models -> layers -> kernels), parallel;  serving -> engine
 
 A part is a top-level module (``config``) or a package (``runner``); a few entries name a single module
 (``scheduler.batch``) where a part may use only that one of a package. No module may import itself back
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE_ROOT = Path(__file__).resolve().parent.parent / "nanovllm"
-DATA = {"config", "outputs", "sampling_params"}  # plain settings and results, which any stage may use
+DATA = {"config", "outputs", "sampling_params", "lora_request"}  # plain settings and results, which any stage may use
 # The scheduler's plain data: the batch handed to the runner, and the sequences it holds.
 SCHEDULER_DATA = {"scheduler.batch", "scheduler.sequence"}
 TENSOR_PARALLEL_INFO = {"parallel.process_group"}  # the rank, size and process group the parallel layers read
@@ -28,9 +28,11 @@ ALLOWED: dict[str, set[str]] = {
     "models": {"layers", "kernels", "utils"},
     "scheduler": DATA,
     "sampling": {"utils", *SCHEDULER_DATA, *DATA},
-    "runner": {"sampling", "models", "layers", "kernels", "utils", *SCHEDULER_DATA, *DATA},
+    # LoRA adapters: read against the model's shapes, loaded into its layers' slots, per batch of the scheduler.
+    "lora": {"models", "layers", "kernels", "utils", *SCHEDULER_DATA, *DATA},
+    "runner": {"sampling", "lora", "models", "layers", "kernels", "utils", *SCHEDULER_DATA, *DATA},
     "parallel": {"runner", "models", *SCHEDULER_DATA, *DATA},
-    "engine": {"scheduler", "runner", "parallel", "sampling", "models", *DATA},
+    "engine": {"scheduler", "runner", "parallel", "sampling", "lora", "models", *DATA},
     "serving": {"engine", *DATA},
     "llm": {"engine", "utils", *DATA},
     "cli": {"serving"},
@@ -39,6 +41,7 @@ ALLOWED: dict[str, set[str]] = {
     "config": set(),
     "outputs": set(),
     "sampling_params": set(),
+    "lora_request": set(),
 }
 
 

@@ -11,6 +11,7 @@ finds its earlier blocks, so only the newest tokens are recomputed.
 from dataclasses import dataclass
 
 from nanovllm.engine.llm_engine import LLMEngine
+from nanovllm.engine.lora_requests import LoRARequests, lora_requests_per_prompt
 from nanovllm.engine.prompts import PromptsArg, as_prompt_list
 from nanovllm.outputs import BeamSearchOutput, BeamSearchSequence
 from nanovllm.sampling_params import SamplingParams
@@ -35,12 +36,16 @@ def beam_search(
     max_tokens: int,
     length_penalty: float = 1.0,
     ignore_eos: bool = False,
+    lora_request: LoRARequests = None,
 ) -> list[BeamSearchOutput]:
-    """The ``beam_width`` best completions of each prompt, best first."""
+    """The ``beam_width`` best completions of each prompt (each with its LoRA adapter, if any), best first."""
     if not isinstance(beam_width, int) or beam_width < 1:
         raise ValueError(f"beam_width must be an integer >= 1, got {beam_width!r}")
     prompt_list = as_prompt_list(prompts)
-    prompt_ids = [engine.make_sequence(p, SamplingParams(max_tokens=max_tokens)).token_ids for p in prompt_list]
+    lora_requests = lora_requests_per_prompt(lora_request, len(prompt_list))
+    prompt_params = SamplingParams(max_tokens=max_tokens)
+    pairs = zip(prompt_list, lora_requests, strict=True)
+    prompt_ids = [engine.make_sequence(prompt, prompt_params, lora).token_ids for prompt, lora in pairs]
     live: list[list[Beam]] = [[Beam([], 0.0)] for _ in prompt_list]
     completed: list[list[Beam]] = [[] for _ in prompt_list]
     step_params = SamplingParams(temperature=0.0, max_tokens=1, logprobs=2 * beam_width, ignore_eos=True)
@@ -48,7 +53,9 @@ def beam_search(
         flat = [(p, beam) for p, beams in enumerate(live) for beam in beams]
         if not flat:
             break
-        outputs = engine.generate([prompt_ids[p] + beam.token_ids for p, beam in flat], step_params, use_tqdm=False)
+        beam_prompts = [prompt_ids[p] + beam.token_ids for p, beam in flat]
+        beam_loras = [lora_requests[p] for p, _ in flat]
+        outputs = engine.generate(beam_prompts, step_params, use_tqdm=False, lora_request=beam_loras)
         candidates: list[list[Beam]] = [[] for _ in prompt_list]
         for (p, beam), out in zip(flat, outputs, strict=True):
             step_logprobs = out.outputs[0].logprobs

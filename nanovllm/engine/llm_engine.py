@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from tqdm.auto import tqdm
 
 from nanovllm.config import EngineConfig
+from nanovllm.engine.lora_requests import LoRARequests, check_lora_request, lora_requests_per_prompt
 from nanovllm.engine.model_files import effective_max_model_len, load_tokenizer, read_eos_token_ids
 from nanovllm.engine.prompts import Prompt, PromptsArg, SamplingParamsArg, as_params_list, as_prompt_list
 from nanovllm.engine.request import Request
+from nanovllm.lora_request import LoRARequest
 from nanovllm.models.arch import check_tensor_parallel_split
 from nanovllm.models.quant_config import choose_quantization
 from nanovllm.models.registry import load_model_arch
@@ -92,7 +94,8 @@ class LLMEngine:
         block_manager = BlockManager(
             self.runner.num_kvcache_blocks, config.kvcache_block_size, config.enable_prefix_caching
         )
-        limits = SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len)
+        max_loras = config.max_loras if config.enable_lora else None  # distinct adapters among running requests
+        limits = SchedulerLimits(config.max_num_seqs, config.max_num_batched_tokens, self.max_model_len, max_loras)
         self.scheduler = build_scheduler(block_manager, limits, eos_ids, config.max_num_prefill_tokens)
         # Launch each step before recording the one before. Not under tensor parallelism: the workers take each
         # step's input tokens from rank 0's messages, so rank 0 must have them.
@@ -126,8 +129,10 @@ class LLMEngine:
 
     # ---- requests in ----
 
-    def make_sequence(self, prompt: Prompt, params: SamplingParams) -> Sequence:
-        """Tokenize and check one request; raises before anything is queued."""
+    def make_sequence(
+        self, prompt: Prompt, params: SamplingParams, lora_request: LoRARequest | None = None
+    ) -> Sequence:
+        """Tokenize and check one request (its LoRA adapter read and checked too); raises before anything is queued."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("a prompt is a string but skip_tokenizer_init=True; give token ids")
@@ -140,20 +145,27 @@ class LLMEngine:
         else:
             raise TypeError(f"a prompt must be a str or a list of int token ids, got {type(prompt).__name__}")
         check_params_for_vocab(params, self.arch.vocab_size)
-        seq = Sequence(token_ids, params)
+        check_lora_request(self.runner.lora, lora_request)
+        seq = Sequence(token_ids, params, lora_request=lora_request)
         self.scheduler.check_request(seq)
         return seq
 
     def add_request(
-        self, prompt: Prompt, params: SamplingParams, request_id: str | None = None, stream_text: bool = True
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        request_id: str | None = None,
+        stream_text: bool = True,
+        lora_request: LoRARequest | None = None,
     ) -> str:
         """Queue one request; it runs from the next step on, and step() reports each of its steps. Returns its id.
 
-        With ``stream_text`` each step's output carries the text its tokens completed.
+        With ``stream_text`` each step's output carries the text its tokens completed; with ``lora_request`` it
+        runs with that LoRA adapter (None: the base model).
         """
         if request_id is not None and request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running; ids must be unique")
-        seq = self.make_sequence(prompt, params)
+        seq = self.make_sequence(prompt, params, lora_request)
         request_id = f"req-{seq.seq_id}" if request_id is None else request_id
         self._enqueue(request_id, seq, stream_text, reports_steps=True)
         return request_id
@@ -323,10 +335,14 @@ class LLMEngine:
     # ---- whole runs: generate() and stream() ----
 
     def generate(
-        self, prompts: PromptsArg, sampling_params: SamplingParamsArg = None, use_tqdm: bool = True
+        self,
+        prompts: PromptsArg,
+        sampling_params: SamplingParamsArg = None,
+        use_tqdm: bool = True,
+        lora_request: LoRARequests = None,
     ) -> list[RequestOutput]:
         """Run every prompt to completion; outputs in input order (a bare str or token-id list is one prompt)."""
-        seqs = self._make_sequences("generate", prompts, sampling_params)
+        seqs = self._make_sequences("generate", prompts, sampling_params, lora_request)
         requests = [self._enqueue(f"gen-{seq.seq_id}", seq, False, reports_steps=False) for seq in seqs]
         try:
             self._run_to_completion(sum(seq.params.n for seq in seqs), use_tqdm)
@@ -334,12 +350,14 @@ class LLMEngine:
             self.abort_all()  # after an error or interrupt, leave the engine empty and usable
         return [request.to_output(i, self.tokenizer) for i, request in enumerate(requests)]
 
-    def stream(self, prompts: PromptsArg, sampling_params: SamplingParamsArg = None) -> Iterator[StreamOutput]:
+    def stream(
+        self, prompts: PromptsArg, sampling_params: SamplingParamsArg = None, lora_request: LoRARequests = None
+    ) -> Iterator[StreamOutput]:
         """Run every prompt, yielding what each step adds; a prompt's request id is its index as a string.
 
         Leaving the loop early (break, exception) aborts the requests still running.
         """
-        seqs = self._make_sequences("stream", prompts, sampling_params)  # bad input raises here, not when iterated
+        seqs = self._make_sequences("stream", prompts, sampling_params, lora_request)  # bad input raises here
         return self._stream_sequences(seqs)
 
     def _stream_sequences(self, seqs: list[Sequence]) -> Iterator[StreamOutput]:
@@ -352,17 +370,22 @@ class LLMEngine:
         finally:
             self.abort_all()
 
-    def _make_sequences(self, caller: str, prompts: PromptsArg, sampling_params: SamplingParamsArg) -> list[Sequence]:
+    def _make_sequences(
+        self, caller: str, prompts: PromptsArg, sampling_params: SamplingParamsArg, lora_request: LoRARequests
+    ) -> list[Sequence]:
         """Check every request before queueing any; the engine must be idle."""
         prompt_list = as_prompt_list(prompts)
         params_list = as_params_list(sampling_params, len(prompt_list))
+        lora_requests = lora_requests_per_prompt(lora_request, len(prompt_list))
         self._check_idle(caller)
-        pairs = zip(prompt_list, params_list, strict=True)
-        return [self._make_indexed_sequence(i, prompt, params) for i, (prompt, params) in enumerate(pairs)]
+        requests = zip(prompt_list, params_list, lora_requests, strict=True)
+        return [self._make_indexed_sequence(i, *request) for i, request in enumerate(requests)]
 
-    def _make_indexed_sequence(self, index: int, prompt: Prompt, params: SamplingParams) -> Sequence:
+    def _make_indexed_sequence(
+        self, index: int, prompt: Prompt, params: SamplingParams, lora_request: LoRARequest | None
+    ) -> Sequence:
         try:
-            return self.make_sequence(prompt, params)
+            return self.make_sequence(prompt, params, lora_request)
         except (ValueError, TypeError) as e:
             raise type(e)(f"prompt {index}: {e}") from e
 

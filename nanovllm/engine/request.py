@@ -32,7 +32,7 @@ class Request:
     ) -> "Request":
         """``first`` plus its n - 1 siblings: new sequences with the same prompt and params."""
         prompt = first.token_ids[: first.num_prompt_tokens]
-        siblings = [Sequence(prompt, first.params, index) for index in range(1, first.params.n)]
+        siblings = [Sequence(prompt, first.params, index, first.lora_request) for index in range(1, first.params.n)]
         seqs = [first, *siblings]
         needs_text = tokenizer is not None and (stream_text or bool(first.params.stop_strings))
         texts = [CompletionText(tokenizer, first.params) if needs_text and tokenizer else None for _ in seqs]

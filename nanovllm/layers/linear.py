@@ -17,6 +17,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from nanovllm.kernels.lora import LoRAKernels
+from nanovllm.layers.lora import LoRASlots, ShardRange
 from nanovllm.layers.quantization.base import LinearScheme, WeightShard
 from nanovllm.parallel.process_group import get_tensor_parallel
 
@@ -63,6 +65,7 @@ class ParallelLinear(nn.Module):
     def _create_weights(self, output_size: int, input_size: int, scheme: LinearScheme | None) -> None:
         """This rank's [output_size, input_size] weight: a plain parameter, or the scheme's quantized tensors."""
         self.scheme = scheme
+        self.lora: LoRASlots | None = None  # adapters' A and B, once enable_lora() was called (layers/lora.py)
         if scheme is None:
             self.weight = _make_param(output_size, input_size, loader=self.load_weight, shard_ids=self.part_ids)
         else:
@@ -70,9 +73,21 @@ class ParallelLinear(nn.Module):
 
     def _matmul(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:  # [N, in] -> [N, out]
         if self.scheme is None:
-            return F.linear(x, self.weight, bias)
-        y = self.scheme.apply(self, x)
-        return y if bias is None else y + bias
+            y = F.linear(x, self.weight, bias)
+        else:
+            y = self.scheme.apply(self, x)
+            y = y if bias is None else y + bias
+        return y if self.lora is None else self.lora(x, y)  # a row-parallel layer's partial sum gets its part
+
+    def _lora_weight(self) -> torch.Tensor:
+        """The plain weight LoRA slots take their dtype and device from; quantized layers take no adapter."""
+        if self.scheme is not None:
+            raise ValueError(f"LoRA adapters on quantized layers are not supported ({type(self.scheme).__name__})")
+        return self.weight
+
+    def lora_slice(self, part: Any) -> int:
+        """Which LoRA slice holds checkpoint part ``part`` (q, k, v of a qkv layer, in that order)."""
+        return list(self.part_ids or (None,)).index(part)
 
 
 class ColumnParallelLinear(ParallelLinear):
@@ -95,6 +110,14 @@ class ColumnParallelLinear(ParallelLinear):
     def weight_shard(self, part: Any = None) -> WeightShard:
         size = self.output_size_per_rank
         return WeightShard(size * self.tp.size, self.input_size, self.tp.rank * size, size, 0, self.input_size, 0)
+
+    def enable_lora(self, max_loras: int, max_lora_rank: int, kernels: LoRAKernels) -> None:
+        """Give the layer LoRA slots: A whole, B sharded as the weight's rows of each part (layers/lora.py)."""
+        weight = self._lora_weight()
+        shards = [self.weight_shard(part) for part in (self.part_ids or (None,))]
+        out_slices = tuple(ShardRange(shard.out_offset, shard.out_size, shard.out_start) for shard in shards)
+        in_range = ShardRange(0, self.input_size, 0)
+        self.lora = LoRASlots(in_range, out_slices, max_loras, max_lora_rank, kernels, like=weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._matmul(x, self.bias)
@@ -177,6 +200,13 @@ class RowParallelLinear(ParallelLinear):
     def weight_shard(self, part: Any = None) -> WeightShard:
         size = self.input_size_per_rank
         return WeightShard(self.output_size, size * self.tp.size, 0, self.output_size, self.tp.rank * size, size, 0)
+
+    def enable_lora(self, max_loras: int, max_lora_rank: int, kernels: LoRAKernels) -> None:
+        """Give the layer LoRA slots: A sharded as the weight's input columns, B whole (layers/lora.py)."""
+        weight, in_size = self._lora_weight(), self.input_size_per_rank
+        in_range = ShardRange(0, in_size, self.tp.rank * in_size)
+        out_slices = (ShardRange(0, self.output_size, 0),)
+        self.lora = LoRASlots(in_range, out_slices, max_loras, max_lora_rank, kernels, like=weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # The bias is added once, on rank 0, so the all-reduce does not count it tp times.

@@ -136,7 +136,7 @@ class LlamaForCausalLM(nn.Module):
     """LLaMA-style causal LM; the class attributes below are what other families change."""
 
     # Checkpoint tensors that land inside one of our fused parameters: name -> (fused name, part).
-    packed_modules_mapping = {
+    packed_modules_mapping: dict[str, tuple[str, int | str]] = {
         "q_proj": ("qkv_proj", "q"),
         "k_proj": ("qkv_proj", "k"),
         "v_proj": ("qkv_proj", "v"),

@@ -16,6 +16,7 @@ every block_size tokens. Messages are pickled over a multiprocessing Pipe, which
 
 from dataclasses import dataclass
 
+from nanovllm.lora_request import LoRARequest
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.scheduler.batch import ScheduledBatch
 from nanovllm.scheduler.sequence import Sequence
@@ -31,6 +32,7 @@ class NewSequence:
     num_computed_tokens: int  # tokens whose K/V is already cached (a prefix-cache hit), before this step
     params: SamplingParams  # its sampling settings (a Sequence needs them; workers never sample)
     num_new_tokens: int  # tokens it computes this step
+    lora_request: LoRARequest | None = None  # its adapter, which each worker reads from the directory itself
 
 
 @dataclass(frozen=True)
@@ -86,7 +88,7 @@ class StepEncoder:
                 items.append(
                     NewSequence(
                         seq.seq_id, list(seq.token_ids), list(seq.block_table), seq.num_computed_tokens, seq.params,
-                        num_new,
+                        num_new, seq.lora_request,
                     )
                 )  # fmt: skip
             else:
@@ -108,7 +110,7 @@ class SequenceMirror:
         seqs: list[Sequence] = []
         for item in step.seqs:
             if isinstance(item, NewSequence):
-                seq = Sequence(item.token_ids, item.params)
+                seq = Sequence(item.token_ids, item.params, lora_request=item.lora_request)
                 seq.block_table = list(item.block_table)
                 seq.num_computed_tokens = item.num_computed_tokens
                 self.seqs[item.seq_id] = seq

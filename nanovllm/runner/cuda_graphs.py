@@ -24,6 +24,9 @@ sampled eagerly), and tensor parallelism, where it is the only one (each rank's 
 all-gather outside the graphs).
 
     bucket 8, batch 5:   lanes 0-4 real | lanes 5-7 padding (slot -1, context 0)
+
+With LoRA each lane's adapter slot is an input too (padded lanes use the base model): the LoRA kernels'
+grid depends on the bucket and max_loras only, so one graph serves every mix of adapters.
 """
 
 from collections.abc import Callable
@@ -31,6 +34,7 @@ from contextlib import nullcontext
 from enum import Enum
 from functools import partial
 
+import numpy as np
 import torch
 
 from nanovllm.models.llama import LlamaForCausalLM
@@ -40,6 +44,7 @@ from nanovllm.runner.model_inputs import PendingTokens, feed_pending_tokens
 from nanovllm.sampling.sampler import Sampler, SamplingTensors
 from nanovllm.scheduler.batch import ScheduledBatch
 from nanovllm.utils.context import AttentionMetadata, attention_context
+from nanovllm.utils.lora_metadata import NO_ADAPTER, LoRAMetadata
 
 # Batch sizes with a graph: small powers of two, then every multiple of 16 (as vLLM and nano-vllm).
 SMALL_BUCKETS = (1, 2, 4, 8)
@@ -72,6 +77,7 @@ class DecodeGraphs:
         last_sampled: torch.Tensor,  # [max_num_seqs] int64, the previous step's samples (see PendingTokens)
         token_ring: TokenRing | None,  # where sampling graphs copy their token ids (needed with a sampler)
         sampler: Sampler | None = None,  # given: the LM head and short-path sampling are captured too
+        max_loras: int = 0,  # LoRA adapter slots, 0 = LoRA off
     ) -> None:
         self.model = model
         self.last_sampled = last_sampled
@@ -83,7 +89,7 @@ class DecodeGraphs:
         max_blocks = (max_model_len + block_size - 1) // block_size
         device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
-        self.staging = DecodeStaging(max_num_seqs, max_blocks, block_size, pin_memory=True)
+        self.staging = DecodeStaging(max_num_seqs, max_blocks, block_size, pin_memory=True, max_loras=max_loras)
         self.static_buffer = torch.zeros_like(self.staging.buffer, device=device)  # the host buffer's layout
         self.static = self.staging.fields_of(self.static_buffer)
         self.cu_seqlens_q = torch.arange(max_num_seqs + 1, dtype=torch.int32, device=device)  # one query each
@@ -114,6 +120,15 @@ class DecodeGraphs:
             max_context_len=self.max_model_len,  # the kernels size their grid for the longest possible context
             slot_mapping=s["slot_mapping"][:batch_size],
             block_tables=s["block_tables"][:batch_size],
+            lora=self._lora_metadata(batch_size),
+        )
+
+    def _lora_metadata(self, batch_size: int) -> LoRAMetadata | None:
+        if not self.staging.max_loras:
+            return None
+        s = self.static
+        return LoRAMetadata(
+            s["lora_token_slots"][:batch_size], s["lora_sorted_token_ids"][:batch_size], s["lora_slot_starts"]
         )
 
     def _step(self, batch_size: int, end: GraphEnd, token_buffer: int) -> None:
@@ -145,6 +160,8 @@ class DecodeGraphs:
     def capture(self) -> None:
         """Capture every bucket, largest first (the smaller ones reuse its memory), all in one pool."""
         self.staging.arrays["slot_mapping"].fill(-1)  # capture runs copy this buffer in: they store no K/V
+        if self.staging.max_loras:
+            self.staging.arrays["lora_token_slots"].fill(NO_ADAPTER)  # and run no adapter (slot_starts all 0)
         # The warm-up runs count draws; the engine's first draw should not depend on whether graphs exist.
         with nullcontext() if self.sampler is None else self.sampler.draws_not_counted():
             for batch_size in reversed(self.buckets):
@@ -168,16 +185,24 @@ class DecodeGraphs:
     def can_run(self, batch_size: int) -> bool:
         return bool(self.graphs) and batch_size <= self.buckets[-1]
 
-    def run(self, batch: ScheduledBatch, pending: PendingTokens | None = None) -> torch.Tensor:
+    def run(
+        self, batch: ScheduledBatch, pending: PendingTokens | None = None, lora_slots: np.ndarray | None = None
+    ) -> torch.Tensor:
         """Replay the graph that ends at the hidden states for this batch: they are [B, hidden_size]."""
-        self._replay(batch, pending, GraphEnd.HIDDEN_STATES)
+        self._replay(batch, pending, lora_slots, GraphEnd.HIDDEN_STATES)
         return self.outputs[len(batch.seqs)]
 
     def can_sample(self, t: SamplingTensors) -> bool:
         """Whether a sampling graph computes this batch's tokens: greedy or temperature-only rows, nothing else."""
         return self.sampler is not None and t.is_short_path and t.num_logprobs is None
 
-    def run_and_sample(self, batch: ScheduledBatch, pending: PendingTokens | None, t: SamplingTensors) -> HostSamples:
+    def run_and_sample(
+        self,
+        batch: ScheduledBatch,
+        pending: PendingTokens | None,
+        t: SamplingTensors,
+        lora_slots: np.ndarray | None = None,  # [B] each row's adapter slot, with LoRA
+    ) -> HostSamples:
         """Replay the model, LM head and sampler for this batch (can_sample(t)): its token ids, in last_sampled
         and on their way to the host."""
         assert self.token_ring is not None
@@ -186,14 +211,20 @@ class DecodeGraphs:
             self.temperatures[:num_seqs] = t.temperatures
             self.staged_temperatures = t.temperatures  # held, so its id cannot be reused by another tensor
         token_buffer = self.token_ring.take()
-        self._replay(batch, pending, GraphEnd.GREEDY if t.is_all_greedy else GraphEnd.TEMPERATURE, token_buffer)
+        end = GraphEnd.GREEDY if t.is_all_greedy else GraphEnd.TEMPERATURE
+        self._replay(batch, pending, lora_slots, end, token_buffer)
         return self.token_ring.hand_out(token_buffer, num_seqs)
 
     def _replay(
-        self, batch: ScheduledBatch, pending: PendingTokens | None, end: GraphEnd, token_buffer: int = 0
+        self,
+        batch: ScheduledBatch,
+        pending: PendingTokens | None,
+        lora_slots: np.ndarray | None,
+        end: GraphEnd,
+        token_buffer: int = 0,
     ) -> None:
         """Stage the batch into the pinned buffer and replay its bucket's graph, which copies it in."""
         bucket = self.bucket_of[len(batch.seqs)]
         self.inputs_copied.synchronize()  # the step before has copied its inputs out of the buffer
-        self.staging.stage(batch, bucket, pending)
+        self.staging.stage(batch, bucket, pending, lora_slots)
         self.graphs[bucket, end, token_buffer].replay()

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import torch
 
+from nanovllm.lora.metadata import decode_staging_fields, stage_decode_slots
 from nanovllm.runner.model_inputs import PendingTokens
 from nanovllm.scheduler.batch import ScheduledBatch
 
@@ -21,11 +22,16 @@ class DecodeStaging:
         | input_ids | is_pending | source_rows | positions | slot_mapping | context_lens | block_tables |
         |<--------------------- max_num_seqs lanes each ------------------------------->| bucket rows...|
         |<------------------------------------ num_bytes(bucket) --------------------------------->|
+
+    With LoRA (``max_loras`` > 0) each lane's adapter slot comes before the block tables (lora/metadata.py).
     """
 
-    def __init__(self, max_num_seqs: int, max_blocks: int, block_size: int, pin_memory: bool) -> None:
+    def __init__(
+        self, max_num_seqs: int, max_blocks: int, block_size: int, pin_memory: bool, max_loras: int = 0
+    ) -> None:
         self.block_size = block_size
         self.max_blocks = max_blocks
+        self.max_loras = max_loras  # adapter slots; 0 = no LoRA fields
         self.shapes = {
             "input_ids": ((max_num_seqs,), torch.int64),  # each sequence's newest token (0 where pending)
             "is_pending": ((max_num_seqs,), torch.bool),  # whether it is on the device only (PendingTokens)
@@ -33,6 +39,7 @@ class DecodeStaging:
             "positions": ((max_num_seqs,), torch.int64),
             "slot_mapping": ((max_num_seqs,), torch.int64),
             "context_lens": ((max_num_seqs,), torch.int32),
+            **(decode_staging_fields(max_num_seqs, max_loras) if max_loras else {}),
             "block_tables": ((max_num_seqs, max_blocks), torch.int32),
         }
         self.offsets: dict[str, int] = {}  # byte offset of each field in the buffer
@@ -58,7 +65,13 @@ class DecodeStaging:
         first ``bucket`` rows."""
         return self.offsets["block_tables"] + bucket * self.max_blocks * torch.int32.itemsize
 
-    def stage(self, batch: ScheduledBatch, bucket: int, pending: PendingTokens | None = None) -> None:
+    def stage(
+        self,
+        batch: ScheduledBatch,
+        bucket: int,
+        pending: PendingTokens | None = None,
+        lora_slots: np.ndarray | None = None,  # [B] int32 each row's adapter slot (LoRAManager.activate)
+    ) -> None:
         """Fill the pinned host buffer: each sequence computes its newest token, at position num_tokens - 1.
 
         slot of position p = block_tables[lane, p // block_size] * block_size + p % block_size
@@ -83,3 +96,5 @@ class DecodeStaging:
             h["is_pending"][num_seqs:bucket] = False
             h["input_ids"][num_seqs:bucket] = 0  # padded lanes still embed a token
             h["context_lens"][num_seqs:bucket] = 0  # padded lanes: nothing attended
+        if self.max_loras:
+            stage_decode_slots(h, lora_slots, num_seqs, bucket, self.max_loras)

@@ -11,13 +11,16 @@ import logging
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from nanovllm.config import EngineConfig
 from nanovllm.kernels.backends import Kernels, select_attention_backend
+from nanovllm.kernels.lora import select_lora_kernels
 from nanovllm.kernels.quant_backends import select_quantized_gemm
 from nanovllm.layers.attention import Attention
+from nanovllm.lora.manager import LoRAManager
 from nanovllm.models.arch import ModelArch
 from nanovllm.models.loader import init_dummy_weights, load_safetensors, weight_bytes
 from nanovllm.models.quant_config import choose_quantization
@@ -106,6 +109,7 @@ class ModelRunner:
         self.device = rank_device(config, rank)
         self.dtype = resolve_dtype(config.dtype, arch)
         self.decode_graphs: DecodeGraphs | None = None  # captured once the KV cache exists
+        self.lora: LoRAManager | None = None  # the LoRA adapters' host cache and device slots, with enable_lora
         self._memory_plan = ""  # how the KV cache was sized from free GPU memory, for error messages
         try:
             self._build(eos_token_ids)
@@ -144,6 +148,12 @@ class ModelRunner:
             quant.method if quant else f"unquantized {self.dtype}",
         )  # fmt: skip
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        if config.enable_lora:  # its device slots come before the KV cache takes the memory left
+            lora_kernels = select_lora_kernels(use_triton=attention.name != "torch")
+            max_cpu_loras = config.max_cpu_loras or config.max_loras
+            self.lora = LoRAManager(
+                self.model, arch, config.max_loras, config.max_lora_rank, max_cpu_loras, lora_kernels, self.device
+            )
         self.kv_layout = KVCacheLayout.of(self.attention_layers, self.block_size, cache_dtype)
         self.sampler = Sampler(
             config.seed, self.kernels.compile_ops, self.device, triton_race=attention.name != "torch"
@@ -166,6 +176,7 @@ class ModelRunner:
             self.decode_graphs = DecodeGraphs(
                 self.model, config.max_num_seqs, self.max_model_len, self.block_size, arch.hidden_size,
                 self.last_sampled, self.token_ring, self.sampler if single else None,
+                max_loras=config.max_loras if config.enable_lora else 0,
             )  # fmt: skip
             self.decode_graphs.capture()
 
@@ -252,28 +263,36 @@ class ModelRunner:
         the device: the one place that samples. A decode step in the graphs whose rows a sampling graph covers
         is one replay; otherwise the LM head and sampler run eagerly after the hidden states."""
         pending = find_pending_tokens(batch, in_flight)
+        lora_slots = None if self.lora is None else self.lora.activate(batch)  # [B] each row's adapter slot
         graphs = self.decode_graphs
         if graphs is not None and (batch.is_prefill or not graphs.can_run(len(batch.seqs))):
             graphs = None  # this step runs eagerly
         if self.rank != 0:  # a worker: its shard of the model, then its LM head's all-gather, which rank 0 joins
-            self.model.compute_logits(self._hidden_states(batch, pending, graphs))
+            self.model.compute_logits(self._hidden_states(batch, pending, graphs, lora_slots))
             return HostSamples([])  # rank 0 alone samples
         t = self.sampling.build(batch)
         if graphs is not None and graphs.can_sample(t):  # one replay: model, LM head, sampler, copy to the host
-            return graphs.run_and_sample(batch, pending, t)  # (the short path: no penalty table to count in)
-        logits = self.model.compute_logits(self._hidden_states(batch, pending, graphs))  # [B, vocab_size]
+            return graphs.run_and_sample(batch, pending, t, lora_slots)  # (short path: no penalty table to count in)
+        logits = self.model.compute_logits(self._hidden_states(batch, pending, graphs, lora_slots))  # [B, vocab]
         output = self.sampler(logits, t)
         self.last_sampled[: output.token_ids.numel()].copy_(output.token_ids)  # what the next step may feed on
         self.sampling.record(output)  # the penalty table counts the new tokens
         return HostSamples.copy_from(output, self.token_ring)  # copies start now; the caller waits when it needs them
 
     def _hidden_states(
-        self, batch: ScheduledBatch, pending: PendingTokens | None, graphs: DecodeGraphs | None
+        self,
+        batch: ScheduledBatch,
+        pending: PendingTokens | None,
+        graphs: DecodeGraphs | None,
+        lora_slots: np.ndarray | None,
     ) -> torch.Tensor:
         """The model over the batch, replayed in its decode graph or run eagerly: [B, hidden_size]."""
         if graphs is not None:
-            return graphs.run(batch, pending)
+            return graphs.run(batch, pending, lora_slots)
         inputs = build_model_inputs(batch, self.block_size, self.device)
+        if self.lora is not None and lora_slots is not None:
+            lora = self.lora.metadata(lora_slots, batch.num_new_tokens)
+            inputs = dataclasses.replace(inputs, attention=dataclasses.replace(inputs.attention, lora=lora))
         if pending is not None:
             is_pending = to_device(pending.is_pending, torch.bool, self.device)
             source_rows = to_device(pending.source_rows, torch.int64, self.device)

@@ -7,7 +7,8 @@ chained hash of its tokens,
 
     hash(block i) = xxh64(hash(block i-1) || token ids of block i)
 
-so a hash names the whole prefix up to and including the block, not just its own tokens.
+so a hash names the whole prefix up to and including the block, not just its own tokens. The first block's
+parent is the sequence's LoRA adapter's hash (:func:`root_hash`): one prompt under two adapters never shares KV.
 A freed block keeps its hash and stays findable until it is handed out again; free blocks
 are handed out least recently freed first, so the prefixes used last survive longest.
 """
@@ -21,7 +22,8 @@ import xxhash
 from nanovllm.outputs import PrefixCacheStats
 from nanovllm.scheduler.sequence import Sequence
 
-NO_PARENT_HASH = 0  # the "previous block hash" fed to the first block of every sequence
+NO_PARENT_HASH = 0  # the "previous block hash" fed to the first block of a base-model sequence
+LORA_HASH_TAG = b"lora"  # prefixed to an adapter id when it is hashed into a first block's parent
 
 
 @dataclass
@@ -38,6 +40,13 @@ def chain_hash(parent_hash: int, token_ids: list[int]) -> int:
     struct packs a list of ints twice as fast as array("q", ...): decode steps hash a block on most steps.
     """
     return xxhash.xxh64_intdigest(struct.pack(f"<Q{len(token_ids)}q", parent_hash, *token_ids))
+
+
+def root_hash(seq: Sequence) -> int:
+    """The "previous block hash" of a sequence's first block: its LoRA adapter's, or NO_PARENT_HASH."""
+    if seq.lora_request is None:
+        return NO_PARENT_HASH
+    return xxhash.xxh64_intdigest(LORA_HASH_TAG + struct.pack("<q", seq.lora_request.lora_int_id))
 
 
 class BlockManager:
@@ -70,7 +79,7 @@ class BlockManager:
             return [], []
         block_ids: list[int] = []
         hashes: list[int] = []
-        parent = NO_PARENT_HASH
+        parent = root_hash(seq)
         for block_idx in range((seq.num_tokens - 1) // self.block_size):
             token_ids = seq.block_token_ids(block_idx, self.block_size)
             parent = chain_hash(parent, token_ids)
@@ -120,7 +129,7 @@ class BlockManager:
             return
         num_full_computed = seq.num_computed_tokens // self.block_size
         for block_idx in range(len(seq.block_hashes), num_full_computed):
-            parent = seq.block_hashes[-1] if seq.block_hashes else NO_PARENT_HASH
+            parent = seq.block_hashes[-1] if seq.block_hashes else root_hash(seq)
             token_ids = seq.block_token_ids(block_idx, self.block_size)
             block_hash = chain_hash(parent, token_ids)
             seq.block_hashes.append(block_hash)

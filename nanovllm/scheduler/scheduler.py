@@ -5,6 +5,8 @@ token for each running sequence). Prefill goes first whenever a prompt is waitin
 A step computes, for each of its sequences, the K/V of tokens
 ``[num_computed_tokens, num_computed_tokens + num_new_tokens)``; that one rule covers a
 whole prompt, a chunk of a long prompt, a prompt behind a cached prefix, and a decode.
+With LoRA, a prompt whose adapter would be one more than the device slots hold is passed over
+(scheduler/lora_admission.py).
 """
 
 from collections import deque
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 
 from nanovllm.scheduler.batch import ScheduledBatch, StepSamples
 from nanovllm.scheduler.block_manager import BlockManager
+from nanovllm.scheduler.lora_admission import LoRAAdmission
 from nanovllm.scheduler.sequence import Sequence, SequenceStatus
 
 
@@ -20,6 +23,7 @@ class SchedulerLimits:
     max_num_seqs: int  # most sequences running at once
     max_num_batched_tokens: int  # most tokens computed in one step
     max_model_len: int  # longest prompt + completion, in tokens
+    max_loras: int | None = None  # most distinct LoRA adapters among sequences holding KV blocks; None = LoRA off
 
 
 class Scheduler:
@@ -77,14 +81,20 @@ class Scheduler:
         """Waiting prompts, in order, as many tokens as ``budget`` allows (the last one maybe in part)."""
         seqs: list[Sequence] = []
         num_new_tokens: list[int] = []
+        adapters = LoRAAdmission(self.limits.max_loras, self._block_holders)
+        passed_over: list[Sequence] = []  # prompts whose LoRA adapter has no device slot now; they keep their place
         while self.waiting and budget > 0 and len(self.running) + len(seqs) < self.limits.max_num_seqs:
             seq = self.waiting[0]
             if seq.num_pending_tokens:
                 break  # preempted by this very schedule (a mixed step's decode) with its newest token on the device
             if not seq.block_table:
+                if not adapters.can_admit(seq):
+                    passed_over.append(self.waiting.popleft())
+                    continue
                 if not self.block_manager.can_allocate(seq):
                     break
                 self.block_manager.allocate(seq)
+                adapters.admit(seq)
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             seqs.append(seq)
             num_new_tokens.append(num_new)
@@ -94,7 +104,12 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
+        self.waiting.extendleft(reversed(passed_over))
         return ScheduledBatch(seqs, num_new_tokens, is_prefill=True)
+
+    def _block_holders(self) -> list[Sequence]:
+        """The sequences holding KV blocks: the running ones and a prompt in the middle of its prefill."""
+        return [*self.running, *(seq for seq in self.waiting if seq.block_table)]
 
     def _schedule_decode(self) -> ScheduledBatch:
         """Every running sequence decodes one token, oldest first; when the cache runs out of blocks, the newest

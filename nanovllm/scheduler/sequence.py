@@ -3,6 +3,7 @@
 import itertools
 from enum import Enum, auto
 
+from nanovllm.lora_request import LoRARequest
 from nanovllm.sampling_params import SamplingParams
 
 _SEQ_IDS = itertools.count()  # a process-wide unique id per Sequence, for per-sequence device state
@@ -34,10 +35,16 @@ class Sequence:
     __slots__ = (
         "seq_id", "sample_index", "token_ids", "num_pending_tokens", "num_prompt_tokens", "params", "status",
         "num_computed_tokens", "num_cached_tokens", "block_table", "block_hashes", "finish_reason", "stop_reason",
-        "cumulative_logprob", "output_logprobs",
+        "cumulative_logprob", "output_logprobs", "lora_request",
     )  # fmt: skip
 
-    def __init__(self, prompt_token_ids: list[int], params: SamplingParams, sample_index: int = 0) -> None:
+    def __init__(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        sample_index: int = 0,
+        lora_request: LoRARequest | None = None,
+    ) -> None:
         self.seq_id = next(_SEQ_IDS)  # unique in this process: keys the engine's requests, device state, TP copies
         self.sample_index = sample_index  # which of the request's n completions this is
         self.token_ids = list(prompt_token_ids)  # prompt followed by the generated tokens the host has
@@ -53,6 +60,7 @@ class Sequence:
         self.stop_reason: int | str | None = None  # the stop token id or stop string that ended it; None for EOS
         self.cumulative_logprob = 0.0  # sum of the sampled tokens' logprobs (kept when logprobs were asked)
         self.output_logprobs: list[dict[int, float]] = []  # per output token: top-N + sampled, when asked
+        self.lora_request = lora_request  # the LoRA adapter it runs with; None = the base model
 
     def __len__(self) -> int:
         return self.num_tokens

@@ -1,12 +1,13 @@
 """The FastAPI app: routes, API key, body-size cap, error handlers, metrics, all over one AsyncLLM."""
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request, Response
 
+from nanovllm.lora_request import LoRARequest
 from nanovllm.serving.async_llm import AsyncLLM
 from nanovllm.serving.errors import APIError, APIKeyMiddleware, install_error_handlers
 from nanovllm.serving.limits import ServerLimits
@@ -20,9 +21,14 @@ PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 def build_app(
-    async_llm: AsyncLLM, model_name: str, api_key: str | None = None, limits: ServerLimits | None = None
+    async_llm: AsyncLLM,
+    model_name: str,
+    api_key: str | None = None,
+    limits: ServerLimits | None = None,
+    lora_modules: Sequence[LoRARequest] = (),
 ) -> FastAPI:
-    """An app serving `async_llm` as `model_name`; /v1/ routes need `api_key` when one is given.
+    """An app serving `async_llm` as `model_name`, and each of `lora_modules` under its own name (a request's
+    `model` picks one); /v1/ routes need `api_key` when one is given.
 
     The caller owns `async_llm` (its shutdown is not tied to the app's lifetime).
     """
@@ -42,7 +48,7 @@ def build_app(
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
     app.add_middleware(RequestBodyLimit, max_bytes=limits.max_request_body_bytes)  # outermost: added last
     metrics = ServerMetrics(async_llm)
-    serving = OpenAIServing(async_llm, prompts, model_name, metrics, limits)
+    serving = OpenAIServing(async_llm, prompts, model_name, metrics, limits, lora_modules)
     created = int(time.time())
 
     @app.get("/health")
@@ -69,7 +75,10 @@ def build_app(
             "owned_by": "nanovllm",
             "max_model_len": async_llm.max_model_len,
         }
-        return {"object": "list", "data": [card]}
+        adapters = [
+            {**card, "id": lora.lora_name, "root": lora.lora_path, "parent": model_name} for lora in lora_modules
+        ]
+        return {"object": "list", "data": [card, *adapters]}
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest, raw_request: Request) -> Response:

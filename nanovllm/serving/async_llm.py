@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.llm_engine import EngineStats, LLMEngine, Prompt, load_tokenizer
+from nanovllm.lora_request import LoRARequest
 from nanovllm.outputs import StreamOutput
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.serving.engine_loop import (
@@ -149,7 +150,12 @@ class AsyncLLM:
         """The engine's counters as of its last step (read them from the event loop's thread)."""
         return self._stats
 
-    async def add_requests(self, prompts: Sequence[Prompt], params: Sequence[SamplingParams]) -> RequestStream:
+    async def add_requests(
+        self,
+        prompts: Sequence[Prompt],
+        params: Sequence[SamplingParams],
+        lora_requests: Sequence[LoRARequest | None] | None = None,  # one per request; None = the base model
+    ) -> RequestStream:
         """Queue requests to run together; returns once the engine accepted all of them.
 
         Raises the engine's ValueError/TypeError (nothing queued) when one is invalid, and EngineError
@@ -166,7 +172,9 @@ class AsyncLLM:
             self._streams[request_id] = stream
         self._accepting[key] = stream
         try:
-            self._runner.send(AddRequests(key, stream.request_ids, list(prompts), list(params), time.perf_counter()))
+            loras = None if lora_requests is None else list(lora_requests)
+            command = AddRequests(key, stream.request_ids, list(prompts), list(params), time.perf_counter(), loras)
+            self._runner.send(command)
             await stream.accepted
         except (ValueError, TypeError):
             self._forget(stream.request_ids)

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from nanovllm.engine.llm_engine import EngineStats, LLMEngine, Prompt
+from nanovllm.lora_request import LoRARequest
 from nanovllm.outputs import StreamOutput
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.serving.request_timing import FirstTokenClock, FirstTokenTimes
@@ -39,6 +40,7 @@ class AddRequests:
     prompts: list[Prompt]  # one per request
     params: list[SamplingParams]  # one per request
     submitted_s: float  # time.perf_counter() when the event loop sent the command (one clock for all processes)
+    lora_requests: list[LoRARequest | None] | None = None  # one per request (None: base model); None = all base
 
 
 @dataclass(frozen=True)
@@ -126,9 +128,11 @@ class EngineLoop:
 
     def _add(self, command: AddRequests, taken_s: float) -> Accepted:
         added: list[str] = []
+        lora_requests = command.lora_requests or [None] * len(command.request_ids)
+        requests = zip(command.request_ids, command.prompts, command.params, lora_requests, strict=True)
         try:
-            for request_id, prompt, params in zip(command.request_ids, command.prompts, command.params, strict=True):
-                self.engine.add_request(prompt, params, request_id)
+            for request_id, prompt, params, lora_request in requests:
+                self.engine.add_request(prompt, params, request_id, lora_request=lora_request)
                 added.append(request_id)
         except Exception as e:  # invalid input (or a tokenizer's failure): take back those queued, tell the caller
             for request_id in added:

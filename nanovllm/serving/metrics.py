@@ -111,6 +111,9 @@ class ServerMetrics:
         registry.register(EngineStatsCollector(async_llm))
         self.prompt_tokens = Counter(f"{PREFIX}prompt_tokens", "Prompt tokens of accepted requests", registry=registry)
         self.generation_tokens = Counter(f"{PREFIX}generation_tokens", "Tokens generated", registry=registry)
+        self.lora_requests = Counter(
+            f"{PREFIX}lora_requests", "Requests accepted, by LoRA adapter", ["lora_name"], registry=registry
+        )
         self.request_success = Counter(
             f"{PREFIX}request_success", "Requests finished, by reason", ["finished_reason"], registry=registry
         )

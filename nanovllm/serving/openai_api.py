@@ -9,13 +9,14 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from nanovllm.lora_request import LoRARequest
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.serving.async_llm import AsyncLLM, EngineError, RequestStream
 from nanovllm.serving.errors import APIError, error_body, quoted
@@ -72,6 +73,8 @@ class Job:
     prompt_token_ids: list[list[int]]  # each distinct prompt, tokenized
     choice_prompt_idx: list[int]  # for each choice, the index of its prompt
     params: list[SamplingParams]  # for each choice
+    model: str  # the name the client asked for (the base model's or an adapter's), echoed in responses
+    lora_request: LoRARequest | None  # the adapter that name picks; None = the base model
     created: int = field(default_factory=lambda: int(time.time()))  # Unix seconds, as OpenAI's "created"
     tokenized_s: float = field(default_factory=time.perf_counter)  # its prompts were token ids (jobs are made then)
 
@@ -95,12 +98,14 @@ class OpenAIServing:
         model_name: str,
         metrics: ServerMetrics,
         limits: ServerLimits,
+        lora_modules: Sequence[LoRARequest] = (),
     ) -> None:
         self.async_llm = async_llm
         self.prompts = prompts  # tokenizes off the event loop; None without a tokenizer (skip_tokenizer_init)
         self.model_name = model_name
         self.metrics = metrics
         self.limits = limits
+        self.lora_modules = {lora.lora_name: lora for lora in lora_modules}  # adapters a request's `model` may name
 
     async def completions(self, request: CompletionRequest, raw_request: Request) -> Response:
         handler_s = time.perf_counter()
@@ -117,8 +122,9 @@ class OpenAIServing:
         return await self._run(job, request, raw_request)
 
     def _check_common(self, request: SamplingRequest) -> None:
-        if request.model != self.model_name:
-            message = f"model {quoted(request.model)} is not served here; this server serves {self.model_name!r}"
+        if request.model != self.model_name and request.model not in self.lora_modules:
+            served = ", ".join(repr(name) for name in [self.model_name, *self.lora_modules])
+            message = f"model {quoted(request.model)} is not served here; this server serves {served}"
             raise APIError(404, message, param="model", code="model_not_found")
         check_unsupported(request)
         check_n(request, self.limits.max_n)
@@ -170,12 +176,14 @@ class OpenAIServing:
                 choice_prompt_idx.append(prompt_idx)
                 params.append(one_choice(prompt_params, choice_idx))
         response_id = f"{'chatcmpl' if is_chat else 'cmpl'}-{uuid.uuid4().hex}"
-        return Job(response_id, is_chat, arrival, prompts, choice_prompt_idx, params)
+        lora_request = self.lora_modules.get(request.model)
+        return Job(response_id, is_chat, arrival, prompts, choice_prompt_idx, params, request.model, lora_request)
 
     async def _submit(self, job: Job) -> RequestStream:
         prompts = [job.prompt_token_ids[idx] for idx in job.choice_prompt_idx]
+        lora_requests = None if job.lora_request is None else [job.lora_request] * len(prompts)
         try:
-            stream = await self.async_llm.add_requests(prompts, job.params)
+            stream = await self.async_llm.add_requests(prompts, job.params, lora_requests)
         except (ValueError, TypeError) as e:
             raise APIError(400, str(e)) from e
         except EngineError as e:
@@ -183,6 +191,8 @@ class OpenAIServing:
         self.metrics.prompt_tokens.inc(sum(len(ids) for ids in job.prompt_token_ids))
         self.metrics.observe("request_parse_time_seconds", job.arrival.handler_s - job.arrival.received_s)
         self.metrics.observe("request_tokenize_time_seconds", job.tokenized_s - job.arrival.handler_s)
+        if job.lora_request is not None:
+            self.metrics.lora_requests.labels(lora_name=job.lora_request.lora_name).inc(len(prompts))
         return stream
 
     async def _run(self, job: Job, request: SamplingRequest, raw_request: Request) -> Response:
@@ -254,7 +264,7 @@ class OpenAIServing:
             "id": job.response_id,
             "object": kind,
             "created": job.created,
-            "model": self.model_name,
+            "model": job.model,
             "choices": choices,
         }
 

@@ -2,6 +2,7 @@
 
 Every EngineConfig field is a flag: ``max_model_len`` is ``--max-model-len``, a boolean field is
 ``--enforce-eager`` / ``--no-enforce-eager``. See README.md, "Serving", for the endpoints.
+``--enable-lora --lora-modules name=path ...`` serves PEFT adapters too, each under its own name.
 """
 
 import argparse
@@ -14,6 +15,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from nanovllm.config import EngineConfig
+from nanovllm.engine.lora_requests import check_adapters
+from nanovllm.lora_request import LoRARequest
 from nanovllm.serving.limits import DEFAULT_MAX_N, DEFAULT_MAX_REQUEST_BODY_BYTES, ServerLimits
 
 DEFAULT_HOST = "127.0.0.1"  # loopback unless asked otherwise: no API is exposed to the network by surprise
@@ -59,6 +62,13 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/ routes")
     parser.add_argument("--log-level", default="info", help="uvicorn's log level (default info)")
     parser.add_argument(
+        "--lora-modules",
+        nargs="+",
+        default=[],
+        metavar="NAME=PATH",
+        help="PEFT LoRA adapters to serve (with --enable-lora): a request whose 'model' is NAME runs adapter PATH",
+    )
+    parser.add_argument(
         "--engine-process",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -84,6 +94,28 @@ def engine_args_from(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def parse_lora_modules(specs: list[str], model_name: str) -> list[LoRARequest]:
+    """``--lora-modules NAME=PATH ...`` as LoRARequests, with lora_int_id 1, 2, ... in the order given."""
+    lora_modules: list[LoRARequest] = []
+    for lora_int_id, spec in enumerate(specs, start=1):
+        name, has_equals, path = spec.partition("=")
+        if not (has_equals and name and path):
+            raise ValueError(f"--lora-modules takes NAME=PATH pairs, got {spec!r}")
+        if name in {model_name, *(lora.lora_name for lora in lora_modules)}:
+            raise ValueError(f"--lora-modules name {name!r} is already served; give each adapter its own name")
+        lora_modules.append(LoRARequest(name, lora_int_id, path))
+    return lora_modules
+
+
+def lora_modules_from(args: argparse.Namespace, model_name: str) -> list[LoRARequest]:
+    """The adapters to serve, each directory read and checked against the model now (startup fails if one is bad)."""
+    if args.lora_modules and not args.enable_lora:
+        raise ValueError("--lora-modules needs --enable-lora")
+    lora_modules = parse_lora_modules(args.lora_modules, model_name)
+    check_adapters(args.model, args.max_lora_rank, lora_modules)
+    return lora_modules
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Parse the flags, build the engine (the slow part), then serve until interrupted."""
     import uvicorn  # imported here: the library itself works without the `serve` extra
@@ -92,13 +124,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     from nanovllm.serving.async_llm import AsyncLLM
     from nanovllm.serving.gc_freeze import startup_objects_frozen
 
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    model_name = args.served_model_name or args.model
+    try:
+        lora_modules = lora_modules_from(args, model_name)
+    except (ValueError, OSError) as e:
+        parser.error(str(e))
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     logging.basicConfig(level=args.log_level.upper())
     limits = ServerLimits(max_n=args.max_n, max_request_body_bytes=args.max_request_body_bytes)  # checked first
     async_llm = AsyncLLM.from_engine_args(args.model, engine_process=args.engine_process, **engine_args_from(args))
     try:
-        app = build_app(async_llm, args.served_model_name or args.model, args.api_key, limits)
+        app = build_app(async_llm, model_name, args.api_key, limits, lora_modules)
         with startup_objects_frozen():  # the engine (or its handle), the app and the tokenizer serve until exit
             uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from nanovllm.utils.lora_metadata import LoRAMetadata
+
 
 @dataclass(frozen=True)
 class AttentionMetadata:
@@ -34,6 +36,7 @@ class AttentionMetadata:
     max_context_len: int  # largest of context_lens, in tokens
     slot_mapping: torch.Tensor  # [N] int64, cache slot (block_id * block_size + offset) per token; -1 = skip
     block_tables: torch.Tensor  # [B, max_blocks] int32, cache block ids per sequence, padded with 0
+    lora: LoRAMetadata | None = None  # each token's adapter slot when the engine serves LoRA adapters
 
 
 _current: AttentionMetadata | None = None
