@@ -4,6 +4,7 @@
     python bench.py --model DIR          # a real checkpoint
     python bench.py --shape qwen3-8b     # another built-in shape
     python bench.py --tensor-parallel-size 2   # the model split over 2 GPUs
+    python bench.py --data-parallel-size 2     # 2 replicas of the model, each with half the prompts
 
 Workload (as nano-vllm's bench.py): random.seed(0); 256 requests; each prompt has
 randint(100, 1024) token ids drawn with randint(0, 10000); each request then gets
@@ -79,6 +80,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=0, help="top_k of every request (default 0 = off)")
     parser.add_argument("--repetition-penalty", type=float, default=1.0, help="of every request (default 1.0 = off)")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs (processes) to split the model over")
+    parser.add_argument("--data-parallel-size", type=int, default=1, help="replicas sharing the prompts (spawned)")
     return parser.parse_args()
 
 
@@ -136,6 +138,7 @@ def main() -> None:
         async_scheduling=not args.no_async_scheduling,
         attention_backend=args.backend,
         tensor_parallel_size=args.tensor_parallel_size,
+        data_parallel_size=args.data_parallel_size,
     )
     if args.model:
         llm = LLM(args.model, dtype=args.dtype, **engine_args)
@@ -145,7 +148,7 @@ def main() -> None:
     prompts, params = make_workload(
         workload["num_seqs"], min_len, workload["max_input_len"], workload["max_output_len"], **sampling
     )
-    llm.generate(["Benchmark: "] if llm.engine and llm.engine.tokenizer else [[1, 2, 3]], use_tqdm=False)
+    llm.generate([[1, 2, 3]] if llm.config.skip_tokenizer_init else ["Benchmark: "], use_tqdm=False)
     if any(value != default for value, default in zip(sampling.values(), (1.0, 0, 1.0), strict=True)):
         # The sampler compiles one graph per combination of stages and batch size 1 / >1 on first use:
         # warm that up too, as the default path is warmed above, so the timed run measures no compilation.

@@ -7,6 +7,8 @@ from typing import Any
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.beam_search import beam_search
+from nanovllm.engine.data_parallel import SpawnedReplicas
+from nanovllm.engine.launched import LaunchedEngine
 from nanovllm.engine.llm_engine import LLMEngine, Prompt
 from nanovllm.outputs import BeamSearchOutput, PrefixCacheStats, RequestOutput, StreamOutput
 from nanovllm.sampling_params import SamplingParams
@@ -18,7 +20,7 @@ class LLM:
 
     def __init__(self, model: str, **engine_args: Any) -> None:
         self.config = EngineConfig.from_kwargs(model, **engine_args)
-        self.engine: LLMEngine | None = LLMEngine(self.config)
+        self.engine: LLMEngine | SpawnedReplicas | LaunchedEngine | None = build_engine(self.config)
 
     def generate(
         self,
@@ -27,7 +29,7 @@ class LLM:
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
         """Complete every prompt (a string or a list of token ids); outputs come back in input order."""
-        return self._engine().generate(prompts, sampling_params or SamplingParams(), use_tqdm)
+        return self._open().generate(prompts, sampling_params or SamplingParams(), use_tqdm)
 
     def stream(
         self,
@@ -39,7 +41,7 @@ class LLM:
         A prompt's ``request_id`` is its index in ``prompts`` as a string. Breaking out of the loop
         aborts the requests still running and frees their KV cache.
         """
-        return self._engine().stream(prompts, sampling_params or SamplingParams())
+        return self._engine("stream").stream(prompts, sampling_params or SamplingParams())
 
     def beam_search(
         self,
@@ -54,11 +56,12 @@ class LLM:
         Scores are cumulative logprob / len(prompt + completion) ** length_penalty; a beam ends at EOS
         (unless ignore_eos) or after max_tokens tokens.
         """
-        return beam_search(self._engine(), list(prompts), beam_width, max_tokens, length_penalty, ignore_eos)
+        engine = self._engine("beam_search")
+        return beam_search(engine, list(prompts), beam_width, max_tokens, length_penalty, ignore_eos)
 
     def prefix_cache_stats(self) -> PrefixCacheStats:
         """Prompt tokens looked up in the prefix cache so far, and how many were found."""
-        return self._engine().prefix_cache_stats
+        return self._engine("prefix_cache_stats").prefix_cache_stats
 
     def close(self) -> None:
         """Release the model and the KV cache, and stop tensor-parallel workers. Closing twice is harmless."""
@@ -67,10 +70,21 @@ class LLM:
             self.engine = None
             release_cached_gpu_memory()  # the engine's tensors, freed above, back to the device
 
-    def _engine(self) -> LLMEngine:
+    def _open(self) -> LLMEngine | SpawnedReplicas | LaunchedEngine:
         if self.engine is None:
             raise RuntimeError("this LLM is closed")
         return self.engine
+
+    def _engine(self, caller: str) -> LLMEngine:
+        """The one engine this process drives; data parallelism and torchrun jobs offer generate() only."""
+        engine = self._open()
+        if not isinstance(engine, LLMEngine):
+            raise ValueError(
+                f"{caller}() runs on one engine driven from this process, but this LLM has data_parallel_size="
+                f"{self.config.data_parallel_size} and distributed_executor_backend="
+                f"{self.config.distributed_executor_backend!r}: use generate(), or data_parallel_size=1 with 'mp'"
+            )
+        return engine
 
     def __enter__(self) -> "LLM":
         return self
@@ -79,3 +93,12 @@ class LLM:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def build_engine(config: EngineConfig) -> LLMEngine | SpawnedReplicas | LaunchedEngine:
+    """The engine the parallelism asks for: one replica driven here, replicas spawned here, or a torchrun rank."""
+    if config.distributed_executor_backend == "external_launcher":
+        return LaunchedEngine(config)
+    if config.data_parallel_size > 1:
+        return SpawnedReplicas(config)
+    return LLMEngine(config)
