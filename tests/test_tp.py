@@ -19,8 +19,8 @@ import pytest
 import torch.distributed as dist
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.parallel.process_group import TensorParallelInfo, get_tensor_parallel
 from nanovllm.parallel.failures import WorkerDiedError
+from nanovllm.parallel.process_group import TensorParallelInfo, get_tensor_parallel
 from nanovllm.scheduler.batch import ScheduledBatch
 
 BLOCK_SIZE = 16

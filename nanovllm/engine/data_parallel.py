@@ -12,10 +12,10 @@ replica's: greedy ones, and sampled ones with a seed (SamplingParams.seed); samp
 seed draws from each replica's own generator.
 """
 
-import contextlib
 import dataclasses
 import multiprocessing as mp
 import os
+import weakref
 from collections.abc import Callable
 from collections.abc import Sequence as SequenceLike
 from dataclasses import dataclass
@@ -33,7 +33,7 @@ from nanovllm.models.arch import check_tensor_parallel_split, load_model_arch
 from nanovllm.outputs import RequestOutput
 from nanovllm.parallel.failures import WorkerDiedError
 from nanovllm.parallel.messages import CallDone, CallFailed
-from nanovllm.parallel.workers import cpu_threads_per_rank
+from nanovllm.parallel.workers import cpu_threads_per_rank, stop_children
 from nanovllm.runner.model_runner import resolve_device
 from nanovllm.sampling_params import SamplingParams
 
@@ -146,6 +146,7 @@ class SpawnedReplicas:
         context = mp.get_context("spawn")
         self.conns: list[Connection] = []
         self.processes: list[BaseProcess] = []
+        self._finalizer = weakref.finalize(self, _stop_replicas, self.conns, self.processes)
         for replica, visible_gpus in enumerate(gpus):
             parent_conn, child_conn = context.Pipe()
             args = (config, visible_gpus, child_conn)
@@ -224,14 +225,10 @@ class SpawnedReplicas:
 
     def close(self) -> None:
         """Stop every replica: each closes its engine (and its workers). Closing twice is harmless."""
-        for conn in self.conns:
-            with contextlib.suppress(OSError):  # that replica is gone already
-                conn.send(None)
-        for process in self.processes:
-            process.join(REPLICA_JOIN_TIMEOUT_S)
-            if process.is_alive():
-                process.kill()
-                process.join()
-        for conn in self.conns:
-            conn.close()
-        self.conns, self.processes = [], []
+        self._finalizer()
+
+
+def _stop_replicas(conns: list[Connection], processes: list[BaseProcess]) -> None:
+    """close(), or the same when the handle is garbage-collected or at interpreter exit (before multiprocessing
+    joins its children, which would wait forever on replicas waiting for their next call)."""
+    stop_children(conns, processes, None, REPLICA_JOIN_TIMEOUT_S)

@@ -21,7 +21,7 @@ from nanovllm.engine.llm_engine import LLMEngine, Prompt, params_per_prompt
 from nanovllm.engine.model_files import effective_max_model_len
 from nanovllm.models.arch import check_tensor_parallel_split, load_model_arch
 from nanovllm.outputs import RequestOutput
-from nanovllm.parallel.launcher import LaunchedRank, LaunchedWorkers, LaunchEnv, check_world_size
+from nanovllm.parallel.launcher import LaunchedRank, LaunchedWorkers, LaunchEnv
 from nanovllm.parallel.messages import CallDone, CallFailed, SequenceMirror
 from nanovllm.runner.model_runner import ModelRunner, resolve_device
 from nanovllm.sampling_params import SamplingParams
@@ -38,7 +38,6 @@ class LaunchedEngine:
 
     def __init__(self, config: EngineConfig) -> None:
         env = LaunchEnv.from_environ()
-        check_world_size(env, config)
         arch = load_model_arch(config.model)
         check_tensor_parallel_split(config.tensor_parallel_size, arch)  # every rank fails alike, before joining
         self.config = config

@@ -108,7 +108,7 @@ class LLMEngine:
         check_tensor_parallel_split(config.tensor_parallel_size, self.arch)
         self.workers = workers  # the other ranks that take part in each step; None: this process alone
         if workers is None and config.tensor_parallel_size > 1:  # started first: all build their runners in lockstep
-            self.workers = start_workers(config, self.arch, self.max_model_len, rank_device(config, 0))
+            self.workers = start_workers(config, self.arch, self.max_model_len)
         device = rank_device(config, 0) if self.workers is None else self.workers.device
         try:
             self.runner = ModelRunner(config, self.arch, self.max_model_len, eos_ids, device=device)

@@ -19,7 +19,7 @@ from nanovllm.config import EngineConfig
 from nanovllm.models.arch import ModelArch
 from nanovllm.parallel.workers import TensorParallelWorkers
 from nanovllm.runner.host_samples import HostSamples
-from nanovllm.runner.model_runner import ModelRunner
+from nanovllm.runner.model_runner import ModelRunner, rank_device
 from nanovllm.scheduler.batch import ScheduledBatch
 
 
@@ -50,8 +50,8 @@ class StepExecutor(Protocol):
         ...
 
 
-def start_workers(config: EngineConfig, arch: ModelArch, max_model_len: int, device: torch.device) -> StepExecutor:
-    """Start ranks 1..N-1 of a tensor-parallel engine as the backend says; rank 0 is this process, on ``device``.
+def start_workers(config: EngineConfig, arch: ModelArch, max_model_len: int) -> StepExecutor:
+    """Start ranks 1..N-1 of a tensor-parallel engine as the backend says; rank 0 is this process.
 
     external_launcher ranks are not started here: torchrun started them, and engine/launched.py joins them.
     """
@@ -59,7 +59,7 @@ def start_workers(config: EngineConfig, arch: ModelArch, max_model_len: int, dev
     if backend == "ray":
         from nanovllm.parallel.ray_workers import RayWorkers  # Ray is an optional extra
 
-        return RayWorkers(config, arch, max_model_len, device)
+        return RayWorkers(config, arch, max_model_len)
     if backend != "mp":
         raise ValueError(f"start_workers starts 'mp' or 'ray' ranks, not distributed_executor_backend={backend!r}")
-    return TensorParallelWorkers(config, arch, max_model_len, device)
+    return TensorParallelWorkers(config, arch, max_model_len, rank_device(config, 0))

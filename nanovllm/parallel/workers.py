@@ -224,18 +224,24 @@ def _shut_down(
     with contextlib.suppress(OSError):  # a watchdog that already reported a death has closed its end
         stop.send(None)  # the watchdog must not report the exits that follow
     watchdog.join(WORKER_JOIN_TIMEOUT_S)  # it may be aborting the NCCL group after a worker died
-    for conn in conns:
-        with contextlib.suppress(OSError):  # that worker is already gone (BrokenPipeError is an OSError)
-            conn.send(Shutdown())
-    for process in processes:
-        process.join(WORKER_JOIN_TIMEOUT_S)
-        if process.is_alive():
-            process.kill()
-            process.join()
-    for conn in conns:
-        conn.close()
+    stop_children(conns, processes, Shutdown(), WORKER_JOIN_TIMEOUT_S)
     if watchdog.is_alive():  # still aborting NCCL after a worker died: leaving the group would wait behind it
         parallel.reset_tensor_parallel()
     else:
         parallel.destroy_process_group()  # also forgets rank 0's tensor-parallel info
     torch.set_num_threads(num_threads)
+
+
+def stop_children(conns: list[Connection], processes: list[BaseProcess], goodbye: object, timeout_s: float) -> None:
+    """Send each child process ``goodbye`` down its pipe, give it ``timeout_s`` to exit, kill it if it has not;
+    then close the pipes."""
+    for conn in conns:
+        with contextlib.suppress(OSError):  # that child is already gone (BrokenPipeError is an OSError)
+            conn.send(goodbye)
+    for process in processes:
+        process.join(timeout_s)
+        if process.is_alive():
+            process.kill()
+            process.join()
+    for conn in conns:
+        conn.close()
