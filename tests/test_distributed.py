@@ -192,7 +192,8 @@ def test_data_parallel_spawned_equals_one_replica_and_a_dead_replica_is_named(
     tiny_models: dict[str, Path], reference: dict[str, list[list[int]]]
 ) -> None:
     """Guards against data parallelism changing tokens (greedy or seeded), returning outputs out of input order,
-    hanging when a replica dies mid-call, and offering calls it cannot serve (stream)."""
+    hiding which prompt a replica refused, hanging when a replica dies mid-call, and offering calls it cannot
+    serve (stream)."""
     with LLM(str(tiny_models["qwen3"]), data_parallel_size=2, **job.ARGS) as llm:
         outputs = llm.generate(job.prompts(), job.GREEDY, use_tqdm=False)
         seeded = job.token_ids(llm, job.SEEDED)
@@ -202,6 +203,9 @@ def test_data_parallel_spawned_equals_one_replica_and_a_dead_replica_is_named(
         assert {out.request_id.split("-")[0] for out in outputs} == {"dp0", "dp1"}, "both replicas must work"
         with pytest.raises(ValueError, match=r"stream\(\) runs on one engine driven from this process"):
             llm.stream(job.prompts())
+        too_long = r"replica 0 \(its prompts 0, 1, ... are the call's 1\): prompt 0: prompt \(200 tokens\)"
+        with pytest.raises(ValueError, match=too_long):  # the costlier prompt went to replica 0
+            llm.generate([[1, 2, 3], [1] * 200], job.GREEDY, use_tqdm=False)
         assert llm.engine is not None and not isinstance(llm.engine, LLMEngine)
         replica = llm.engine.processes[1]  # type: ignore[union-attr]
         killed_at: list[float] = []

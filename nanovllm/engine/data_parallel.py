@@ -43,7 +43,8 @@ REPLICA_JOIN_TIMEOUT_S = 30.0  # at shutdown, how long a replica gets to close i
 
 def request_cost(prompt: Prompt, params: SamplingParams) -> int:
     """Tokens a request can make an engine compute: its prompt, and up to max_tokens per completion."""
-    return len(prompt) + params.n * params.max_tokens
+    num_prompt_tokens = len(prompt) if isinstance(prompt, str | list) else 0  # a bad prompt: its replica says why
+    return num_prompt_tokens + params.n * params.max_tokens
 
 
 def share_out(costs: list[int], num_replicas: int) -> list[list[int]]:
@@ -156,7 +157,10 @@ class SpawnedReplicas:
             self.conns.append(parent_conn)
             self.processes.append(process)
         try:
-            self._collect([0] * len(gpus), REPLICA_START_TIMEOUT_S, lambda size: None)  # each says ready, or why not
+            started = self._collect([0] * len(gpus), REPLICA_START_TIMEOUT_S, lambda size: None)  # ready, or why not
+            failed = [answer for answer in started if isinstance(answer, CallFailed)]
+            if failed:
+                raise failed[0].error
         except BaseException:
             self.close()
             raise
@@ -176,7 +180,15 @@ class SpawnedReplicas:
         for conn, share in zip(self.conns, shares, strict=True):
             conn.send(ReplicaCall([requests[i] for i in share], [params[i] for i in share]))
         with tqdm(total=len(requests), desc="Generating", dynamic_ncols=True, disable=not use_tqdm) as bar:
-            results = self._collect([len(share) for share in shares], None, bar.update)
+            answers = self._collect([len(share) for share in shares], None, bar.update)
+        failed = [
+            answer.in_replica(r, share)
+            for r, (answer, share) in enumerate(zip(answers, shares, strict=True))
+            if isinstance(answer, CallFailed)
+        ]
+        if failed:
+            raise failed[0].error
+        results = [answer.outputs for answer in answers if isinstance(answer, CallDone)]
         merged = [
             in_whole_call(result, share, r) for r, (result, share) in enumerate(zip(results, shares, strict=True))
         ]
@@ -184,12 +196,11 @@ class SpawnedReplicas:
 
     def _collect(
         self, sizes: list[int], timeout: float | None, on_done: Callable[[int], object]
-    ) -> list[list[RequestOutput]]:
+    ) -> list[CallDone | CallFailed]:
         """Each replica's answer, as they come (``on_done`` gets the size of each share that returned); a replica
         that dies first is an error naming it, at once."""
         pending = dict(enumerate(self.conns))
-        results: list[list[RequestOutput]] = [[] for _ in self.conns]
-        failures: list[str] = []
+        answers: list[CallDone | CallFailed] = [CallDone([]) for _ in self.conns]
         while pending:
             sentinels = {self.processes[r].sentinel: r for r in pending}
             ready = wait([*pending.values(), *sentinels], timeout)
@@ -206,13 +217,8 @@ class SpawnedReplicas:
                                      f"{process.exitcode}")  # fmt: skip
                 del pending[replica]
                 on_done(sizes[replica])
-                if isinstance(answer, CallFailed):
-                    failures.append(f"data-parallel replica {replica} raised {answer.error!r}")
-                else:
-                    results[replica] = answer.outputs
-        if failures:
-            raise RuntimeError("; ".join(failures))
-        return results
+                answers[replica] = answer
+        return answers
 
     def _died(self, message: str) -> WorkerDiedError:
         """Stop the other replicas (their work is lost with the call) and name the one that died."""

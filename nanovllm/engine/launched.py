@@ -81,9 +81,9 @@ class LaunchedEngine:
         """Rank 0 of a replica: its share of the call, and how it ended told to every other rank."""
         assert self.engine is not None
         layout = self.rank.layout
+        share = list(range(len(prompts)))
         try:
             params = params_per_prompt(prompts, sampling_params)
-            share = list(range(len(prompts)))
             if layout.num_replicas > 1:
                 requests = tokenized(prompts, self.engine.tokenizer)
                 costs = [request_cost(r, p) for r, p in zip(requests, params, strict=True)]
@@ -91,15 +91,16 @@ class LaunchedEngine:
             outputs = self.engine.generate([prompts[i] for i in share], [params[i] for i in share], use_tqdm)
             outputs = in_whole_call(outputs, share, layout.replica) if layout.num_replicas > 1 else outputs
         except BaseException as e:
-            self._tell_others(call, CallFailed.of(e))
+            self._tell_others(call, CallFailed.of(e), share)
             raise
-        self._tell_others(call, CallDone(outputs))
+        self._tell_others(call, CallDone(outputs), share)
         return outputs
 
-    def _tell_others(self, call: int, result: CallDone | CallFailed) -> None:
+    def _tell_others(self, call: int, result: CallDone | CallFailed, share: list[int]) -> None:
         """The replica's other ranks return (or raise) the same; other replicas read it from the store."""
         if self.rank.layout.num_replicas > 1:
-            self.rank.post(call, result)
+            posted = result.in_replica(self.rank.layout.replica, share) if isinstance(result, CallFailed) else result
+            self.rank.post(call, posted)
         if self.rank.layout.replica_size == 1:
             return
         try:

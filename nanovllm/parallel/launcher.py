@@ -180,9 +180,9 @@ class LaunchedRank:
         if self.store.add(f"call{call}/num_read", 1) == len(self.rank_names):  # the last reader frees them
             for key in keys:
                 self.store.delete_key(key)
-        for replica, result in enumerate(results):
+        for result in results:
             if isinstance(result, CallFailed):
-                raise RuntimeError(f"data-parallel replica {replica} failed: {result.error!r}") from result.error
+                raise result.error  # as its replica raised it, naming the replica
         return sorted((out for result in results for out in result.outputs), key=lambda out: out.index)
 
     def close(self) -> None:

@@ -88,6 +88,16 @@ class CallFailed:
             error = RuntimeError(f"{type(error).__name__}: {error}")
         return cls(error)
 
+    def in_replica(self, replica: int, share: list[int]) -> "CallFailed":
+        """The error as data-parallel replica ``replica`` raised it on its ``share`` of a call's prompts: the same
+        type where it can be rebuilt, saying which of the call's prompts its own prompt numbers stand for."""
+        shown = ", ".join(map(str, share[:8])) + (", ..." if len(share) > 8 else "")
+        message = f"data-parallel replica {replica} (its prompts 0, 1, ... are the call's {shown}): {self.error}"
+        try:
+            return CallFailed.of(type(self.error)(message))
+        except Exception:
+            return CallFailed(RuntimeError(message))
+
 
 WorkerCall = RunStep | Shutdown
 FollowerCall = RunStep | CallDone | CallFailed  # what a torchrun rank other than 0 receives in generate()

@@ -18,6 +18,7 @@ Ray is imported only when this module is, which is when distributed_executor_bac
 
 import os
 import threading
+import traceback
 from typing import Any
 
 import ray
@@ -38,6 +39,7 @@ from nanovllm.runner.model_runner import ModelRunner, resolve_device
 from nanovllm.scheduler.batch import ScheduledBatch
 
 PLACEMENT_TIMEOUT_S = 60.0  # how long the cluster gets to find room for the placement group before it is an error
+ACTOR_START_TIMEOUT_S = 300.0  # an actor's process imports torch and nanovllm before it answers
 ACTOR_CLOSE_TIMEOUT_S = 30.0  # at shutdown, how long an actor gets to leave the group before it is killed
 
 
@@ -45,19 +47,30 @@ ACTOR_CLOSE_TIMEOUT_S = 30.0  # at shutdown, how long an actor gets to leave the
 class RankActor:
     """One tensor-parallel rank in a Ray worker process: its runner, fed by rank 0's RunSteps."""
 
-    def __init__(
+    def __init__(self) -> None:
+        self.closed = threading.Event()  # set by close(); ends wait_until_closed
+
+    def is_ready(self) -> bool:
+        """Answers once the actor's process is up, with nanovllm imported: no process group is waited for yet."""
+        return True
+
+    def start(
         self, rank: int, config: EngineConfig, arch: ModelArch, max_model_len: int, store_host: str, store_port: int
     ) -> None:
-        size = config.tensor_parallel_size
-        device = torch.device("cuda", 0) if resolve_device(config.device).type == "cuda" else torch.device("cpu")
-        if device.type == "cpu":
-            torch.set_num_threads(cpu_threads_per_rank(size))
-        self.closed = threading.Event()  # set by close(); ends wait_until_closed
-        parallel.set_tensor_parallel(rank, size)
-        parallel.init_process_group(parallel.connect_store(store_port, size, store_host), device)
-        # Ray shows this actor only its own GPU, as cuda:0.
-        self.runner = ModelRunner(config, arch, max_model_len, rank=rank, device=device)
-        self.mirror = SequenceMirror()
+        """Join rank 0's process group and build this rank's runner, in lockstep with the other ranks."""
+        try:
+            size = config.tensor_parallel_size
+            on_gpu = resolve_device(config.device).type == "cuda"
+            device = torch.device("cuda", 0) if on_gpu else torch.device("cpu")  # Ray shows it one GPU
+            if not on_gpu:
+                torch.set_num_threads(cpu_threads_per_rank(size))
+            parallel.set_tensor_parallel(rank, size)
+            parallel.init_process_group(parallel.connect_store(store_port, size, store_host), device)
+            self.runner = ModelRunner(config, arch, max_model_len, rank=rank, device=device)
+            self.mirror = SequenceMirror()
+        except BaseException:
+            traceback.print_exc()
+            ray.actor.exit_actor()  # a dead actor is seen by rank 0's watcher; a live one that failed is not
 
     def run(self, step: RunStep) -> None:
         self.mirror.run(self.runner, step)
@@ -99,9 +112,12 @@ class RayWorkers:
                 num_gpus=1 if on_gpu else 0,
                 num_cpus=0 if on_gpu else 1,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=rank),
-            ).remote(rank, config, arch, max_model_len, host, store.port)
+            ).remote()
             for rank in range(1, size)
         ]
+        _wait_until_ready(self.actors, self.group)
+        for rank, actor in enumerate(self.actors, start=1):
+            actor.start.remote(rank, config, arch, max_model_len, host, store.port)
         self.failure = PeerFailure()
         self.encoder = StepEncoder()
         self.is_closing = threading.Event()  # set by close(): actors that end now are not failures
@@ -159,6 +175,20 @@ class RayWorkers:
         remove_placement_group(self.group)
         parallel.destroy_process_group()
         self._restore_threads()
+
+
+def _wait_until_ready(actors: list[Any], group: PlacementGroup) -> None:
+    """Fail fast where an actor cannot start (nanovllm missing on its node): rank 0 would wait for it in the group."""
+    try:
+        ray.get([actor.is_ready.remote() for actor in actors], timeout=ACTOR_START_TIMEOUT_S)
+    except Exception as e:
+        for actor in actors:
+            ray.kill(actor)
+        remove_placement_group(group)
+        raise RuntimeError(
+            f"a tensor-parallel Ray actor did not start ({type(e).__name__}: {e}); every Ray node needs nanovllm "
+            "installed, with the same version"
+        ) from e
 
 
 def _place(size: int, on_gpu: bool) -> PlacementGroup:
