@@ -94,6 +94,7 @@ class ReplicaLayout:
 
 
 def check_world_size(env: LaunchEnv, config: EngineConfig) -> ReplicaLayout:
+    """This rank's place among the replicas, once torchrun's world is known to hold exactly all of them."""
     dp, tp = config.data_parallel_size, config.tensor_parallel_size
     if env.world_size != dp * tp:
         raise ValueError(
