@@ -88,13 +88,13 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
 
 def _check_backend(backend: object, data_parallel_size: int) -> None:
     _check_choice("distributed_executor_backend", backend, DISTRIBUTED_EXECUTOR_BACKENDS)
-    if backend == "ray" and importlib.util.find_spec("ray") is None:
-        raise ValueError(
-            "distributed_executor_backend='ray' needs Ray, which is not installed; pip install 'nanovllm[ray]', "
-            "or use 'mp' (one host) or 'external_launcher' (torchrun)"
-        )
     if backend == "ray" and data_parallel_size > 1:
         raise ValueError(
             f"data_parallel_size={data_parallel_size} is not supported with distributed_executor_backend='ray'; "
             "use 'mp' (replicas on this host) or 'external_launcher' (torchrun, across hosts)"
+        )
+    if backend == "ray" and importlib.util.find_spec("ray") is None:
+        raise ValueError(
+            "distributed_executor_backend='ray' needs Ray, which is not installed; pip install 'nanovllm[ray]', "
+            "or use 'mp' (one host) or 'external_launcher' (torchrun)"
         )

@@ -216,7 +216,7 @@ def test_data_parallel_spawned_equals_one_replica_and_a_dead_replica_is_named(
 
         threading.Timer(job.DEATH_AFTER_S, kill).start()
         with pytest.raises(WorkerDiedError, match=r"data-parallel replica 1 \(pid \d+\) exited with code -9"):
-            llm.generate(job.prompts() * 4, job.LONG, use_tqdm=False)
+            llm.generate(job.prompts() * job.LONG_REPEATS, job.LONG, use_tqdm=False)
         seconds = time.monotonic() - killed_at[0]
         assert seconds < 5, f"the error came {seconds:.1f} s after the kill"
 
@@ -245,7 +245,7 @@ def test_ray_tensor_parallel_equals_one_process(
 
             threading.Timer(job.DEATH_AFTER_S, kill).start()
             with pytest.raises(WorkerDiedError, match=r"rank 1 \(a Ray actor\) died"):
-                llm.generate(job.prompts() * 4, job.LONG, use_tqdm=False)
+                llm.generate(job.prompts() * job.LONG_REPEATS, job.LONG, use_tqdm=False)
             seconds = time.monotonic() - killed_at[0]
             assert seconds < 5, f"the error came {seconds:.1f} s after the kill"
     finally:

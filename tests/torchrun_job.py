@@ -26,6 +26,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 SEEDED = [SamplingParams(temperature=0.9, top_k=50, seed=seed, max_tokens=12, ignore_eos=True) for seed in range(6)]
 LONG = SamplingParams(temperature=0.0, max_tokens=70, ignore_eos=True)  # the longest prompt (49) + 70 fits
 DEATH_AFTER_S = 0.5  # into the long call, when rank 1 dies
+LONG_REPEATS = 20  # the long call's prompts: prompts() this many times, seconds of work even on an idle machine
 
 
 def prompts() -> list[list[int]]:
@@ -57,7 +58,7 @@ def die_during_long_call(llm: LLM, rank: int, how: str, out_dir: Path) -> dict[s
             os.kill(os.getpid(), signal.SIGKILL)
 
         threading.Timer(DEATH_AFTER_S, die).start()
-    return error_seen(lambda: llm.generate(prompts() * 4, LONG, use_tqdm=False))
+    return error_seen(lambda: llm.generate(prompts() * LONG_REPEATS, LONG, use_tqdm=False))
 
 
 class Results(dict):
