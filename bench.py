@@ -9,6 +9,7 @@
                                          # in that published format (without --model)
     python bench.py --kv-cache-dtype fp8       # K/V stored in FP8 (e4m3): twice the tokens in the same memory
     python bench.py --num-loras 4        # 4 random LoRA adapters (rank 16, all seven projections) and the base
+    python bench.py --data-parallel-size 2     # 2 replicas of the model, each with half the prompts
 
 Workload (as nano-vllm's bench.py): random.seed(0); 256 requests; each prompt has
 randint(100, 1024) token ids drawn with randint(0, 10000); each request then gets
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 
 from nanovllm import LLM, LoRARequest, SamplingParams
+from nanovllm.engine.llm_engine import LLMEngine
 
 # Real configs of the shapes we benchmark (from the models' published config.json).
 QWEN3_COMMON = {
@@ -142,6 +144,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--num-loras", type=int, default=0, help="random LoRA adapters; requests go round-robin over them and the base"
     )
+    parser.add_argument("--data-parallel-size", type=int, default=1, help="replicas sharing the prompts (spawned)")
     return parser.parse_args()
 
 
@@ -247,6 +250,7 @@ def main() -> None:
         attention_backend=args.backend,
         tensor_parallel_size=args.tensor_parallel_size,
         kv_cache_dtype=args.kv_cache_dtype,
+        data_parallel_size=args.data_parallel_size,
     )
     quantized_format = args.quantization if args.quantization in QUANTIZED_FORMATS else None
     if args.quantization == "fp8":
@@ -259,7 +263,7 @@ def main() -> None:
         llm = LLM(args.model, dtype=args.dtype, **engine_args)
     else:
         llm = build_dummy_llm(args.shape, quantized_format, dtype=args.dtype, **engine_args)
-    if llm.engine is not None:  # the memory plan's outcome: an FP8 cache holds twice the tokens of bfloat16's
+    if isinstance(llm.engine, LLMEngine):  # the memory plan's outcome: an FP8 cache holds twice bfloat16's tokens
         print(f"model weights on rank 0: {llm.engine.runner.weight_bytes / (1 << 30):.2f} GiB")
         print(f"KV cache ({args.kv_cache_dtype}): {llm.engine.stats().kv_cache_capacity_tokens} tokens")
     sampling = dict(top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty)
@@ -269,7 +273,7 @@ def main() -> None:
     adapter_dir = tempfile.TemporaryDirectory()  # each request's adapter is read when it arrives: kept to the end
     adapters = write_random_adapters(model_config(args), args.num_loras, adapter_dir.name)
     lora_requests = [[None, *adapters][i % (len(adapters) + 1)] for i in range(len(prompts))]
-    llm.generate(["Benchmark: "] if llm.engine and llm.engine.tokenizer else [[1, 2, 3]], use_tqdm=False)
+    llm.generate([[1, 2, 3]] if llm.config.skip_tokenizer_init else ["Benchmark: "], use_tqdm=False)
     if adapters:  # the LoRA kernels compile on first use too
         llm.generate([[1, 2, 3]] * len(adapters), use_tqdm=False, lora_request=adapters)
     if any(value != default for value, default in zip(sampling.values(), (1.0, 0, 1.0), strict=True)):
@@ -280,7 +284,7 @@ def main() -> None:
     full_collections = FullCollectionTimer()
     gc.callbacks.append(full_collections)
     start = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False, lora_request=lora_requests)
+    outputs = llm.generate(prompts, params, use_tqdm=False, lora_request=lora_requests if adapters else None)
     elapsed = time.perf_counter() - start
     gc.callbacks.remove(full_collections)
     llm.close()

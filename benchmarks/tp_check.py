@@ -35,7 +35,7 @@ from model_fixtures import write_tiny_model  # noqa: E402
 from bench import SHAPES  # noqa: E402
 from nanovllm import LLM, SamplingParams  # noqa: E402
 from nanovllm.outputs import CompletionOutput  # noqa: E402
-from nanovllm.parallel.workers import WorkerDiedError  # noqa: E402
+from nanovllm.parallel.failures import WorkerDiedError  # noqa: E402
 from nanovllm.runner.model_inputs import build_model_inputs  # noqa: E402
 from nanovllm.scheduler.batch import ScheduledBatch  # noqa: E402
 from nanovllm.scheduler.sequence import Sequence  # noqa: E402

@@ -6,6 +6,7 @@ and the model runner's cache plan.
 """
 
 import dataclasses
+import importlib.util
 import inspect
 import os
 import re
@@ -19,6 +20,7 @@ ATTENTION_BACKENDS = ("auto", "torch", "triton", "flash_attn")
 QUANTIZATIONS = (None, "fp8")  # online quantization of a float checkpoint's linear weights as they load
 # vLLM's kv_cache_dtype values: "auto" is the model's dtype, "fp8" means "fp8_e4m3".
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3", "fp8_e5m2")
+DISTRIBUTED_EXECUTOR_BACKENDS = ("mp", "external_launcher", "ray")  # vLLM's names; see docs/distributed.md
 MIN_BLOCK_SIZE = 16  # smallest KV block, in tokens; below this the block tables outgrow the blocks
 # A field line of EngineConfig and its comment: `    name: type = default  # what it means`.
 FIELD_LINE = re.compile(r"^    (?P<name>\w+): [^#]+#\s*(?P<comment>.+)$")
@@ -37,6 +39,10 @@ class EngineConfig:
     max_model_len: int = 4096  # longest prompt + completion, in tokens; clamped to the model's limit
     gpu_memory_utilization: float = 0.9  # share of GPU memory the engine may use, KV cache included
     tensor_parallel_size: int = 1  # processes (GPUs) the model is split over
+    data_parallel_size: int = 1  # replicas of the model (each tensor_parallel_size GPUs) sharing generate()'s prompts
+    # How the ranks start and talk: "mp" (spawned on this host), "external_launcher" (each rank started by
+    # torchrun, on one host or several) or "ray" (Ray actors; pip install nanovllm[ray])
+    distributed_executor_backend: str = "mp"
     enforce_eager: bool = False  # True turns CUDA graphs off
     async_scheduling: bool = True  # generate() schedules each step while the device runs the one before
     kvcache_block_size: int = 256  # tokens per KV-cache block: a power of two, >= 16
@@ -64,6 +70,8 @@ class EngineConfig:
             _check_positive_int("max_num_prefill_tokens", self.max_num_prefill_tokens)
         _check_positive_int("max_model_len", self.max_model_len)
         _check_positive_int("tensor_parallel_size", self.tensor_parallel_size)
+        _check_positive_int("data_parallel_size", self.data_parallel_size)
+        _check_backend(self.distributed_executor_backend, self.data_parallel_size)
         size = self.kvcache_block_size
         if not isinstance(size, int) or size < MIN_BLOCK_SIZE or size & (size - 1):
             raise ValueError(f"kvcache_block_size must be a power of two >= {MIN_BLOCK_SIZE}, got {size!r}")
@@ -125,3 +133,17 @@ def _check_lora_limits(max_loras: int, max_lora_rank: int, max_cpu_loras: int | 
 def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _check_backend(backend: object, data_parallel_size: int) -> None:
+    _check_choice("distributed_executor_backend", backend, DISTRIBUTED_EXECUTOR_BACKENDS)
+    if backend == "ray" and data_parallel_size > 1:
+        raise ValueError(
+            f"data_parallel_size={data_parallel_size} is not supported with distributed_executor_backend='ray'; "
+            "use 'mp' (replicas on this host) or 'external_launcher' (torchrun, across hosts)"
+        )
+    if backend == "ray" and importlib.util.find_spec("ray") is None:
+        raise ValueError(
+            "distributed_executor_backend='ray' needs Ray, which is not installed; pip install 'nanovllm[ray]', "
+            "or use 'mp' (one host) or 'external_launcher' (torchrun)"
+        )

@@ -6,6 +6,8 @@ from typing import Any
 
 from nanovllm.config import EngineConfig
 from nanovllm.engine.beam_search import beam_search
+from nanovllm.engine.data_parallel import SpawnedReplicas
+from nanovllm.engine.launched import LaunchedEngine
 from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.engine.lora_requests import LoRARequests
 from nanovllm.engine.prompts import PromptsArg, SamplingParamsArg
@@ -18,7 +20,7 @@ class LLM:
 
     def __init__(self, model: str, **engine_args: Any) -> None:
         self.config = EngineConfig.from_kwargs(model, **engine_args)
-        self.engine: LLMEngine | None = LLMEngine(self.config)
+        self.engine: LLMEngine | SpawnedReplicas | LaunchedEngine | None = build_engine(self.config)
 
     def generate(
         self,
@@ -32,7 +34,12 @@ class LLM:
 
         ``lora_request``: one LoRARequest for every prompt, or a list aligned with them; None is the base model.
         """
-        return self._engine().generate(prompts, sampling_params, use_tqdm, lora_request)
+        engine = self._open()
+        if isinstance(engine, LLMEngine):
+            return engine.generate(prompts, sampling_params, use_tqdm, lora_request)
+        if lora_request is not None:
+            raise ValueError("lora_request needs one engine driven from this process (data_parallel_size=1, 'mp')")
+        return engine.generate(prompts, sampling_params, use_tqdm)
 
     def stream(
         self, prompts: PromptsArg, sampling_params: SamplingParamsArg = None, lora_request: LoRARequests = None
@@ -42,7 +49,7 @@ class LLM:
         A prompt's ``request_id`` is its index in ``prompts`` as a string. Breaking out of the loop
         aborts the requests still running and frees their KV cache.
         """
-        return self._engine().stream(prompts, sampling_params, lora_request)
+        return self._engine("stream").stream(prompts, sampling_params, lora_request)
 
     def beam_search(
         self,
@@ -58,12 +65,12 @@ class LLM:
         Scores are cumulative logprob / len(prompt + completion) ** length_penalty; a beam ends at EOS
         (unless ignore_eos) or after max_tokens tokens.
         """
-        engine = self._engine()
+        engine = self._engine("beam_search")
         return beam_search(engine, prompts, beam_width, max_tokens, length_penalty, ignore_eos, lora_request)
 
     def prefix_cache_stats(self) -> PrefixCacheStats:
         """Prompt tokens looked up in the prefix cache so far, and how many were found."""
-        return self._engine().prefix_cache_stats
+        return self._engine("prefix_cache_stats").prefix_cache_stats
 
     def close(self) -> None:
         """Release the model and the KV cache, and stop tensor-parallel workers. Closing twice is harmless."""
@@ -72,10 +79,21 @@ class LLM:
             self.engine = None
             release_cached_gpu_memory()  # the engine's tensors, freed above, back to the device
 
-    def _engine(self) -> LLMEngine:
+    def _open(self) -> LLMEngine | SpawnedReplicas | LaunchedEngine:
         if self.engine is None:
             raise RuntimeError("this LLM is closed")
         return self.engine
+
+    def _engine(self, caller: str) -> LLMEngine:
+        """The one engine this process drives; data parallelism and torchrun jobs offer generate() only."""
+        engine = self._open()
+        if not isinstance(engine, LLMEngine):
+            raise ValueError(
+                f"{caller}() runs on one engine driven from this process, but this LLM has data_parallel_size="
+                f"{self.config.data_parallel_size} and distributed_executor_backend="
+                f"{self.config.distributed_executor_backend!r}: use generate(), or data_parallel_size=1 with 'mp'"
+            )
+        return engine
 
     def __enter__(self) -> "LLM":
         return self
@@ -84,3 +102,12 @@ class LLM:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def build_engine(config: EngineConfig) -> LLMEngine | SpawnedReplicas | LaunchedEngine:
+    """The engine the parallelism asks for: one replica driven here, replicas spawned here, or a torchrun rank."""
+    if config.distributed_executor_backend == "external_launcher":
+        return LaunchedEngine(config)
+    if config.data_parallel_size > 1:
+        return SpawnedReplicas(config)
+    return LLMEngine(config)

@@ -19,8 +19,8 @@ import pytest
 import torch.distributed as dist
 
 from nanovllm import LLM, SamplingParams
+from nanovllm.parallel.failures import WorkerDiedError
 from nanovllm.parallel.process_group import TensorParallelInfo, get_tensor_parallel
-from nanovllm.parallel.workers import WorkerDiedError
 from nanovllm.scheduler.batch import ScheduledBatch
 
 BLOCK_SIZE = 16
@@ -204,7 +204,7 @@ def test_stuck_rank0_exits_with_the_reason_and_takes_the_workers() -> None:
         "    worker = multiprocessing.get_context('spawn').Process(target=time.sleep, args=(60,))\n"
         "    worker.start()\n"
         "    print(worker.pid, flush=True)\n"
-        "    w._exit_if_stuck(w._Failure(message='rank 3 exited with code -9', in_step=True), [worker])\n"
+        "    w._exit_if_stuck(w.PeerFailure(message='rank 3 exited with code -9', in_step=True), [worker])\n"
         "    time.sleep(30)\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
@@ -223,10 +223,10 @@ def test_rank0_not_stuck_is_not_exited() -> None:
     script = (
         "import nanovllm.parallel.workers as w\n"
         "w.STUCK_EXIT_S = 0.5\n"
-        "raised = w._Failure(message='rank 1 exited with code -9', in_step=True)\n"
+        "raised = w.PeerFailure(message='rank 1 exited with code -9', in_step=True)\n"
         "raised.raised.set()\n"
         "w._exit_if_stuck(raised, [])\n"
-        "w._exit_if_stuck(w._Failure(message='rank 1 exited with code -9', in_step=False), [])\n"
+        "w._exit_if_stuck(w.PeerFailure(message='rank 1 exited with code -9', in_step=False), [])\n"
         "print('still here')\n"
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)

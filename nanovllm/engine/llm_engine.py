@@ -26,8 +26,8 @@ from nanovllm.models.arch import check_tensor_parallel_split
 from nanovllm.models.quant_config import choose_quantization
 from nanovllm.models.registry import load_model_arch
 from nanovllm.outputs import PrefixCacheStats, RequestOutput, StreamOutput
+from nanovllm.parallel.executor import StepExecutor, start_workers
 from nanovllm.parallel.process_group import require_no_tensor_parallel_engine
-from nanovllm.parallel.workers import TensorParallelWorkers
 from nanovllm.runner.host_samples import HostSamples
 from nanovllm.runner.model_runner import ModelRunner, rank_device
 from nanovllm.sampling.metadata import check_params_for_vocab
@@ -72,21 +72,40 @@ class RecordedStep:
 NOTHING_RECORDED = RecordedStep(None, [], 0)
 
 
+def check_one_replica(config: EngineConfig) -> None:
+    """An engine driven on its own runs one replica of the model, its ranks started by itself."""
+    if config.data_parallel_size > 1 or config.distributed_executor_backend == "external_launcher":
+        raise ValueError(
+            f"data_parallel_size={config.data_parallel_size} with distributed_executor_backend="
+            f"{config.distributed_executor_backend!r} runs through LLM(...).generate() only; this engine (the "
+            "server's, or one built directly) runs one replica: use data_parallel_size=1 with 'mp' or 'ray'"
+        )
+
+
 class LLMEngine:
-    def __init__(self, config: EngineConfig) -> None:
+    """One replica's engine, driven from this process (its rank 0).
+
+    ``workers`` are the job's other ranks when someone else started them (engine/launched.py, under
+    torchrun); otherwise the engine starts its tensor-parallel workers as the config's backend says.
+    """
+
+    def __init__(self, config: EngineConfig, workers: StepExecutor | None = None) -> None:
         self.config = config
+        if workers is None:
+            check_one_replica(config)
+            require_no_tensor_parallel_engine()
         self.arch = load_model_arch(config.model)
         self.max_model_len = effective_max_model_len(config, self.arch)
         self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(config.model)
         eos_ids = read_eos_token_ids(config.model, self.arch, self.tokenizer)
-        require_no_tensor_parallel_engine()
         check_tensor_parallel_split(config.tensor_parallel_size, self.arch)
         choose_quantization(self.arch.quantization, config.quantization)  # refused here, before any device memory
-        self.workers: TensorParallelWorkers | None = None  # ranks 1..N-1 under tensor parallelism
-        if config.tensor_parallel_size > 1:  # started first: every rank builds its runner in lockstep
-            self.workers = TensorParallelWorkers(config, self.arch, self.max_model_len, rank_device(config, 0))
+        self.workers = workers  # the other ranks that take part in each step; None: this process alone
+        if workers is None and config.tensor_parallel_size > 1:  # started first: all build their runners in lockstep
+            self.workers = start_workers(config, self.arch, self.max_model_len)
+        device = rank_device(config, 0) if self.workers is None else self.workers.device
         try:
-            self.runner = ModelRunner(config, self.arch, self.max_model_len, eos_ids)
+            self.runner = ModelRunner(config, self.arch, self.max_model_len, eos_ids, device=device)
         except BaseException:
             if self.workers is not None:
                 self.workers.close()
@@ -99,7 +118,7 @@ class LLMEngine:
         self.scheduler = build_scheduler(block_manager, limits, eos_ids, config.max_num_prefill_tokens)
         # Launch each step before recording the one before. Not under tensor parallelism: the workers take each
         # step's input tokens from rank 0's messages, so rank 0 must have them.
-        self.schedules_ahead = config.async_scheduling and self.workers is None
+        self.schedules_ahead = config.async_scheduling and (self.workers is None or self.workers.can_schedule_ahead)
         self.requests: dict[str, Request] = {}  # unfinished requests by id
         self._requests_by_seq: dict[int, Request] = {}  # the same requests by Sequence.seq_id
         # Ids of requests with work after each of their steps: outputs to report, text to follow, siblings to queue.
@@ -249,9 +268,10 @@ class LLMEngine:
             if in_flight is None and self.requests:
                 raise RuntimeError("the scheduler found nothing it could run although requests are pending")
             return None
-        if self.workers is not None:  # every rank runs the step, to its end
-            return batch, HostSamples.landed(self.workers.run_step(self.runner, batch))
-        return batch, self.runner.launch(batch, None if in_flight is None else in_flight.batch)
+        in_flight_batch = None if in_flight is None else in_flight.batch
+        if self.workers is not None:  # the other ranks take part: they run the step too, or watch for deaths
+            return batch, self.workers.launch(self.runner, batch, in_flight_batch)
+        return batch, self.runner.launch(batch, in_flight_batch)
 
     def _record(self, step: StepInFlight | None) -> RecordedStep:
         """Wait for a step's samples, record them, then do the per-row work of the requests followed."""

@@ -11,12 +11,21 @@ sequences that hold KV blocks, keyed by ``seq_id``, and rank 0 sends each step t
     a sequence that holds no blocks anymore (finished, preempted, aborted) -> its id in released_seq_ids
 
 A decode step therefore sends, per sequence, the one token sampled last step and a new block id
-every block_size tokens. Messages are pickled over a multiprocessing Pipe, which has no size limit.
+every block_size tokens. How the messages travel is the backend's choice (parallel/executor.py):
+pickled over a multiprocessing Pipe (mp), broadcast over a gloo group (external_launcher), or as Ray
+actor calls (ray). Under external_launcher every rank runs the user's script, so a generate() call
+also ends with a message, which the other ranks return or raise:
+
+    rank 0's generate() returned  -> CallDone: its outputs
+    rank 0's generate() raised    -> CallFailed: the exception
 """
 
+import pickle
 from dataclasses import dataclass
 
 from nanovllm.lora_request import LoRARequest
+from nanovllm.outputs import RequestOutput
+from nanovllm.runner.model_runner import ModelRunner
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.scheduler.batch import ScheduledBatch
 from nanovllm.scheduler.sequence import Sequence
@@ -59,7 +68,41 @@ class Shutdown:
     """Leave the process group and exit."""
 
 
+@dataclass(frozen=True)
+class CallDone:
+    """Rank 0's generate() call has returned; every rank returns the same outputs."""
+
+    outputs: list[RequestOutput]  # what rank 0's generate() returned, in input order
+
+
+@dataclass(frozen=True)
+class CallFailed:
+    """Rank 0's generate() call raised; every rank raises it too."""
+
+    error: BaseException  # what rank 0 raised (pickled with its message)
+
+    @classmethod
+    def of(cls, error: BaseException) -> "CallFailed":
+        """The error as it can cross to another process: itself, or a RuntimeError with its text."""
+        try:
+            pickle.loads(pickle.dumps(error))
+        except Exception:
+            error = RuntimeError(f"{type(error).__name__}: {error}")
+        return cls(error)
+
+    def in_replica(self, replica: int, share: list[int]) -> "CallFailed":
+        """The error as data-parallel replica ``replica`` raised it on its ``share`` of a call's prompts: the same
+        type where it can be rebuilt, saying which of the call's prompts its own prompt numbers stand for."""
+        shown = ", ".join(map(str, share[:8])) + (", ..." if len(share) > 8 else "")
+        message = f"data-parallel replica {replica} (its prompts 0, 1, ... are the call's {shown}): {self.error}"
+        try:
+            return CallFailed.of(type(self.error)(message))
+        except Exception:
+            return CallFailed(RuntimeError(message))
+
+
 WorkerCall = RunStep | Shutdown
+FollowerCall = RunStep | CallDone | CallFailed  # what a torchrun rank other than 0 receives in generate()
 
 
 @dataclass
@@ -120,6 +163,12 @@ class SequenceMirror:
                 seq.block_table.extend(item.new_block_ids)
             seqs.append(seq)
         return ScheduledBatch(seqs, [item.num_new_tokens for item in step.seqs], step.is_prefill)
+
+    def run(self, runner: ModelRunner, step: RunStep) -> None:
+        """A worker's turn: rebuild rank 0's batch, run this rank's share of it, record what it computed."""
+        batch = self.apply(step)
+        runner.run(batch)
+        self.advance(batch)
 
     @staticmethod
     def advance(batch: ScheduledBatch) -> None:

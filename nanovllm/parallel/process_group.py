@@ -3,7 +3,8 @@
 The rank and size are written once per engine, before the model is built, and read by the
 parallel layers at construction. The process group is torch.distributed's default group:
 NCCL between GPUs, gloo between CPU processes. The ranks meet at a TCPStore that rank 0
-opens on a free port (the OS picks it), so two engines on one host never collide.
+opens on a free port (the OS picks it), so two engines on one host never collide; under
+torchrun they meet at torchrun's store instead (parallel/launcher.py).
 """
 
 import os
@@ -13,7 +14,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-STORE_HOST = "127.0.0.1"  # every rank runs on this host; see README for several hosts
+STORE_HOST = "127.0.0.1"  # where rank 0's store listens when every rank runs on its host (mp)
 # How long a rank waits in one collective (or for the others to join) before failing. It must exceed
 # the slowest step one rank can take while another waits: first torch.compile, graph capture, a long
 # prefill on CPU. A dead worker is caught much sooner, by the worker watchdog (parallel/workers.py).
@@ -48,14 +49,15 @@ def get_tensor_parallel() -> TensorParallelInfo:
     return _info
 
 
-def open_store(size: int) -> dist.TCPStore:
-    """Rank 0's rendezvous point, on a port the OS picks; pass ``store.port`` to the other ranks."""
-    return dist.TCPStore(STORE_HOST, 0, size, is_master=True, timeout=PROCESS_GROUP_TIMEOUT, wait_for_workers=False)
+def open_store(size: int, host: str = STORE_HOST) -> dist.TCPStore:
+    """Rank 0's rendezvous point, on a port the OS picks; pass ``store.port`` to the other ranks. ``host`` is
+    rank 0's address as the others reach it (another host's ranks: its network address)."""
+    return dist.TCPStore(host, 0, size, is_master=True, timeout=PROCESS_GROUP_TIMEOUT, wait_for_workers=False)
 
 
-def connect_store(port: int, size: int) -> dist.TCPStore:
+def connect_store(port: int, size: int, host: str = STORE_HOST) -> dist.TCPStore:
     """A worker's client of rank 0's store."""
-    return dist.TCPStore(STORE_HOST, port, size, is_master=False, timeout=PROCESS_GROUP_TIMEOUT)
+    return dist.TCPStore(host, port, size, is_master=False, timeout=PROCESS_GROUP_TIMEOUT)
 
 
 def require_no_tensor_parallel_engine() -> None:

@@ -20,9 +20,7 @@ import sys
 import threading
 import traceback
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
 
@@ -32,12 +30,13 @@ import torch.distributed as dist
 from nanovllm.config import EngineConfig
 from nanovllm.models.arch import ModelArch
 from nanovllm.parallel import process_group as parallel
+from nanovllm.parallel.failures import PeerFailure, WorkerDiedError
 from nanovllm.parallel.messages import RunStep, SequenceMirror, Shutdown, StepEncoder, WorkerCall
+from nanovllm.runner.host_samples import HostSamples
 from nanovllm.runner.model_runner import ModelRunner
 from nanovllm.scheduler.batch import ScheduledBatch, StepSamples
 
 WORKER_START_TIMEOUT_S = 300  # a worker imports torch and nanovllm before it says hello; slow on a busy CPU box
-WORKER_EXIT_GRACE_S = 5.0  # after a failed collective, how long to wait for the worker that caused it to exit
 WORKER_JOIN_TIMEOUT_S = 10.0  # at shutdown, how long a worker gets to leave the group before it is killed
 STUCK_EXIT_S = 30.0  # after a worker died (NCCL), how long rank 0 may stay in its step before the process exits
 # The usual reason a worker dies while starting: spawn imports the user's script again in the worker.
@@ -59,10 +58,6 @@ class WorkerSpec:
     store_port: int  # port of rank 0's TCPStore, where the process group meets
 
 
-class WorkerDiedError(RuntimeError):
-    """A tensor-parallel worker exited; the engine cannot run another step."""
-
-
 def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     """A worker's whole life: join the group, build the runner, run every RunStep until Shutdown."""
     runner = None
@@ -76,9 +71,7 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
         runner = ModelRunner(spec.config, spec.arch, spec.max_model_len, rank=spec.rank)
         mirror = SequenceMirror()
         while isinstance(call := _receive(conn), RunStep):
-            batch = mirror.apply(call)
-            runner.run(batch)
-            mirror.advance(batch)
+            mirror.run(runner, call)
     except BaseException:
         traceback.print_exc()
         raise SystemExit(1) from None
@@ -109,7 +102,10 @@ class TensorParallelWorkers:
     (a weakref finalizer, which also covers atexit), whichever comes first, exactly once.
     """
 
+    can_schedule_ahead = False  # each step's input tokens go to the workers in its message: rank 0 must have them
+
     def __init__(self, config: EngineConfig, arch: ModelArch, max_model_len: int, device: torch.device) -> None:
+        self.device = device  # rank 0's
         size = config.tensor_parallel_size
         store = parallel.open_store(size)
         parallel.set_tensor_parallel(0, size)
@@ -125,7 +121,7 @@ class TensorParallelWorkers:
             child_conn.close()
             self.conns.append(parent_conn)
             self.processes.append(process)
-        self.failure = _Failure()
+        self.failure = PeerFailure()
         stop_reader, stop_writer = context.Pipe(duplex=False)
         is_nccl = device.type == "cuda"
         watchdog = threading.Thread(
@@ -154,7 +150,7 @@ class TensorParallelWorkers:
             except EOFError:  # it exited before saying hello
                 said_hello = False
             if not said_hello:
-                error = self._error(f"tensor-parallel worker rank {rank} did not start")
+                error = self.failure.error(f"tensor-parallel worker rank {rank} did not start")
                 raise WorkerDiedError(f"{error} {SPAWN_HINT}") from None
 
     def send_step(self, batch: ScheduledBatch) -> None:
@@ -164,58 +160,30 @@ class TensorParallelWorkers:
             try:
                 conn.send(step)
             except (BrokenPipeError, ConnectionResetError) as e:
-                raise self._error("a tensor-parallel worker stopped listening") from e
-        if self.failure.message is not None:
-            raise self._error("")
+                raise self.failure.error("a tensor-parallel worker stopped listening") from e
+        self.failure.check()
 
     def run_step(self, runner: ModelRunner, batch: ScheduledBatch) -> StepSamples:
         """One step on every rank: the workers get the batch's changes, rank 0 runs its share and samples."""
         self.send_step(batch)  # the workers run this same step on their shards meanwhile
-        with self.failures_explained():
+        with self.failure.explained():
             return runner.run(batch)
+
+    def launch(self, runner: ModelRunner, batch: ScheduledBatch, in_flight: ScheduledBatch | None) -> HostSamples:
+        """The step, run to its end on every rank (``in_flight`` is None: no step is launched ahead)."""
+        return HostSamples.landed(self.run_step(runner, batch))
 
     @property
     def has_failed(self) -> bool:
         """Whether a worker has exited while the engine was open (its collectives can no longer finish)."""
-        return self.failure.message is not None
-
-    @contextmanager
-    def failures_explained(self) -> Iterator[None]:
-        """Turn a failed collective into an error naming the worker that died, when one did."""
-        self.failure.in_step = True
-        try:
-            yield
-        except Exception as e:
-            if self.failure.reported.wait(WORKER_EXIT_GRACE_S):  # a worker died: that is why the collective failed
-                raise self._error(f"a collective failed ({type(e).__name__})") from e
-            raise
-        finally:
-            self.failure.in_step = False
-
-    def _error(self, context: str) -> WorkerDiedError:
-        self.failure.raised.set()
-        # Which worker died, as the watchdog found when it reaped it. Asking the processes here instead would
-        # race the watchdog's reaping: the loser of two waitpid() calls reads a dead child as running.
-        what = self.failure.message if self.failure.reported.wait(WORKER_EXIT_GRACE_S) else context
-        return WorkerDiedError(
-            f"tensor-parallel worker failure: {what}. Its traceback, if any, is printed above. This engine "
-            "cannot continue: close() it and create a new LLM."
-        )
+        return self.failure.has_failed
 
     def close(self) -> None:
         """Shut the workers down and leave the process group. Closing twice is harmless."""
         self._finalizer()
 
 
-@dataclass
-class _Failure:
-    message: str | None = None  # set by the watchdog when a worker exits while the engine is open
-    reported: threading.Event = field(default_factory=threading.Event)  # message is set (the worker is reaped)
-    raised: threading.Event = field(default_factory=threading.Event)  # rank 0 raised WorkerDiedError
-    in_step: bool = False  # rank 0 is inside a step's forward pass (its collectives), not between steps
-
-
-def _watch(processes: list[BaseProcess], stop: Connection, failure: _Failure, is_nccl: bool) -> None:
+def _watch(processes: list[BaseProcess], stop: Connection, failure: PeerFailure, is_nccl: bool) -> None:
     """Watchdog thread: wake when a worker exits (its sentinel) or at shutdown (the stop pipe)."""
     sentinels = {p.sentinel: rank for rank, p in enumerate(processes, start=1)}
     ready = wait([*sentinels, stop])
@@ -224,8 +192,9 @@ def _watch(processes: list[BaseProcess], stop: Connection, failure: _Failure, is
     rank = sentinels[next(s for s in ready if s in sentinels)]
     process = processes[rank - 1]
     process.join(1.0)  # reap it, so its exit code is known (the sentinel can fire first)
-    failure.message = f"rank {rank} (pid {process.pid}) exited with code {process.exitcode}"
-    failure.reported.set()
+    # Which worker died, as found when it was reaped. Asking the processes later instead would race this
+    # reaping: the loser of two waitpid() calls reads a dead child as running.
+    failure.report(f"tensor-parallel worker rank {rank} (pid {process.pid}) exited with code {process.exitcode}")
     if is_nccl and dist.is_initialized():
         # NCCL does not notice a dead peer: rank 0 would wait in its collective until the group's timeout.
         # Aborting the communicators makes that pending collective return with an error now.
@@ -234,7 +203,7 @@ def _watch(processes: list[BaseProcess], stop: Connection, failure: _Failure, is
         dist.distributed_c10d._abort_process_group()
 
 
-def _exit_if_stuck(failure: _Failure, processes: list[BaseProcess]) -> None:
+def _exit_if_stuck(failure: PeerFailure, processes: list[BaseProcess]) -> None:
     """The last resort when the abort cannot free rank 0 from the step it is in (it waits inside NCCL).
 
     Such a process can run nothing more on its GPU, and torch's own NCCL watchdog would end it at the
@@ -244,7 +213,7 @@ def _exit_if_stuck(failure: _Failure, processes: list[BaseProcess]) -> None:
     """
     if not failure.raised.wait(STUCK_EXIT_S) and failure.in_step:
         sys.stderr.write(
-            f"nanovllm: tensor-parallel worker failure: {failure.message}. Rank 0 is stuck in an NCCL call "
+            f"nanovllm: {failure.message}. Rank 0 is stuck in an NCCL call "
             f"that waits for it and could not be freed in {STUCK_EXIT_S:.0f} s; exiting the process. "
             "Where each thread was:\n"
         )
@@ -265,18 +234,24 @@ def _shut_down(
     with contextlib.suppress(OSError):  # a watchdog that already reported a death has closed its end
         stop.send(None)  # the watchdog must not report the exits that follow
     watchdog.join(WORKER_JOIN_TIMEOUT_S)  # it may be aborting the NCCL group after a worker died
-    for conn in conns:
-        with contextlib.suppress(OSError):  # that worker is already gone (BrokenPipeError is an OSError)
-            conn.send(Shutdown())
-    for process in processes:
-        process.join(WORKER_JOIN_TIMEOUT_S)
-        if process.is_alive():
-            process.kill()
-            process.join()
-    for conn in conns:
-        conn.close()
+    stop_children(conns, processes, Shutdown(), WORKER_JOIN_TIMEOUT_S)
     if watchdog.is_alive():  # still aborting NCCL after a worker died: leaving the group would wait behind it
         parallel.reset_tensor_parallel()
     else:
         parallel.destroy_process_group()  # also forgets rank 0's tensor-parallel info
     torch.set_num_threads(num_threads)
+
+
+def stop_children(conns: list[Connection], processes: list[BaseProcess], goodbye: object, timeout_s: float) -> None:
+    """Send each child process ``goodbye`` down its pipe, give it ``timeout_s`` to exit, kill it if it has not;
+    then close the pipes."""
+    for conn in conns:
+        with contextlib.suppress(OSError):  # that child is already gone (BrokenPipeError is an OSError)
+            conn.send(goodbye)
+    for process in processes:
+        process.join(timeout_s)
+        if process.is_alive():
+            process.kill()
+            process.join()
+    for conn in conns:
+        conn.close()

@@ -100,13 +100,14 @@ class ModelRunner:
         max_model_len: int,
         eos_token_ids: Collection[int] = (),
         rank: int = 0,
+        device: torch.device | None = None,  # None: rank_device(config, rank); a launcher's ranks pass their own
     ) -> None:
         self.config = config
         self.arch = arch
         self.max_model_len = max_model_len  # config.max_model_len clamped to the model's limit
         self.rank = rank  # tensor-parallel rank: 0 samples and drives, the others follow
         self.block_size = config.kvcache_block_size
-        self.device = rank_device(config, rank)
+        self.device = rank_device(config, rank) if device is None else device
         self.dtype = resolve_dtype(config.dtype, arch)
         self.decode_graphs: DecodeGraphs | None = None  # captured once the KV cache exists
         self.lora: LoRAManager | None = None  # the LoRA adapters' host cache and device slots, with enable_lora
