@@ -42,7 +42,7 @@ class EngineConfig:
     data_parallel_size: int = 1  # replicas of the model (each tensor_parallel_size GPUs) sharing generate()'s prompts
     # How the ranks start and talk: "mp" (spawned on this host), "external_launcher" (each rank started by
     # torchrun, on one host or several) or "ray" (Ray actors; pip install nanovllm[ray])
-    distributed_executor_backend: str = "mp"
+    distributed_executor_backend: str = "mp"  # "mp" (spawned here), "external_launcher" (torchrun) or "ray"
     enforce_eager: bool = False  # True turns CUDA graphs off
     async_scheduling: bool = True  # generate() schedules each step while the device runs the one before
     kvcache_block_size: int = 256  # tokens per KV-cache block: a power of two, >= 16
