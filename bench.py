@@ -4,6 +4,7 @@
     python bench.py --model DIR          # a real checkpoint
     python bench.py --shape qwen3-8b     # another built-in shape
     python bench.py --shape qwen3-30b-a3b  # mixture of experts: 128 experts, top-8 (about 61 GB: GPU only)
+    python bench.py --shape gemma3-1b    # other families: gemma3-1b, phi-1.5
     python bench.py --tensor-parallel-size 2   # the model split over 2 GPUs
     python bench.py --quantization fp8   # FP8 weights (online); awq, gptq, w4a16, fp8-block...: random weights
                                          # in that published format (without --model)
@@ -80,6 +81,54 @@ SHAPES = {
         "num_hidden_layers": 48,
         "tie_word_embeddings": False,
     },
+}
+# Dense families other than Qwen and LLaMA at Qwen3-0.6B's size class (issue #28's benchmark).
+SHAPES["gemma3-1b"] = {  # google/gemma-3-1b-it (text): 5 of every 6 layers slide over 512 keys
+    "architectures": ["Gemma3ForCausalLM"],
+    "model_type": "gemma3_text",
+    "attention_bias": False,
+    "attn_logit_softcapping": None,
+    "bos_token_id": 2,
+    "eos_token_id": [1, 106],
+    "final_logit_softcapping": None,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "hidden_size": 1152,
+    "intermediate_size": 6912,
+    "max_position_embeddings": 32768,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 26,
+    "num_key_value_heads": 1,
+    "pad_token_id": 0,
+    "query_pre_attn_scalar": 256,
+    "rms_norm_eps": 1e-06,
+    "rope_local_base_freq": 10000,
+    "rope_scaling": None,
+    "rope_theta": 1000000,
+    "sliding_window": 512,
+    "sliding_window_pattern": 6,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+    "vocab_size": 262144,
+}
+SHAPES["phi-1.5"] = {  # microsoft/phi-1_5 (published in float32; benchmarked in bfloat16 as the others)
+    "architectures": ["PhiForCausalLM"],
+    "model_type": "phi",
+    "hidden_act": "gelu_new",
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "layer_norm_eps": 1e-05,
+    "max_position_embeddings": 2048,
+    "num_attention_heads": 32,
+    "num_hidden_layers": 24,
+    "num_key_value_heads": 32,
+    "partial_rotary_factor": 0.5,
+    "qk_layernorm": False,
+    "rope_scaling": None,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "vocab_size": 51200,
 }
 GPU_ONLY_SHAPES = {"qwen3-30b-a3b"}  # their random weights alone outgrow a CPU machine's memory (61 GB in bf16)
 # Random weights in a published format: the quantization_config its config.json carries.

@@ -79,6 +79,17 @@ def test_family_matches_transformers_under_pressure(family_dirs: dict[str, Path]
     assert num_preemptions > 0 and num_hit_tokens > 0, f"preemptions {num_preemptions}, hit tokens {num_hit_tokens}"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_on_gpu_matches_transformers(family_dirs: dict[str, Path], family: str) -> None:
+    """Guards against the compiled Triton kernels (sliding-window masks, head sizes other than the Qwen
+    shapes') and decode steps replayed from CUDA graphs diverging from the CPU path: the same workload in
+    float32 on the GPU, every greedy token equal to transformers'."""
+    got, _, _ = run_workload(family_dirs[family], device="cuda", attention_backend="triton")
+    for call, (prompts, have) in enumerate(zip(workload(), got, strict=True)):
+        assert have == reference_ids(family_dirs[family], prompts), f"{family} call {call} on the GPU"
+
+
 @pytest.mark.parametrize("family", ["gemma3", "mistral"])
 def test_fixture_window_changes_tokens(family_dirs: dict[str, Path], tiny_model_dir: Callable, family: str) -> None:
     """Guards the test above against being toothless: with the window as wide as the context, transformers

@@ -388,18 +388,25 @@ def test_race_kernel_equals_reference(
     assert draw_count.item() == (5 << 32) + 12345  # the caller counts the draw
 
 
-SMOKE_RUNS = [((), "all checks passed"), (("--sweep-decode",), "all settings correct")]  # flags, last verdict
+# Each kernel benchmark's smoke run: script, flags, its last verdict.
+SMOKE_RUNS = [
+    ("kernels.py", (), "all checks passed"),
+    ("kernels.py", ("--sweep-decode",), "all settings correct"),
+    ("moe_kernel.py", (), "all checks passed"),
+    ("quant_gemm.py", (), "all checks passed"),
+    ("lora_kernel.py", (), "all checks passed"),
+]
 
 
-@pytest.mark.parametrize(("flags", "verdict"), SMOKE_RUNS)
-def test_kernel_benchmark_smoke_run(flags: tuple[str, ...], verdict: str) -> None:
-    """Guards benchmarks/kernels.py itself: its --smoke run checks every kernel at tiny sizes (or, with
-    --sweep-decode, the decode kernel under two settings) and exits 0. Without a GPU it must switch Triton
-    to the interpreter on its own, so the variable is not inherited."""
+@pytest.mark.parametrize(("script", "flags", "verdict"), SMOKE_RUNS)
+def test_kernel_benchmark_smoke_run(script: str, flags: tuple[str, ...], verdict: str) -> None:
+    """Guards the kernel benchmarks in benchmarks/ themselves: each --smoke run checks its kernels against their
+    references at tiny sizes (kernels.py with --sweep-decode: the decode kernel under two settings) and exits 0.
+    Without a GPU each must switch Triton to the interpreter on its own, so the variable is not inherited."""
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run(
-        [sys.executable, "benchmarks/kernels.py", "--smoke", *flags], cwd=root, env=env, capture_output=True, text=True
+        [sys.executable, f"benchmarks/{script}", "--smoke", *flags], cwd=root, env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert verdict in result.stdout
