@@ -315,6 +315,26 @@ def copy_bandwidth_gbps(num_bytes: int, device: str) -> float:
     return 2 * num_bytes / time_ms(lambda: dst.copy_(src), device) / 1e6
 
 
+def parse_benchmark_args(parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, str]:
+    """The kernel benchmarks' command line: ``parser``'s own arguments and --smoke, and the device to run on
+    (the full benchmark needs a CUDA GPU; --smoke runs anywhere)."""
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes, to test the script (CPU works)")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not args.smoke:
+        parser.error("the full benchmark needs a CUDA GPU; use --smoke to test the script on CPU")
+    return args, device
+
+
+def report(rows: list[Row], copy_gbps: float, tolerance: float | None = None) -> int:
+    """Prints the table and the verdict; returns the exit code: 1 if a check failed."""
+    print_table(rows, copy_gbps)
+    num_failed = sum(not row.is_ok for row in rows)
+    within = f" (tolerance {tolerance})" if tolerance is not None else ""
+    print(f"\n{num_failed} check(s) failed{within}" if num_failed else "\nall checks passed")
+    return 1 if num_failed else 0
+
+
 def print_table(rows: list[Row], copy_gbps: float) -> None:
     header = f"{'kernel':<9}{'case':<34}{'triton ms':>11}{'torch ms':>11}  {'throughput':<44}{'max err':>9}  check"
     print(f"\ndevice copy bandwidth: {copy_gbps:.0f} GB/s\n{header}\n{'-' * len(header)}")
@@ -329,14 +349,9 @@ def print_table(rows: list[Row], copy_gbps: float) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, to test the script (CPU works)")
     parser.add_argument("--sweep-decode", action="store_true", help="time the decode kernel's settings instead")
-    parsed = parser.parse_args()
-    is_smoke = parsed.smoke
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not is_smoke:
-        parser.error("the full benchmark needs a CUDA GPU; use --smoke to test the script on CPU")
-    sizes = SMOKE if is_smoke else FULL
+    parsed, device = parse_benchmark_args(parser)
+    sizes = SMOKE if parsed.smoke else FULL
     gen = torch.Generator(device=device).manual_seed(0)
     print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu (Triton interpreter)'}")
 
@@ -354,10 +369,7 @@ def main() -> int:
         if device == "cuda":
             torch.cuda.empty_cache()
     rows += [bench_race(case, device, gen, copy_gbps) for case in sizes.race_cases]
-    print_table(rows, copy_gbps)
-    num_failed = sum(not row.is_ok for row in rows)
-    print(f"\n{num_failed} check(s) failed" if num_failed else "\nall checks passed")
-    return 1 if num_failed else 0
+    return report(rows, copy_gbps)
 
 
 if __name__ == "__main__":

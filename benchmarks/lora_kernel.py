@@ -28,7 +28,16 @@ import numpy as np
 import torch
 
 # benchmarks/kernels.py, beside this script: its timers and table (importing it sets TRITON_INTERPRET on CPU).
-from kernels import BF16_TOLERANCE, COPY_BYTES, Row, copy_bandwidth_gbps, max_error, print_table, time_graph_ms
+from kernels import (
+    BF16_TOLERANCE,
+    COPY_BYTES,
+    Row,
+    copy_bandwidth_gbps,
+    max_error,
+    parse_benchmark_args,
+    report,
+    time_graph_ms,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
@@ -199,12 +208,8 @@ def describe(projection: Projection) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny sizes, to test the script (CPU works)")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-0.6b", help="whose projections")
-    parsed = parser.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not parsed.smoke:
-        parser.error("the full benchmark needs a CUDA GPU; use --smoke to test the script on CPU")
+    parsed, device = parse_benchmark_args(parser)
     shape = SMOKE if parsed.smoke else SHAPES[parsed.shape]
     gen = torch.Generator(device=device).manual_seed(0)
     copy_gbps = copy_bandwidth_gbps(shape.copy_bytes, device)
@@ -216,10 +221,7 @@ def main() -> int:
         for num_tokens in shape.batch_sizes
         for row in bench_projection(projection, num_tokens, device, gen, copy_gbps)
     ]
-    print_table(rows, copy_gbps)
-    num_failed = sum(not row.is_ok for row in rows)
-    print(f"\n{num_failed} check(s) failed (tolerance {BF16_TOLERANCE})" if num_failed else "\nall checks passed")
-    return 1 if num_failed else 0
+    return report(rows, copy_gbps, BF16_TOLERANCE)
 
 
 if __name__ == "__main__":
