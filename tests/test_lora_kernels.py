@@ -1,16 +1,25 @@
-"""The LoRA shrink and expand kernels (Triton) against the torch reference, and the slot layouts they read.
+"""The LoRA kernels (Triton: fused, and shrink then expand) against the torch reference, and the slot layouts they
+read.
 
 On CPU the Triton kernels run in Triton's interpreter (conftest.py sets TRITON_INTERPRET=1), so the sizes are
-small; they still cover tiles that span slots, an empty slot, base-model tokens and masked feature edges.
+small; they still cover tiles that span slots, an empty slot, base-model tokens, adapters of a rank below the
+slots', column tiles that straddle slices, and masked feature, token and column edges.
 """
+
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 import torch
 
 from nanovllm.kernels.lora import slot_rank
-from nanovllm.kernels.lora_reference import lora_expand, lora_shrink
-from nanovllm.kernels.triton_lora import lora_expand_triton, lora_shrink_triton
+from nanovllm.kernels.lora_reference import lora_apply
+from nanovllm.kernels.triton_lora import (
+    FUSED_MAX_TOKENS,
+    lora_apply_triton,
+    lora_fused_triton,
+    lora_shrink_expand_triton,
+)
 from nanovllm.lora.metadata import build_lora_metadata, group_tokens_by_slot
 from nanovllm.runner.decode_staging import DecodeStaging
 from nanovllm.sampling_params import SamplingParams
@@ -23,8 +32,12 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # operands of the products (8 mantissa bits) and the output once.
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 MAX_LORAS = 3
-SLICE_SIZES = (32, 16, 16)  # a fused q, k, v projection's output slices
+ADAPTER_RANKS = (8, 16, 4)  # each slot's adapter's rank, below the slots' 16 but slot 1's: the rest is zero
+# Output slices of a fused q, k, v projection: 150 columns end mid-way through a 64- and a 128-column tile, and
+# the edges at 40 and 56 fall inside the first tile, which straddles all three slices.
+SLICE_SIZES = (40, 16, 94)
 IN_FEATURES = 80  # not a multiple of the shrink's 64-feature loop step: the last step is masked
+TRITON_PATHS = {"fused": lora_fused_triton, "shrink_expand": lora_shrink_expand_triton}
 
 
 def random_rows(num_tokens: int, seed: int) -> tuple[np.ndarray, list[int]]:
@@ -37,38 +50,59 @@ def random_rows(num_tokens: int, seed: int) -> tuple[np.ndarray, list[int]]:
     return rng.choice(np.array([0, 2, NO_ADAPTER], dtype=np.int32), size=len(lengths)), lengths
 
 
-# A prefill over several 64-token tiles, and a decode-sized batch (16-token tiles) in 16 bits.
-@pytest.mark.parametrize("dtype,num_tokens", [(torch.float32, 100), (torch.bfloat16, 5)])
-def test_triton_shrink_and_expand_match_reference(dtype: torch.dtype, num_tokens: int) -> None:
-    """Guards against a token given another slot's weights (tiles spanning slots, the grouped order), a base-model
-    token changed, lost rows at a tile's edge, and the scaling applied wrongly or twice."""
+def random_slots(dtype: torch.dtype, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [MAX_LORAS, num_slices, rank, in] and B [MAX_LORAS, out, rank] holding adapters of ADAPTER_RANKS,
+    zero-padded to the slots' rank as LoRASlots.load leaves them."""
+    rank = slot_rank(max(ADAPTER_RANKS))
+    lora_a = torch.randn(MAX_LORAS, len(SLICE_SIZES), rank, IN_FEATURES, generator=gen)
+    lora_b = torch.randn(MAX_LORAS, sum(SLICE_SIZES), rank, generator=gen)
+    for slot, adapter_rank in enumerate(ADAPTER_RANKS):
+        lora_a[slot, :, adapter_rank:] = 0
+        lora_b[slot, :, adapter_rank:] = 0
+    return lora_a.to(dtype).to(DEVICE), lora_b.to(dtype).to(DEVICE)
+
+
+# A prefill over several 64-token tiles, and decode-sized batches (16-token tiles) in 16 bits.
+@pytest.mark.parametrize("path", sorted(TRITON_PATHS))
+@pytest.mark.parametrize("dtype,num_tokens", [(torch.float32, 100), (torch.bfloat16, 5), (torch.bfloat16, 1)])
+def test_triton_lora_matches_reference(path: str, dtype: torch.dtype, num_tokens: int) -> None:
+    """Guards against a token given another slot's weights (tiles spanning slots, the grouped order), a column
+    given another slice's shrink (tiles straddling slices), a base-model token changed, lost rows or columns at a
+    tile's edge, and the scaling applied wrongly or twice."""
     gen = torch.Generator().manual_seed(num_tokens)
     row_slots, lengths = random_rows(num_tokens, seed=num_tokens)
     metadata = build_lora_metadata(row_slots, lengths, MAX_LORAS, DEVICE)
-    rank = slot_rank(8)
+    lora_a, lora_b = random_slots(dtype, gen)
     x = torch.randn(num_tokens, IN_FEATURES, generator=gen).to(dtype).to(DEVICE)
-    lora_a = torch.randn(MAX_LORAS, len(SLICE_SIZES), rank, IN_FEATURES, generator=gen).to(dtype).to(DEVICE)
-    lora_b = torch.randn(MAX_LORAS, sum(SLICE_SIZES), rank, generator=gen).to(dtype).to(DEVICE)
     scalings = torch.tensor([0.5, 3.0, 2.0], device=DEVICE)
+    slice_starts = torch.tensor([0, *np.cumsum(SLICE_SIZES)], dtype=torch.int32, device=DEVICE)
     y = torch.randn(num_tokens, sum(SLICE_SIZES), generator=gen).to(dtype).to(DEVICE)
 
-    want_shrunk = lora_shrink(x, lora_a, metadata)
-    got_shrunk = lora_shrink_triton(x, lora_a, metadata)
-    tol = TOLERANCE[dtype] * want_shrunk.abs().max().item()
-    torch.testing.assert_close(got_shrunk, want_shrunk, atol=tol, rtol=0, msg=lambda m: f"shrink: {m}")
-
-    want_y, got_y = y.clone(), y.clone()
-    offset = 0
-    for slice_idx, size in enumerate(SLICE_SIZES):
-        cols = slice(offset, offset + size)
-        lora_expand(want_y[:, cols], want_shrunk[slice_idx], lora_b[:, cols], scalings, metadata)
-        lora_expand_triton(got_y[:, cols], want_shrunk[slice_idx], lora_b[:, cols], scalings, metadata)
-        offset += size
-    tol = TOLERANCE[dtype] * want_y.float().abs().max().item()
-    torch.testing.assert_close(got_y.float(), want_y.float(), atol=tol, rtol=0, msg=lambda m: f"expand: {m}")
+    want_y, got_y = y.float(), y.clone()
+    lora_apply(want_y, x.float(), lora_a.float(), lora_b.float(), scalings, metadata, slice_starts)
+    TRITON_PATHS[path](got_y, x, lora_a, lora_b, scalings, metadata, slice_starts)
+    tol = TOLERANCE[dtype] * want_y.abs().max().item()
+    torch.testing.assert_close(got_y.float(), want_y, atol=tol, rtol=0, msg=lambda m: f"{path}: {m}")
     is_base = (metadata.token_slots == NO_ADAPTER).cpu()
     assert torch.equal(got_y.cpu()[is_base], y.cpu()[is_base]), "a base-model token's output changed"
     assert not torch.equal(got_y.cpu()[~is_base], y.cpu()[~is_base]), "no adapter token's output changed"
+
+
+def test_triton_lora_path_depends_on_token_count_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Guards against the choice between the fused and the two-kernel path reading the batch's adapters (a
+    captured graph would replay one path for every mix) or sending decode batches to the two-kernel path."""
+    calls: list[str] = []
+    for name in TRITON_PATHS:
+        monkeypatch.setattr(f"nanovllm.kernels.triton_lora.lora_{name}_triton", _recorder(calls, name))
+    for num_tokens, row_slots in ((1, [NO_ADAPTER]), (FUSED_MAX_TOKENS, [0]), (FUSED_MAX_TOKENS + 1, [0])):
+        metadata = build_lora_metadata(np.array(row_slots, np.int32), [num_tokens], MAX_LORAS, DEVICE)
+        x = torch.zeros(num_tokens, IN_FEATURES)
+        lora_apply_triton(x, x, x, x, x, metadata, x)
+    assert calls == ["fused", "fused", "shrink_expand"], calls
+
+
+def _recorder(calls: list[str], name: str) -> Callable[..., None]:
+    return lambda *args: calls.append(name)
 
 
 def test_group_tokens_by_slot_as_documented() -> None:

@@ -1,8 +1,9 @@
-"""LoRA shrink and expand behind one interface, chosen once when the engine is built.
+"""A layer's LoRA (y += scaling * (x A^T) B^T per token's adapter) behind one interface, chosen once when the
+engine is built.
 
     torch   kernels/lora_reference.py: runs anywhere; the oracle
-    triton  kernels/triton_lora.py: Punica-style grouped kernels, graph-capturable (on CUDA, or under
-            TRITON_INTERPRET=1 on CPU)
+    triton  kernels/triton_lora.py: Punica-style grouped kernels, one launch at decode sizes, graph-capturable
+            (on CUDA, or under TRITON_INTERPRET=1 on CPU)
 
 Importing this module does not import Triton: the Triton kernels load when chosen.
 """
@@ -29,21 +30,25 @@ def slot_rank(max_lora_rank: int) -> int:
     return rank
 
 
+# (y [N, out] updated in place, x [N, in], A [max_loras, num_slices, rank, in], B [max_loras, out, rank],
+#  scalings [max_loras] float32, metadata, slice_starts [num_slices + 1] int32) -> None
+LoRAApply = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, LoRAMetadata, torch.Tensor], None
+]
+
+
 @dataclass(frozen=True)
 class LoRAKernels:
-    """The two LoRA kernels of one implementation (lora_reference.py documents their contract)."""
+    """The LoRA of one implementation (lora_reference.lora_apply documents the contract)."""
 
     name: str  # "torch" or "triton"
-    # (x [N, in], A [max_loras, num_slices, rank, in], metadata) -> x A[slot]^T [num_slices, N, rank] float32
-    shrink: Callable[[torch.Tensor, torch.Tensor, LoRAMetadata], torch.Tensor]
-    # (y [N, out] updated in place, shrunk [N, rank], B [max_loras, out, rank], scalings [max_loras], metadata)
-    expand: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, LoRAMetadata], None]
+    apply: LoRAApply  # shrink and expand of every slice of one layer, for each token's adapter
 
 
 def select_lora_kernels(use_triton: bool) -> LoRAKernels:
     """Triton where the engine runs its other Triton kernels (attention backend "triton" or "flash_attn")."""
     if not use_triton:
-        return LoRAKernels("torch", lora_reference.lora_shrink, lora_reference.lora_expand)
+        return LoRAKernels("torch", lora_reference.lora_apply)
     from nanovllm.kernels import triton_lora  # imports Triton: only when chosen
 
-    return LoRAKernels("triton", triton_lora.lora_shrink_triton, triton_lora.lora_expand_triton)
+    return LoRAKernels("triton", triton_lora.lora_apply_triton)

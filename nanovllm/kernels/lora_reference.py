@@ -1,4 +1,4 @@
-"""Plain-PyTorch LoRA shrink and expand over the adapter slots: what runs on CPU, and the Triton kernels' oracle.
+"""Plain-PyTorch LoRA over the adapter slots: what runs on CPU, and the Triton kernels' oracle.
 
 A linear layer with LoRA computes, for a token served by the adapter in slot s,
 
@@ -6,8 +6,12 @@ A linear layer with LoRA computes, for a token served by the adapter in slot s,
                                \\_shrink_/ \\expand/
 
 where A[s] is [rank, in_features] and B[s] is [out_features, rank]. A fused layer (q, k and v in one matrix)
-has one A and one B per slice of its output. Both functions here compute every slot for every token and keep
-each token's own: simple and free of data-dependent shapes, at max_loras times the (small) LoRA work.
+has one A and one B per slice of its output; y's columns hold the slices one after another, from slice_starts:
+
+    slice_starts = [0, 2048, 3072, 4096]    q: columns 0-2047 use x A[s, 0]^T, k: 2048-3071 x A[s, 1]^T, v: the rest
+
+The functions here compute every slot for every token and keep each token's own: simple and free of
+data-dependent shapes (nothing syncs with the host), at max_loras times the (small) LoRA work.
 """
 
 import torch
@@ -33,17 +37,36 @@ def lora_shrink(
 
 
 def lora_expand(
-    y: torch.Tensor,  # [N, out_features] (a view of one slice's columns), updated in place
-    shrunk: torch.Tensor,  # [N, max_rank] float32, this slice's lora_shrink output
+    y: torch.Tensor,  # [N, out_features], updated in place
+    shrunk: torch.Tensor,  # [num_slices, N, max_rank] float32, lora_shrink's output
     lora_b: torch.Tensor,  # [max_loras, out_features, max_rank]
     scalings: torch.Tensor,  # [max_loras] float32
     metadata: LoRAMetadata,  # of which this reads token_slots only
+    slice_starts: torch.Tensor,  # [num_slices + 1] int32, where each slice's columns start in y
 ) -> None:
-    """y += scaling * shrunk @ B^T of each token's adapter; base-model tokens keep y."""
+    """y += scaling * shrunk[slice] @ B^T of each token's adapter, each column with its slice's shrink; base-model
+    tokens keep y."""
     token_slots = metadata.token_slots  # [N] int32
+    num_slices, num_out = shrunk.shape[0], y.shape[1]
+    cols = torch.arange(num_out, device=y.device, dtype=slice_starts.dtype)  # [out_features]
+    col_slices = torch.searchsorted(slice_starts[1:].contiguous(), cols, right=True)  # [out_features] each's slice
+    is_slice_col = (col_slices[None, :] == torch.arange(num_slices, device=y.device)[:, None]).float()  # [S, out]
     delta = torch.zeros(y.shape, dtype=torch.float32, device=y.device)  # [N, out_features]
     for slot in range(lora_b.shape[0]):
         is_slot = (token_slots == slot)[:, None]  # [N, 1]
-        product = (shrunk @ lora_b[slot].float().T) * scalings[slot]  # [N, out_features]
-        delta = torch.where(is_slot, product, delta)
+        product = torch.einsum("snr,or,so->no", shrunk, lora_b[slot].float(), is_slice_col)  # [N, out_features]
+        delta = torch.where(is_slot, product * scalings[slot], delta)
     y.copy_((y.float() + delta).to(y.dtype))
+
+
+def lora_apply(
+    y: torch.Tensor,  # [N, out_features], the base layer's output, updated in place
+    x: torch.Tensor,  # [N, in_features], the layer's input
+    lora_a: torch.Tensor,  # [max_loras, num_slices, max_rank, in_features]
+    lora_b: torch.Tensor,  # [max_loras, out_features, max_rank]
+    scalings: torch.Tensor,  # [max_loras] float32
+    metadata: LoRAMetadata,  # each token's slot
+    slice_starts: torch.Tensor,  # [num_slices + 1] int32, where each slice's columns start in y
+) -> None:
+    """y += scaling * (x A^T) B^T of each token's adapter (the shrink, then the expand); base-model tokens keep y."""
+    lora_expand(y, lora_shrink(x, lora_a, metadata), lora_b, scalings, metadata, slice_starts)

@@ -13,6 +13,7 @@ Under tensor parallelism A and B shard with their layer, and no collective is ad
                                      x_r A_r^T B^T of each rank joins the layer's own all-reduce
 """
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,7 @@ class LoRASlots(nn.Module):
     lora_a: torch.Tensor  # [max_loras, num_slices, rank, in_features of this rank]
     lora_b: torch.Tensor  # [max_loras, out_features of this rank (the slices one after another), rank]
     scalings: torch.Tensor  # [max_loras] float32, each slot's adapter's scaling
+    slice_starts: torch.Tensor  # [num_slices + 1] int32, where each slice's rows start in lora_b (columns in y)
 
     def __init__(
         self,
@@ -60,6 +62,10 @@ class LoRASlots(nn.Module):
             "lora_b", torch.zeros(max_loras, num_out, rank, dtype=dtype, device=device), persistent=False
         )
         self.register_buffer("scalings", torch.zeros(max_loras, dtype=torch.float32, device=device), persistent=False)
+        starts = [out.local_offset for out in out_slices] + [num_out]
+        if starts != [0, *itertools.accumulate(out.size for out in out_slices)]:
+            raise ValueError(f"LoRA output slices {out_slices} do not lie one after another from column 0")
+        self.register_buffer("slice_starts", torch.tensor(starts, dtype=torch.int32, device=device), persistent=False)
 
     def clear(self, slot: int, scaling: float) -> None:
         """Empty a slot for a new adapter: zero A and B (slices it does not target add nothing), set its scaling."""
@@ -86,8 +92,5 @@ class LoRASlots(nn.Module):
         metadata = get_attention_metadata().lora
         if metadata is None:
             raise RuntimeError("a LoRA layer ran without adapter slots in the attention context; the runner sets them")
-        shrunk = self.kernels.shrink(x, self.lora_a, metadata)  # [num_slices, N, rank] float32
-        for slice_idx, out in enumerate(self.out_slices):
-            cols = slice(out.local_offset, out.local_offset + out.size)
-            self.kernels.expand(y[:, cols], shrunk[slice_idx], self.lora_b[:, cols], self.scalings, metadata)
+        self.kernels.apply(y, x, self.lora_a, self.lora_b, self.scalings, metadata, self.slice_starts)
         return y
