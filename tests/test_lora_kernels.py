@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from nanovllm.kernels.lora import slot_rank
+from nanovllm.kernels.lora import select_lora_kernels, slot_rank
 from nanovllm.kernels.lora_reference import lora_apply
 from nanovllm.kernels.triton_lora import (
     FUSED_MAX_TOKENS,
@@ -20,12 +20,14 @@ from nanovllm.kernels.triton_lora import (
     lora_fused_triton,
     lora_shrink_expand_triton,
 )
+from nanovllm.layers.lora import LoRASlots, ShardRange
 from nanovllm.lora.metadata import build_lora_metadata, group_tokens_by_slot
 from nanovllm.runner.decode_staging import DecodeStaging
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.scheduler.batch import ScheduledBatch
 from nanovllm.scheduler.sequence import Sequence
-from nanovllm.utils.lora_metadata import NO_ADAPTER
+from nanovllm.utils.context import AttentionMetadata, attention_context
+from nanovllm.utils.lora_metadata import NO_ADAPTER, LoRAMetadata
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # Against a float32 reference on the same inputs: float32 differs by summation order only; bfloat16 rounds the
@@ -99,6 +101,47 @@ def test_triton_lora_path_depends_on_token_count_only(monkeypatch: pytest.Monkey
         x = torch.zeros(num_tokens, IN_FEATURES)
         lora_apply_triton(x, x, x, x, x, metadata, x)
     assert calls == ["fused", "fused", "shrink_expand"], calls
+
+
+def test_layer_gives_each_slice_its_columns_on_both_kernels() -> None:
+    """Guards against LoRASlots passing the kernels slice edges that differ from where load() puts each slice's
+    rows of B (a fused qkv whose k gets q's shrink), and against the Triton path differing from the torch one."""
+    gen = torch.Generator().manual_seed(0)
+    out_slices, offset = [], 0
+    for size in SLICE_SIZES:
+        out_slices.append(ShardRange(offset, size, full_start=0))
+        offset += size
+    weights = {  # slot -> per slice (A [rank, in], B [size, rank]) of an adapter of the slot's ADAPTER_RANKS
+        slot: [(torch.randn(ADAPTER_RANKS[slot], IN_FEATURES, generator=gen), torch.randn(size, ADAPTER_RANKS[slot],
+                generator=gen)) for size in SLICE_SIZES]
+        for slot in (0, 2)
+    }  # fmt: skip
+    row_slots, lengths = random_rows(7, seed=7)
+    metadata = build_lora_metadata(row_slots, lengths, MAX_LORAS, DEVICE)
+    x = torch.randn(7, IN_FEATURES, generator=gen).to(DEVICE)
+    y = torch.randn(7, sum(SLICE_SIZES), generator=gen).to(DEVICE)
+    want = y.clone()
+    for token, slot in enumerate(metadata.token_slots.tolist()):
+        if slot != NO_ADAPTER:
+            want[token] += 0.5 * torch.cat([x[token] @ a.T.to(DEVICE) @ b.T.to(DEVICE) for a, b in weights[slot]])
+    outputs = {}
+    for use_triton in (False, True):
+        kernels = select_lora_kernels(use_triton)
+        layer = LoRASlots(ShardRange(0, IN_FEATURES, 0), tuple(out_slices), MAX_LORAS, 16, kernels, like=y)
+        for slot, slices in weights.items():
+            layer.clear(slot, scaling=0.5)
+            for slice_idx, (lora_a, lora_b) in enumerate(slices):
+                layer.load(slot, slice_idx, lora_a, lora_b)
+        with attention_context(_decode_metadata(metadata)):
+            outputs[kernels.name] = layer(x, y.clone())
+    for name, got in outputs.items():
+        torch.testing.assert_close(got, want, atol=1e-3, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def _decode_metadata(lora: LoRAMetadata) -> AttentionMetadata:
+    """An attention context that carries only the LoRA slots (a LoRA layer reads nothing else)."""
+    empty = torch.zeros(0, dtype=torch.int32, device=DEVICE)
+    return AttentionMetadata(False, empty, 1, empty, 0, empty.long(), empty[None], lora=lora)
 
 
 def _recorder(calls: list[str], name: str) -> Callable[..., None]:
