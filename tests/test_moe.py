@@ -20,7 +20,8 @@ from test_tp import assert_no_tensor_parallel_left
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.kernels.fused_moe import fused_moe
-from nanovllm.kernels.triton_fused_moe import choose_block_m, sort_by_expert
+from nanovllm.kernels.triton_fused_moe import DECODE_TILES, LARGE_TILES, SMALL_TILES, MoeTiles, choose_tiles
+from nanovllm.kernels.triton_moe_sort import SORT_BLOCK_SLOTS, max_num_blocks, sort_by_expert
 from nanovllm.layers.moe import SparseMoeBlock
 from nanovllm.models.arch import check_tensor_parallel_split, parse_model_arch
 
@@ -46,46 +47,70 @@ def random_routing(num_tokens: int, num_experts: int, top_k: int, seed: int) -> 
     return topk_weights.to(DEVICE), topk_ids.to(DEVICE)
 
 
-def test_sort_by_expert_puts_every_slot_once_in_its_experts_block() -> None:
+@pytest.mark.parametrize(
+    ("topk_ids", "num_experts", "block_m"),
+    [
+        ([[2, 0], [0, 1], [2, 0], [4, 2], [0, 4]], 5, 4),  # expert 3 gets nothing; 5 experts: 8 histogram bins
+        ([[1, 0]], 8, 16),  # one decode token
+        (torch.randint(0, 6, (SORT_BLOCK_SLOTS + 300, 1), generator=torch.Generator().manual_seed(0)), 6, 16),
+    ],
+)
+def test_sort_by_expert_puts_every_slot_once_in_its_experts_block(
+    topk_ids: Any, num_experts: int, block_m: int
+) -> None:
     """Guards the sort that feeds the grouped GEMMs: a slot lost or repeated (a token missing an expert's output or
-    getting it twice), a block holding rows of two experts, or padding sized by the data (no CUDA graph then)."""
-    num_experts, block_m = 5, 4
-    topk_ids = torch.tensor([[2, 0], [0, 1], [2, 0], [4, 2], [0, 4]], device=DEVICE)  # expert 3 gets nothing
+    getting it twice), a block holding rows of two experts, a group not padded to whole blocks, slots counted
+    wrongly across the kernel's steps of SORT_BLOCK_SLOTS, or padding sized by the data (no CUDA graph then)."""
+    topk_ids = torch.as_tensor(topk_ids, device=DEVICE)
     num_slots = topk_ids.numel()
     blocks = sort_by_expert(topk_ids, num_experts, block_m)
-    rows = blocks.sorted_slot_ids.view(-1, block_m).cpu()  # [num_blocks, block_m]
-    block_experts = blocks.block_expert_ids.cpu()
-    max_rows = num_slots + min(num_experts, num_slots) * (block_m - 1)
-    assert rows.shape[0] == -(-max_rows // block_m), f"{rows.shape[0]} blocks for at most {max_rows} rows"
+    num_rows = int(blocks.num_padded_rows.item())
+    assert blocks.sorted_slot_ids.numel() == block_m * max_num_blocks(num_slots, num_experts, block_m)
+    counts = torch.bincount(topk_ids.flatten().cpu(), minlength=num_experts)
+    want_rows = int(((counts + block_m - 1) // block_m * block_m).sum())
+    assert num_rows == want_rows <= blocks.sorted_slot_ids.numel(), f"{num_rows} padded rows, want {want_rows}"
+    rows = blocks.sorted_slot_ids[:num_rows].view(-1, block_m).cpu()  # [num_used_blocks, block_m]
+    block_experts = blocks.block_expert_ids[: rows.shape[0]].cpu()
     real = rows[rows < num_slots]
     assert sorted(real.tolist()) == list(range(num_slots)), f"slots in the blocks: {rows.tolist()}"
+    assert (rows <= num_slots).all(), f"rows hold neither a slot nor padding: {rows.tolist()}"
     expert_of_slot = topk_ids.flatten().cpu()
     for block_idx, (block, expert) in enumerate(zip(rows, block_experts, strict=True)):
         slots = block[block < num_slots]
-        if expert == num_experts:
-            assert slots.numel() == 0, f"block {block_idx} past the last expert holds slots {slots.tolist()}"
-        else:
-            assert (expert_of_slot[slots] == expert).all() and slots.numel() > 0, (
-                f"block {block_idx} of expert {int(expert)} holds slots {slots.tolist()} of experts "
-                f"{expert_of_slot[slots].tolist()}"
-            )
+        assert (expert_of_slot[slots] == expert).all() and slots.numel() > 0, (
+            f"block {block_idx} of expert {int(expert)} holds slots {slots.tolist()} of experts "
+            f"{expert_of_slot[slots].tolist()}"
+        )
+        assert slots.tolist() == sorted(slots.tolist()), f"block {block_idx}: slots out of order {slots.tolist()}"
     assert block_experts.tolist() == sorted(block_experts.tolist()), f"blocks out of order: {block_experts.tolist()}"
 
 
 @pytest.mark.parametrize(
-    ("num_tokens", "num_experts", "top_k", "hidden_size", "intermediate_size", "dtype"),
+    ("num_tokens", "num_experts", "top_k", "hidden_size", "intermediate_size", "dtype", "tiles"),
     [
-        (1, 8, 2, 64, 32, torch.float32),  # one decode token: 2 of 8 experts used
-        (5, 4, 1, 48, 40, torch.float32),  # top-1; widths that are no multiple of the tiles (masks)
-        (70, 4, 2, 64, 32, torch.float32),  # 140 slots over 4 experts: the tall (prefill) blocks
-        (9, 8, 2, 64, 32, torch.bfloat16),
+        (1, 8, 2, 64, 32, torch.float32, None),  # one decode token: 2 of 8 experts used
+        (5, 4, 1, 48, 40, torch.float32, None),  # top-1; widths that are no multiple of the tiles (masks)
+        (70, 4, 2, 64, 32, torch.float32, None),  # 140 slots over 4 experts: the tall (prefill) blocks
+        (9, 8, 2, 64, 32, torch.bfloat16, None),
+        (600, 4, 2, 48, 40, torch.bfloat16, None),  # more slots than one step of the sort
+        # Each tile set at the sizes it was not chosen for: tiles must change speed only.
+        (1, 8, 2, 200, 72, torch.bfloat16, LARGE_TILES),
+        (3, 8, 2, 200, 72, torch.float32, SMALL_TILES),
+        (40, 4, 2, 200, 72, torch.bfloat16, DECODE_TILES),
     ],
 )
 def test_triton_fused_moe_matches_reference(
-    num_tokens: int, num_experts: int, top_k: int, hidden_size: int, intermediate_size: int, dtype: torch.dtype
+    num_tokens: int,
+    num_experts: int,
+    top_k: int,
+    hidden_size: int,
+    intermediate_size: int,
+    dtype: torch.dtype,
+    tiles: MoeTiles | None,
 ) -> None:
     """Guards the fused kernel: wrong expert weights or rows per block, a padding row written over a real one,
-    gate and up swapped, the routing weight applied twice or not at all, a token's top_k rows not summed."""
+    gate and up swapped, the routing weight applied twice or not at all, a token's top_k rows not summed, a K or
+    N tail dropped by a tile (hidden 200 and width 72 are no multiple of any block_k or block_n)."""
     from nanovllm.kernels.triton_fused_moe import fused_moe_triton
 
     generator = torch.Generator().manual_seed(num_tokens)
@@ -95,12 +120,21 @@ def test_triton_fused_moe_matches_reference(
     gate_up, down = gate_up.to(DEVICE, dtype), down.to(DEVICE, dtype)
     topk_weights, topk_ids = random_routing(num_tokens, num_experts, top_k, seed=num_tokens)
     want = fused_moe(x.float(), gate_up.float(), down.float(), topk_weights, topk_ids)  # [N, hidden]
-    got = fused_moe_triton(x, gate_up, down, topk_weights, topk_ids)
+    got = fused_moe_triton(x, gate_up, down, topk_weights, topk_ids, tiles)
     error = (got.float() - want).abs().max().item()
     scale = want.abs().max().item()
+    tiles = tiles or choose_tiles(num_tokens * top_k, num_experts)
     assert got.dtype == dtype and error <= TOLERANCE[dtype] * max(1.0, scale), (
-        f"max error {error:.2e} (output scale {scale:.2f}, block_m {choose_block_m(num_tokens * top_k, num_experts)})"
+        f"max error {error:.2e} (output scale {scale:.2f}, tiles {tiles})"
     )
+
+
+@pytest.mark.parametrize(("num_tokens", "tiles"), [(1, DECODE_TILES), (16, DECODE_TILES), (17, SMALL_TILES),
+                                                   (256, SMALL_TILES), (257, LARGE_TILES)])  # fmt: skip
+def test_tiles_follow_the_number_of_tokens(num_tokens: int, tiles: MoeTiles) -> None:
+    """Guards the choice of tiles at Qwen3-30B-A3B's 128 experts, top-8: decode batches up to 16 tokens get the
+    narrow, deep-pipelined decode tiles, up to 256 the short blocks, prefill the tall ones."""
+    assert choose_tiles(num_tokens * 8, 128) == tiles, f"{num_tokens} tokens: {choose_tiles(num_tokens * 8, 128)}"
 
 
 def hf_moe_block(family: str, norm_topk_prob: bool) -> tuple[torch.nn.Module, Any]:

@@ -2,24 +2,20 @@
 # (@triton.jit kernels take untyped pointers and scalars; the Python wrappers are typed.)
 """The experts of a mixture-of-experts layer as two grouped GEMMs in Triton.
 
-Same contract as :func:`nanovllm.kernels.fused_moe.fused_moe`. Every token-expert pair is a *slot*
-``t * top_k + j``. The slots are sorted by expert and each expert's group is padded to whole blocks of
-``block_m`` rows, so that every block belongs to one expert (:func:`sort_by_expert`):
+Same contract as :func:`nanovllm.kernels.fused_moe.fused_moe`. The token-expert slots are first sorted by expert
+and padded to blocks of ``block_m`` rows (kernels/triton_moe_sort.py), then one program per (block, column tile):
 
-    topk_ids (3 tokens, top_k=2, 3 experts): [[2, 0], [0, 1], [2, 0]]  ->  slots 0..5 go to experts 2 0 0 1 2 0
-    block_m = 4:   | expert 0: slots 1 2 5 . | expert 1: slot 3 . . . | expert 2: slots 0 4 . . | . . . . |
-    sorted_slot_ids  = [1 2 5 6  3 6 6 6  0 4 6 6  6 6 6 6]      (6 = num_slots marks a padding row)
-    block_expert_ids = [0, 1, 2, 3]                              (3 = num_experts: a block past the end)
-
-The arrays have a fixed length for a given number of tokens, the most padding that can happen, so that a
-CUDA graph can capture a decode step; blocks past the last expert's rows exit at once. Then one program per
-(block, column tile):
-
+    0. sort by expert (one launch)                                                             -> blocks
     1. gate+up GEMM: the block's tokens times its expert's gate and up rows, silu(gate) * up  -> [slots, I]
     2. down GEMM:    each slot's row times its expert's down matrix, times its routing weight -> [slots, hidden]
     3. the top_k rows of each token summed (torch)                                             -> [N, hidden]
 
-Nothing is read back to the host: the launch sizes depend only on the tensors' shapes.
+Four launches, nothing read back to the host: the launch sizes and tiles depend only on the tensors' shapes, so a
+CUDA graph captures one call per batch size.
+
+At decode sizes the GEMMs stream weights: one token reads its top_k experts' 3 * hidden * I weights and little
+else. The time then goes to how many programs stream at once and how many loads each keeps in flight, so few
+rows get narrow column tiles (more programs per expert) and deeper pipelines (see choose_tiles).
 """
 
 from dataclasses import dataclass
@@ -29,53 +25,46 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels.triton_attention import _dot_options
-
-# Tile sizes, untuned (of the kind of vLLM's defaults where it has no tuned config): few rows per expert, as in
-# decode, want a short block so that padding each expert's group to it wastes little; many, as in prefill, a
-# taller one. Decode streams weights, so the reduction step is long enough for wide loads.
-SMALL_BLOCK_M = 16  # rows per block when experts average at most this many rows; tl.dot's smallest size
-LARGE_BLOCK_M = 64  # rows per block otherwise
-BLOCK_N = 64  # output columns per program
-BLOCK_K = 64  # reduction step
+from nanovllm.kernels.triton_moe_sort import ExpertBlocks, sort_by_expert
 
 
 @dataclass(frozen=True)
-class ExpertBlocks:
-    """Slots grouped by expert, each group padded to whole blocks (see the module docstring)."""
+class GemmTiles:
+    """How one grouped GEMM is cut into programs."""
 
-    sorted_slot_ids: torch.Tensor  # [num_blocks * block_m] int32: slot per row, num_slots on padding rows
-    block_expert_ids: torch.Tensor  # [num_blocks] int32: expert per block, num_experts past the last group
-    block_m: int  # rows per block
-
-
-def choose_block_m(num_slots: int, num_experts: int) -> int:
-    return SMALL_BLOCK_M if num_slots <= num_experts * SMALL_BLOCK_M else LARGE_BLOCK_M
+    block_n: int  # output columns per program (gate+up: intermediate columns, reading gate and up rows for each)
+    block_k: int  # reduction step for 16-bit operands; 32-bit ones take half of it (the same bytes per tile)
+    num_warps: int
+    num_stages: int  # the K loop's loads in flight (Triton's software pipeline): more hide more memory latency
 
 
-def sort_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> ExpertBlocks:
-    """Group the slots of ``topk_ids`` [N, top_k] by expert, in slot order within a group, padded to blocks.
+@dataclass(frozen=True)
+class MoeTiles:
+    """The tiles of one fused-MoE call."""
 
-    Fixed shapes and no host reads (graph-capturable): every expert that gets a slot pads at most
-    block_m - 1 rows, and at most min(num_experts, num_slots) experts get one.
-    """
-    device = topk_ids.device
-    num_slots = topk_ids.numel()
-    expert_of_slot = topk_ids.flatten().long()  # [num_slots]
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
-    counts.scatter_add_(0, expert_of_slot, torch.ones_like(expert_of_slot))  # [num_experts] slots per expert
-    padded_counts = (counts + block_m - 1) // block_m * block_m  # [num_experts]
-    padded_ends = padded_counts.cumsum(0)  # [num_experts] where each expert's padded group ends
-    order = expert_of_slot.argsort(stable=True)  # [num_slots] slots, expert by expert
-    sorted_experts = expert_of_slot[order]  # [num_slots]
-    # A slot's row: its expert's padded start, plus its rank among that expert's slots.
-    rank = torch.arange(num_slots, device=device) - (counts.cumsum(0) - counts)[sorted_experts]  # [num_slots]
-    rows = (padded_ends - padded_counts)[sorted_experts] + rank  # [num_slots]
-    num_blocks = triton.cdiv(num_slots + min(num_experts, num_slots) * (block_m - 1), block_m)
-    sorted_slot_ids = torch.full((num_blocks * block_m,), num_slots, dtype=torch.int32, device=device)
-    sorted_slot_ids[rows] = order.to(torch.int32)
-    block_starts = torch.arange(0, num_blocks * block_m, block_m, device=device)  # [num_blocks]
-    block_expert_ids = torch.searchsorted(padded_ends, block_starts, right=True).to(torch.int32)  # [num_blocks]
-    return ExpertBlocks(sorted_slot_ids, block_expert_ids, block_m)
+    block_m: int  # rows per block: each expert's slots padded to a multiple of it; tl.dot's smallest size is 16
+    gate_up: GemmTiles
+    down: GemmTiles
+
+
+# Untuned starting points (vLLM's tuned Qwen3-30B-A3B configs for the H200 use tiles of this kind), to be chosen
+# on a GPU with benchmarks/moe_kernel.py --sweep. With at most one row per expert on average (decode up to
+# num_experts / top_k tokens) the weights dominate: at one token Qwen3-30B-A3B's gate+up GEMM has 8 experts x
+# 768 / block_n programs for the H200's 132 SMs, so its tiles are narrow and its pipeline deep.
+DECODE_TILES = MoeTiles(16, gate_up=GemmTiles(32, 128, 4, 4), down=GemmTiles(64, 128, 4, 4))
+# Up to 16 rows per expert (larger decode batches): one short block per expert still wastes little on padding.
+SMALL_TILES = MoeTiles(16, gate_up=GemmTiles(64, 128, 4, 3), down=GemmTiles(64, 128, 4, 3))
+# More rows (prefill): taller blocks reuse each weight tile across more rows.
+LARGE_TILES = MoeTiles(64, gate_up=GemmTiles(64, 64, 4, 3), down=GemmTiles(64, 64, 4, 3))
+
+
+def choose_tiles(num_slots: int, num_experts: int) -> MoeTiles:
+    """The tiles for num_slots token-expert slots: from the shapes alone, so each graph bucket gets one."""
+    if num_slots <= num_experts:
+        return DECODE_TILES
+    if num_slots <= num_experts * SMALL_TILES.block_m:
+        return SMALL_TILES
+    return LARGE_TILES
 
 
 @triton.jit
@@ -85,9 +74,9 @@ def _expert_gemm_kernel(
     out_ptr,  # [num_slots, n_dim]
     sorted_slot_ids_ptr,  # [num_blocks * BLOCK_M] int32
     block_expert_ids_ptr,  # [num_blocks] int32
+    num_padded_rows_ptr,  # [1] int32: blocks from here on are past the last expert's group
     topk_weights_ptr,  # [num_slots] float32; read only when WEIGHTED
     num_slots,
-    num_experts,
     slots_per_a_row,  # slot s reads row s // slots_per_a_row of a: top_k for the hidden states, else 1
     n_dim,
     k_dim,
@@ -106,9 +95,9 @@ def _expert_gemm_kernel(
     """Rows [BLOCK_M] of block ``program_id(0)`` (one expert's slots) times that expert's columns
     [program_id(1) * BLOCK_N, + BLOCK_N), accumulated in float32 over k_dim."""
     block_idx = tl.program_id(0)
-    expert = tl.load(block_expert_ids_ptr + block_idx).to(tl.int64)
-    if expert >= num_experts:
+    if block_idx * BLOCK_M >= tl.load(num_padded_rows_ptr):
         return  # past the last expert's rows: padding of the fixed-size grid
+    expert = tl.load(block_expert_ids_ptr + block_idx).to(tl.int64)
     slot = tl.load(sorted_slot_ids_ptr + block_idx * BLOCK_M + tl.arange(0, BLOCK_M))  # [BLOCK_M]
     is_real = slot < num_slots  # [BLOCK_M]
     a_rows = (slot // slots_per_a_row).to(tl.int64)  # [BLOCK_M]
@@ -149,16 +138,18 @@ def _expert_gemm(
     topk_weights: torch.Tensor,  # [num_slots] float32
     slots_per_a_row: int,
     is_gated: bool,
+    tiles: GemmTiles,
 ) -> None:
-    num_experts, num_w_rows, k_dim = w.shape
+    k_dim = w.shape[2]
     n_dim = out.shape[1]
-    grid = (blocks.block_expert_ids.numel(), triton.cdiv(n_dim, BLOCK_N))
+    block_k = tiles.block_k * 2 // w.element_size()  # 16-bit weights: block_k; 32-bit: half of it
+    grid = (blocks.block_expert_ids.numel(), triton.cdiv(n_dim, tiles.block_n))
     _expert_gemm_kernel[grid](
-        a, w, out, blocks.sorted_slot_ids, blocks.block_expert_ids, topk_weights,
-        out.shape[0], num_experts, slots_per_a_row, n_dim, k_dim,
-        a.stride(0), w.stride(0), w.stride(1), out.stride(0),
+        a, w, out, blocks.sorted_slot_ids, blocks.block_expert_ids, blocks.num_padded_rows, topk_weights,
+        out.shape[0], slots_per_a_row, n_dim, k_dim, a.stride(0), w.stride(0), w.stride(1), out.stride(0),
         GATED=is_gated, WEIGHTED=not is_gated, **_dot_options(a),
-        BLOCK_M=blocks.block_m, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        BLOCK_M=blocks.block_m, BLOCK_N=tiles.block_n, BLOCK_K=block_k,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
 
 
@@ -168,6 +159,7 @@ def fused_moe_triton(
     down_proj: torch.Tensor,  # [num_experts, hidden, intermediate]
     topk_weights: torch.Tensor,  # [N, top_k] float32
     topk_ids: torch.Tensor,  # [N, top_k] int, expert of each choice
+    tiles: MoeTiles | None = None,  # None: choose_tiles's for this size (a benchmark may try others)
 ) -> torch.Tensor:  # [N, hidden]
     """Each token's routing-weighted sum of its experts' gated MLPs (see the module docstring)."""
     num_tokens, hidden_size = hidden_states.shape
@@ -176,11 +168,12 @@ def fused_moe_triton(
     num_slots = num_tokens * top_k
     if num_tokens == 0:
         return torch.zeros_like(hidden_states)
-    blocks = sort_by_expert(topk_ids, num_experts, choose_block_m(num_slots, num_experts))
+    tiles = tiles or choose_tiles(num_slots, num_experts)
+    blocks = sort_by_expert(topk_ids, num_experts, tiles.block_m)
     x = hidden_states.contiguous()
     weights = topk_weights.float().contiguous().view(num_slots)  # [num_slots]
     intermediate = x.new_empty(num_slots, num_gate_up_rows // 2)  # [num_slots, I]
-    _expert_gemm(x, gate_up_proj.contiguous(), intermediate, blocks, weights, top_k, is_gated=True)
+    _expert_gemm(x, gate_up_proj.contiguous(), intermediate, blocks, weights, top_k, True, tiles.gate_up)
     slot_out = x.new_empty(num_slots, hidden_size)  # [num_slots, hidden]
-    _expert_gemm(intermediate, down_proj.contiguous(), slot_out, blocks, weights, 1, is_gated=False)
+    _expert_gemm(intermediate, down_proj.contiguous(), slot_out, blocks, weights, 1, False, tiles.down)
     return slot_out.view(num_tokens, top_k, hidden_size).sum(dim=1)  # [N, hidden]
