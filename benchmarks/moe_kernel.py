@@ -9,7 +9,8 @@ CUDA graph, as the decode graphs run the kernel; each replay routes alike, so at
 75 MB may stay in the L2 cache. Exits 1 if a check fails.
 
 Each row also gives the sort by expert alone (the GEMMs' share is the rest, but for the final sum of each token's
-rows).
+rows). The router's softmax and top-k, which run before the call, are timed in rows of their own: the Triton kernel
+beside route_tokens, its torch reference, both in a CUDA graph; their check counts differing choices of expert.
 
 ``--sweep`` instead times every tile set of SWEEP (and the chosen one) at every batch size, each checked against
 the reference, then names the fastest per batch size: how DECODE_TILES, SMALL_TILES and LARGE_TILES of
@@ -48,6 +49,7 @@ from nanovllm.kernels.triton_fused_moe import (  # noqa: E402
     choose_tiles,
     fused_moe_triton,
 )
+from nanovllm.kernels.triton_moe_routing import route_tokens_triton  # noqa: E402
 from nanovllm.kernels.triton_moe_sort import sort_by_expert  # noqa: E402
 from nanovllm.layers.moe import ExpertRouting, route_tokens  # noqa: E402
 
@@ -147,6 +149,19 @@ def bench_case(case: MoeCase, device: str, copy_gbps: float) -> Row:
     return Row("moe", f"{case.num_tokens} tokens, {num_routed} experts", milliseconds, None, throughput, error, is_ok)
 
 
+def bench_routing(shape: MoeShape, num_tokens: int, device: str, gen: torch.Generator) -> Row:
+    """The router's softmax, top-k and renormalisation of num_tokens tokens' bf16 logits."""
+    logits = torch.randn(num_tokens, shape.num_experts, generator=gen, device=device).to(DTYPE)  # [N, num_experts]
+    want = route_tokens(logits, shape.top_k, renormalize=True)
+    topk_weights, topk_ids = route_tokens_triton(logits, shape.top_k, renormalize=True)
+    num_differing = int((topk_ids != want.topk_ids).sum())  # bf16 logits tie at times: then either order is right
+    error = (topk_weights - want.topk_weights).abs().max().item()
+    triton_ms = time_graph_ms(lambda: route_tokens_triton(logits, shape.top_k, True), device)
+    torch_ms = time_graph_ms(lambda: route_tokens(logits, shape.top_k, True), device)
+    case = f"{num_tokens} tokens, {num_differing} ids differ"
+    return Row("route", case, triton_ms, torch_ms, "", error, error <= BF16_TOLERANCE)
+
+
 def tiles_label(tiles: MoeTiles) -> str:
     """m16 g32x128w4s4 d64x128w4s4: block_m, then block_n x block_k, warps and stages of gate+up and of down."""
     gemms = ((tiles.gate_up, "g"), (tiles.down, "d"))
@@ -191,7 +206,9 @@ def main() -> int:
         num_wrong = sweep(cases, settings, device, copy_gbps)
         print(f"\n{num_wrong} setting(s) gave a wrong result" if num_wrong else "\nall settings correct")
         return 1 if num_wrong else 0
-    return report([bench_case(case, device, copy_gbps) for case in cases], copy_gbps, BF16_TOLERANCE)
+    rows = [bench_case(case, device, copy_gbps) for case in cases]
+    rows += [bench_routing(shape, num_tokens, device, gen) for num_tokens in shape.batch_sizes]
+    return report(rows, copy_gbps, BF16_TOLERANCE)
 
 
 if __name__ == "__main__":

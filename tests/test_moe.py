@@ -22,7 +22,7 @@ from nanovllm import LLM, SamplingParams
 from nanovllm.kernels.fused_moe import fused_moe
 from nanovllm.kernels.triton_fused_moe import DECODE_TILES, LARGE_TILES, SMALL_TILES, MoeTiles, choose_tiles
 from nanovllm.kernels.triton_moe_sort import SORT_BLOCK_SLOTS, max_num_blocks, sort_by_expert
-from nanovllm.layers.moe import SparseMoeBlock
+from nanovllm.layers.moe import SparseMoeBlock, route_tokens
 from nanovllm.models.arch import check_tensor_parallel_split, parse_model_arch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -135,6 +135,38 @@ def test_tiles_follow_the_number_of_tokens(num_tokens: int, tiles: MoeTiles) -> 
     """Guards the choice of tiles at Qwen3-30B-A3B's 128 experts, top-8: decode batches up to 16 tokens get the
     narrow, deep-pipelined decode tiles, up to 256 the short blocks, prefill the tall ones."""
     assert choose_tiles(num_tokens * 8, 128) == tiles, f"{num_tokens} tokens: {choose_tiles(num_tokens * 8, 128)}"
+
+
+@pytest.mark.parametrize(
+    ("num_tokens", "num_experts", "top_k", "renormalize", "dtype"),
+    [
+        (5, 8, 2, True, torch.float32),  # Mixtral
+        (7, 128, 8, False, torch.float32),  # Qwen3-30B-A3B without norm_topk_prob
+        (3, 60, 3, True, torch.float32),  # no power of two: masked experts and choices
+        (33, 128, 8, True, torch.bfloat16),  # a bf16 router: equal logits happen
+        (0, 8, 2, True, torch.float32),
+    ],
+)
+def test_triton_routing_matches_reference(
+    num_tokens: int, num_experts: int, top_k: int, renormalize: bool, dtype: torch.dtype
+) -> None:
+    """Guards the one-launch router against route_tokens: softmax over padded experts, an expert chosen twice, the
+    weights renormalised when they should not be (or not when they should), choices out of probability order."""
+    from nanovllm.kernels.triton_moe_routing import route_tokens_triton
+
+    generator = torch.Generator().manual_seed(num_tokens)
+    logits = (2 * torch.randn(num_tokens, num_experts, generator=generator)).to(DEVICE, dtype)
+    want = route_tokens(logits, top_k, renormalize)
+    weights, ids = route_tokens_triton(logits, top_k, renormalize)
+    assert ids.dtype == want.topk_ids.dtype and weights.dtype == torch.float32
+    assert torch.allclose(weights, want.topk_weights, rtol=1e-6, atol=1e-7), f"{weights} vs {want.topk_weights}"
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).gather(1, ids)  # [N, top_k] of the experts chosen
+    if renormalize:
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    assert torch.allclose(probs, weights, rtol=1e-6, atol=1e-7), f"weights {weights} of experts {ids}"
+    assert all(len(set(row)) == top_k for row in ids.tolist()), f"an expert chosen twice: {ids.tolist()}"
+    if dtype == torch.float32:  # no equal probabilities: the very experts, in order
+        assert ids.tolist() == want.topk_ids.tolist(), f"{ids.tolist()} vs {want.topk_ids.tolist()}"
 
 
 def hf_moe_block(family: str, norm_topk_prob: bool) -> tuple[torch.nn.Module, Any]:

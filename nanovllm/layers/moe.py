@@ -4,6 +4,9 @@ their gated MLPs' outputs are summed, weighted by the router's probabilities.
     x [N, hidden] -> router logits [N, num_experts] -> softmax in float32 -> top-k -> renormalised (if asked)
                   -> topk_weights, topk_ids [N, top_k] -> the experts (kernels/fused_moe.py) -> [N, hidden]
 
+Where Triton runs, the routing (kernels/triton_moe_routing.py) and the experts (kernels/triton_fused_moe.py) are
+Triton kernels, and route_tokens and kernels/fused_moe.py are their references.
+
 Tensor parallelism splits every expert's intermediate dimension I, as it splits the dense MLP's: each rank
 holds rows [rank * I/tp, (rank + 1) * I/tp) of every expert's gate and up matrices and those columns of its
 down matrix, computes a partial sum of every token's output, and an all-reduce adds the ranks' sums. The
@@ -99,7 +102,7 @@ class SparseMoeBlock(nn.Module):
         num_experts: int,
         top_k: int,  # experts per token
         renormalize: bool,  # the top-k weights are renormalised to sum to 1
-        triton_kernel: bool = False,  # the experts in the fused Triton kernel, else the torch reference
+        triton_kernel: bool = False,  # routing and experts in Triton kernels, else their torch references
     ) -> None:
         super().__init__()
         self.tp = get_tensor_parallel()
@@ -107,14 +110,19 @@ class SparseMoeBlock(nn.Module):
         self.renormalize = renormalize
         self.gate = Router(hidden_size, num_experts)
         self.experts = StackedExperts(num_experts, hidden_size, intermediate_size)
+        self._route = route_tokens
         self._fused_moe = fused_moe
-        if triton_kernel:
-            from nanovllm.kernels.triton_fused_moe import fused_moe_triton  # imports Triton: only when chosen
+        if triton_kernel:  # imports Triton: only when chosen
+            from nanovllm.kernels.triton_fused_moe import fused_moe_triton
+            from nanovllm.kernels.triton_moe_routing import route_tokens_triton
 
+            self._route = lambda router_logits, top_k, renormalize: ExpertRouting(
+                *route_tokens_triton(router_logits, top_k, renormalize)
+            )
             self._fused_moe = fused_moe_triton
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # [N, hidden_size] -> [N, hidden_size]
-        routing = route_tokens(self.gate(hidden_states), self.top_k, self.renormalize)
+        routing = self._route(self.gate(hidden_states), self.top_k, self.renormalize)
         out = self._fused_moe(
             hidden_states, self.experts.gate_up_proj, self.experts.down_proj, routing.topk_weights, routing.topk_ids
         )  # [N, hidden_size], this rank's partial sum
