@@ -21,7 +21,7 @@ from test_tp import assert_no_tensor_parallel_left
 from nanovllm import LLM, SamplingParams
 from nanovllm.kernels.fused_moe import fused_moe
 from nanovllm.kernels.triton_fused_moe import DECODE_TILES, LARGE_TILES, SMALL_TILES, MoeTiles, choose_tiles
-from nanovllm.kernels.triton_moe_sort import SORT_BLOCK_SLOTS, max_num_blocks, sort_by_expert
+from nanovllm.kernels.triton_moe_sort import MAX_SORT_BLOCK_SLOTS, max_num_blocks, sort_by_expert
 from nanovllm.layers.moe import SparseMoeBlock, route_tokens
 from nanovllm.models.arch import check_tensor_parallel_split, parse_model_arch
 
@@ -52,7 +52,7 @@ def random_routing(num_tokens: int, num_experts: int, top_k: int, seed: int) -> 
     [
         ([[2, 0], [0, 1], [2, 0], [4, 2], [0, 4]], 5, 4),  # expert 3 gets nothing; 5 experts: 8 histogram bins
         ([[1, 0]], 8, 16),  # one decode token
-        (torch.randint(0, 6, (SORT_BLOCK_SLOTS + 300, 1), generator=torch.Generator().manual_seed(0)), 6, 16),
+        (torch.randint(0, 6, (MAX_SORT_BLOCK_SLOTS + 300, 1), generator=torch.Generator().manual_seed(0)), 6, 16),
     ],
 )
 def test_sort_by_expert_puts_every_slot_once_in_its_experts_block(
@@ -60,7 +60,7 @@ def test_sort_by_expert_puts_every_slot_once_in_its_experts_block(
 ) -> None:
     """Guards the sort that feeds the grouped GEMMs: a slot lost or repeated (a token missing an expert's output or
     getting it twice), a block holding rows of two experts, a group not padded to whole blocks, slots counted
-    wrongly across the kernel's steps of SORT_BLOCK_SLOTS, or padding sized by the data (no CUDA graph then)."""
+    wrongly across the kernel's steps of MAX_SORT_BLOCK_SLOTS, or padding sized by the data (no CUDA graph then)."""
     topk_ids = torch.as_tensor(topk_ids, device=DEVICE)
     num_slots = topk_ids.numel()
     blocks = sort_by_expert(topk_ids, num_experts, block_m)
@@ -92,7 +92,7 @@ def test_sort_by_expert_puts_every_slot_once_in_its_experts_block(
         (5, 4, 1, 48, 40, torch.float32, None),  # top-1; widths that are no multiple of the tiles (masks)
         (70, 4, 2, 64, 32, torch.float32, None),  # 140 slots over 4 experts: the tall (prefill) blocks
         (9, 8, 2, 64, 32, torch.bfloat16, None),
-        (600, 4, 2, 48, 40, torch.bfloat16, None),  # more slots than one step of the sort
+        (600, 4, 2, 48, 40, torch.bfloat16, None),  # 1200 slots over 4 experts: many tall blocks each
         # Each tile set at the sizes it was not chosen for: tiles must change speed only.
         (1, 8, 2, 200, 72, torch.bfloat16, LARGE_TILES),
         (3, 8, 2, 200, 72, torch.float32, SMALL_TILES),

@@ -26,7 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
-SORT_BLOCK_SLOTS = 1024  # slots read per step: one step up to 128 decode tokens at top-8
+# Slots read per step of the kernel's loops: all of them up to 512 tokens at top-8 (every decode batch), as few
+# steps as that in a long prefill (each program's steps run one after another); never below tl.arange's 16.
+MIN_SORT_BLOCK_SLOTS = 16
+MAX_SORT_BLOCK_SLOTS = 4096
 
 
 @dataclass(frozen=True)
@@ -101,8 +104,9 @@ def sort_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> Ex
     sorted_slot_ids = torch.empty(num_blocks * block_m, dtype=torch.int32, device=device)
     block_expert_ids = torch.empty(num_blocks, dtype=torch.int32, device=device)
     num_padded_rows = torch.empty(1, dtype=torch.int32, device=device)
+    block_slots = min(MAX_SORT_BLOCK_SLOTS, max(MIN_SORT_BLOCK_SLOTS, triton.next_power_of_2(num_slots)))
     _sort_by_expert_kernel[(num_experts,)](
         topk_ids.contiguous(), sorted_slot_ids, block_expert_ids, num_padded_rows, num_slots,
-        BLOCK_M=block_m, NUM_BINS=triton.next_power_of_2(num_experts), BLOCK_SLOTS=SORT_BLOCK_SLOTS,
+        BLOCK_M=block_m, NUM_BINS=triton.next_power_of_2(num_experts), BLOCK_SLOTS=block_slots,
     )  # fmt: skip
     return ExpertBlocks(sorted_slot_ids, block_expert_ids, num_padded_rows, block_m)
