@@ -21,6 +21,10 @@ are GPU time of calls replayed in a CUDA graph, as the decode graphs run them. E
 copies of its weights, together over COLD_BYTES, so that no call finds its weight in the L2 cache: in a model the
 other layers' weights evict it between one layer's calls. Exits 1 if a check fails.
 
+``--sweep`` times, at 1 and 16 tokens only, the W4A16 and FP8 Triton GEMMs under each of SWEEP_INT_TILES and
+SWEEP_FP8_TILES, to choose triton_quant_gemm's decode tiles on a GPU: one row per setting, named by its tiles
+(w4 r|g nBLOCK_N kSPLIT_K: W4A16, unpacked by reshape or gather; f8r / f8b nBLOCK_N wWARPS: FP8 per row / block).
+
 ``--smoke`` runs tiny sizes, on CPU through Triton's interpreter when there is no GPU, to test this script
 itself; its timings mean nothing.
 """
@@ -28,7 +32,7 @@ itself; its timings mean nothing.
 import argparse
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -45,11 +49,19 @@ from kernels import (
     report,
     time_graph_ms,
 )
+from triton.runtime.errors import OutOfResources
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
 from nanovllm.kernels import quant_reference  # noqa: E402
 from nanovllm.kernels.quant_backends import TritonQuantizedGemm  # noqa: E402
+from nanovllm.kernels.triton_fp8_activations import quantize_fp8_per_token_triton  # noqa: E402
+from nanovllm.kernels.triton_quant_gemm import (  # noqa: E402
+    DECODE_MAX_ROWS,
+    TileSizes,
+    fp8_gemm_triton,
+    int_weight_gemm_triton,
+)
 
 DTYPE = torch.bfloat16
 WEIGHT_STD = 0.02  # as the dummy weights bench.py loads (models/loader.py)
@@ -92,6 +104,17 @@ FULL = Sizes(
 )
 # An N that is not a multiple of the N tiles (32, 64), two groups and blocks along K, a decode and a prefill tile.
 SMOKE = Sizes((LinearShape("smoke", 48, 256),), (3, 20), cold_bytes=1 << 13, copy_bytes=1 << 20)
+# Decode settings --sweep tries. W4A16: N tiles, K split among programs, and both ways of unpacking words;
+# FP8 (per-row and block scales through the Triton GEMM): N tiles and warps, five steps in flight.
+SWEEP_INT_TILES = tuple(
+    TileSizes(16, block_n, 128, num_warps=4, num_stages=4, split_k=split_k, unpack=unpack)
+    for unpack in ("reshape", "gather")
+    for block_n in (32, 64, 128)
+    for split_k in (1, 4, 8)
+)
+SWEEP_FP8_TILES = tuple(
+    TileSizes(16, block_n, 128, num_warps, num_stages=5) for block_n in (16, 32, 64) for num_warps in (2, 4)
+)
 
 Weights = tuple[torch.Tensor, ...]  # one GEMM's weight tensors, in the order its call takes them
 
@@ -175,6 +198,33 @@ def make_gemms(
     ]
 
 
+def sweep_gemms(gemms: list[Gemm], has_fp8_dot: bool) -> list[Gemm]:
+    """The W4A16 GEMM under each of SWEEP_INT_TILES, and the Triton FP8 GEMM over per-row and block scales under
+    each of SWEEP_FP8_TILES, on the same weight copies as gemms' rows."""
+    by_kernel = {gemm.kernel: gemm for gemm in gemms}
+
+    def int4_call(tiles: TileSizes) -> Callable[[torch.Tensor, Weights], torch.Tensor]:
+        return lambda x, w: int_weight_gemm_triton(x, w[0], w[1], None, BITS, GROUP_SIZE, tiles=tiles)
+
+    def fp8_call(tiles: TileSizes, block_k: int | None) -> Callable[[torch.Tensor, Weights], torch.Tensor]:
+        def call(x: torch.Tensor, w: Weights) -> torch.Tensor:
+            x_fp8, x_scales = quantize_fp8_per_token_triton(x, block_k)
+            return fp8_gemm_triton(x_fp8, x_scales, w[0], w[1], block_k, x.dtype, has_fp8_dot, tiles=tiles)
+
+        return call
+
+    int4, fp8_row, fp8_block = by_kernel["w4a16"], by_kernel["fp8-row"], by_kernel["fp8-blk"]
+    swept = []
+    for t in SWEEP_INT_TILES:
+        name = f"w4 {t.unpack[0]} n{t.block_n} k{t.split_k}"
+        swept.append(Gemm(name, int4_call(t), int4.reference, int4.copies))
+    for t in SWEEP_FP8_TILES:
+        name = f"n{t.block_n} w{t.num_warps}"
+        swept.append(Gemm(f"f8r {name}", fp8_call(t, None), fp8_row.reference, fp8_row.copies))
+        swept.append(Gemm(f"f8b {name}", fp8_call(t, FP8_BLOCK), fp8_block.reference, fp8_block.copies))
+    return swept
+
+
 def time_gemm_ms(gemm: Gemm, x: torch.Tensor, device: str) -> float:
     """GPU milliseconds of one call: a graph of calls over every copy of the weights, divided by the copies."""
 
@@ -194,7 +244,11 @@ def bench_case(
     case = f"{shape.name} {shape.num_out}x{shape.num_in}, {num_tokens} tok"
     rows: list[Row] = []
     for gemm in gemms:
-        error, is_ok = max_error(gemm.call(x, gemm.copies[0]), gemm.reference(x, gemm.copies[0]))
+        try:
+            error, is_ok = max_error(gemm.call(x, gemm.copies[0]), gemm.reference(x, gemm.copies[0]))
+        except OutOfResources as err:  # a --sweep setting too big for this GPU's shared memory
+            print(f"{gemm.kernel}, {case}: skipped ({err})")
+            continue
         milliseconds = time_gemm_ms(gemm, x, device)
         floor_ms = (gemm.weight_bytes + io_bytes) / copy_gbps / 1e6
         throughput = f"floor {1e3 * floor_ms:.1f} us: {floor_ms / milliseconds:.0%} of it"
@@ -206,8 +260,12 @@ def bench_case(
 
 
 def main() -> int:
-    args, device = parse_benchmark_args(argparse.ArgumentParser(description=__doc__.splitlines()[0]))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sweep", action="store_true", help="also time decode tile settings")
+    args, device = parse_benchmark_args(parser)
     sizes = SMOKE if args.smoke else FULL
+    if args.sweep:  # the settings are for decode: time them at its smallest and largest batch only
+        sizes = replace(sizes, batch_sizes=(min(sizes.batch_sizes), DECODE_MAX_ROWS))
     gen = torch.Generator(device=device).manual_seed(0)
     print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu (Triton interpreter)'}")
     # The backend select_quantized_gemm picks on CUDA; on CPU (where the engine runs the torch reference) the same
@@ -221,9 +279,11 @@ def main() -> int:
     rows = []
     for shape in sizes.linears:
         gemms = make_gemms(shape, backend, sizes.cold_bytes, device, gen)
+        swept = sweep_gemms(gemms, backend.has_fp8_dot) if args.sweep else []
         for num_tokens in sizes.batch_sizes:
-            rows += bench_case(shape, num_tokens, gemms, device, gen, copy_gbps)
-        del gemms  # free this layer's copies before the next layer's
+            decode_sweep = swept if num_tokens <= DECODE_MAX_ROWS else []
+            rows += bench_case(shape, num_tokens, gemms + decode_sweep, device, gen, copy_gbps)
+        del gemms, swept  # free this layer's copies before the next layer's
     return report(rows, copy_gbps, BF16_TOLERANCE)
 
 

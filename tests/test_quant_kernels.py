@@ -10,7 +10,8 @@ import torch
 
 from nanovllm.kernels import quant_reference as ref
 from nanovllm.kernels.quant_backends import TritonQuantizedGemm, select_quantized_gemm
-from nanovllm.kernels.triton_quant_gemm import fp8_gemm_triton, int_weight_gemm_triton
+from nanovllm.kernels.triton_fp8_activations import quantize_fp8_per_token_triton
+from nanovllm.kernels.triton_quant_gemm import TileSizes, fp8_gemm_triton, int_weight_gemm_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CAPABILITY = torch.cuda.get_device_capability() if torch.cuda.is_available() else (0, 0)
@@ -72,6 +73,41 @@ def test_fp8_gemm(num_cols: int, block_k: int | None) -> None:
             gemm = TritonQuantizedGemm(CAPABILITY, torch.bfloat16)
             got = gemm.fp8_weights(x.to(DEVICE, torch.bfloat16), weight.to(DEVICE), weight_scale.to(DEVICE), block_k)
             close(got.cpu(), ref.fp8_gemm(x.bfloat16(), weight, weight_scale, block_k), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int_weight_gemm_other_tiles(dtype: torch.dtype) -> None:
+    """Guards against the K loop assuming its default step or split: a step of a quarter group (four steps share
+    one scale) with K split three ways (8 steps: uneven shares), wide N tiles with one warp, and both ways of
+    unpacking words, as benchmarks/quant_gemm.py --sweep tries them."""
+    qweight, scales, zeros = random_int_weights(NUM_OUT, 256, 4, 128, asymmetric=True, seed=7)
+    scales, zeros = scales.to(dtype), zeros.to(dtype)
+    x = torch.randn(5, 256, generator=torch.Generator().manual_seed(5)).to(dtype)
+    want = ref.int_weight_gemm(x.float(), qweight, scales.float(), zeros, 4, 128)
+    args = [t.to(DEVICE) for t in (x, qweight, scales, zeros)]
+    for tiles in (
+        TileSizes(16, 16, 32, num_warps=2, num_stages=2, split_k=3),
+        TileSizes(16, 64, 128, num_warps=1, unpack="gather"),
+        TileSizes(16, 32, 64, split_k=2, unpack="gather"),
+    ):
+        close(int_weight_gemm_triton(*args, 4, 128, tiles=tiles).cpu(), want, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("num_cols", "group_size"), [(300, None), (2500, None), (320, 128)])
+def test_fp8_activation_kernel_matches_reference(num_cols: int, group_size: int | None, dtype: torch.dtype) -> None:
+    """Guards against the one-launch activation quantization rounding, saturating or scaling differently from
+    the reference (the bytes must be equal): rows longer than one load, a partial last group, an all-zero row,
+    values far below a row's largest (FP8 subnormals) and ties."""
+    gen = torch.Generator().manual_seed(num_cols)
+    x = torch.randn(4, num_cols, generator=gen) * torch.logspace(-4, 2, num_cols)
+    x[1] = 0.0
+    x[2, :3] = torch.tensor([448.0, -448.0, 0.5 * (1.0 + 1.125)])  # the largest value, its negative, a tie
+    x = x.to(dtype)
+    want_fp8, want_scales = ref.quantize_fp8_per_token(x, group_size)
+    got_fp8, got_scales = quantize_fp8_per_token_triton(x.to(DEVICE), group_size)
+    assert torch.equal(got_scales.cpu(), want_scales), (got_scales, want_scales)
+    assert torch.equal(got_fp8.cpu().view(torch.uint8), want_fp8.view(torch.uint8))
 
 
 def test_per_token_quantization_and_backend_choice() -> None:

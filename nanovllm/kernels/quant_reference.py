@@ -64,13 +64,17 @@ def quantize_fp8_per_token(x: torch.Tensor, group_size: int | None) -> tuple[tor
     """Dynamic FP8 activations: one scale per token (group_size None) or per token and group_size columns.
 
     x [M, K] -> (x_fp8 [M, K] float8_e4m3fn, scales [M, ceil(K / group_size) or 1] float32), x ~ x_fp8 * scale.
-    The scale maps each group's largest magnitude to FP8_MAX; the division, clamp and cast are compressed-tensors'.
+    The scale maps each group's largest magnitude to FP8_MAX; the division, clamp and cast are compressed-tensors',
+    each division rounded to nearest on every device (the Triton kernel, triton_fp8_activations.py, matches it).
     """
     num_rows, num_cols = x.shape
     group_size = group_size or num_cols
     padded = F.pad(x.float(), (0, -num_cols % group_size))  # a partial last group is padded with zeros
     groups = padded.unflatten(1, (-1, group_size))  # [M, num_groups, group_size]
-    scales = groups.abs().amax(dim=-1, keepdim=True) / FP8_MAX  # [M, num_groups, 1]
+    amax = groups.abs().amax(dim=-1, keepdim=True)  # [M, num_groups, 1]
+    # Divided by a tensor on amax's device: by a Python number, CUDA torch multiplies by its reciprocal instead,
+    # which rounds differently (1 ulp) and moves values that sit on an FP8 tie (common with bfloat16 inputs).
+    scales = amax / amax.new_tensor(FP8_MAX)
     scales = torch.where(scales == 0, MIN_FP8_SCALE, scales)
     x_fp8 = (groups / scales).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
     return x_fp8.flatten(1)[:, :num_cols], scales.squeeze(-1)

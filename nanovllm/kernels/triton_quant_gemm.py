@@ -5,19 +5,27 @@
 Same contracts and layouts as kernels/quant_reference.py (the oracle). Each program computes one
 [BLOCK_M, BLOCK_N] tile of y, walking K in BLOCK_K steps:
 
-    integer weights   words [BLOCK_K, BLOCK_N] (each int32 read once per code it holds, from cache)
-                      -> codes (word >> (k % codes_per_word) * bits) & mask -> (code - zero) * scale, in x's
-                      dtype -> tl.dot with the x tile. BLOCK_K divides group_size: one scale per step.
+    integer weights   words [BLOCK_N, BLOCK_K / codes_per_word], each row's words side by side in memory
+                      -> codes [BLOCK_N, BLOCK_K] as floats (offset + code, see below) -> tl.dot with the x
+                      tile -> minus (offset + zero) * the x tile's row sums -> times the group's scale.
+                      BLOCK_K divides group_size: one scale and zero point per step and output column.
     FP8 weights       x already quantized per token (and block); tl.dot of the FP8 tiles (upcast where the
                       GPU has no FP8 dot) times the step's activation scale [BLOCK_M] and weight scale
                       [BLOCK_N]. BLOCK_K divides the scale block: one scale per step.
 
-The tile sizes depend only on the shapes, so a CUDA graph captures one launch per bucket. They are
-reasonable first choices, not tuned on a GPU: decode (M <= DECODE_MAX_ROWS) uses narrow N tiles so
-that more programs stream the weight at once.
+Decode reads every weight byte once and does little arithmetic per byte, so the integer GEMM's cost is
+turning codes into floats. It takes two integer operations per code: shift and mask, then OR the code into
+the low mantissa bits of a constant whose last place is 1 (bfloat16 128.0 is 0x4300: 0x4300 | code is
+128 + code, exactly). The constant is subtracted after the dot, once per output and step, through the
+row sums of x: sum_k x[m, k] (offset + code[n, k] - offset - zero[n]) = dot - sum_k x[m, k] (offset + zero[n]).
+The scale multiplies the [BLOCK_M, BLOCK_N] result, not every weight. float32 and codes too wide for the
+mantissa convert instead, with offset 0.
+
+The tile sizes depend only on the shapes, so a CUDA graph captures one launch per bucket: decode
+(M <= DECODE_MAX_ROWS) has its own tiles, chosen on a GPU, and splits K when few output tiles would leave SMs idle.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -28,21 +36,40 @@ DECODE_MAX_ROWS = 16  # at most this many rows (tokens): decode tiles; tl.dot ne
 
 @dataclass(frozen=True)
 class TileSizes:
-    """One program's share of y and how far it steps along K."""
+    """One program's share of y, how far it steps along K, and how Triton runs it."""
 
     block_m: int  # rows of x and y per program
     block_n: int  # output columns per program
     block_k: int  # input columns per step
+    num_warps: int = 4
+    num_stages: int = 3  # steps whose loads are in flight at once (Triton's software pipelining)
+    split_k: int = 1  # programs sharing one tile's K (integer GEMM): each sums every split_k-th step
+    unpack: str = "reshape"  # integer GEMM: "reshape" words into codes, or "gather" each code's word
 
 
-DECODE_TILES = TileSizes(block_m=16, block_n=32, block_k=64)  # few rows: more programs over N
+# Decode tiles from benchmarks/quant_gemm.py --sweep on an H200 (Qwen3-8B's linears, 1 and 16 tokens). The integer
+# GEMM: wide N tiles with K split among programs (pick_split_k) were fastest in every shape; its cost is the
+# unpacking, not the bytes (9-12% of the copy rate at best). FP8: narrow N tiles, five steps in flight.
+INT_DECODE_TILES = TileSizes(block_m=16, block_n=128, block_k=128, num_stages=4)
+FP8_DECODE_TILES = TileSizes(block_m=16, block_n=32, block_k=128, num_stages=5)
 PREFILL_TILES = TileSizes(block_m=64, block_n=64, block_k=64)  # many rows: reuse each weight tile
+MIN_DECODE_PROGRAMS = 512  # split K until a decode GEMM has this many programs (about 4 per SM of an H100/H200)
+MAX_SPLIT_K = 8
 
 
-def pick_tiles(num_rows: int, k_step_limit: int) -> TileSizes:
+def pick_tiles(num_rows: int, k_step_limit: int, decode_tiles: TileSizes) -> TileSizes:
     """The tiles for M = num_rows, with BLOCK_K dividing k_step_limit (a group or scale block: a power of two)."""
-    tiles = DECODE_TILES if num_rows <= DECODE_MAX_ROWS else PREFILL_TILES
-    return TileSizes(tiles.block_m, tiles.block_n, min(tiles.block_k, k_step_limit))
+    tiles = decode_tiles if num_rows <= DECODE_MAX_ROWS else PREFILL_TILES
+    return replace(tiles, block_k=min(tiles.block_k, k_step_limit))
+
+
+def pick_split_k(tiles: TileSizes, num_rows: int, num_out: int, num_cols: int) -> int:
+    """Decode GEMMs with few output tiles (o and down projections) share each tile's K among programs, so that
+    enough weight bytes are in flight to reach the copy rate; one program per tile otherwise."""
+    num_programs = triton.cdiv(num_rows, tiles.block_m) * triton.cdiv(num_out, tiles.block_n)
+    if num_rows > DECODE_MAX_ROWS or num_programs >= MIN_DECODE_PROGRAMS:
+        return 1
+    return min(MAX_SPLIT_K, triton.cdiv(MIN_DECODE_PROGRAMS, num_programs), triton.cdiv(num_cols, tiles.block_k))
 
 
 @triton.jit
@@ -65,12 +92,50 @@ def _store_y_tile(y_ptr, acc, offs_m, offs_n, M, N, stride_ym):
 
 
 @triton.jit
+def _load_codes(qweight_ptr, offs_n, mask_n, k_start, K, stride_qn, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+                UNPACK: tl.constexpr):  # fmt: skip
+    """The codes of w[offs_n, k_start : k_start + BLOCK_K] as int32 [BLOCK_N, BLOCK_K] (0 past K). "reshape" loads
+    each row's words once, side by side, and spreads each word's codes with a reshape; "gather" loads the word
+    of every code (8 loads of one word hit one cache line) and shifts by the code's place in it."""
+    CODES_PER_WORD: tl.constexpr = 32 // BITS
+    if UNPACK == "reshape":
+        word_cols = k_start // CODES_PER_WORD + tl.arange(0, BLOCK_K // CODES_PER_WORD)  # [BLOCK_K / CPW]
+        words = tl.load(
+            qweight_ptr + offs_n[:, None] * stride_qn + word_cols[None, :],
+            mask=mask_n[:, None] & (word_cols[None, :] < K // CODES_PER_WORD),
+            other=0,
+        )  # [BLOCK_N, BLOCK_K / CPW]
+        shifts = tl.arange(0, CODES_PER_WORD) * BITS  # [CPW]
+        codes = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)  # [BLOCK_N, BLOCK_K / CPW, CPW]
+        codes = tl.reshape(codes, (words.shape[0], BLOCK_K))  # k = word * CPW + j
+    else:
+        k = k_start + tl.arange(0, BLOCK_K)  # [BLOCK_K]
+        words = tl.load(
+            qweight_ptr + offs_n[:, None] * stride_qn + (k // CODES_PER_WORD)[None, :],
+            mask=mask_n[:, None] & (k[None, :] < K),
+            other=0,
+        )  # [BLOCK_N, BLOCK_K]
+        codes = (words >> ((k % CODES_PER_WORD) * BITS)[None, :]) & ((1 << BITS) - 1)
+    return codes
+
+
+@triton.jit
+def _codes_as_floats(codes, CODE_DTYPE: tl.constexpr, CODE_BITS: tl.constexpr):
+    """int32 codes -> offset + code in CODE_DTYPE (CODE_BITS: the offset's bit pattern), or float32 (CODE_BITS 0)."""
+    if CODE_BITS == 0:  # noqa: SIM108 (a constexpr if: Triton compiles the taken branch only)
+        floats = codes.to(tl.float32)
+    else:
+        floats = (codes | CODE_BITS).to(tl.int16).to(CODE_DTYPE, bitcast=True)  # the code in the mantissa's low bits
+    return floats
+
+
+@triton.jit
 def _int_weight_gemm_kernel(
     x_ptr,  # [M, K]
     qweight_ptr,  # [N, K / CODES_PER_WORD] int32
     scales_ptr,  # [N, K / GROUP_SIZE]
     zeros_ptr,  # [N, K / GROUP_SIZE], unused without HAS_ZEROS
-    y_ptr,  # [M, N]
+    y_ptr,  # [M, N] in x's dtype, or [SPLIT_K, M, N] float32 partial sums
     M,
     N,
     K,
@@ -82,44 +147,59 @@ def _int_weight_gemm_kernel(
     BITS: tl.constexpr,
     GROUP_SIZE: tl.constexpr,
     HAS_ZEROS: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,  # x's dtype on a GPU; float32 under the CPU interpreter (see _int_dot_options)
+    CODE_DTYPE: tl.constexpr,  # what a code becomes: x's dtype
+    CODE_BITS: tl.constexpr,  # the offset's bit pattern in CODE_DTYPE (0: convert to float32, offset 0)
+    CODE_OFFSET: tl.constexpr,  # the offset's value
+    DOT_DTYPE: tl.constexpr,  # the dot's operands: x's dtype on a GPU, float32 under the CPU interpreter
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 operands (exact products), else "tf32" (unused by 16-bit)
+    UNPACK: tl.constexpr,  # see _load_codes
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
-    CODES_PER_WORD: tl.constexpr = 32 // BITS
     offs_m, offs_n = _tile_rows_and_columns(BLOCK_M, BLOCK_N)  # [BLOCK_M], [BLOCK_N]
     mask_n = offs_n < N
+    split = tl.program_id(2)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k_start in range(0, K, BLOCK_K):
+    for k_start in range(split * BLOCK_K, K, SPLIT_K * BLOCK_K):
         k = k_start + tl.arange(0, BLOCK_K)  # [BLOCK_K]
-        mask_k = k < K
         x = _load_x_tile(x_ptr, offs_m, k, M, K, stride_xm)  # [BLOCK_M, BLOCK_K]
-        words = tl.load(
-            qweight_ptr + offs_n[None, :] * stride_qn + (k // CODES_PER_WORD)[:, None],
-            mask=mask_k[:, None] & mask_n[None, :],
-            other=0,
-        )  # [BLOCK_K, BLOCK_N] int32
-        codes = (words >> ((k % CODES_PER_WORD) * BITS)[:, None]) & ((1 << BITS) - 1)
+        codes = _load_codes(qweight_ptr, offs_n, mask_n, k_start, K, stride_qn, BITS, BLOCK_K, UNPACK)
+        codes = _codes_as_floats(codes, CODE_DTYPE, CODE_BITS)  # [BLOCK_N, BLOCK_K]: offset + code
+        dot = tl.dot(x.to(DOT_DTYPE), tl.trans(codes).to(DOT_DTYPE), input_precision=DOT_PRECISION)
+        x_sums = tl.sum(x.to(tl.float32), axis=1)  # [BLOCK_M]
         group = k_start // GROUP_SIZE
         scale = tl.load(scales_ptr + offs_n * stride_sn + group, mask=mask_n, other=0.0).to(tl.float32)  # [BLOCK_N]
         if HAS_ZEROS:
             zero = tl.load(zeros_ptr + offs_n * stride_zn + group, mask=mask_n, other=0.0).to(tl.float32)
-            w = (codes.to(tl.float32) - zero[None, :]) * scale[None, :]  # [BLOCK_K, BLOCK_N]
         else:
-            w = (codes.to(tl.float32) - (1 << (BITS - 1))) * scale[None, :]
-        acc += tl.dot(x.to(DOT_DTYPE), w.to(x.dtype).to(DOT_DTYPE), input_precision=DOT_PRECISION)
-    _store_y_tile(y_ptr, acc, offs_m, offs_n, M, N, stride_ym)
+            zero = tl.full((BLOCK_N,), 1 << (BITS - 1), tl.float32)  # the midpoint
+        acc += (dot - x_sums[:, None] * (CODE_OFFSET + zero)[None, :]) * scale[None, :]
+    _store_y_tile(y_ptr + split * M * N, acc, offs_m, offs_n, M, N, stride_ym)
 
 
-def _int_dot_options(x: torch.Tensor) -> dict[str, tl.dtype | str]:
-    """The dequantized tile is rounded to x's dtype (as the reference rounds the weight), then multiplied in
-    x's dtype on a GPU. On CPU the operands go up to float32: Triton's interpreter multiplies the raw bits of
-    bfloat16 operands (triton-lang/triton#11584), as kernels/triton_attention.py notes."""
-    is_fp32 = x.dtype == torch.float32 or x.device.type == "cpu"
-    dot_dtype = tl.float32 if is_fp32 else {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[x.dtype]
-    return {"DOT_DTYPE": dot_dtype, "DOT_PRECISION": "ieee" if is_fp32 else "tf32"}
+# Per 16-bit dtype: a constant whose last place is 1, and the widest code its mantissa holds after it.
+CODE_CONSTANTS = {torch.bfloat16: (0x4300, 128.0, 7), torch.float16: (0x6400, 1024.0, 10)}
+TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _int_code_options(x: torch.Tensor, bits: int) -> dict[str, tl.dtype | str | int | float]:
+    """How codes become floats for x (see the module docstring), and the dot's operand dtype: x's on a GPU,
+    float32 under the CPU interpreter, which multiplies the raw bits of bfloat16 operands
+    (triton-lang/triton#11584, as kernels/triton_attention.py notes). Products of codes and x are exact either
+    way; the reference rounds the dequantized weight to x's dtype."""
+    code_bits, offset, max_bits = CODE_CONSTANTS.get(x.dtype, (0, 0.0, 0))
+    if bits > max_bits:  # float32, or 8-bit codes in bfloat16: converted, still exact (8 significant bits)
+        code_bits, offset = 0, 0.0
+    is_fp32_dot = x.dtype == torch.float32 or x.device.type == "cpu"
+    return {
+        "CODE_DTYPE": TL_DTYPES[x.dtype],
+        "CODE_BITS": code_bits,
+        "CODE_OFFSET": offset,
+        "DOT_DTYPE": tl.float32 if is_fp32_dot else TL_DTYPES[x.dtype],
+        "DOT_PRECISION": "ieee" if is_fp32_dot else "tf32",
+    }
 
 
 def int_weight_gemm_triton(
@@ -129,23 +209,29 @@ def int_weight_gemm_triton(
     zeros: torch.Tensor | None,  # [N, K / group_size]; None = the midpoint 2^(bits-1)
     bits: int,
     group_size: int,
+    tiles: TileSizes | None = None,  # None: pick_tiles' and pick_split_k's (quant_gemm.py --sweep tries others)
 ) -> torch.Tensor:  # [M, N] in x's dtype
     """W4A16 / W8A16: see kernels/quant_reference.int_weight_gemm for the contract."""
     x = x.contiguous()
     num_rows, num_cols = x.shape
     num_out = qweight.shape[0]
-    y = torch.empty(num_rows, num_out, dtype=x.dtype, device=x.device)
-    tiles = pick_tiles(num_rows, group_size)
-    grid = (triton.cdiv(num_rows, tiles.block_m), triton.cdiv(num_out, tiles.block_n))
+    if tiles is None:
+        tiles = pick_tiles(num_rows, group_size, INT_DECODE_TILES)
+        tiles = replace(tiles, split_k=pick_split_k(tiles, num_rows, num_out, num_cols))
+    # With K split, each split writes its float32 partial sums, and torch adds them (a fixed order: deterministic).
+    y_shape = (num_rows, num_out) if tiles.split_k == 1 else (tiles.split_k, num_rows, num_out)
+    y = torch.empty(y_shape, dtype=x.dtype if tiles.split_k == 1 else torch.float32, device=x.device)
+    grid = (triton.cdiv(num_rows, tiles.block_m), triton.cdiv(num_out, tiles.block_n), tiles.split_k)
     _int_weight_gemm_kernel[grid](
         x, qweight, scales, scales if zeros is None else zeros, y,
         num_rows, num_out, num_cols,
         x.stride(0), qweight.stride(0), scales.stride(0), scales.stride(0) if zeros is None else zeros.stride(0),
-        y.stride(0),
-        BITS=bits, GROUP_SIZE=group_size, HAS_ZEROS=zeros is not None, **_int_dot_options(x),
-        BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        num_out,
+        BITS=bits, GROUP_SIZE=group_size, HAS_ZEROS=zeros is not None, **_int_code_options(x, bits),
+        UNPACK=tiles.unpack, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        SPLIT_K=tiles.split_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
-    return y
+    return y if tiles.split_k == 1 else y.sum(0).to(x.dtype)
 
 
 @triton.jit
@@ -195,13 +281,14 @@ def fp8_gemm_triton(
     block_k: int | None,  # input columns per scale (a power of two); None = one scale per row
     out_dtype: torch.dtype,
     has_fp8_dot: bool,  # the GPU multiplies FP8 natively (compute capability 8.9 and up)
+    tiles: TileSizes | None = None,  # None: pick_tiles' (benchmarks/quant_gemm.py --sweep tries others)
 ) -> torch.Tensor:  # [M, N]
     """W8A8 with per-row (or per-row-and-block) scales on both sides: see quant_reference.fp8_gemm."""
     num_rows, num_cols = x_fp8.shape
     num_out = weight.shape[0]
     y = torch.empty(num_rows, num_out, dtype=out_dtype, device=x_fp8.device)
     # One scale per row puts no limit on the step; blocks of scales need steps that stay inside one block.
-    tiles = pick_tiles(num_rows, block_k or PREFILL_TILES.block_k)
+    tiles = tiles or pick_tiles(num_rows, block_k or FP8_DECODE_TILES.block_k, FP8_DECODE_TILES)
     scale_block_k = block_k or num_cols  # one block: every step reads scale column 0
     grid = (triton.cdiv(num_rows, tiles.block_m), triton.cdiv(num_out, tiles.block_n))
     # Without an FP8 dot, bfloat16 holds every E4M3 value exactly (under the CPU interpreter: float32).
@@ -212,5 +299,6 @@ def fp8_gemm_triton(
         x_fp8.stride(0), x_scales.stride(0), weight.stride(0), weight_scale.stride(0), y.stride(0),
         SCALE_BLOCK_K=scale_block_k, DOT_DTYPE=dot_dtype,
         BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     return y
