@@ -36,7 +36,12 @@ from nanovllm.kernels.triton_attention import MIN_DOT_SIZE
 from nanovllm.utils.lora_metadata import LoRAMetadata
 
 MAX_BLOCK_M = 64  # tokens per program in long prefills (Triton's matmul tutorial tiles 64-128 rows)
-SHRINK_BLOCK_K = 64  # input features per loop step of the shrink (fused or not)
+SHRINK_BLOCK_K = 64  # input features per loop step of the separate shrink
+# Input features per loop step of the fused kernel's shrink. Its steps run one after another and each waits for its
+# loads (an H200 took 6-10 us for 16-48 steps of 64 at one token), so they are wide: 256 for tiles of 16 tokens,
+# 128 for wider tiles, whose x tiles would not fit the shared memory of a float32 dot in three stages.
+FUSED_BLOCK_K = 256
+FUSED_WIDE_BLOCK_K = 128
 EXPAND_BLOCK_N = 64  # output features per program of the separate expand
 # Output features per program of the fused kernel: each program redoes its tokens' shrink, so wider tiles redo it
 # fewer times (32 times for Qwen3-0.6B's qkv) while still giving the GPU's SMs a program each.
@@ -183,6 +188,10 @@ def _block_m(num_tokens: int) -> int:
     return max(MIN_DOT_SIZE, min(MAX_BLOCK_M, triton.next_power_of_2(max(num_tokens, 1))))
 
 
+def _fused_block_k(block_m: int) -> int:
+    return FUSED_BLOCK_K if block_m <= MIN_DOT_SIZE else FUSED_WIDE_BLOCK_K
+
+
 def lora_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, metadata: LoRAMetadata) -> torch.Tensor:
     """x [N, in_features] @ A^T per token's slot: [num_slices, N, max_rank] float32. The rows of base-model tokens
     are left unwritten (the expand never reads them)."""
@@ -223,7 +232,8 @@ def _launch_expand(
         y, x, lora_a, shrunk, lora_b, scalings, metadata.sorted_token_ids, metadata.slot_starts, slice_starts,
         in_features, out_features,
         y.stride(0), *x_strides, *shrunk_strides, lora_b.stride(0), lora_b.stride(1),
-        NUM_SLICES=num_slices, IS_FUSED=fused is not None, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=SHRINK_BLOCK_K,
+        NUM_SLICES=num_slices, IS_FUSED=fused is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=_fused_block_k(block_m) if fused is not None else SHRINK_BLOCK_K,
         MAX_RANK=max_rank, **_dot_options(lora_b),
     )  # fmt: skip
 
