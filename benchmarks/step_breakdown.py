@@ -1,11 +1,12 @@
 """Where bench.py's time goes: wall time of every engine step, summed by kind and batch size.
 
-    python benchmarks/step_breakdown.py [--profile]
+    python benchmarks/step_breakdown.py [--profile] [--shape S] [--backend B] [--kv-cache-dtype D]
 
-Runs bench.py's GPU workload (Qwen3-0.6B shape, random weights) step by step and prints the
-total time of prefill steps and of decode steps grouped by batch size, with step counts.
-Each decode group is set against its floor: every step must read the weights once and the
-K/V of every cached token, at the copy rate measured here. ``--profile`` also records the GPU
+Runs bench.py's GPU workload (random weights of a bench.py shape, Qwen3-0.6B's by default) step by step and
+prints the total time of prefill steps and of decode steps grouped by batch size, with step counts. Each
+decode group is set against its floor: every step must read the weights once and the K/V of every cached
+token, at the copy rate measured here (sliding windows and routed experts are not counted: for those shapes
+this floor overstates the true one; benchmarks/bench_floor.py has the exact one). ``--profile`` also records the GPU
 kernels of the whole run and prints their total time by kernel, and the GPU's idle share.
 """
 
@@ -19,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import GPU_WORKLOAD, build_dummy_llm, make_workload  # noqa: E402
+from bench import GPU_WORKLOAD, SHAPES, build_dummy_llm, make_workload  # noqa: E402
 from benchmarks.kernels import copy_bandwidth_gbps  # noqa: E402
 from nanovllm.engine.llm_engine import LLMEngine  # noqa: E402
 
@@ -29,8 +30,11 @@ DECODE_GROUPS = (1, 16, 64, 128, 192, 256, 512)  # upper bounds of the batch-siz
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--profile", action="store_true", help="also print GPU time by kernel (slows the host)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-0.6b")
+    parser.add_argument("--backend", default="auto", help="attention_backend: auto, torch, triton, flash_attn")
+    parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype), fp8, fp8_e5m2")
     args = parser.parse_args()
-    llm = build_dummy_llm("qwen3-0.6b")
+    llm = build_dummy_llm(args.shape, attention_backend=args.backend, kv_cache_dtype=args.kv_cache_dtype)
     engine = llm.engine
     assert isinstance(engine, LLMEngine)
     runner = engine.runner
