@@ -69,7 +69,8 @@ def pick_split_k(tiles: TileSizes, num_rows: int, num_out: int, num_cols: int) -
     num_programs = triton.cdiv(num_rows, tiles.block_m) * triton.cdiv(num_out, tiles.block_n)
     if num_rows > DECODE_MAX_ROWS or num_programs >= MIN_DECODE_PROGRAMS:
         return 1
-    return min(MAX_SPLIT_K, triton.cdiv(MIN_DECODE_PROGRAMS, num_programs), triton.cdiv(num_cols, tiles.block_k))
+    split_k = triton.next_power_of_2(triton.cdiv(MIN_DECODE_PROGRAMS, num_programs))
+    return min(MAX_SPLIT_K, split_k, triton.cdiv(num_cols, tiles.block_k))
 
 
 @triton.jit
