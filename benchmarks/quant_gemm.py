@@ -23,7 +23,8 @@ other layers' weights evict it between one layer's calls. Exits 1 if a check fai
 
 ``--sweep`` times, at 1 and 16 tokens only, the W4A16 and FP8 Triton GEMMs under each of SWEEP_INT_TILES and
 SWEEP_FP8_TILES, to choose triton_quant_gemm's decode tiles on a GPU: one row per setting, named by its tiles
-(w4 r|g nBLOCK_N kSPLIT_K: W4A16, unpacked by reshape or gather; f8r / f8b nBLOCK_N wWARPS: FP8 per row / block).
+(w4 r|l nBLOCK_N kSPLIT_K: W4A16 with the weight as the dot's right or left operand; f8r / f8b nBLOCK_N wWARPS:
+FP8 per row / block).
 
 ``--smoke`` runs tiny sizes, on CPU through Triton's interpreter when there is no GPU, to test this script
 itself; its timings mean nothing.
@@ -104,11 +105,11 @@ FULL = Sizes(
 )
 # An N that is not a multiple of the N tiles (32, 64), two groups and blocks along K, a decode and a prefill tile.
 SMOKE = Sizes((LinearShape("smoke", 48, 256),), (3, 20), cold_bytes=1 << 13, copy_bytes=1 << 20)
-# Decode settings --sweep tries. W4A16: N tiles, K split among programs, and both ways of unpacking words;
+# Decode settings --sweep tries. W4A16: N tiles, K split among programs, and which side of the dot the weight is;
 # FP8 (per-row and block scales through the Triton GEMM): N tiles and warps, five steps in flight.
 SWEEP_INT_TILES = tuple(
-    TileSizes(16, block_n, 128, num_warps=4, num_stages=4, split_k=split_k, unpack=unpack)
-    for unpack in ("reshape", "gather")
+    TileSizes(16, block_n, 128, num_warps=4, num_stages=4, split_k=split_k, weights_left=weights_left)
+    for weights_left in (False, True)
     for block_n in (32, 64, 128)
     for split_k in (1, 4, 8)
 )
@@ -216,7 +217,7 @@ def sweep_gemms(gemms: list[Gemm], has_fp8_dot: bool) -> list[Gemm]:
     int4, fp8_row, fp8_block = by_kernel["w4a16"], by_kernel["fp8-row"], by_kernel["fp8-blk"]
     swept = []
     for t in SWEEP_INT_TILES:
-        name = f"w4 {t.unpack[0]} n{t.block_n} k{t.split_k}"
+        name = f"w4 {'l' if t.weights_left else 'r'} n{t.block_n} k{t.split_k}"
         swept.append(Gemm(name, int4_call(t), int4.reference, int4.copies))
     for t in SWEEP_FP8_TILES:
         name = f"n{t.block_n} w{t.num_warps}"

@@ -78,8 +78,8 @@ def test_fp8_gemm(num_cols: int, block_k: int | None) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int_weight_gemm_other_tiles(dtype: torch.dtype) -> None:
     """Guards against the K loop assuming its default step or split: a step of a quarter group (four steps share
-    one scale) with K split three ways (8 steps: uneven shares), wide N tiles with one warp, and both ways of
-    unpacking words, as benchmarks/quant_gemm.py --sweep tries them."""
+    one scale) with K split three ways (8 steps: uneven shares), wide N tiles with one warp, and the weight as the
+    dot's left operand, as benchmarks/quant_gemm.py --sweep tries them."""
     qweight, scales, zeros = random_int_weights(NUM_OUT, 256, 4, 128, asymmetric=True, seed=7)
     scales, zeros = scales.to(dtype), zeros.to(dtype)
     x = torch.randn(5, 256, generator=torch.Generator().manual_seed(5)).to(dtype)
@@ -87,8 +87,8 @@ def test_int_weight_gemm_other_tiles(dtype: torch.dtype) -> None:
     args = [t.to(DEVICE) for t in (x, qweight, scales, zeros)]
     for tiles in (
         TileSizes(16, 16, 32, num_warps=2, num_stages=2, split_k=3),
-        TileSizes(16, 64, 128, num_warps=1, unpack="gather"),
-        TileSizes(16, 32, 64, split_k=2, unpack="gather"),
+        TileSizes(16, 64, 128, num_warps=1, weights_left=True),
+        TileSizes(16, 32, 64, split_k=2, weights_left=True),
     ):
         close(int_weight_gemm_triton(*args, 4, 128, tiles=tiles).cpu(), want, dtype)
 

@@ -44,7 +44,7 @@ class TileSizes:
     num_warps: int = 4
     num_stages: int = 3  # steps whose loads are in flight at once (Triton's software pipelining)
     split_k: int = 1  # programs sharing one tile's K (integer GEMM): each sums every split_k-th step
-    unpack: str = "reshape"  # integer GEMM: "reshape" words into codes, or "gather" each code's word
+    weights_left: bool = False  # integer GEMM: y^T = w x^T, the unpacked weight as the dot's left operand
 
 
 # Decode tiles from benchmarks/quant_gemm.py --sweep on an H200 (Qwen3-8B's linears, 1 and 16 tokens). The integer
@@ -93,31 +93,19 @@ def _store_y_tile(y_ptr, acc, offs_m, offs_n, M, N, stride_ym):
 
 
 @triton.jit
-def _load_codes(qweight_ptr, offs_n, mask_n, k_start, K, stride_qn, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
-                UNPACK: tl.constexpr):  # fmt: skip
-    """The codes of w[offs_n, k_start : k_start + BLOCK_K] as int32 [BLOCK_N, BLOCK_K] (0 past K). "reshape" loads
-    each row's words once, side by side, and spreads each word's codes with a reshape; "gather" loads the word
-    of every code (8 loads of one word hit one cache line) and shifts by the code's place in it."""
+def _load_codes(qweight_ptr, offs_n, mask_n, k_start, K, stride_qn, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The codes of w[offs_n, k_start : k_start + BLOCK_K] as int32 [BLOCK_N, BLOCK_K] (0 past K): each row's words
+    loaded once, side by side, then each word's codes spread out by a reshape."""
     CODES_PER_WORD: tl.constexpr = 32 // BITS
-    if UNPACK == "reshape":
-        word_cols = k_start // CODES_PER_WORD + tl.arange(0, BLOCK_K // CODES_PER_WORD)  # [BLOCK_K / CPW]
-        words = tl.load(
-            qweight_ptr + offs_n[:, None] * stride_qn + word_cols[None, :],
-            mask=mask_n[:, None] & (word_cols[None, :] < K // CODES_PER_WORD),
-            other=0,
-        )  # [BLOCK_N, BLOCK_K / CPW]
-        shifts = tl.arange(0, CODES_PER_WORD) * BITS  # [CPW]
-        codes = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)  # [BLOCK_N, BLOCK_K / CPW, CPW]
-        codes = tl.reshape(codes, (words.shape[0], BLOCK_K))  # k = word * CPW + j
-    else:
-        k = k_start + tl.arange(0, BLOCK_K)  # [BLOCK_K]
-        words = tl.load(
-            qweight_ptr + offs_n[:, None] * stride_qn + (k // CODES_PER_WORD)[None, :],
-            mask=mask_n[:, None] & (k[None, :] < K),
-            other=0,
-        )  # [BLOCK_N, BLOCK_K]
-        codes = (words >> ((k % CODES_PER_WORD) * BITS)[None, :]) & ((1 << BITS) - 1)
-    return codes
+    word_cols = k_start // CODES_PER_WORD + tl.arange(0, BLOCK_K // CODES_PER_WORD)  # [BLOCK_K / CPW]
+    words = tl.load(
+        qweight_ptr + offs_n[:, None] * stride_qn + word_cols[None, :],
+        mask=mask_n[:, None] & (word_cols[None, :] < K // CODES_PER_WORD),
+        other=0,
+    )  # [BLOCK_N, BLOCK_K / CPW]
+    shifts = tl.arange(0, CODES_PER_WORD) * BITS  # [CPW]
+    codes = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)  # [BLOCK_N, BLOCK_K / CPW, CPW]
+    return tl.reshape(codes, (words.shape[0], BLOCK_K))  # k = word * CPW + j
 
 
 @triton.jit
@@ -153,7 +141,7 @@ def _int_weight_gemm_kernel(
     CODE_OFFSET: tl.constexpr,  # the offset's value
     DOT_DTYPE: tl.constexpr,  # the dot's operands: x's dtype on a GPU, float32 under the CPU interpreter
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 operands (exact products), else "tf32" (unused by 16-bit)
-    UNPACK: tl.constexpr,  # see _load_codes
+    WEIGHTS_LEFT: tl.constexpr,  # see TileSizes.weights_left
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -166,9 +154,12 @@ def _int_weight_gemm_kernel(
     for k_start in range(split * BLOCK_K, K, SPLIT_K * BLOCK_K):
         k = k_start + tl.arange(0, BLOCK_K)  # [BLOCK_K]
         x = _load_x_tile(x_ptr, offs_m, k, M, K, stride_xm)  # [BLOCK_M, BLOCK_K]
-        codes = _load_codes(qweight_ptr, offs_n, mask_n, k_start, K, stride_qn, BITS, BLOCK_K, UNPACK)
+        codes = _load_codes(qweight_ptr, offs_n, mask_n, k_start, K, stride_qn, BITS, BLOCK_K)
         codes = _codes_as_floats(codes, CODE_DTYPE, CODE_BITS)  # [BLOCK_N, BLOCK_K]: offset + code
-        dot = tl.dot(x.to(DOT_DTYPE), tl.trans(codes).to(DOT_DTYPE), input_precision=DOT_PRECISION)
+        if WEIGHTS_LEFT:  # [BLOCK_N, BLOCK_K] @ [BLOCK_K, BLOCK_M]: the tokens are the dot's narrow side
+            dot = tl.trans(tl.dot(codes.to(DOT_DTYPE), tl.trans(x).to(DOT_DTYPE), input_precision=DOT_PRECISION))
+        else:
+            dot = tl.dot(x.to(DOT_DTYPE), tl.trans(codes).to(DOT_DTYPE), input_precision=DOT_PRECISION)
         x_sums = tl.sum(x.to(tl.float32), axis=1)  # [BLOCK_M]
         group = k_start // GROUP_SIZE
         scale = tl.load(scales_ptr + offs_n * stride_sn + group, mask=mask_n, other=0.0).to(tl.float32)  # [BLOCK_N]
@@ -229,7 +220,7 @@ def int_weight_gemm_triton(
         x.stride(0), qweight.stride(0), scales.stride(0), scales.stride(0) if zeros is None else zeros.stride(0),
         num_out,
         BITS=bits, GROUP_SIZE=group_size, HAS_ZEROS=zeros is not None, **_int_code_options(x, bits),
-        UNPACK=tiles.unpack, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
+        WEIGHTS_LEFT=tiles.weights_left, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
         SPLIT_K=tiles.split_k, num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     return y if tiles.split_k == 1 else y.sum(0).to(x.dtype)
