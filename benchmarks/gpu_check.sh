@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU-machine session: correctness checks first, then timings. Logs go to $OUT when it is set.
-# Usage: bash benchmarks/gpu_check.sh quick|full|serving|breakdown|fp8
+# Usage: bash benchmarks/gpu_check.sh quick|full|serving|breakdown|fp8|kernels|features
 #   quick    GPU tests, kernels, a short bench
 #   breakdown  bench.py, then its time per decode step against the floor, then the same with a GPU profile
 #   full     GPU tests, kernels, bench.py temperature-only and with top-k/top-p/repetition penalty, GPU-busy share
@@ -8,6 +8,10 @@
 #            concurrent streams, engine in a thread and in a process (needs the serve extra installed;
 #            fastapi 0.120 with starlette 0.48 where the image has no opentelemetry, which fastapi 0.165 imports)
 #   fp8      the FP8 KV-cache tests, bench.py with a bf16 and an FP8 cache in turn, FP8 accuracy on the 0.6B shape
+#   kernels  the GPU tests of quantization, LoRA, MoE and the families, then the quantized-GEMM, MoE and LoRA
+#            kernels against their floors, with the decode tile sweeps (about 6 minutes)
+#   features bench.py with LoRA beside the base model, Gemma 3, phi-1.5, Qwen3-8B in bf16, FP8 and W4A16, and
+#            Qwen3-30B-A3B (about 10 minutes)
 set -u
 export PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/nanovllm-gpu-check}
@@ -40,6 +44,23 @@ if [ "$mode" = fp8 ]; then
     done
   done
   timeout 600 python3 benchmarks/kv_cache_accuracy.py --shape qwen3-0.6b 2>&1 | tee "$out/fp8_accuracy.log" | tail -2
+  exit 0
+fi
+if [ "$mode" = kernels ]; then
+  timeout 300 python3 -m pytest -q tests/test_quant_kernels.py tests/test_lora_kernels.py tests/test_lora_gpu.py \
+    tests/test_moe.py "tests/test_quantization.py::test_gpu_matches_transformers" \
+    "tests/test_families.py::test_family_on_gpu_matches_transformers" 2>&1 | tee "$out/pytest_kernels.log" | tail -8
+  timeout 200 python3 benchmarks/quant_gemm.py --sweep 2>&1 | tee "$out/quant_gemm_sweep.log" | tail -3
+  timeout 120 python3 benchmarks/moe_kernel.py --sweep 2>&1 | tee "$out/moe_kernel_sweep.log" | tail -10
+  timeout 90 python3 benchmarks/lora_kernel.py 2>&1 | tee "$out/lora_kernel.log" | tail -3
+  exit 0
+fi
+if [ "$mode" = features ]; then
+  run() { local name=$1; shift; timeout 150 python3 bench.py "$@" 2>&1 | tee "$out/bench_$name.log" | tail -1; }
+  run base; run lora4 --num-loras 4
+  run gemma3 --shape gemma3-1b; run phi --shape phi-1.5
+  run q8b --shape qwen3-8b; run q8b_fp8 --shape qwen3-8b --quantization fp8; run q8b_w4a16 --shape qwen3-8b --quantization w4a16
+  run moe --shape qwen3-30b-a3b
   exit 0
 fi
 if [ "$mode" = breakdown ]; then
