@@ -30,8 +30,15 @@ FP8_GPU_LOGPROB_TOLERANCE = 0.25  # see test_gpu_matches_transformers
 # of the checkpoint it came from (test_repacked_formats_load_the_same_tensors).
 FORMATS = ["W4A16", "W4A16_ASYM", "FP8_DYNAMIC", "FP8_PER_TENSOR", "FP8_BLOCK", "gptq8"]
 # One format per other architecture (qwen3 runs them all): q/k/v biases (qwen2), llama3 rope, tied embeddings
-# and key/value projections narrower than a 128-row block (llama), mistral.
-OTHER_ARCHS = {"qwen2": "W4A16_ASYM", "llama": "FP8_BLOCK", "mistral": "W8A16"}
+# and key/value projections narrower than a 128-row block (llama), mistral; Gemma 3's and Phi-3's layers (Phi-3's
+# q/k/v and gate/up fused in the checkpoint), Phi's biased fc1/fc2 and dense; the MoE models' attention (the
+# compressed-tensors library leaves transformers' stacked expert tensors unquantized). GPT-2 has none: its
+# Conv1D layers are not the nn.Linear modules that compressed-tensors quantizes.
+OTHER_ARCHS = {
+    "qwen2": "W4A16_ASYM", "llama": "FP8_BLOCK", "mistral": "W8A16", "gemma3": "FP8_DYNAMIC", "phi3": "FP8_DYNAMIC",
+    "phi": "W4A16_ASYM", "qwen3_moe": "FP8_DYNAMIC", "mixtral": "FP8_DYNAMIC",
+}  # fmt: skip
+NATIVE_SIZE_ARCHS = {"phi3"}  # its tiny config's rope scaling factors fit its own head size only
 
 
 @lru_cache(maxsize=16)
@@ -103,8 +110,10 @@ def test_repacked_formats_load_the_same_tensors(quant_checkpoints: dict[str, Pat
 @pytest.mark.parametrize("arch", sorted(OTHER_ARCHS))
 def test_other_architectures(tmp_path: Path, arch: str) -> None:
     """Guards against quantization that works for qwen3's layers only: q/k/v biases added to a quantized
-    product (qwen2), tied embeddings left unquantized (llama), llama2 and mistral layouts."""
-    float_dir = write_tiny_model(tmp_path / "float", arch, hidden_size=128, intermediate_size=256)
+    product (qwen2, phi), tied embeddings left unquantized (llama), llama2 and mistral layouts, fused checkpoint
+    tensors split before they are quantized layers' parts (phi3), a plain MLP's projections (phi)."""
+    sizes = {} if arch in NATIVE_SIZE_ARCHS else dict(hidden_size=128, intermediate_size=256)  # groups of 128
+    float_dir = write_tiny_model(tmp_path / "float", arch, **sizes)
     ct_dir = write_compressed_tensors(float_dir, tmp_path / OTHER_ARCHS[arch], OTHER_ARCHS[arch])
     check_against_transformers(ct_dir, ct_dir)
 

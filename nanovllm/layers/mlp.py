@@ -34,11 +34,21 @@ class GatedMLP(nn.Module):
 class MLP(nn.Module):
     """fc2(act(fc1(x))), both projections with biases: GPT-2's and Phi's feed-forward."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, compile_ops: bool, hidden_act: str) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        compile_ops: bool,
+        hidden_act: str,
+        quant: LinearQuantization | None = None,  # which projections hold quantized weights; None = none
+        prefix: str = "",  # this MLP's module name in the checkpoint, e.g. "model.layers.0.mlp"
+    ) -> None:
         super().__init__()
-        self.fc1 = ColumnParallelLinear(hidden_size, intermediate_size, bias=True)
+        fc1 = quant.scheme_for(prefix, ("fc1",)) if quant else None
+        fc2 = quant.scheme_for(prefix, ("fc2",)) if quant else None
+        self.fc1 = ColumnParallelLinear(hidden_size, intermediate_size, bias=True, scheme=fc1)
         self.act = Activation(hidden_act, compile_ops=compile_ops)
-        self.fc2 = RowParallelLinear(intermediate_size, hidden_size, bias=True)
+        self.fc2 = RowParallelLinear(intermediate_size, hidden_size, bias=True, scheme=fc2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, hidden_size] -> [N, hidden_size]
         return self.fc2(self.act(self.fc1(x)))  # fc1: [N, intermediate_size / tp] on this rank

@@ -58,7 +58,10 @@ def build_mlp(arch: ModelArch, layer_idx: int, kernels: Kernels, options: Decode
             arch.hidden_size, arch.intermediate_size, kernels.compile_ops, arch.hidden_act, options.quant,
             f"model.layers.{layer_idx}.mlp",
         )  # fmt: skip
-    return MLP(arch.hidden_size, arch.intermediate_size, kernels.compile_ops, arch.hidden_act)
+    return MLP(
+        arch.hidden_size, arch.intermediate_size, kernels.compile_ops, arch.hidden_act, options.quant,
+        f"model.layers.{layer_idx}.mlp",
+    )  # fmt: skip
 
 
 def add_and_norm(
