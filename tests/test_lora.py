@@ -5,7 +5,9 @@ The reference is PEFT's merge_and_unload() model (W + scaling * B A) run greedil
 the engine adds the low-rank product to each token's output instead, so it must give the same greedy tokens.
 """
 
+import json
 import random
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -113,6 +115,25 @@ def test_mixed_batch_matches_peft(lora_models: dict[str, Path], adapters: dict[s
     for row, (have, want) in enumerate(zip(got, expected, strict=True)):
         lora = loras[row].lora_name if loras[row] else "base"
         assert have == want, f"{arch} row {row} ({lora}): engine {have} != PEFT {want} (base model: {base[row]})"
+
+
+def test_moe_model_takes_attention_adapters(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """Guards against LoRA on a mixture-of-experts model failing to start (its sparse layers have no gate/up/down
+    projections) or adding an adapter to the wrong layers: attention adapters give PEFT's tokens beside base rows,
+    and an adapter that targets the MLP is refused by name, the engine serving on."""
+    model = tiny_models["qwen3_moe"]
+    attention = {"a": str(write_peft_adapter(tmp_path / "a", model, ADAPTER_SPECS["a"], seed=0))}  # q and v
+    request = lora_requests(attention)["a"]
+    prompts, loras = [random_prompt(9, 0), random_prompt(5, 1), random_prompt(20, 2)], [request, None, request]
+    expected = expected_tokens(model, prompts, loras)
+    mlp_dir = Path(shutil.copytree(attention["a"], tmp_path / "mlp"))
+    config = json.loads((mlp_dir / "adapter_config.json").read_text())
+    (mlp_dir / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["q_proj", "gate_proj"]}))
+    with LLM(str(model), max_loras=2, **LORA_ARGS) as llm:
+        assert generate_ids(llm, prompts, loras) == expected
+        with pytest.raises(ValueError, match=r"\['gate_proj'\] are not supported; supported: q_proj, k_proj"):
+            generate_ids(llm, prompts[:1], [LoRARequest("mlp", 2, str(mlp_dir))])
+        assert generate_ids(llm, prompts[:1], loras[:1]) == expected[:1]
 
 
 def test_more_adapters_than_slots_queue_and_reload(

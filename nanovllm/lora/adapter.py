@@ -59,18 +59,15 @@ class LoRAAdapter:
 
 
 def lora_module_shapes(arch: ModelArch) -> dict[str, tuple[int, int]]:
-    """The modules an adapter may target, with their (out_features, in_features) in the base model."""
+    """The modules an adapter may target, with their (out_features, in_features) in the base model: attention and
+    MLP projections, attention only in a mixture-of-experts model (adapters on experts are not supported)."""
     hidden, inter = arch.hidden_size, arch.intermediate_size
     q_size, kv_size = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
-    return {
-        "q_proj": (q_size, hidden),
-        "k_proj": (kv_size, hidden),
-        "v_proj": (kv_size, hidden),
-        "o_proj": (hidden, q_size),
-        "gate_proj": (inter, hidden),
-        "up_proj": (inter, hidden),
-        "down_proj": (hidden, inter),
-    }
+    attention = {"q_proj": (q_size, hidden), "k_proj": (kv_size, hidden), "v_proj": (kv_size, hidden)}
+    attention["o_proj"] = (hidden, q_size)
+    if arch.moe is not None:
+        return attention
+    return {**attention, "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
 
 
 def load_adapter(request: LoRARequest, arch: ModelArch, max_lora_rank: int) -> LoRAAdapter:
