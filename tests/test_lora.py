@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 import torch
-from lora_fixtures import ADAPTER_SPECS, peft_greedy_reference, write_peft_adapter
+from lora_fixtures import ADAPTER_SPECS, AdapterSpec, peft_greedy_reference, write_peft_adapter
 from prometheus_client.parser import text_string_to_metric_families
 
 from nanovllm import LLM, LoRARequest, SamplingParams
@@ -134,6 +134,34 @@ def test_moe_model_takes_attention_adapters(tiny_models: dict[str, Path], tmp_pa
         with pytest.raises(ValueError, match=r"\['gate_proj'\] are not supported; supported: q_proj, k_proj"):
             generate_ids(llm, prompts[:1], [LoRARequest("mlp", 2, str(mlp_dir))])
         assert generate_ids(llm, prompts[:1], loras[:1]) == expected[:1]
+
+
+def test_fused_checkpoint_modules_take_fused_adapters(tiny_model_dir: Callable[..., Path], tmp_path: Path) -> None:
+    """Guards against Phi-3's adapters (PEFT can target only its checkpoint's fused qkv_proj and gate_up_proj) being
+    refused or split wrong: each part takes the adapter's A and its own rows of B, beside base rows, as PEFT runs
+    them; and the parts' own names are refused by name, since the checkpoint has no such modules."""
+    model = tiny_model_dir("phi3")
+    specs = {
+        "attention": AdapterSpec(rank=8, alpha=16, target_modules=("qkv_proj", "o_proj")),
+        "mlp": AdapterSpec(rank=16, alpha=8, target_modules=("gate_up_proj", "down_proj"), use_rslora=True),
+    }
+    dirs = {
+        name: str(write_peft_adapter(tmp_path / name, model, spec, seed=i))
+        for i, (name, spec) in enumerate(specs.items())
+    }
+    requests = lora_requests(dirs)
+    prompts = [random_prompt(length, seed) for seed, length in enumerate((20, 9, 5, 13))]
+    loras = [requests["attention"], requests["mlp"], None, requests["mlp"]]
+    expected = expected_tokens(model, prompts, loras)
+    base = expected_tokens(model, prompts, [None] * len(prompts))
+    assert sum(expected[row] != base[row] for row in (0, 1, 3)) >= 2, "the adapters barely change the tokens"
+    parts_dir = Path(shutil.copytree(dirs["attention"], tmp_path / "parts"))
+    config = json.loads((parts_dir / "adapter_config.json").read_text())
+    (parts_dir / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["q_proj", "v_proj"]}))
+    with LLM(str(model), max_loras=2, **LORA_ARGS) as llm:
+        assert generate_ids(llm, prompts, loras) == expected
+        with pytest.raises(ValueError, match=r"\['q_proj', 'v_proj'\] are not supported; supported: o_proj, down_proj"):
+            generate_ids(llm, prompts[:1], [LoRARequest("parts", 3, str(parts_dir))])
 
 
 def test_more_adapters_than_slots_queue_and_reload(

@@ -55,12 +55,19 @@ class LoRAAdapter:
     request: LoRARequest  # the adapter's name, id and directory
     rank: int  # r, <= max_lora_rank
     scaling: float  # what x A^T B^T is multiplied by
-    modules: dict[tuple[int, str], LoRAModuleWeights]  # (decoder layer index, PEFT module name) -> its weights
+    modules: dict[tuple[int, str], LoRAModuleWeights]  # (decoder layer index, projection) -> its weights
 
 
-def lora_module_shapes(arch: ModelArch) -> dict[str, tuple[int, int]]:
-    """The modules an adapter may target, with their (out_features, in_features) in the base model: attention and
-    MLP projections, attention only in a mixture-of-experts model (adapters on experts are not supported)."""
+# Checkpoints that store projections fused: their PEFT adapters target the fused module (one A, and B over the
+# parts' rows one after another), which is read as one adapter module per part, each with that A and its rows of B.
+FUSED_TARGETS = {
+    "Phi3ForCausalLM": {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")},
+}
+
+
+def lora_part_shapes(arch: ModelArch) -> dict[str, tuple[int, int]]:
+    """The projections our layers hold adapters for, with their (out_features, in_features): attention and MLP
+    projections, attention only in a mixture-of-experts model (adapters on experts are not supported)."""
     hidden, inter = arch.hidden_size, arch.intermediate_size
     q_size, kv_size = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
     attention = {"q_proj": (q_size, hidden), "k_proj": (kv_size, hidden), "v_proj": (kv_size, hidden)}
@@ -68,6 +75,15 @@ def lora_module_shapes(arch: ModelArch) -> dict[str, tuple[int, int]]:
     if arch.moe is not None:
         return attention
     return {**attention, "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+
+
+def lora_module_shapes(arch: ModelArch) -> dict[str, tuple[int, int]]:
+    """The modules an adapter may target, as the checkpoint names them, with their (out_features, in_features)."""
+    shapes = lora_part_shapes(arch)
+    for fused, parts in FUSED_TARGETS.get(arch.architecture, {}).items():
+        part_shapes = [shapes.pop(part) for part in parts]
+        shapes[fused] = (sum(out for out, _ in part_shapes), part_shapes[0][1])
+    return shapes
 
 
 def load_adapter(request: LoRARequest, arch: ModelArch, max_lora_rank: int) -> LoRAAdapter:
@@ -141,7 +157,8 @@ def _read_weights(request: LoRARequest, arch: ModelArch, rank: int) -> dict[tupl
         raise _error(request, f"cannot read {ADAPTER_WEIGHTS} ({e})") from e
     if not halves:
         raise _error(request, f"{ADAPTER_WEIGHTS} holds no LoRA weights")
-    shapes = lora_module_shapes(arch)
+    shapes, part_shapes = lora_module_shapes(arch), lora_part_shapes(arch)
+    fused_targets = FUSED_TARGETS.get(arch.architecture, {})
     modules = {}
     for (layer_idx, module), pair in sorted(halves.items()):
         where = f"layer {layer_idx} {module}"
@@ -155,7 +172,10 @@ def _read_weights(request: LoRARequest, arch: ModelArch, rank: int) -> dict[tupl
                     f"{where} lora_{half} has shape {tuple(pair[half].shape)} but the base model and r={rank} "
                     f"need {want}; was it trained for another base model?",
                 )
-        modules[layer_idx, module] = LoRAModuleWeights(pair["A"], pair["B"])
+        parts = fused_targets.get(module, (module,))
+        part_rows = [part_shapes[part][0] for part in parts]
+        for part, lora_b in zip(parts, pair["B"].split(part_rows), strict=True):
+            modules[layer_idx, part] = LoRAModuleWeights(pair["A"], lora_b)
     return modules
 
 

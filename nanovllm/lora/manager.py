@@ -13,7 +13,7 @@ import torch
 
 from nanovllm.kernels.lora import LoRAKernels
 from nanovllm.layers.linear import ColumnParallelLinear, RowParallelLinear
-from nanovllm.lora.adapter import LoRAAdapter, lora_module_shapes
+from nanovllm.lora.adapter import LoRAAdapter, lora_part_shapes
 from nanovllm.lora.cache import AdapterCache
 from nanovllm.lora.metadata import build_lora_metadata
 from nanovllm.lora.slots import AdapterSlots
@@ -39,7 +39,7 @@ class LoRAManager:
     ) -> None:
         self.max_loras = max_loras
         self.device = device
-        # (decoder layer index, PEFT module name) -> the linear layer that computes it, and its slice there.
+        # (decoder layer index, projection) -> the linear layer that computes it, and its slice there.
         self.targets: dict[tuple[int, str], tuple[LoRALinear, int]] = dict(_find_targets(model, arch))
         self.linears = list(dict.fromkeys(linear for linear, _ in self.targets.values()))  # each fused layer once
         for linear in self.linears:
@@ -82,7 +82,7 @@ class LoRAManager:
 
 def _find_targets(model: LlamaForCausalLM, arch: ModelArch) -> Iterator[tuple[tuple[int, str], tuple[LoRALinear, int]]]:
     """Each supported PEFT module of each decoder layer, with the linear layer (fused or not) and slice holding it."""
-    modules = lora_module_shapes(arch)
+    modules = lora_part_shapes(arch)
     for layer_idx, layer in enumerate(model.model.layers):
         linears = {name.rpartition(".")[2]: m for name, m in layer.named_modules() if isinstance(m, LoRALinear)}
         for module in modules:
