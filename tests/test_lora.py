@@ -117,6 +117,14 @@ def test_mixed_batch_matches_peft(lora_models: dict[str, Path], adapters: dict[s
         assert have == want, f"{arch} row {row} ({lora}): engine {have} != PEFT {want} (base model: {base[row]})"
 
 
+def retargeted_copy(adapter_dir: str, path: Path, target_modules: list[str]) -> Path:
+    """A copy of an adapter directory whose adapter_config.json names other target modules."""
+    shutil.copytree(adapter_dir, path)
+    config = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**config, "target_modules": target_modules}))
+    return path
+
+
 def test_moe_model_takes_attention_adapters(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     """Guards against LoRA on a mixture-of-experts model failing to start (its sparse layers have no gate/up/down
     projections) or adding an adapter to the wrong layers: attention adapters give PEFT's tokens beside base rows,
@@ -126,9 +134,7 @@ def test_moe_model_takes_attention_adapters(tiny_models: dict[str, Path], tmp_pa
     request = lora_requests(attention)["a"]
     prompts, loras = [random_prompt(9, 0), random_prompt(5, 1), random_prompt(20, 2)], [request, None, request]
     expected = expected_tokens(model, prompts, loras)
-    mlp_dir = Path(shutil.copytree(attention["a"], tmp_path / "mlp"))
-    config = json.loads((mlp_dir / "adapter_config.json").read_text())
-    (mlp_dir / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["q_proj", "gate_proj"]}))
+    mlp_dir = retargeted_copy(attention["a"], tmp_path / "mlp", ["q_proj", "gate_proj"])
     with LLM(str(model), max_loras=2, **LORA_ARGS) as llm:
         assert generate_ids(llm, prompts, loras) == expected
         with pytest.raises(ValueError, match=r"\['gate_proj'\] are not supported; supported: q_proj, k_proj"):
@@ -155,9 +161,7 @@ def test_fused_checkpoint_modules_take_fused_adapters(tiny_model_dir: Callable[.
     expected = expected_tokens(model, prompts, loras)
     base = expected_tokens(model, prompts, [None] * len(prompts))
     assert sum(expected[row] != base[row] for row in (0, 1, 3)) >= 2, "the adapters barely change the tokens"
-    parts_dir = Path(shutil.copytree(dirs["attention"], tmp_path / "parts"))
-    config = json.loads((parts_dir / "adapter_config.json").read_text())
-    (parts_dir / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["q_proj", "v_proj"]}))
+    parts_dir = retargeted_copy(dirs["attention"], tmp_path / "parts", ["q_proj", "v_proj"])
     with LLM(str(model), max_loras=2, **LORA_ARGS) as llm:
         assert generate_ids(llm, prompts, loras) == expected
         with pytest.raises(ValueError, match=r"\['q_proj', 'v_proj'\] are not supported; supported: o_proj, down_proj"):
