@@ -37,6 +37,8 @@ if [ "$mode" = serving ]; then
 fi
 if [ "$mode" = fp8 ]; then
   timeout 300 python3 -m pytest -q tests/test_fp8_kernels.py 2>&1 | tee "$out/pytest_fp8_kernels.log" | tail -3
+  # The decode kernel's constants over FP8 caches (each loop step reads half of bf16's bytes).
+  timeout 240 python3 benchmarks/kernels.py --sweep-decode --kv-cache-dtype fp8 2>&1 | tee "$out/sweep_fp8.log" | tail -6
   timeout 300 python3 -m pytest -q tests/test_gpu.py -k fp8 2>&1 | tee "$out/pytest_fp8_gpu.log" | tail -3
   for run in 1 2; do  # alternating: the first run of a machine start is the slowest
     for kv in auto fp8; do

@@ -16,6 +16,9 @@ this script itself; its timings mean nothing.
 ``--sweep-decode`` instead times the decode kernel under every tile size, warp count and stage count of
 DECODE_SWEEP (by setting triton_attention's DECODE_* constants in turn, as an edit of them would), each
 checked against the reference, at block size 256: how the constants were chosen, to redo on another GPU.
+
+``--kv-cache-dtype fp8`` (or ``fp8_e5m2``) gives the decode rows, and --sweep-decode, FP8 caches: an FP8
+cache halves the bytes of each loop step, so it may want other constants than bf16's.
 """
 
 import argparse
@@ -56,6 +59,8 @@ DTYPE = torch.bfloat16
 # |out - ref| <= tol * (1 + |ref|) against a float32 reference: a few bf16 roundings (8 mantissa bits).
 BF16_TOLERANCE = 2e-2
 COPY_BYTES = 1 << 30  # the copy-bandwidth probe moves 1 GiB, far past the H100's 50 MB L2 cache
+# --kv-cache-dtype: the decode cases' caches (kv_cache_dtype's values; the prefill and store rows stay bf16).
+KV_DTYPES = {"auto": DTYPE, "fp8": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 # --sweep-decode's settings: values of these constants of triton_attention, in this order.
 DECODE_CONSTANTS = ("DECODE_BLOCK_N", "DECODE_NUM_WARPS", "DECODE_NUM_STAGES")
 DECODE_SWEEP = tuple(itertools.product((32, 64, 128), (2, 4, 8), (1, 2, 3, 4)))
@@ -207,9 +212,14 @@ class DecodeInputs:
         return paged_decode_attention_triton(self.query, self.k_cache, self.v_cache, *self.kernel_args)
 
 
-def decode_inputs(case: tuple[int, int, int], block_size: int, device: str, gen: torch.Generator) -> DecodeInputs:
+def decode_inputs(
+    case: tuple[int, int, int], block_size: int, device: str, gen: torch.Generator, kv_dtype: torch.dtype = DTYPE
+) -> DecodeInputs:
+    """kv_dtype FP8: the caches hold the FP8 values of the random bf16 ones (scales 1; randn stays far below the
+    formats' largest values), and the reference reads those values."""
     num_seqs, context_len, grid_context_len = case
     k_cache, v_cache, block_tables, context_lens = paged_cache(num_seqs, context_len, block_size, device, gen)
+    k_cache, v_cache = k_cache.to(kv_dtype), v_cache.to(kv_dtype)
     query = torch.randn(num_seqs, NUM_HEADS, HEAD_DIM, generator=gen, device=device, dtype=DTYPE)
     kernel_args = (context_lens, grid_context_len, block_tables, HEAD_DIM**-0.5)
     cu_seqlens_q = torch.arange(num_seqs + 1, device=device, dtype=torch.int32)  # one query token each
@@ -220,25 +230,31 @@ def decode_inputs(case: tuple[int, int, int], block_size: int, device: str, gen:
 
 
 def bench_decode(
-    case: tuple[int, int, int], block_size: int, device: str, gen: torch.Generator, copy_gbps: float
+    case: tuple[int, int, int],
+    block_size: int,
+    device: str,
+    gen: torch.Generator,
+    copy_gbps: float,
+    kv_dtype: torch.dtype = DTYPE,
 ) -> Row:
     """One decode step of num_seqs sequences with context_len cached tokens each."""
     num_seqs, context_len, grid_context_len = case
-    inputs = decode_inputs(case, block_size, device, gen)
+    inputs = decode_inputs(case, block_size, device, gen, kv_dtype)
     error, is_ok = max_error(inputs.run(), inputs.ref)
 
     triton_ms = time_graph_ms(inputs.run, device)
     eager_ms = time_ms(inputs.run, device)
-    torch_ms = time_ms(lambda: paged_attention(inputs.query, inputs.k_cache, inputs.v_cache, *inputs.ref_args), device)
+    k_cache, v_cache = inputs.k_cache.to(DTYPE), inputs.v_cache.to(DTYPE)  # torch multiplies no FP8: bf16 copies
+    torch_ms = time_ms(lambda: paged_attention(inputs.query, k_cache, v_cache, *inputs.ref_args), device)
     num_bytes = inputs.kv_bytes + 2 * inputs.query.numel() * inputs.query.element_size()  # + query read, output written
     gbps = num_bytes / triton_ms / 1e6
     grid = "" if grid_context_len == context_len else f", grid {grid_context_len}"
-    case_name = f"{num_seqs}x{context_len}, bs {block_size}{grid}"
+    case_name = f"{num_seqs}x{context_len}, bs {block_size}{grid}" + ("" if kv_dtype == DTYPE else ", fp8")
     throughput = f"{gbps:.0f} GB/s ({100 * gbps / copy_gbps:.0f}% copy), eager {eager_ms:.3f} ms"
     return Row("decode", case_name, triton_ms, torch_ms, throughput, error, is_ok)
 
 
-def sweep_decode(sizes: Sizes, device: str, gen: torch.Generator, copy_gbps: float) -> int:
+def sweep_decode(sizes: Sizes, device: str, gen: torch.Generator, copy_gbps: float, kv_dtype: torch.dtype) -> int:
     """Print the decode kernel's GPU time for each setting of DECODE_SWEEP at every decode case (block size
     256), then the fastest per case; returns how many settings gave a wrong result."""
     settings = DECODE_SWEEP if device == "cuda" else DECODE_SWEEP_SMOKE
@@ -246,7 +262,7 @@ def sweep_decode(sizes: Sizes, device: str, gen: torch.Generator, copy_gbps: flo
     cases = []  # (name, inputs)
     for num_seqs, context_len, grid_context_len in sizes.decode_cases:
         grid = "" if grid_context_len == context_len else f" g{grid_context_len}"
-        inputs = decode_inputs((num_seqs, context_len, grid_context_len), 256, device, gen)
+        inputs = decode_inputs((num_seqs, context_len, grid_context_len), 256, device, gen, kv_dtype)
         cases.append((f"{num_seqs}x{context_len}{grid}", inputs))
     print(f"\ndecode GPU time (us) and share of the {copy_gbps:.0f} GB/s copy rate; * = the current constants")
     print(f"{'BLOCK_N, warps, stages':<24}" + "".join(f"{name:>20}" for name, _ in cases))
@@ -350,14 +366,16 @@ def print_table(rows: list[Row], copy_gbps: float) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep-decode", action="store_true", help="time the decode kernel's settings instead")
+    parser.add_argument("--kv-cache-dtype", choices=sorted(KV_DTYPES), default="auto", help="the decode rows' caches")
     parsed, device = parse_benchmark_args(parser)
+    kv_dtype = KV_DTYPES[parsed.kv_cache_dtype]
     sizes = SMOKE if parsed.smoke else FULL
     gen = torch.Generator(device=device).manual_seed(0)
     print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu (Triton interpreter)'}")
 
     copy_gbps = copy_bandwidth_gbps(sizes.copy_bytes, device)
     if parsed.sweep_decode:
-        num_wrong = sweep_decode(sizes, device, gen, copy_gbps)
+        num_wrong = sweep_decode(sizes, device, gen, copy_gbps, kv_dtype)
         print(f"\n{num_wrong} setting(s) gave a wrong result" if num_wrong else "\nall settings correct")
         return 1 if num_wrong else 0
     rows = []
@@ -365,7 +383,7 @@ def main() -> int:
         rows.append(bench_store_kv(sizes, block_size, device, gen))
         rows.append(bench_prefill(sizes, block_size, device, gen))
         for case in sizes.decode_cases:
-            rows.append(bench_decode(case, block_size, device, gen, copy_gbps))
+            rows.append(bench_decode(case, block_size, device, gen, copy_gbps, kv_dtype))
         if device == "cuda":
             torch.cuda.empty_cache()
     rows += [bench_race(case, device, gen, copy_gbps) for case in sizes.race_cases]

@@ -391,7 +391,7 @@ def test_race_kernel_equals_reference(
 # Each kernel benchmark's smoke run: script, flags, its last verdict.
 SMOKE_RUNS = [
     ("kernels.py", (), "all checks passed"),
-    ("kernels.py", ("--sweep-decode",), "all settings correct"),
+    ("kernels.py", ("--sweep-decode", "--kv-cache-dtype", "fp8"), "all settings correct"),
     ("moe_kernel.py", (), "all checks passed"),
     ("moe_kernel.py", ("--sweep",), "all settings correct"),
     ("quant_gemm.py", (), "all checks passed"),
@@ -402,9 +402,9 @@ SMOKE_RUNS = [
 @pytest.mark.parametrize(("script", "flags", "verdict"), SMOKE_RUNS)
 def test_kernel_benchmark_smoke_run(script: str, flags: tuple[str, ...], verdict: str) -> None:
     """Guards the kernel benchmarks in benchmarks/ themselves: each --smoke run checks its kernels against their
-    references at tiny sizes (kernels.py with --sweep-decode: the decode kernel under two settings; moe_kernel.py
-    with --sweep: the fused MoE under three tile sets) and exits 0. Without a GPU each must switch Triton to the
-    interpreter on its own, so the variable is not inherited."""
+    references at tiny sizes (kernels.py with --sweep-decode: the decode kernel over FP8 caches under two
+    settings; moe_kernel.py with --sweep: the fused MoE under three tile sets) and exits 0. Without a GPU each
+    must switch Triton to the interpreter on its own, so the variable is not inherited."""
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run(
