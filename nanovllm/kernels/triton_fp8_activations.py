@@ -22,6 +22,14 @@ E4M3 = fp8_format(FP8_DTYPE)
 
 
 @triton.jit
+def _load_chunk(x_ptr, row, stride_xm, start, offset, group_size, num_cols, BLOCK: tl.constexpr):
+    """Columns [start + offset, + BLOCK) of x's row, within the group and the row, as float32 (0 past them)."""
+    cols = start + offset + tl.arange(0, BLOCK)  # [BLOCK]
+    mask = (offset + tl.arange(0, BLOCK) < group_size) & (cols < num_cols)
+    return cols, mask, tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _quantize_per_token_kernel(
     x_ptr,  # [M, K]
     out_ptr,  # [M, K] uint8: the FP8 bytes
@@ -41,17 +49,13 @@ def _quantize_per_token_kernel(
     start = group * group_size
     amax = tl.zeros((BLOCK,), dtype=tl.float32)
     for offset in range(0, group_size, BLOCK):
-        cols = start + offset + tl.arange(0, BLOCK)  # [BLOCK]
-        mask = (offset + tl.arange(0, BLOCK) < group_size) & (cols < num_cols)
-        values = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
+        _, _, values = _load_chunk(x_ptr, row, stride_xm, start, offset, group_size, num_cols, BLOCK)
         amax = tl.maximum(amax, tl.abs(values))
     scale = tl.math.div_rn(tl.max(amax, axis=0), MAX_VALUE)
     scale = tl.where(scale == 0.0, MIN_SCALE, scale)
     tl.store(scales_ptr + row * stride_sm + group, scale)
     for offset in range(0, group_size, BLOCK):
-        cols = start + offset + tl.arange(0, BLOCK)
-        mask = (offset + tl.arange(0, BLOCK) < group_size) & (cols < num_cols)
-        values = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
+        cols, mask, values = _load_chunk(x_ptr, row, stride_xm, start, offset, group_size, num_cols, BLOCK)
         codes = encode_fp8(tl.math.div_rn(values, scale), MANTISSA_BITS, EXPONENT_BIAS, MAX_VALUE)
         tl.store(out_ptr + row * stride_om + cols, codes, mask=mask)
 

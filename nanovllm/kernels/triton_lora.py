@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels.triton_attention import MIN_DOT_SIZE
+from nanovllm.kernels.triton_attention import MIN_DOT_SIZE, _dot_options
 from nanovllm.utils.lora_metadata import LoRAMetadata
 
 MAX_BLOCK_M = 64  # tokens per program in long prefills (Triton's matmul tutorial tiles 64-128 rows)
@@ -174,13 +174,6 @@ def _expand_kernel(
     y = tl.load(y_ptr + y_offs, mask=mask)
     y_new = y.to(tl.float32) + delta * tl.load(scalings_ptr + slot)
     tl.store(y_ptr + y_offs, y_new.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-def _dot_options(weights: torch.Tensor) -> dict[str, bool | str]:
-    """Float32 products are exact ("ieee"; the GPU default rounds them to tf32). On CPU the operands are upcast,
-    as Triton's interpreter multiplies the raw bits of bfloat16 operands (triton-lang/triton#11584)."""
-    fp32_dot = weights.dtype == torch.float32 or weights.device.type == "cpu"
-    return {"FP32_DOT": fp32_dot, "DOT_PRECISION": "ieee" if fp32_dot else "tf32"}
 
 
 def _block_m(num_tokens: int) -> int:

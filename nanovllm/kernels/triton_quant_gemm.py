@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.triton_attention import _dot_options
+
 DECODE_MAX_ROWS = 16  # at most this many rows (tokens): decode tiles; tl.dot needs tiles of at least 16
 
 
@@ -177,20 +179,19 @@ TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float
 
 
 def _int_code_options(x: torch.Tensor, bits: int) -> dict[str, tl.dtype | str | int | float]:
-    """How codes become floats for x (see the module docstring), and the dot's operand dtype: x's on a GPU,
-    float32 under the CPU interpreter, which multiplies the raw bits of bfloat16 operands
-    (triton-lang/triton#11584, as kernels/triton_attention.py notes). Products of codes and x are exact either
-    way; the reference rounds the dequantized weight to x's dtype."""
+    """How codes become floats for x (see the module docstring), and the dot's operands: x's dtype, or float32
+    as kernels/triton_attention.py's _dot_options decides (float32 x, and the CPU interpreter). Products of codes
+    and x are exact either way; the reference rounds the dequantized weight to x's dtype."""
     code_bits, offset, max_bits = CODE_CONSTANTS.get(x.dtype, (0, 0.0, 0))
     if bits > max_bits:  # float32, or 8-bit codes in bfloat16: converted, still exact (8 significant bits)
         code_bits, offset = 0, 0.0
-    is_fp32_dot = x.dtype == torch.float32 or x.device.type == "cpu"
+    dot = _dot_options(x)
     return {
         "CODE_DTYPE": TL_DTYPES[x.dtype],
         "CODE_BITS": code_bits,
         "CODE_OFFSET": offset,
-        "DOT_DTYPE": tl.float32 if is_fp32_dot else TL_DTYPES[x.dtype],
-        "DOT_PRECISION": "ieee" if is_fp32_dot else "tf32",
+        "DOT_DTYPE": tl.float32 if dot["FP32_DOT"] else TL_DTYPES[x.dtype],
+        "DOT_PRECISION": dot["DOT_PRECISION"],
     }
 
 
