@@ -14,8 +14,8 @@ torch reference, are eager calls. Exits 1 if any check fails.
 this script itself; its timings mean nothing.
 
 ``--sweep-decode`` instead times the decode kernel under every tile size, warp count and stage count of
-DECODE_SWEEP (by setting triton_attention's DECODE_* constants in turn, as an edit of them would), each
-checked against the reference, at block size 256: how the constants were chosen, to redo on another GPU.
+DECODE_SWEEP (by setting triton_attention.DECODE_TILES for the cache's element size in turn, as an edit of it
+would), each checked against the reference, at block size 256: how the constants were chosen, to redo on another GPU.
 
 ``--kv-cache-dtype fp8`` (or ``fp8_e5m2``) gives the decode rows, and --sweep-decode, FP8 caches: an FP8
 cache halves the bytes of each loop step, so it may want other constants than bf16's.
@@ -61,8 +61,7 @@ BF16_TOLERANCE = 2e-2
 COPY_BYTES = 1 << 30  # the copy-bandwidth probe moves 1 GiB, far past the H100's 50 MB L2 cache
 # --kv-cache-dtype: the decode cases' caches (kv_cache_dtype's values; the prefill and store rows stay bf16).
 KV_DTYPES = {"auto": DTYPE, "fp8": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
-# --sweep-decode's settings: values of these constants of triton_attention, in this order.
-DECODE_CONSTANTS = ("DECODE_BLOCK_N", "DECODE_NUM_WARPS", "DECODE_NUM_STAGES")
+# --sweep-decode's settings: triton_attention.DecodeTiles (BLOCK_N, warps, stages).
 DECODE_SWEEP = tuple(itertools.product((32, 64, 128), (2, 4, 8), (1, 2, 3, 4)))
 DECODE_SWEEP_SMOKE = ((32, 2, 2), (64, 4, 3))
 
@@ -258,7 +257,8 @@ def sweep_decode(sizes: Sizes, device: str, gen: torch.Generator, copy_gbps: flo
     """Print the decode kernel's GPU time for each setting of DECODE_SWEEP at every decode case (block size
     256), then the fastest per case; returns how many settings gave a wrong result."""
     settings = DECODE_SWEEP if device == "cuda" else DECODE_SWEEP_SMOKE
-    chosen = tuple(getattr(triton_attention, name) for name in DECODE_CONSTANTS)
+    element_size = min(kv_dtype.itemsize, 2)  # the key of triton_attention.DECODE_TILES
+    chosen = triton_attention.DECODE_TILES[element_size]
     cases = []  # (name, inputs)
     for num_seqs, context_len, grid_context_len in sizes.decode_cases:
         grid = "" if grid_context_len == context_len else f" g{grid_context_len}"
@@ -270,8 +270,7 @@ def sweep_decode(sizes: Sizes, device: str, gen: torch.Generator, copy_gbps: flo
     num_wrong = 0
     try:
         for setting in settings:
-            for name, value in zip(DECODE_CONSTANTS, setting, strict=True):
-                setattr(triton_attention, name, value)
+            triton_attention.DECODE_TILES[element_size] = triton_attention.DecodeTiles(*setting)
             cells = []
             for case_name, inputs in cases:
                 _, is_ok = max_error(inputs.run(), inputs.ref)
@@ -284,8 +283,7 @@ def sweep_decode(sizes: Sizes, device: str, gen: torch.Generator, copy_gbps: flo
             label = ", ".join(map(str, setting)) + (" *" if setting == chosen else "")
             print(f"{label:<24}" + "".join(f"{cell:>20}" for cell in cells), flush=True)
     finally:
-        for name, value in zip(DECODE_CONSTANTS, chosen, strict=True):
-            setattr(triton_attention, name, value)
+        triton_attention.DECODE_TILES[element_size] = chosen
     for case_name, (ms, setting) in best.items():
         print(f"fastest at {case_name}: {setting} ({ms * 1e3:.1f} us)")
     return num_wrong

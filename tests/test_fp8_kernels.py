@@ -17,6 +17,8 @@ from nanovllm.layers.attention import Attention
 from nanovllm.utils.context import AttentionMetadata, attention_context
 
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
+# A float32 query dots in float32; a bfloat16 one reads an FP8 cache through float16 dots (triton_attention.py).
+QUERY_DTYPES = [torch.float32, torch.bfloat16]
 K_SCALE, V_SCALE = 0.37, 2.9  # arbitrary, so every multiplication by a scale shows
 # The store test's random values are spread this wide: past e4m3's 448 * K_SCALE, so some saturate.
 SPREAD = 100.0
@@ -74,8 +76,11 @@ def test_reference_stores_scaled_saturated_values_and_reads_them_back(dtype: tor
     assert torch.allclose(read, torch.tensor([1.0, -3.0, largest, -largest]) * K_SCALE), read
 
 
-def fp8_batch(dtype: torch.dtype, q_lens: list[int], case: tuple) -> PagedBatch:
-    """make_batch's random cache, spread wide and stored in FP8 with the test's scales; NaN stays outside contexts."""
+def fp8_batch(
+    dtype: torch.dtype, q_lens: list[int], case: tuple, query_dtype: torch.dtype = torch.float32
+) -> PagedBatch:
+    """make_batch's random cache, spread wide and stored in FP8 with the test's scales; NaN stays outside contexts.
+    The query is in ``query_dtype``."""
     batch = make_batch(q_lens, *case, seed=4)
     k_cache, k_poisoned = (
         quantize(k * ATTENTION_SPREAD * K_SCALE, K_SCALE, dtype) for k in (batch.k_cache, batch.k_poisoned)
@@ -84,47 +89,50 @@ def fp8_batch(dtype: torch.dtype, q_lens: list[int], case: tuple) -> PagedBatch:
         quantize(v * ATTENTION_SPREAD * V_SCALE, V_SCALE, dtype) for v in (batch.v_cache, batch.v_poisoned)
     )
     return PagedBatch(
-        query=batch.query, k_cache=k_cache, v_cache=v_cache, k_poisoned=k_poisoned, v_poisoned=v_poisoned,
-        cu_seqlens_q=batch.cu_seqlens_q,
+        query=batch.query.to(query_dtype), k_cache=k_cache, v_cache=v_cache, k_poisoned=k_poisoned,
+        v_poisoned=v_poisoned, cu_seqlens_q=batch.cu_seqlens_q,
         context_lens=batch.context_lens, block_tables=batch.block_tables, max_seqlen_q=batch.max_seqlen_q,
         max_context_len=batch.max_context_len, sliding_window=batch.sliding_window,
     )  # fmt: skip
 
 
 def reference_fp8_attention(batch: PagedBatch, scale: float) -> torch.Tensor:
+    """The reference in float32 (its bfloat16 path rounds more than the kernels do), returned in the query's dtype."""
     return paged_attention(
-        batch.query, batch.k_cache, batch.v_cache, batch.cu_seqlens_q, batch.max_seqlen_q, batch.context_lens,
+        batch.query.float(), batch.k_cache, batch.v_cache, batch.cu_seqlens_q, batch.max_seqlen_q, batch.context_lens,
         batch.max_context_len, batch.block_tables, scale, k_scale=K_SCALE, v_scale=V_SCALE,
-    )  # fmt: skip
+    ).to(batch.query.dtype)  # fmt: skip
 
 
+@pytest.mark.parametrize("query_dtype", QUERY_DTYPES)
 @pytest.mark.parametrize("dtype", FP8)
-def test_triton_prefill_reads_fp8_cache_as_reference(dtype: torch.dtype) -> None:
+def test_triton_prefill_reads_fp8_cache_as_reference(dtype: torch.dtype, query_dtype: torch.dtype) -> None:
     """Guards against the prefill kernel reading FP8 tiles wrongly (as bytes, without k_scale or v_scale) or
-    reading the NaN codes outside the contexts."""
+    reading the NaN codes outside the contexts, in float32 and in the float16 dots of a 16-bit query."""
     _, context_lens, *case = PREFILL_CASES["cached_prefixes"]
-    batch = fp8_batch(dtype, [7, 1, 20, 3], (context_lens, *case))
+    batch = fp8_batch(dtype, [7, 1, 20, 3], (context_lens, *case), query_dtype)
     scale = batch.query.shape[-1] ** -0.5
     with nan_filled_empty():
         out = paged_prefill_attention_triton(
             batch.query, batch.k_poisoned, batch.v_poisoned, batch.cu_seqlens_q, batch.max_seqlen_q,
             batch.context_lens, batch.max_context_len, batch.block_tables, scale, k_scale=K_SCALE, v_scale=V_SCALE,
         )  # fmt: skip
-    assert_close(out, reference_fp8_attention(batch, scale), torch.float32)
+    assert_close(out, reference_fp8_attention(batch, scale), query_dtype)
 
 
+@pytest.mark.parametrize("query_dtype", QUERY_DTYPES)
 @pytest.mark.parametrize("dtype", FP8)
-def test_triton_decode_reads_fp8_cache_as_reference(dtype: torch.dtype) -> None:
+def test_triton_decode_reads_fp8_cache_as_reference(dtype: torch.dtype, query_dtype: torch.dtype) -> None:
     """Guards against the split-KV decode kernel reading FP8 tiles wrongly, or applying v_scale to the partial
-    results of some splits only (three splits here)."""
-    batch = fp8_batch(dtype, [1, 1, 1], ([70, 9, 40], 4, 2, 32, 16))
+    results of some splits only (three splits here), in float32 and in the float16 dots of a 16-bit query."""
+    batch = fp8_batch(dtype, [1, 1, 1], ([70, 9, 40], 4, 2, 32, 16), query_dtype)
     scale = batch.query.shape[-1] ** -0.5
     with nan_filled_empty():
         out = paged_decode_attention_triton(
             batch.query, batch.k_poisoned, batch.v_poisoned, batch.context_lens, batch.max_context_len,
             batch.block_tables, scale, 3, 1, k_scale=K_SCALE, v_scale=V_SCALE,
         )  # fmt: skip
-    assert_close(out, reference_fp8_attention(batch, scale), torch.float32)
+    assert_close(out, reference_fp8_attention(batch, scale), query_dtype)
 
 
 def test_attention_layer_passes_its_scales_to_every_backend() -> None:

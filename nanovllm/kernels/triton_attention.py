@@ -27,6 +27,7 @@ softmax(scores) @ (V * v_scale) is (softmax(scores) @ V) * v_scale.
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -35,14 +36,25 @@ import triton.language as tl
 LOG2E = math.log2(math.e)  # exp(x) == exp2(x * LOG2E)
 # tl.dot needs every matrix dimension to be at least 16 on NVIDIA GPUs (mma instruction shape).
 MIN_DOT_SIZE = 16
+FLOAT16_MAX = tl.constexpr(65504.0)  # the largest finite float16
 # Flash-attention tile sizes for head_dim 64-128 (Triton's fused-attention tutorial tunes BLOCK_M
 # over 64-128 and BLOCK_N over 32-64); worth re-tuning per GPU.
 PREFILL_BLOCK_M = 64  # query rows per prefill program
 PREFILL_BLOCK_N = 64  # key positions per prefill loop step
-# Decode tile and launch settings: the fastest of an H200 sweep (`benchmarks/kernels.py --sweep-decode`).
-DECODE_BLOCK_N = 32  # key positions per decode loop step
-DECODE_NUM_WARPS = 2
-DECODE_NUM_STAGES = 2
+
+
+class DecodeTiles(NamedTuple):
+    """The decode kernel's tile and launch settings."""
+
+    block_n: int  # key positions per loop step
+    num_warps: int
+    num_stages: int
+
+
+# Per cache element size (bytes; float32 caches take 2's): the fastest of an H200 sweep
+# (`benchmarks/kernels.py --sweep-decode [--kv-cache-dtype fp8]`). An FP8 step of 64 keys reads the bytes of a
+# bfloat16 step of 32, and without software pipelining (1 stage) its conversions get the registers.
+DECODE_TILES = {2: DecodeTiles(block_n=32, num_warps=2, num_stages=2), 1: DecodeTiles(64, 2, 1)}
 # Decode splits the context until the grid has about this many programs: an H100 has 132 SMs and
 # each holds 8 of the decode kernel's programs at once (its 124 registers a thread, at 2 warps, allow 8),
 # so ~1000 programs fill it.
@@ -92,6 +104,15 @@ def _online_softmax_step(q, k_t, v, is_visible, m_i, l_i, acc, qk_scale, DOT_PRE
     return m_new, l_i * alpha + tl.sum(p, 1), acc
 
 
+@triton.jit
+def _query_for_dot(q, DOT_DTYPE: tl.constexpr):
+    """The query tile in the dtype of the kernel's dots. Only a float16 dot over a 16-bit query (an FP8 cache) can
+    change a value: it clamps to float16's range, which no query of a working model comes near."""
+    if DOT_DTYPE == tl.float16:  # noqa: SIM300 (DOT_DTYPE is a kernel argument, not a constant)
+        q = tl.clamp(q.to(tl.float32), -FLOAT16_MAX, FLOAT16_MAX)
+    return q.to(DOT_DTYPE)
+
+
 # The block tables' width changes with every batch: compiled once, not once per 'multiple of 16' class.
 @triton.jit(do_not_specialize=["stride_table_seq"])
 def _prefill_kernel(
@@ -100,7 +121,7 @@ def _prefill_kernel(
     stride_q_token, stride_q_head, stride_o_token, stride_o_head,
     stride_cache_block, stride_cache_slot, stride_cache_head, stride_table_seq,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    FP32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, IS_SLIDING: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, IS_SLIDING: tl.constexpr,
 ):  # fmt: skip
     """Flash attention for BLOCK_M query tokens of one sequence and one head.
 
@@ -125,8 +146,7 @@ def _prefill_kernel(
     token_idx = (q_start + rows).to(tl.int64)  # [BLOCK_M], row in the flat batch
     q_offs = token_idx[:, None] * stride_q_token + head_idx * stride_q_head + dim_offs[None, :]
     q = tl.load(query_ptr + q_offs, mask=q_mask, other=0.0)  # [BLOCK_M, BLOCK_D]
-    if FP32_DOT:
-        q = q.to(tl.float32)  # every tl.dot follows q's dtype
+    q = _query_for_dot(q, DOT_DTYPE)  # every tl.dot follows q's dtype
     q_pos = prefix_len + rows  # [BLOCK_M], absolute positions
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -167,6 +187,26 @@ def _dot_options(query: torch.Tensor) -> dict[str, bool | str]:
     return {"FP32_DOT": fp32_dot, "DOT_PRECISION": "ieee" if fp32_dot else "tf32"}
 
 
+def _attention_dot_options(query: torch.Tensor, k_cache: torch.Tensor) -> dict[str, tl.dtype | str]:
+    """The attention kernels' DOT_DTYPE and DOT_PRECISION: float16 for an FP8 cache read by a 16-bit query, else
+    _dot_options' float32 (a float32 query, or the CPU interpreter), else the query's dtype.
+
+    An FP8 cache is read through float16 dots because its tiles' conversion, not their bytes, bounds decode:
+    FP8 -> float16 is one instruction per two values on Hopper, FP8 -> bfloat16 adds one per value after it.
+    Nothing is lost: every FP8 value is a float16 value, a bfloat16 query keeps its bits inside float16's range
+    (10 mantissa bits to bfloat16's 7), and the softmax probabilities (in [0, 1]) gain bits. The CPU interpreter
+    runs this path too (it multiplies float16 correctly; bfloat16 is what it gets wrong).
+    """
+    options = _dot_options(query)
+    if k_cache.element_size() == 1 and query.dtype != torch.float32:
+        dot_dtype = tl.float16
+    elif options["FP32_DOT"]:
+        dot_dtype = tl.float32
+    else:
+        dot_dtype = tl.float16 if query.dtype == torch.float16 else tl.bfloat16
+    return {"DOT_DTYPE": dot_dtype, "DOT_PRECISION": options["DOT_PRECISION"]}
+
+
 def paged_prefill_attention_triton(
     query: torch.Tensor,  # [N, num_heads, head_dim]
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
@@ -198,7 +238,7 @@ def paged_prefill_attention_triton(
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
         BLOCK_M=block_m, BLOCK_N=PREFILL_BLOCK_N, BLOCK_D=_block_dim(head_dim),
-        **_dot_options(query), IS_SLIDING=sliding_window is not None, num_warps=4,
+        **_attention_dot_options(query, k_cache), IS_SLIDING=sliding_window is not None, num_warps=4,
     )  # fmt: skip
     return out
 
@@ -229,7 +269,7 @@ def _decode_split_kernel(
     qk_scale, v_scale, num_heads, num_queries_per_kv, head_dim, block_size, num_splits, min_split_len, sliding_window,
     stride_q_seq, stride_q_head, stride_cache_block, stride_cache_slot, stride_cache_head, stride_table_seq,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    FP32_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, IS_SLIDING: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, IS_SLIDING: tl.constexpr,
 ):  # fmt: skip
     """Phase 1 of flash decoding: one sequence, one KV head, one split of the context.
 
@@ -255,8 +295,7 @@ def _decode_split_kernel(
     q_mask = group_mask[:, None] & (dim_offs[None, :] < head_dim)  # [BLOCK_G, BLOCK_D]
     q_offs = seq_idx.to(tl.int64) * stride_q_seq + head_offs[:, None] * stride_q_head + dim_offs[None, :]
     q = tl.load(query_ptr + q_offs, mask=q_mask, other=0.0)  # [BLOCK_G, BLOCK_D]
-    if FP32_DOT:
-        q = q.to(tl.float32)  # every tl.dot follows q's dtype
+    q = _query_for_dot(q, DOT_DTYPE)  # every tl.dot follows q's dtype
 
     m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -352,6 +391,7 @@ def paged_decode_attention_triton(
     partial_out = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=query.device)
     partial_lse = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=query.device)
     group_size = num_heads // num_kv_heads
+    tiles = DECODE_TILES[min(k_cache.element_size(), 2)]
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         query, k_cache, v_cache, partial_out, partial_lse, context_lens, block_tables,
         scale * k_scale * LOG2E, v_scale, num_heads, group_size, head_dim, k_cache.shape[1], num_splits,
@@ -359,13 +399,13 @@ def paged_decode_attention_triton(
         stride_q_seq=query.stride(0), stride_q_head=query.stride(1), stride_cache_block=k_cache.stride(0),
         stride_cache_slot=k_cache.stride(1), stride_cache_head=k_cache.stride(2),
         stride_table_seq=block_tables.stride(0),
-        BLOCK_G=max(MIN_DOT_SIZE, triton.next_power_of_2(group_size)), BLOCK_N=DECODE_BLOCK_N,
-        BLOCK_D=_block_dim(head_dim), **_dot_options(query), **window_args, num_warps=DECODE_NUM_WARPS,
-        num_stages=DECODE_NUM_STAGES,
+        BLOCK_G=max(MIN_DOT_SIZE, triton.next_power_of_2(group_size)), BLOCK_N=tiles.block_n,
+        BLOCK_D=_block_dim(head_dim), **_attention_dot_options(query, k_cache), **window_args,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip
     _decode_reduce_kernel[(num_seqs, num_heads)](
         partial_out, partial_lse, out, context_lens, num_heads, head_dim, num_splits, min_split_len,
-        BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=_block_dim(head_dim), BLOCK_N=DECODE_BLOCK_N,
+        BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=_block_dim(head_dim), BLOCK_N=tiles.block_n,
         **window_args, num_warps=4,
     )  # fmt: skip
     return out
