@@ -80,7 +80,7 @@ def test_triton_lora_matches_reference(path: str, dtype: torch.dtype, num_tokens
     slice_starts = torch.tensor([0, *np.cumsum(SLICE_SIZES)], dtype=torch.int32, device=DEVICE)
     y = torch.randn(num_tokens, sum(SLICE_SIZES), generator=gen).to(dtype).to(DEVICE)
 
-    want_y, got_y = y.float(), y.clone()
+    want_y, got_y = y.clone().float(), y.clone()  # clone first: float() of a float32 tensor is the tensor itself
     lora_apply(want_y, x.float(), lora_a.float(), lora_b.float(), scalings, metadata, slice_starts)
     TRITON_PATHS[path](got_y, x, lora_a, lora_b, scalings, metadata, slice_starts)
     tol = TOLERANCE[dtype] * want_y.abs().max().item()
