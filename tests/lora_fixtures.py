@@ -17,7 +17,6 @@ from transformers import AutoModelForCausalLM
 # Std of the drawn LoRA weights. With the tiny models' weights at std 0.2 (model_fixtures.INIT_RANGE), an
 # adapter of rank 4-16 then changes most greedy tokens without drowning the base model.
 LORA_INIT_STD = 0.15
-ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)
@@ -28,12 +27,32 @@ class AdapterSpec:
     use_rslora: bool = False  # scaling alpha / sqrt(r) instead of alpha / r
 
 
-# Three adapters of different ranks, scalings and target modules (one with every projection, rsLoRA).
-ADAPTER_SPECS = {
-    "a": AdapterSpec(rank=8, alpha=16, target_modules=("q_proj", "v_proj")),
-    "b": AdapterSpec(rank=16, alpha=8, target_modules=ALL_MODULES, use_rslora=True),
-    "c": AdapterSpec(rank=4, alpha=8, target_modules=("k_proj", "o_proj", "up_proj", "down_proj")),
+# The targets of three adapters (a, b, c), as each family's checkpoint names its modules: a few attention modules,
+# every module, and some of both kinds. GPT-2's "c_proj" adapts its attention output and its MLP down projection,
+# "attn.c_proj" the first alone.
+ADAPTER_TARGETS = {
+    "llama": (
+        ("q_proj", "v_proj"),
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        ("k_proj", "o_proj", "up_proj", "down_proj"),
+    ),
+    "phi": (("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"), ("k_proj", "dense", "fc2")),
+    "gpt2": (("c_attn", "attn.c_proj"), ("c_attn", "c_proj", "c_fc"), ("c_proj",)),
 }
+
+
+def adapter_specs(arch: str) -> dict[str, AdapterSpec]:
+    """Three adapters of different ranks, scalings (one rsLoRA) and targets, named as ``arch``'s checkpoint names
+    its modules (ADAPTER_TARGETS; LLaMA's names for an arch not there)."""
+    a, b, c = ADAPTER_TARGETS.get(arch, ADAPTER_TARGETS["llama"])
+    return {
+        "a": AdapterSpec(rank=8, alpha=16, target_modules=a),
+        "b": AdapterSpec(rank=16, alpha=8, target_modules=b, use_rslora=True),
+        "c": AdapterSpec(rank=4, alpha=8, target_modules=c),
+    }
+
+
+ADAPTER_SPECS = adapter_specs("llama")  # the families that name their modules as LLaMA does
 
 
 def write_peft_adapter(path: Path, model_dir: Path, spec: AdapterSpec, seed: int) -> Path:

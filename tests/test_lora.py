@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 import torch
-from lora_fixtures import ADAPTER_SPECS, AdapterSpec, peft_greedy_reference, write_peft_adapter
+from lora_fixtures import ADAPTER_SPECS, AdapterSpec, adapter_specs, peft_greedy_reference, write_peft_adapter
 from prometheus_client.parser import text_string_to_metric_families
 
 from nanovllm import LLM, LoRARequest, SamplingParams
@@ -26,14 +26,16 @@ MAX_TOKENS = 6
 GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
 BASE_ARGS = dict(device="cpu", dtype="float32", kvcache_block_size=BLOCK_SIZE, max_model_len=128, seed=0)
 LORA_ARGS = dict(enable_lora=True, max_lora_rank=16, num_kvcache_blocks=64, **BASE_ARGS)
-# The families whose projections are q/k/v/o and gate/up/down in the checkpoint (Phi-3 fuses them, Phi and GPT-2
-# name them otherwise: their adapters' targets are refused by name).
-ARCHS = ["qwen3", "qwen2", "llama", "llama2", "mistral", "gemma3"]
+# The families whose projections are q/k/v/o and gate/up/down in the checkpoint, and Phi (q/k/v, dense, fc1/fc2)
+# and GPT-2 (c_attn holding q, k and v; c_proj twice; c_fc), whose checkpoints name them otherwise. Phi-3 fuses
+# them: test_fused_checkpoint_modules_take_fused_adapters.
+ARCHS = ["qwen3", "qwen2", "llama", "llama2", "mistral", "gemma3", "phi", "gpt2"]
 # An adapter fits every model whose projections have its shapes: the tiny qwen2, llama, llama2 and mistral share
-# theirs (head_dim 16), so one set of adapters, written for llama, serves the four; qwen3 (head_dim 32) and gemma3
-# have their own.
+# theirs (head_dim 16), so one set of adapters, written for llama, serves the four; qwen3 (head_dim 32), gemma3,
+# phi and gpt2 have their own.
 ADAPTER_SHAPE_OF = {
-    "qwen3": "qwen3", "qwen2": "llama", "llama": "llama", "llama2": "llama", "mistral": "llama", "gemma3": "gemma3"
+    "qwen3": "qwen3", "qwen2": "llama", "llama": "llama", "llama2": "llama", "mistral": "llama", "gemma3": "gemma3",
+    "phi": "phi", "gpt2": "gpt2",
 }  # fmt: skip
 # Adapter seeds start here for a shape whose first seeds' adapters change too few rows' tokens (the test asks 3).
 SEED_BASE = {"gemma3": 3}
@@ -57,14 +59,14 @@ def lora_models(tiny_models: dict[str, Path], tiny_model_dir: Callable[..., Path
 
 @pytest.fixture(scope="module")
 def adapters(lora_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, str]]:
-    """Three PEFT adapters (ADAPTER_SPECS) for each architecture's tiny model: arch -> adapter name -> directory."""
+    """Three PEFT adapters (adapter_specs) for each architecture's tiny model: arch -> adapter name -> directory."""
     root = tmp_path_factory.mktemp("lora_adapters")
     written = {
         shape: {
             name: str(
                 write_peft_adapter(root / shape / name, lora_models[shape], spec, seed=SEED_BASE.get(shape, 0) + seed)
             )
-            for seed, (name, spec) in enumerate(ADAPTER_SPECS.items())
+            for seed, (name, spec) in enumerate(adapter_specs(shape).items())
         }
         for shape in set(ADAPTER_SHAPE_OF.values())
     }
@@ -103,7 +105,8 @@ def mixed_batch(requests: dict[str, LoRARequest]) -> tuple[list[list[int]], list
 @pytest.mark.parametrize("arch", ARCHS)
 def test_mixed_batch_matches_peft(lora_models: dict[str, Path], adapters: dict[str, dict[str, str]], arch: str) -> None:
     """Guards against a row given another row's adapter (or none), a base row given one, a wrong scaling (alpha/r,
-    rsLoRA), q/k/v or gate/up slices swapped in the fused layers, and a module an adapter does not target changed."""
+    rsLoRA), q/k/v or gate/up slices swapped in the fused layers, a module an adapter does not target changed, and
+    a family's own module names mapped onto the wrong layer (Phi's dense, GPT-2's c_attn rows or its two c_proj)."""
     requests = lora_requests(adapters[arch])
     prompts, loras = mixed_batch(requests)
     expected = expected_tokens(lora_models[arch], prompts, loras)
@@ -164,7 +167,7 @@ def test_fused_checkpoint_modules_take_fused_adapters(tiny_model_dir: Callable[.
     parts_dir = retargeted_copy(dirs["attention"], tmp_path / "parts", ["q_proj", "v_proj"])
     with LLM(str(model), max_loras=2, **LORA_ARGS) as llm:
         assert generate_ids(llm, prompts, loras) == expected
-        with pytest.raises(ValueError, match=r"\['q_proj', 'v_proj'\] are not supported; supported: o_proj, down_proj"):
+        with pytest.raises(ValueError, match=r"\['q_proj', 'v_proj'\] are not supported; supported: qkv_proj, o_proj,"):
             generate_ids(llm, prompts[:1], [LoRARequest("parts", 3, str(parts_dir))])
 
 

@@ -107,6 +107,32 @@ def test_bad_adapter_refused_naming_it_and_the_problem(tmp_path: Path, case: str
     assert "my-adapter" in message and all(word in message for word in words), message
 
 
+# name -> (architecture, target_modules, words the error must contain), for write_adapter's LLaMA-named weights: a
+# module outside a family's table of checkpoint names (lora/adapter.py's CHECKPOINT_MODULES) is refused by name.
+OTHER_FAMILY_NAMES = {
+    "GPT-2 lm_head": ("GPT2LMHeadModel", ["c_attn", "lm_head"], ["['lm_head']", "supported: c_attn, c_proj, c_fc"]),
+    "Phi's dense named o_proj": ("PhiForCausalLM", ["q_proj", "o_proj"], ["['o_proj']", "dense, fc1, fc2"]),
+    "LLaMA's weight names on GPT-2": (
+        "GPT2LMHeadModel",
+        "all-linear",
+        [f"{PREFIX}.1.", "supported: transformer.h.N.{attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj}"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OTHER_FAMILY_NAMES))
+def test_names_outside_the_family_refused(tmp_path: Path, case: str) -> None:
+    """Guards against an adapter of a family that names its modules its own way (Phi, GPT-2) read through another
+    family's names, or its other modules (lm_head) accepted and silently not applied."""
+    architecture, targets, words = OTHER_FAMILY_NAMES[case]
+    arch = parse_model_arch({"architectures": [architecture], **ARCH_CONFIG})
+    path = write_adapter(tmp_path / "adapter", {"target_modules": targets})
+    with pytest.raises(ValueError) as error:
+        load_adapter(LoRARequest("my-adapter", 1, str(path)), arch, max_lora_rank=8)
+    message = str(error.value)
+    assert "my-adapter" in message and all(word in message for word in words), message
+
+
 def test_request_fields_checked() -> None:
     """Guards against lora_int_id 0 (the base model's) or a non-int id being accepted."""
     for bad in (dict(lora_int_id=0), dict(lora_int_id="1"), dict(lora_name=""), dict(lora_path="")):

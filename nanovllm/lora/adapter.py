@@ -1,8 +1,11 @@
 """A PEFT LoRA adapter directory, read and checked against the base model's shapes.
 
     adapter_config.json          r, lora_alpha, use_rslora, target_modules, bias, ...
-    adapter_model.safetensors    base_model.model.model.layers.{i}.{self_attn|mlp}.{module}.lora_A.weight  [r, in]
-                                 ...                                              .lora_B.weight  [out, r]
+    adapter_model.safetensors    base_model.model.{layers}.{i}.{module}.lora_A.weight  [r, in]
+                                 ...                                     .lora_B.weight  [out, r]
+
+    e.g. base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight      (LLaMA)
+         base_model.model.transformer.h.3.attn.c_attn.lora_B.weight          (GPT-2)
 
     scaling = lora_alpha / r            (lora_alpha / sqrt(r) with use_rslora)
 
@@ -24,8 +27,9 @@ from nanovllm.models.arch import ModelArch
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-# PEFT's name of a LoRA weight of a causal LM: the base model's module path, then lora_A or lora_B.
-WEIGHT_NAME = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight")
+# PEFT's name of a LoRA weight of a decoder layer's module: the decoder layers' path in the transformers model,
+# the layer's index, the module's path in the layer (block.leaf), then lora_A or lora_B.
+WEIGHT_NAME = r"base_model\.model\.{layers}\.(\d+)\.(\w+\.\w+)\.lora_([AB])\.weight"
 # adapter_config.json options that change what an adapter computes beyond scaling * x A^T B^T on the supported
 # modules: refused when set.
 UNSUPPORTED_OPTIONS = {
@@ -58,39 +62,95 @@ class LoRAAdapter:
     modules: dict[tuple[int, str], LoRAModuleWeights]  # (decoder layer index, projection) -> its weights
 
 
-# Checkpoints that store projections fused: their PEFT adapters target the fused module (one A, and B over the
-# parts' rows one after another), which is read as one adapter module per part, each with that A and its rows of B.
-FUSED_TARGETS = {
-    "Phi3ForCausalLM": {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")},
+@dataclass(frozen=True)
+class CheckpointModules:
+    """How a family's transformers model, so each PEFT adapter of it, names the modules an adapter may target.
+
+    A module that holds several of our projections (Phi-3's qkv_proj, GPT-2's c_attn) has one A, and a B over the
+    projections' rows one after another: it is read as one adapter module per projection, each with that A and its
+    rows of B.
+    """
+
+    layers: str  # where the decoder layers are in the model, e.g. "model.layers"
+    attention: dict[str, tuple[str, ...]]  # module path in a layer -> the projections of ours it holds, in row order
+    mlp: dict[str, tuple[str, ...]]  # the same for the MLP (not adapted in a mixture-of-experts model)
+
+
+LLAMA_MODULES = CheckpointModules(
+    layers="model.layers",
+    attention={f"self_attn.{proj}": (proj,) for proj in ("q_proj", "k_proj", "v_proj", "o_proj")},
+    mlp={f"mlp.{proj}": (proj,) for proj in ("gate_proj", "up_proj", "down_proj")},
+)
+# The families whose checkpoints name or fuse the projections otherwise; the others name them as LLaMA does.
+CHECKPOINT_MODULES = {
+    "Phi3ForCausalLM": CheckpointModules(
+        layers="model.layers",
+        attention={"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"), "self_attn.o_proj": ("o_proj",)},
+        mlp={"mlp.gate_up_proj": ("gate_proj", "up_proj"), "mlp.down_proj": ("down_proj",)},
+    ),
+    "PhiForCausalLM": CheckpointModules(
+        layers="model.layers",
+        attention={
+            **{f"self_attn.{proj}": (proj,) for proj in ("q_proj", "k_proj", "v_proj")},
+            "self_attn.dense": ("o_proj",),
+        },
+        mlp={"mlp.fc1": ("fc1",), "mlp.fc2": ("fc2",)},
+    ),
+    # Conv1D modules store their weight [in, out], yet PEFT saves their A [r, in] and B [out, r] as for a Linear
+    # (fan_in_fan_out transposes only the merged product). PEFT's target "c_proj" adapts both modules of that
+    # name, "attn.c_proj" the attention's alone.
+    "GPT2LMHeadModel": CheckpointModules(
+        layers="transformer.h",
+        attention={"attn.c_attn": ("q_proj", "k_proj", "v_proj"), "attn.c_proj": ("o_proj",)},
+        mlp={"mlp.c_fc": ("fc1",), "mlp.c_proj": ("fc2",)},
+    ),
 }
 
 
-def lora_part_shapes(arch: ModelArch) -> dict[str, tuple[int, int]]:
-    """The projections our layers hold adapters for, with their (out_features, in_features): attention and MLP
-    projections, attention only in a mixture-of-experts model (adapters on experts are not supported)."""
+def checkpoint_modules(arch: ModelArch) -> CheckpointModules:
+    """How ``arch``'s checkpoint names the modules adapters target: as LLaMA's does, unless CHECKPOINT_MODULES says."""
+    return CHECKPOINT_MODULES.get(arch.architecture, LLAMA_MODULES)
+
+
+def target_modules(arch: ModelArch) -> dict[str, tuple[str, ...]]:
+    """The modules of a decoder layer an adapter may target, by their path in the layer, with the projections each
+    holds: attention and MLP, attention only in a mixture-of-experts model (adapters on experts are not supported)."""
+    names = checkpoint_modules(arch)
+    return dict(names.attention) if arch.moe is not None else {**names.attention, **names.mlp}
+
+
+def projection_shapes(arch: ModelArch) -> dict[str, tuple[int, int]]:
+    """(out_features, in_features) of each projection our decoder layers may have, gated MLP or plain."""
     hidden, inter = arch.hidden_size, arch.intermediate_size
     q_size, kv_size = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
-    attention = {"q_proj": (q_size, hidden), "k_proj": (kv_size, hidden), "v_proj": (kv_size, hidden)}
-    attention["o_proj"] = (hidden, q_size)
-    if arch.moe is not None:
-        return attention
-    return {**attention, "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+    return {
+        "q_proj": (q_size, hidden), "k_proj": (kv_size, hidden), "v_proj": (kv_size, hidden),
+        "o_proj": (hidden, q_size),
+        "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter),
+        "fc1": (inter, hidden), "fc2": (hidden, inter),
+    }  # fmt: skip
+
+
+def lora_part_shapes(arch: ModelArch) -> dict[str, tuple[int, int]]:
+    """The projections our layers hold adapters for, with their (out_features, in_features)."""
+    shapes = projection_shapes(arch)
+    return {proj: shapes[proj] for projs in target_modules(arch).values() for proj in projs}
 
 
 def lora_module_shapes(arch: ModelArch) -> dict[str, tuple[int, int]]:
-    """The modules an adapter may target, as the checkpoint names them, with their (out_features, in_features)."""
+    """The modules an adapter may target, by their path in a decoder layer, with their (out_features, in_features)."""
     shapes = lora_part_shapes(arch)
-    for fused, parts in FUSED_TARGETS.get(arch.architecture, {}).items():
-        part_shapes = [shapes.pop(part) for part in parts]
-        shapes[fused] = (sum(out for out, _ in part_shapes), part_shapes[0][1])
-    return shapes
+    return {
+        module: (sum(shapes[proj][0] for proj in projs), shapes[projs[0]][1])
+        for module, projs in target_modules(arch).items()
+    }
 
 
 def load_adapter(request: LoRARequest, arch: ModelArch, max_lora_rank: int) -> LoRAAdapter:
     """Read ``request``'s directory and check it against the base model and ``max_lora_rank``."""
     config = _read_config(request)
     rank, scaling = _rank_and_scaling(request, config, max_lora_rank)
-    _check_targets(request, config.get("target_modules"), lora_module_shapes(arch))
+    _check_targets(request, config.get("target_modules"), list(target_modules(arch)))
     modules = _read_weights(request, arch, rank)
     return LoRAAdapter(request, rank, scaling, modules)
 
@@ -132,13 +192,15 @@ def _rank_and_scaling(request: LoRARequest, config: dict[str, Any], max_lora_ran
     return rank, alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
 
 
-def _check_targets(request: LoRARequest, targets: object, shapes: dict[str, tuple[int, int]]) -> None:
-    """A list of module names must name supported ones; a string ("all-linear", a regular expression) is checked
-    through the weights it produced."""
+def _check_targets(request: LoRARequest, targets: object, modules: list[str]) -> None:
+    """Each name of a list must name supported modules as PEFT matches names, by the end of the module's path
+    ("c_proj": GPT-2's attn.c_proj and mlp.c_proj, "attn.c_proj": the first alone); a string ("all-linear", a
+    regular expression) is checked through the weights it produced."""
     if isinstance(targets, list):
-        unsupported = sorted(set(targets) - set(shapes))
+        unsupported = sorted(t for t in set(targets) if not any(m == t or m.endswith(f".{t}") for m in modules))
         if unsupported:
-            raise _error(request, f"target_modules {unsupported} are not supported; supported: {', '.join(shapes)}")
+            names = dict.fromkeys(module.rpartition(".")[2] for module in modules)  # c_proj once
+            raise _error(request, f"target_modules {unsupported} are not supported; supported: {', '.join(names)}")
     elif not isinstance(targets, str):
         raise _error(request, f"target_modules must be a list of module names or a pattern, got {targets!r}")
 
@@ -157,8 +219,7 @@ def _read_weights(request: LoRARequest, arch: ModelArch, rank: int) -> dict[tupl
         raise _error(request, f"cannot read {ADAPTER_WEIGHTS} ({e})") from e
     if not halves:
         raise _error(request, f"{ADAPTER_WEIGHTS} holds no LoRA weights")
-    shapes, part_shapes = lora_module_shapes(arch), lora_part_shapes(arch)
-    fused_targets = FUSED_TARGETS.get(arch.architecture, {})
+    shapes, part_shapes, module_parts = lora_module_shapes(arch), lora_part_shapes(arch), target_modules(arch)
     modules = {}
     for (layer_idx, module), pair in sorted(halves.items()):
         where = f"layer {layer_idx} {module}"
@@ -172,7 +233,7 @@ def _read_weights(request: LoRARequest, arch: ModelArch, rank: int) -> dict[tupl
                     f"{where} lora_{half} has shape {tuple(pair[half].shape)} but the base model and r={rank} "
                     f"need {want}; was it trained for another base model?",
                 )
-        parts = fused_targets.get(module, (module,))
+        parts = module_parts[module]  # several for a fused module: B's rows split among them
         part_rows = [part_shapes[part][0] for part in parts]
         for part, lora_b in zip(parts, pair["B"].split(part_rows), strict=True):
             modules[layer_idx, part] = LoRAModuleWeights(pair["A"], lora_b)
@@ -180,14 +241,16 @@ def _read_weights(request: LoRARequest, arch: ModelArch, rank: int) -> dict[tupl
 
 
 def _parse_weight_name(request: LoRARequest, name: str, arch: ModelArch) -> tuple[int, str, str]:
-    """(decoder layer index, module, "A" or "B") of a PEFT weight name; an error for anything else."""
-    match = WEIGHT_NAME.fullmatch(name)
-    shapes = lora_module_shapes(arch)
-    if match is None or match.group(2) not in shapes:
+    """(decoder layer index, module path in the layer, "A" or "B") of a PEFT weight name; an error for anything
+    else."""
+    layers = checkpoint_modules(arch).layers
+    match = re.fullmatch(WEIGHT_NAME.format(layers=re.escape(layers)), name)
+    modules = target_modules(arch)
+    if match is None or match.group(2) not in modules:
         raise _error(
             request,
-            f"weight {name!r} is not a LoRA weight of a supported module; supported: {', '.join(shapes)} "
-            "(bias='none', no modules_to_save)",
+            f"weight {name!r} is not a LoRA weight of a supported module; supported: "
+            f"{layers}.N.{{{', '.join(modules)}}} (bias='none', no modules_to_save)",
         )
     layer_idx = int(match.group(1))
     if layer_idx >= arch.num_layers:

@@ -81,7 +81,8 @@ class LoRAManager:
 
 
 def _find_targets(model: LlamaForCausalLM, arch: ModelArch) -> Iterator[tuple[tuple[int, str], tuple[LoRALinear, int]]]:
-    """Each supported PEFT module of each decoder layer, with the linear layer (fused or not) and slice holding it."""
+    """Each projection of each decoder layer that adapters may target, with the linear layer (fused or not) and the
+    slice holding it."""
     modules = lora_part_shapes(arch)
     for layer_idx, layer in enumerate(model.model.layers):
         linears = {name.rpartition(".")[2]: m for name, m in layer.named_modules() if isinstance(m, LoRALinear)}
