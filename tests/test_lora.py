@@ -274,13 +274,17 @@ def test_bad_adapters_refused_and_engine_keeps_serving(
         plain.generate([prompt], GREEDY, lora_request=requests["a"])
 
 
-def test_tensor_parallel_2_matches_peft(tiny_models: dict[str, Path], adapters: dict[str, dict[str, str]]) -> None:
+@pytest.mark.parametrize("arch", ["qwen3", "gpt2"])
+def test_tensor_parallel_2_matches_peft(
+    lora_models: dict[str, Path], adapters: dict[str, dict[str, str]], arch: str
+) -> None:
     """Guards against A and B sharded unlike their layers (A split with a row-parallel layer's input, B with a
-    column-parallel layer's output rows, q/k/v of the fused layer per rank) or a worker without the adapter."""
-    requests = lora_requests(adapters["qwen3"])
+    column-parallel layer's output rows, q/k/v of the fused layer per rank: qwen3's and GPT-2's c_attn; gate/up
+    and GPT-2's fc1/fc2) or a worker without the adapter."""
+    requests = lora_requests(adapters[arch])
     prompts, loras = mixed_batch(requests)
-    expected = expected_tokens(tiny_models["qwen3"], prompts, loras)
-    with LLM(str(tiny_models["qwen3"]), tensor_parallel_size=2, max_loras=2, **LORA_ARGS) as llm:
+    expected = expected_tokens(lora_models[arch], prompts, loras)
+    with LLM(str(lora_models[arch]), tensor_parallel_size=2, max_loras=2, **LORA_ARGS) as llm:
         got = generate_ids(llm, prompts, loras)
     assert got == expected, f"TP=2 {got} != PEFT {expected}"
 
