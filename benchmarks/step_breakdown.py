@@ -1,13 +1,15 @@
 """Where bench.py's time goes: wall time of every engine step, summed by kind and batch size.
 
-    python benchmarks/step_breakdown.py [--profile] [--shape S] [--backend B] [--kv-cache-dtype D]
+    python benchmarks/step_breakdown.py [--profile | --profile-prefill] [--shape S] [--backend B] [--kv-cache-dtype D]
 
 Runs bench.py's GPU workload (random weights of a bench.py shape, Qwen3-0.6B's by default) step by step and
 prints the total time of prefill steps and of decode steps grouped by batch size, with step counts. Each
 decode group is set against its floor: every step must read the weights once and the K/V of every cached
 token, at the copy rate measured here (sliding windows and routed experts are not counted: for those shapes
 this floor overstates the true one; benchmarks/bench_floor.py has the exact one). ``--profile`` also records
-the GPU kernels of PROFILED_STEPS (full-batch decode steps) and prints their total time by kernel.
+the GPU kernels of PROFILED_STEPS (full-batch decode steps) and prints their total time by kernel;
+``--profile-prefill`` does so for PREFILL_PROFILED_STEPS, the prompts' admission. The wall time of each prefill
+step is printed too: a first step far slower than the others is a compile, not the model.
 """
 
 import argparse
@@ -28,11 +30,13 @@ DECODE_GROUPS = (1, 16, 64, 128, 192, 256, 512)  # upper bounds of the batch-siz
 # --profile records these steps only: decode steps of the full batch, few enough for the table to print in seconds
 # (over a whole run, the profiler's post-processing took longer than a minute).
 PROFILED_STEPS = range(50, 150)
+PREFILL_PROFILED_STEPS = range(0, 9)  # bench.py's 256 prompts fill the first 9 steps of 16,384 tokens
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--profile", action="store_true", help="also print GPU time by kernel (slows the host)")
+    parser.add_argument("--profile-prefill", action="store_true", help="the same for the first (prefill) steps")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-0.6b")
     parser.add_argument("--backend", default="auto", help="attention_backend: auto, torch, triton, flash_attn")
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype), fp8, fp8_e5m2")
@@ -50,24 +54,29 @@ def main() -> None:
     for prompt, sp in zip(prompts, params, strict=True):
         engine.scheduler.add(engine.make_sequence(prompt, sp))
     totals: dict[str, list[float]] = defaultdict(lambda: [0.0, 0, 0.0])  # seconds, steps, floor seconds
-    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) if args.profile else None
-    profiled_s = 0.0  # wall time of PROFILED_STEPS
+    profiled_steps = PREFILL_PROFILED_STEPS if args.profile_prefill else PROFILED_STEPS
+    is_profiled = args.profile or args.profile_prefill
+    profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) if is_profiled else None
+    profiled_s = 0.0  # wall time of profiled_steps
+    prefill_ms: list[float] = []  # each prefill step's wall time
     start = time.perf_counter()
     step_idx = 0
     while engine.scheduler.has_unfinished():
-        if profiler is not None and step_idx == PROFILED_STEPS.start:
+        if profiler is not None and step_idx == profiled_steps.start:
             profiler.start()
         t0 = time.perf_counter()
         batch = engine.scheduler.schedule()
         engine.scheduler.postprocess(batch, runner.run(batch))
         elapsed = time.perf_counter() - t0
-        if profiler is not None and step_idx in PROFILED_STEPS:
+        if profiler is not None and step_idx in profiled_steps:
             profiled_s += elapsed
-            if step_idx == PROFILED_STEPS[-1]:
+            if step_idx == profiled_steps[-1]:
                 profiler.stop()
         step_idx += 1
         group = next(g for g in DECODE_GROUPS if len(batch.seqs) <= g)
         key = "prefill" if batch.is_prefill else f"decode B<={group}"
+        if batch.is_prefill:
+            prefill_ms.append(1e3 * elapsed)
         floor = 0.0
         if not batch.is_prefill:  # the tokens cached before the step, plus the new one
             cached_tokens = sum(seq.num_tokens - 1 for seq in batch.seqs)
@@ -82,10 +91,11 @@ def main() -> None:
         print(f"  {key:16s} {seconds:7.2f} s in {steps:5d} steps = {1e3 * seconds / steps:7.2f} ms/step{versus}")
     decode_floor = sum(floor for _, _, floor in totals.values())
     print(f"  decode floor in all {decode_floor:.2f} s")
+    print(f"  prefill steps (ms): {', '.join(f'{ms:.1f}' for ms in prefill_ms)}")
     if profiler is not None:
         events = profiler.key_averages()
         gpu_us = sum(e.self_device_time_total for e in events)
-        steps = f"steps {PROFILED_STEPS.start}-{PROFILED_STEPS[-1]}"
+        steps = f"steps {profiled_steps.start}-{profiled_steps[-1]}"
         wall_ms = f"{profiled_s * 1e3:.1f} ms wall (the profiler slows the host)"
         print(f"{steps}: GPU kernel time {gpu_us / 1e3:.1f} ms of {wall_ms}")
         print(events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70))
