@@ -9,6 +9,9 @@
   codes, scales and zero points. The model they hold is the compressed-tensors one, which transformers runs.
 - quant_method "fp8" (Qwen's FP8 releases): a compressed-tensors FP8 checkpoint with the tensors and config
   renamed as Qwen's (weight_scale_inv, weight_block_size); the numbers are the same.
+- GPT-2: its Conv1D layers become the nn.Linear layers of the same product first (conv1d_as_linear); the
+  compressed-tensors checkpoint saved then is only write_gptq's input, and the reference is transformers' own
+  GPT-2 running the library's dequantized weights back in Conv1D's layout (dequantized_gpt2).
 
 Widths are the smallest the group size allows: every linear layer's input is a multiple of 128 columns,
 also per rank under TP=2 (o_proj's 4 heads x 64 = 256 columns).
@@ -17,6 +20,7 @@ also per rank under TP=2 (o_proj's 4 heads x 64 = 256 columns).
 import json
 import shutil
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +34,13 @@ from compressed_tensors.quantization import (
     QuantizationStatus,
     QuantizationStrategy,
     apply_quantization_config,
+    fake_quantize,
     preset_name_to_scheme,
 )
-from compressed_tensors.quantization.utils import calculate_qparams
+from compressed_tensors.quantization.utils import calculate_qparams, compute_dynamic_scales_and_zp
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+from transformers.pytorch_utils import Conv1D
 
 QUANT_SIZES = {"hidden_size": 128, "intermediate_size": 256, "head_dim": 64}  # with 4 heads: o_proj reads 256
 GROUP_SIZE = 128  # the presets' group size, and the fp8 blocks' columns
@@ -71,11 +77,12 @@ def _min_max(weight: torch.Tensor, args: QuantizationArgs) -> tuple[torch.Tensor
     return weight.amin(), weight.amax()
 
 
-def write_compressed_tensors(
-    float_dir: Path, out_dir: Path, preset: str, ignore: tuple[str, ...] = ("lm_head",)
-) -> Path:
-    """Quantize the float model in float_dir with compressed-tensors' preset scheme and save it to out_dir."""
+def calibrated_model(float_dir: Path, preset: str, ignore: tuple[str, ...] = ("lm_head",)) -> torch.nn.Module:
+    """The float model in float_dir (GPT-2's Conv1D layers as nn.Linear ones) with compressed-tensors' preset
+    scheme applied and its scales (and zero points) set from each group's min and max, as llm-compressor leaves
+    it before saving."""
     model = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.float32)
+    conv1d_as_linear(model)
     config = QuantizationConfig(
         config_groups={"group_0": _scheme(preset)},
         ignore=list(ignore),
@@ -91,12 +98,58 @@ def write_compressed_tensors(
         if hasattr(module, "weight_zero_point"):
             zero_point = zero_point.reshape(module.weight_zero_point.shape)
             module.weight_zero_point.data = zero_point.to(module.weight_zero_point.dtype)
+    return model
+
+
+def write_compressed_tensors(
+    float_dir: Path, out_dir: Path, preset: str, ignore: tuple[str, ...] = ("lm_head",)
+) -> Path:
+    """Quantize the float model in float_dir with compressed-tensors' preset scheme and save it to out_dir."""
+    model = calibrated_model(float_dir, preset, ignore)
     compressor = ModelCompressor.from_pretrained_model(model)
     compressor.compress_model(model)
     model.save_pretrained(out_dir)
     compressor.update_config(str(out_dir))
     _copy_tokenizer(float_dir, out_dir)
     return out_dir
+
+
+def conv1d_as_linear(model: torch.nn.Module) -> None:
+    """GPT-2's Conv1D layers (x @ W + b, W [in, out]) as the nn.Linear layers of the same product (W^T [out, in]):
+    compressed-tensors quantizes nn.Linear modules only, and AutoGPTQ too packs a Conv1D's weight transposed.
+    The checkpoint saved then names GPT-2's modules but holds [out, in] tensors: write_gptq's input, not a
+    checkpoint of its own."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Conv1D):
+            in_features, out_features = module.weight.shape
+            linear = torch.nn.Linear(in_features, out_features, dtype=module.weight.dtype)
+            linear.weight.data, linear.bias.data = module.weight.data.t().contiguous(), module.bias.data
+            model.set_submodule(name, linear)
+
+
+def dequantized_gpt2(float_dir: Path, preset: str) -> torch.nn.Module:
+    """transformers' GPT-2 of float_dir, each Conv1D weight replaced by compressed-tensors' quantize-dequantize
+    under ``preset`` (the numbers write_compressed_tensors saves), back in Conv1D's [in, out]; under an FP8
+    preset each Conv1D's input is also quantized per token by the library, as its quantized forward does."""
+    reference = AutoModelForCausalLM.from_pretrained(float_dir, dtype=torch.float32).eval()
+    for name, module in calibrated_model(float_dir, preset).named_modules():
+        scheme = getattr(module, "quantization_scheme", None)
+        if scheme is None:
+            continue
+        conv = reference.get_submodule(name)
+        zero_point = getattr(module, "weight_zero_point", None)
+        conv.weight.data = fake_quantize(module.weight, module.weight_scale, zero_point, scheme.weights).t()
+        if scheme.input_activations is not None:
+            conv.register_forward_pre_hook(partial(_quantize_input, scheme.input_activations))
+    return reference
+
+
+def _quantize_input(
+    args: QuantizationArgs, module: torch.nn.Module, inputs: tuple[torch.Tensor]
+) -> tuple[torch.Tensor]:
+    """A forward pre-hook: the layer's input [batch, tokens, in] quantized as ``args`` says (dynamic scales)."""
+    scale, zero_point = compute_dynamic_scales_and_zp(inputs[0], args, module)
+    return (fake_quantize(inputs[0], scale, zero_point, args),)
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:

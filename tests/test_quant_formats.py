@@ -166,3 +166,29 @@ def test_online_quantization_argument(quant_checkpoints: dict[str, Path]) -> Non
         LLM(str(quant_checkpoints["awq"]), quantization="fp8", **ENGINE_ARGS)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"quantization must be one of \(None, 'fp8'\), got 'int4'"):
         LLM(str(quant_checkpoints["float"]), quantization="int4", **ENGINE_ARGS)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("source", ["awq", "fp8_block", "W4A16"])
+def test_gpt2_refuses_formats_it_does_not_read(
+    quant_checkpoints: dict[str, Path], tiny_model_dir: Callable[..., Path], source: str
+) -> None:
+    """Guards against a GPT-2 checkpoint in a format nobody lays out for its Conv1D layers (AWQ, FP8 and
+    compressed-tensors quantize nn.Linear modules) loading with its tensors transposed or split by guesswork:
+    the quant_method is refused while config.json is read, naming GPT-2's format and the online one."""
+    quantization_config = json.loads((quant_checkpoints[source] / "config.json").read_text())["quantization_config"]
+    model_dir = tiny_model_dir("gpt2")
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "quantization_config": quantization_config}))
+    method = quantization_config["quant_method"]
+    message = rf"quant_method='{method}' is not supported for GPT2LMHeadModel; supported: \['gptq'\], or quantization="
+    with pytest.raises(ValueError, match=message):
+        LLM(str(model_dir), **ENGINE_ARGS)  # type: ignore[arg-type]
+
+
+def test_gpt2_refuses_tensors_it_does_not_read(tiny_model_dir: Callable[..., Path], tmp_path: Path) -> None:
+    """Guards against a tensor of a GPT-2 linear layer that is neither Conv1D's nor GPTQ's (an FP8 scale) being
+    transposed or split as if it were one of them: the error names the tensor and what GPT-2's layers hold."""
+    name = "transformer.h.0.mlp.c_fc.weight_scale"
+    model_dir = rewrite(tiny_model_dir("gpt2"), tmp_path / "gpt2", lambda t: t.update({name: torch.ones(128, 1)}))
+    with pytest.raises(ValueError, match=rf"'{name}' is not one GPT-2's linear layers hold; they hold \['bias'"):
+        LLM(str(model_dir), **ENGINE_ARGS)  # type: ignore[arg-type]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from model_fixtures import write_tiny_model
-from quant_fixtures import REPACKED_FROM, load_reference, write_compressed_tensors
+from quant_fixtures import REPACKED_FROM, dequantized_gpt2, load_reference, write_compressed_tensors, write_gptq
 from safetensors.torch import load_file
 
 from nanovllm import LLM, SamplingParams
@@ -32,8 +32,9 @@ FORMATS = ["W4A16", "W4A16_ASYM", "FP8_DYNAMIC", "FP8_PER_TENSOR", "FP8_BLOCK", 
 # One format per other architecture (qwen3 runs them all): q/k/v biases (qwen2), llama3 rope, tied embeddings
 # and key/value projections narrower than a 128-row block (llama), mistral; Gemma 3's and Phi-3's layers (Phi-3's
 # q/k/v and gate/up fused in the checkpoint), Phi's biased fc1/fc2 and dense; the MoE models' attention (the
-# compressed-tensors library leaves transformers' stacked expert tensors unquantized). GPT-2 has none: its
-# Conv1D layers are not the nn.Linear modules that compressed-tensors quantizes.
+# compressed-tensors library leaves transformers' stacked expert tensors unquantized). GPT-2 has no
+# compressed-tensors checkpoints (its Conv1D layers are not the nn.Linear modules the library quantizes): its
+# GPTQ runs below.
 OTHER_ARCHS = {
     "qwen2": "W4A16_ASYM", "llama": "FP8_BLOCK", "mistral": "W8A16", "gemma3": "FP8_DYNAMIC", "phi3": "FP8_DYNAMIC",
     "phi": "W4A16_ASYM", "qwen3_moe": "FP8_DYNAMIC", "mixtral": "FP8_DYNAMIC",
@@ -58,11 +59,13 @@ def hf_logprobs(model: torch.nn.Module, prompt: list[int], generated: list[int])
 
 
 def check_against_transformers(
-    model_dir: Path, reference_dir: Path, tolerance: float = LOGPROB_TOLERANCE, **engine_args: object
+    model_dir: Path, reference: Path | torch.nn.Module, tolerance: float = LOGPROB_TOLERANCE, **engine_args: object
 ) -> None:
+    """The engine on model_dir against transformers on ``reference``: a compressed-tensors checkpoint, or a model."""
     with LLM(str(model_dir), **{**ENGINE_ARGS, **engine_args}) as llm:  # type: ignore[arg-type]
         outputs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
-    reference = reference_model(str(reference_dir))
+    if not isinstance(reference, torch.nn.Module):
+        reference = reference_model(str(reference))
     for prompt_idx, (prompt, output) in enumerate(zip(PROMPTS, outputs, strict=True)):
         want_logprobs = hf_logprobs(reference, prompt, output.token_ids)  # [MAX_TOKENS, vocab]
         want_ids = want_logprobs.argmax(-1).tolist()
@@ -116,6 +119,32 @@ def test_other_architectures(tmp_path: Path, arch: str) -> None:
     float_dir = write_tiny_model(tmp_path / "float", arch, **sizes)
     ct_dir = write_compressed_tensors(float_dir, tmp_path / OTHER_ARCHS[arch], OTHER_ARCHS[arch])
     check_against_transformers(ct_dir, ct_dir)
+
+
+GPT2_SIZES = dict(hidden_size=128, n_inner=256)  # groups of 128, as QUANT_SIZES (n_inner: its intermediate_size)
+GPT2_GPTQ = {"gptq4": "W4A16", "gptq8": "W8A16"}  # GPT-2's GPTQ checkpoints -> the preset each is repacked from
+
+
+@pytest.fixture(scope="module")
+def gpt2_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny float GPT-2 ("float") and its GPTQ checkpoints, repacked from compressed-tensors' presets of its
+    Conv1D layers taken as nn.Linear ones (quant_fixtures.conv1d_as_linear), as AutoGPTQ packs them."""
+    root = tmp_path_factory.mktemp("gpt2_quant")
+    dirs = {"float": write_tiny_model(root / "float", "gpt2", **GPT2_SIZES)}
+    for name, preset in GPT2_GPTQ.items():
+        ct_dir = write_compressed_tensors(dirs["float"], root / preset, preset)
+        dirs[name] = write_gptq(ct_dir, root / name, int(preset[1]))
+    return dirs
+
+
+@pytest.mark.parametrize("name", sorted(GPT2_GPTQ))
+def test_gpt2_gptq_matches_transformers(gpt2_checkpoints: dict[str, Path], name: str) -> None:
+    """Guards against GPT-2's Conv1D transposition applied to GPTQ tensors (already [in / P, out]), c_attn's
+    q/k/v split along the packed inputs instead of the outputs (qweight's and scales' columns, qzeros' packed
+    words), or g_idx given to one part only: the engine against transformers' own GPT-2 running the weights
+    compressed-tensors dequantizes, back in its Conv1D layout."""
+    reference = dequantized_gpt2(gpt2_checkpoints["float"], GPT2_GPTQ[name])
+    check_against_transformers(gpt2_checkpoints[name], reference)
 
 
 def test_online_fp8_is_compressed_tensors_fp8_dynamic(quant_checkpoints: dict[str, Path]) -> None:

@@ -25,6 +25,7 @@ from nanovllm.layers.mlp import MLP, GatedMLP
 from nanovllm.layers.quantization.base import LinearQuantization
 from nanovllm.models.arch import ModelArch, check_supported_options, parse_model_arch
 from nanovllm.models.moe import sparse_moe_block
+from nanovllm.models.quant_config import check_quant_method
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,8 @@ class LlamaForCausalLM(nn.Module):
     config_aliases: ClassVar[dict[str, str]] = {}
     config_defaults: ClassVar[dict[str, Any]] = {}
     supported_options: ClassVar[dict[str, tuple[Any, ...]]] = {"mlp_bias": (False,)}
+    # quantization_config's quant_methods (models/quant_config.py) its checkpoints load in; None: every one.
+    quant_methods: ClassVar[tuple[str, ...] | None] = None
     has_rotary: ClassVar[bool] = True  # False: no rotary (GPT-2's learned positions)
     # The decoder's pieces (DecoderOptions); None biases follow config.json's attention_bias.
     norm = "rms"
@@ -180,7 +183,9 @@ class LlamaForCausalLM(nn.Module):
         for key, value in cls.config_defaults.items():
             config.setdefault(key, value)
         check_supported_options(config, cls.supported_options, cls.__name__)
-        return parse_model_arch(config, cls.has_rotary)
+        arch = parse_model_arch(config, cls.has_rotary)
+        check_quant_method(arch.quantization, cls.quant_methods, cls.__name__)
+        return arch
 
     def decoder_options(self, arch: ModelArch, quant: LinearQuantization | None) -> DecoderOptions:
         return DecoderOptions(

@@ -10,8 +10,9 @@
     gptq                 4/8-bit, sym, desc_act false                             desc_act true, asym, gptq_v2, lm_head
     (float checkpoint)   quantization="fp8": FP8 per output row, as it loads
 
-Group sizes: SUPPORTED_GROUP_SIZES. Everything here runs while config.json is read, before any weight or
-device memory: a checkpoint nanovllm cannot run is refused with the field, its value and what would work.
+A family may read fewer (its model class's ``quant_methods``: GPT-2 reads gptq only). Group sizes:
+SUPPORTED_GROUP_SIZES. Everything here runs while config.json is read, before any weight or device memory: a
+checkpoint nanovllm cannot run is refused with the field, its value and what would work.
 """
 
 import re
@@ -198,6 +199,16 @@ def parse_quant_config(raw: dict[str, Any] | None) -> QuantConfig | None:
             f"config.json quantization_config: quant_method={method!r} is not supported; supported: {sorted(PARSERS)}"
         )
     return PARSERS[method](raw)
+
+
+def check_quant_method(quant: QuantConfig | None, supported: tuple[str, ...] | None, family: str) -> None:
+    """Refuse a checkpoint quantized in a format ``family`` does not read (``supported``; None: every one)."""
+    if quant is None or supported is None or quant.method in supported:
+        return
+    raise ValueError(
+        f"config.json quantization_config: quant_method={quant.method!r} is not supported for {family}; "
+        f"supported: {list(supported)}, or quantization='fp8' on a float checkpoint"
+    )
 
 
 def choose_quantization(checkpoint: QuantConfig | None, requested: str | None) -> QuantConfig | None:
