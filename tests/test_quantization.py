@@ -34,7 +34,7 @@ FORMATS = ["W4A16", "W4A16_ASYM", "FP8_DYNAMIC", "FP8_PER_TENSOR", "FP8_BLOCK", 
 # q/k/v and gate/up fused in the checkpoint), Phi's biased fc1/fc2 and dense; the MoE models' attention (the
 # compressed-tensors library leaves transformers' stacked expert tensors unquantized). GPT-2 has no
 # compressed-tensors checkpoints (its Conv1D layers are not the nn.Linear modules the library quantizes): its
-# GPTQ runs below.
+# GPTQ and online FP8 run below.
 OTHER_ARCHS = {
     "qwen2": "W4A16_ASYM", "llama": "FP8_BLOCK", "mistral": "W8A16", "gemma3": "FP8_DYNAMIC", "phi3": "FP8_DYNAMIC",
     "phi": "W4A16_ASYM", "qwen3_moe": "FP8_DYNAMIC", "mixtral": "FP8_DYNAMIC",
@@ -145,6 +145,14 @@ def test_gpt2_gptq_matches_transformers(gpt2_checkpoints: dict[str, Path], name:
     compressed-tensors dequantizes, back in its Conv1D layout."""
     reference = dequantized_gpt2(gpt2_checkpoints["float"], GPT2_GPTQ[name])
     check_against_transformers(gpt2_checkpoints[name], reference)
+
+
+def test_gpt2_online_fp8_matches_transformers(gpt2_checkpoints: dict[str, Path]) -> None:
+    """Guards against quantization="fp8" quantizing GPT-2's Conv1D weights before they are transposed (a scale
+    per input feature instead of per output row): the engine against transformers' GPT-2 with compressed-tensors'
+    FP8_DYNAMIC arithmetic on each Conv1D (weights per output channel, inputs per token)."""
+    reference = dequantized_gpt2(gpt2_checkpoints["float"], "FP8_DYNAMIC")
+    check_against_transformers(gpt2_checkpoints["float"], reference, quantization="fp8")
 
 
 def test_online_fp8_is_compressed_tensors_fp8_dynamic(quant_checkpoints: dict[str, Path]) -> None:
