@@ -122,7 +122,7 @@ def test_other_architectures(tmp_path: Path, arch: str) -> None:
 
 
 GPT2_SIZES = dict(hidden_size=128, n_inner=256)  # groups of 128, as QUANT_SIZES (n_inner: its intermediate_size)
-GPT2_GPTQ = {"gptq4": "W4A16", "gptq8": "W8A16"}  # GPT-2's GPTQ checkpoints -> the preset each is repacked from
+GPT2_GPTQ = {"gptq4": ("W4A16", 4), "gptq8": ("W8A16", 8)}  # GPT-2's GPTQ checkpoints -> (repacked from, bits)
 
 
 @pytest.fixture(scope="module")
@@ -131,9 +131,9 @@ def gpt2_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path
     Conv1D layers taken as nn.Linear ones (quant_fixtures.conv1d_as_linear), as AutoGPTQ packs them."""
     root = tmp_path_factory.mktemp("gpt2_quant")
     dirs = {"float": write_tiny_model(root / "float", "gpt2", **GPT2_SIZES)}
-    for name, preset in GPT2_GPTQ.items():
+    for name, (preset, bits) in GPT2_GPTQ.items():
         ct_dir = write_compressed_tensors(dirs["float"], root / preset, preset)
-        dirs[name] = write_gptq(ct_dir, root / name, int(preset[1]))
+        dirs[name] = write_gptq(ct_dir, root / name, bits)
     return dirs
 
 
@@ -143,7 +143,7 @@ def test_gpt2_gptq_matches_transformers(gpt2_checkpoints: dict[str, Path], name:
     q/k/v split along the packed inputs instead of the outputs (qweight's and scales' columns, qzeros' packed
     words), or g_idx given to one part only: the engine against transformers' own GPT-2 running the weights
     compressed-tensors dequantizes, back in its Conv1D layout."""
-    reference = dequantized_gpt2(gpt2_checkpoints["float"], GPT2_GPTQ[name])
+    reference = dequantized_gpt2(gpt2_checkpoints["float"], GPT2_GPTQ[name][0])
     check_against_transformers(gpt2_checkpoints[name], reference)
 
 
