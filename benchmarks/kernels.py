@@ -17,6 +17,9 @@ this script itself; its timings mean nothing.
 DECODE_SWEEP (by setting triton_attention.DECODE_TILES for the cache's element size in turn, as an edit of it
 would), each checked against the reference, at block size 256: how the constants were chosen, to redo on another GPU.
 
+``--sweep-prefill`` does the same for the prefill kernel's tiles (PREFILL_SWEEP), on the prefill case and on one
+of bench.py's prefill steps (prompts of 100-1,024 tokens, 16,384 in all).
+
 ``--kv-cache-dtype fp8`` (or ``fp8_e5m2``) gives the decode rows, and --sweep-decode, FP8 caches: an FP8
 cache halves the bytes of each loop step, so it may want other constants than bf16's.
 """
@@ -24,11 +27,13 @@ cache halves the bytes of each loop step, so it may want other constants than bf
 import argparse
 import itertools
 import os
+import random
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -37,6 +42,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 import triton  # noqa: E402
+from triton.runtime.errors import OutOfResources  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
@@ -64,6 +70,9 @@ KV_DTYPES = {"auto": DTYPE, "fp8": torch.float8_e4m3fn, "fp8_e5m2": torch.float8
 # --sweep-decode's settings: triton_attention.DecodeTiles (BLOCK_N, warps, stages).
 DECODE_SWEEP = tuple(itertools.product((32, 64, 128), (2, 4, 8), (1, 2, 3, 4)))
 DECODE_SWEEP_SMOKE = ((32, 2, 2), (64, 4, 3))
+# --sweep-prefill's settings: triton_attention.PrefillTiles (BLOCK_M, BLOCK_N, warps, stages).
+PREFILL_SWEEP = tuple(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)))
+PREFILL_SWEEP_SMOKE = ((64, 64, 4, 3), (64, 32, 4, 2))
 
 
 @dataclass(frozen=True)
@@ -176,23 +185,52 @@ def bench_store_kv(sizes: Sizes, block_size: int, device: str, gen: torch.Genera
     return Row("store_kv", case, triton_ms, torch_ms, f"{num_bytes / triton_ms / 1e6:.0f} GB/s", error, error == 0)
 
 
+@dataclass(frozen=True)
+class PrefillInputs:
+    """Causal prefill of prompts, their K/V already in the cache (no cached prefix), and its reference output."""
+
+    query: torch.Tensor  # [tokens, NUM_HEADS, HEAD_DIM]
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    args: tuple  # paged_prefill_attention_triton's and paged_attention's after query and the caches
+    ref: torch.Tensor  # the float32 reference's output
+    flops: float  # of QK^T and PV over the causal half
+
+    def run(self) -> torch.Tensor:
+        return paged_prefill_attention_triton(self.query, self.k_cache, self.v_cache, *self.args)
+
+
+def prefill_inputs(prompt_lens: list[int], block_size: int, device: str, gen: torch.Generator) -> PrefillInputs:
+    num_seqs, max_len = len(prompt_lens), max(prompt_lens)
+    k_cache, v_cache, block_tables, _ = paged_cache(num_seqs, max_len, block_size, device, gen)
+    context_lens = torch.tensor(prompt_lens, dtype=torch.int32, device=device)
+    cu_seqlens_q = torch.zeros(num_seqs + 1, dtype=torch.int32, device=device)
+    cu_seqlens_q[1:] = context_lens.cumsum(0)
+    query = torch.randn(sum(prompt_lens), NUM_HEADS, HEAD_DIM, generator=gen, device=device, dtype=DTYPE)
+    args = (cu_seqlens_q, max_len, context_lens, max_len, block_tables, HEAD_DIM**-0.5)
+    ref = paged_attention(query.float(), k_cache.float(), v_cache.float(), *args)
+    flops = sum(4 * NUM_HEADS * HEAD_DIM * n * (n + 1) / 2 for n in prompt_lens)
+    return PrefillInputs(query, k_cache, v_cache, args, ref, flops)
+
+
+def bench_prompt_lens(sizes: Sizes) -> list[int]:
+    """One of bench.py's prefill steps, scaled: prompts of prefill_len / 10 to prefill_len tokens (bench.py: 100 to
+    1,024), 2 * prefill_seqs * prefill_len in all (16,384, its max_num_batched_tokens)."""
+    rng = random.Random(0)
+    total, lens = 2 * sizes.prefill_seqs * sizes.prefill_len, []
+    while sum(lens) < total:
+        lens.append(min(rng.randint(sizes.prefill_len // 10, sizes.prefill_len), total - sum(lens)))
+    return lens
+
+
 def bench_prefill(sizes: Sizes, block_size: int, device: str, gen: torch.Generator) -> Row:
     """Causal prefill of prefill_seqs prompts of prefill_len tokens, K/V already in the cache."""
-    num_seqs, seq_len = sizes.prefill_seqs, sizes.prefill_len
-    k_cache, v_cache, block_tables, context_lens = paged_cache(num_seqs, seq_len, block_size, device, gen)
-    query = torch.randn(num_seqs * seq_len, NUM_HEADS, HEAD_DIM, generator=gen, device=device, dtype=DTYPE)
-    cu_seqlens_q = torch.arange(0, num_seqs + 1, device=device, dtype=torch.int32) * seq_len  # [B + 1]
-    args = (cu_seqlens_q, seq_len, context_lens, seq_len, block_tables, HEAD_DIM**-0.5)
-    out = paged_prefill_attention_triton(query, k_cache, v_cache, *args)
-    ref = paged_attention(query.float(), k_cache.float(), v_cache.float(), *args)
-    error, is_ok = max_error(out, ref)
-    del ref
-
-    triton_ms = time_ms(lambda: paged_prefill_attention_triton(query, k_cache, v_cache, *args), device)
-    torch_ms = time_ms(lambda: paged_attention(query, k_cache, v_cache, *args), device)
-    flops = 4 * num_seqs * NUM_HEADS * HEAD_DIM * seq_len * (seq_len + 1) / 2  # QK^T and PV, causal half
-    case = f"{num_seqs}x{seq_len}, bs {block_size}"
-    return Row("prefill", case, triton_ms, torch_ms, f"{flops / triton_ms / 1e9:.1f} TFLOP/s", error, is_ok)
+    inputs = prefill_inputs([sizes.prefill_len] * sizes.prefill_seqs, block_size, device, gen)
+    error, is_ok = max_error(inputs.run(), inputs.ref)
+    triton_ms = time_ms(inputs.run, device)
+    torch_ms = time_ms(lambda: paged_attention(inputs.query, inputs.k_cache, inputs.v_cache, *inputs.args), device)
+    case = f"{sizes.prefill_seqs}x{sizes.prefill_len}, bs {block_size}"
+    return Row("prefill", case, triton_ms, torch_ms, f"{inputs.flops / triton_ms / 1e9:.1f} TFLOP/s", error, is_ok)
 
 
 @dataclass(frozen=True)
@@ -253,40 +291,86 @@ def bench_decode(
     return Row("decode", case_name, triton_ms, torch_ms, throughput, error, is_ok)
 
 
-def sweep_decode(sizes: Sizes, device: str, gen: torch.Generator, copy_gbps: float, kv_dtype: torch.dtype) -> int:
-    """Print the decode kernel's GPU time for each setting of DECODE_SWEEP at every decode case (block size
-    256), then the fastest per case; returns how many settings gave a wrong result."""
-    settings = DECODE_SWEEP if device == "cuda" else DECODE_SWEEP_SMOKE
-    element_size = min(kv_dtype.itemsize, 2)  # the key of triton_attention.DECODE_TILES
-    chosen = triton_attention.DECODE_TILES[element_size]
-    cases = []  # (name, inputs)
-    for num_seqs, context_len, grid_context_len in sizes.decode_cases:
-        grid = "" if grid_context_len == context_len else f" g{grid_context_len}"
-        inputs = decode_inputs((num_seqs, context_len, grid_context_len), 256, device, gen, kv_dtype)
-        cases.append((f"{num_seqs}x{context_len}{grid}", inputs))
-    print(f"\ndecode GPU time (us) and share of the {copy_gbps:.0f} GB/s copy rate; * = the current constants")
-    print(f"{'BLOCK_N, warps, stages':<24}" + "".join(f"{name:>20}" for name, _ in cases))
-    best: dict[str, tuple[float, tuple[int, int, int]]] = {}
+@dataclass(frozen=True)
+class SweepCase:
+    """One problem a sweep times every setting on."""
+
+    name: str
+    run: Callable[[], torch.Tensor]  # the kernel under the current setting
+    ref: torch.Tensor  # the reference's output
+    rate: Callable[[float], str]  # milliseconds -> what the cell shows beside them
+
+
+def sweep(
+    header: str, settings: Sequence[tuple[int, ...]], chosen: tuple[int, ...], apply: Callable[[tuple[int, ...]], None],
+    cases: list[SweepCase], device: str,
+) -> int:  # fmt: skip
+    """Print each setting's GPU time on every case (a CUDA graph), each checked against the reference, then the
+    fastest per case; ``apply`` sets a setting as an edit of the kernel's constants would, and ``chosen`` is put
+    back at the end. A setting too big for the GPU's shared memory is skipped. Returns how many were wrong."""
+    print(f"{header:<28}" + "".join(f"{case.name:>22}" for case in cases))
+    best: dict[str, tuple[float, tuple[int, ...]]] = {}
     num_wrong = 0
     try:
         for setting in settings:
-            triton_attention.DECODE_TILES[element_size] = triton_attention.DecodeTiles(*setting)
+            apply(setting)
             cells = []
-            for case_name, inputs in cases:
-                _, is_ok = max_error(inputs.run(), inputs.ref)
-                ms = time_graph_ms(inputs.run, device)
-                share = 100 * inputs.kv_bytes / ms / 1e6 / copy_gbps
-                cells.append(f"{ms * 1e3:.1f} ({share:.0f}%)" + ("" if is_ok else " FAIL"))
+            for case in cases:
+                try:
+                    _, is_ok = max_error(case.run(), case.ref)
+                except OutOfResources:
+                    cells.append("out of resources")
+                    continue
+                ms = time_graph_ms(case.run, device)
+                cells.append(f"{ms * 1e3:.1f} ({case.rate(ms)})" + ("" if is_ok else " FAIL"))
                 num_wrong += not is_ok
-                if is_ok and (case_name not in best or ms < best[case_name][0]):
-                    best[case_name] = (ms, setting)
-            label = ", ".join(map(str, setting)) + (" *" if setting == chosen else "")
-            print(f"{label:<24}" + "".join(f"{cell:>20}" for cell in cells), flush=True)
+                if is_ok and (case.name not in best or ms < best[case.name][0]):
+                    best[case.name] = (ms, setting)
+            label = ", ".join(map(str, setting)) + (" *" if tuple(setting) == tuple(chosen) else "")
+            print(f"{label:<28}" + "".join(f"{cell:>22}" for cell in cells), flush=True)
     finally:
-        triton_attention.DECODE_TILES[element_size] = chosen
+        apply(chosen)
     for case_name, (ms, setting) in best.items():
         print(f"fastest at {case_name}: {setting} ({ms * 1e3:.1f} us)")
     return num_wrong
+
+
+def sweep_decode(sizes: Sizes, device: str, gen: torch.Generator, copy_gbps: float, kv_dtype: torch.dtype) -> int:
+    """The decode kernel under each setting of DECODE_SWEEP at every decode case (block size 256)."""
+    element_size = min(kv_dtype.itemsize, 2)  # the key of triton_attention.DECODE_TILES
+
+    def apply(setting: tuple[int, ...]) -> None:
+        triton_attention.DECODE_TILES[element_size] = triton_attention.DecodeTiles(*setting)
+
+    cases = []
+    for num_seqs, context_len, grid_context_len in sizes.decode_cases:
+        grid = "" if grid_context_len == context_len else f" g{grid_context_len}"
+        inputs = decode_inputs((num_seqs, context_len, grid_context_len), 256, device, gen, kv_dtype)
+        share = partial(lambda kv_bytes, ms: f"{100 * kv_bytes / ms / 1e6 / copy_gbps:.0f}%", inputs.kv_bytes)
+        cases.append(SweepCase(f"{num_seqs}x{context_len}{grid}", inputs.run, inputs.ref, share))
+    print(f"\ndecode GPU time (us) and share of the {copy_gbps:.0f} GB/s copy rate; * = the current constants")
+    settings = DECODE_SWEEP if device == "cuda" else DECODE_SWEEP_SMOKE
+    return sweep("BLOCK_N, warps, stages", settings, triton_attention.DECODE_TILES[element_size], apply, cases, device)
+
+
+def sweep_prefill(sizes: Sizes, device: str, gen: torch.Generator) -> int:
+    """The prefill kernel under each setting of PREFILL_SWEEP: the prefill case, and on a GPU bench.py's prompt mix
+    (prompts of 100-1,024 tokens, 16,384 in all: one of its prefill steps), at block size 256."""
+    cases = []
+    prompt_mixes = [(f"{sizes.prefill_seqs}x{sizes.prefill_len}", [sizes.prefill_len] * sizes.prefill_seqs)]
+    if device == "cuda":  # under the interpreter one case costs seconds a setting
+        prompt_mixes.append(("bench mix", bench_prompt_lens(sizes)))
+    for name, prompt_lens in prompt_mixes:
+        inputs = prefill_inputs(prompt_lens, 256, device, gen)
+        tflops = partial(lambda flops, ms: f"{flops / ms / 1e9:.0f} TF/s", inputs.flops)
+        cases.append(SweepCase(name, inputs.run, inputs.ref, tflops))
+    print("\nprefill GPU time (us) and TFLOP/s; * = the current constants")
+    settings = PREFILL_SWEEP if device == "cuda" else PREFILL_SWEEP_SMOKE
+
+    def apply(setting: tuple[int, ...]) -> None:
+        triton_attention.PREFILL_TILES = triton_attention.PrefillTiles(*setting)
+
+    return sweep("BLOCK_M, BLOCK_N, warps, stages", settings, triton_attention.PREFILL_TILES, apply, cases, device)
 
 
 def bench_race(case: tuple[int, int], device: str, gen: torch.Generator, copy_gbps: float) -> Row:
@@ -364,6 +448,7 @@ def print_table(rows: list[Row], copy_gbps: float) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep-decode", action="store_true", help="time the decode kernel's settings instead")
+    parser.add_argument("--sweep-prefill", action="store_true", help="time the prefill kernel's settings instead")
     parser.add_argument("--kv-cache-dtype", choices=sorted(KV_DTYPES), default="auto", help="the decode rows' caches")
     parsed, device = parse_benchmark_args(parser)
     kv_dtype = KV_DTYPES[parsed.kv_cache_dtype]
@@ -372,8 +457,11 @@ def main() -> int:
     print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu (Triton interpreter)'}")
 
     copy_gbps = copy_bandwidth_gbps(sizes.copy_bytes, device)
-    if parsed.sweep_decode:
-        num_wrong = sweep_decode(sizes, device, gen, copy_gbps, kv_dtype)
+    if parsed.sweep_decode or parsed.sweep_prefill:
+        if parsed.sweep_decode:
+            num_wrong = sweep_decode(sizes, device, gen, copy_gbps, kv_dtype)
+        else:
+            num_wrong = sweep_prefill(sizes, device, gen)
         print(f"\n{num_wrong} setting(s) gave a wrong result" if num_wrong else "\nall settings correct")
         return 1 if num_wrong else 0
     rows = []

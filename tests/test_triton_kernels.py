@@ -19,7 +19,7 @@ import torch
 
 from nanovllm.kernels.reference import paged_attention, store_kv
 from nanovllm.kernels.triton_attention import (
-    PREFILL_BLOCK_M,
+    PREFILL_TILES,
     default_num_splits,
     paged_decode_attention_triton,
     paged_prefill_attention_triton,
@@ -167,7 +167,7 @@ PREFILL_CASES = {
     "ragged_no_prefix": ([5, 17, 33], [5, 17, 33], 4, 2, 32, 16),
     "cached_prefixes": ([7, 1, 20, 3], [16, 40, 36, 48], 4, 2, 32, 16),
     "gqa_8_to_1_bs32_d16": ([9, 40], [9, 70], 8, 1, 16, 32),
-    "two_query_tiles_d64": ([PREFILL_BLOCK_M + 6], [PREFILL_BLOCK_M + 11], 2, 2, 64, 16),
+    "two_query_tiles_d64": ([PREFILL_TILES.block_m + 6], [PREFILL_TILES.block_m + 11], 2, 2, 64, 16),
     "d128_bs32": ([12, 3], [12, 50], 4, 1, 128, 32),
 }
 
@@ -260,7 +260,7 @@ def _check_decode(
 PREFILL_WINDOW_CASES = {
     # name: (q_lens, context_lens, num_heads, num_kv_heads, head_dim, block_size, sliding_window)
     # Prefixes longer than the window, a one-token chunk, a fresh prompt, and one of two query tiles.
-    "window_16": ([7, 1, 20, PREFILL_BLOCK_M + 6], [60, 40, 36, PREFILL_BLOCK_M + 26], 4, 2, 32, 16, 16),
+    "window_16": ([7, 1, 20, PREFILL_TILES.block_m + 6], [60, 40, 36, PREFILL_TILES.block_m + 26], 4, 2, 32, 16, 16),
     "window_1_gqa": ([5, 12], [30, 12], 4, 1, 16, 16, 1),  # each query sees itself alone
 }
 
@@ -392,6 +392,7 @@ def test_race_kernel_equals_reference(
 SMOKE_RUNS = [
     ("kernels.py", (), "all checks passed"),
     ("kernels.py", ("--sweep-decode", "--kv-cache-dtype", "fp8"), "all settings correct"),
+    ("kernels.py", ("--sweep-prefill",), "all settings correct"),
     ("moe_kernel.py", (), "all checks passed"),
     ("moe_kernel.py", ("--sweep",), "all settings correct"),
     ("quant_gemm.py", (), "all checks passed"),
@@ -403,8 +404,9 @@ SMOKE_RUNS = [
 def test_kernel_benchmark_smoke_run(script: str, flags: tuple[str, ...], verdict: str) -> None:
     """Guards the kernel benchmarks in benchmarks/ themselves: each --smoke run checks its kernels against their
     references at tiny sizes (kernels.py with --sweep-decode: the decode kernel over FP8 caches under two
-    settings; moe_kernel.py with --sweep: the fused MoE under three tile sets) and exits 0. Without a GPU each
-    must switch Triton to the interpreter on its own, so the variable is not inherited."""
+    settings; with --sweep-prefill: the prefill kernel under two; moe_kernel.py with --sweep: the fused MoE under
+    three tile sets) and exits 0. Without a GPU each must switch Triton to the interpreter on its own, so the
+    variable is not inherited."""
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run(

@@ -37,10 +37,20 @@ LOG2E = math.log2(math.e)  # exp(x) == exp2(x * LOG2E)
 # tl.dot needs every matrix dimension to be at least 16 on NVIDIA GPUs (mma instruction shape).
 MIN_DOT_SIZE = 16
 FLOAT16_MAX = tl.constexpr(65504.0)  # the largest finite float16
-# Flash-attention tile sizes for head_dim 64-128 (Triton's fused-attention tutorial tunes BLOCK_M
-# over 64-128 and BLOCK_N over 32-64); worth re-tuning per GPU.
-PREFILL_BLOCK_M = 64  # query rows per prefill program
-PREFILL_BLOCK_N = 64  # key positions per prefill loop step
+
+
+class PrefillTiles(NamedTuple):
+    """The prefill kernel's tile and launch settings."""
+
+    block_m: int  # query rows per program
+    block_n: int  # key positions per loop step
+    num_warps: int
+    num_stages: int
+
+
+# Flash-attention tiles for head_dim 64-128 (Triton's fused-attention tutorial tunes BLOCK_M over 64-128 and
+# BLOCK_N over 32-64; 3 stages is Triton's default); `benchmarks/kernels.py --sweep-prefill` times the others.
+PREFILL_TILES = PrefillTiles(block_m=64, block_n=64, num_warps=4, num_stages=3)
 
 
 class DecodeTiles(NamedTuple):
@@ -228,8 +238,9 @@ def paged_prefill_attention_triton(
     num_seqs = context_lens.numel()
     if num_tokens == 0 or num_seqs == 0:
         return out
-    # Short chunks (decode-like rows in a mixed batch) get a smaller tile than PREFILL_BLOCK_M.
-    block_m = max(MIN_DOT_SIZE, min(PREFILL_BLOCK_M, triton.next_power_of_2(max_seqlen_q)))
+    tiles = PREFILL_TILES
+    # Short chunks (decode-like rows in a mixed batch) get a smaller tile than tiles.block_m.
+    block_m = max(MIN_DOT_SIZE, min(tiles.block_m, triton.next_power_of_2(max_seqlen_q)))
     grid = (triton.cdiv(max_seqlen_q, block_m), num_seqs, num_heads)
     _prefill_kernel[grid](
         query, k_cache, v_cache, out, cu_seqlens_q, context_lens, block_tables,
@@ -237,8 +248,9 @@ def paged_prefill_attention_triton(
         sliding_window or 0,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_tables.stride(0),
-        BLOCK_M=block_m, BLOCK_N=PREFILL_BLOCK_N, BLOCK_D=_block_dim(head_dim),
-        **_attention_dot_options(query, k_cache), IS_SLIDING=sliding_window is not None, num_warps=4,
+        BLOCK_M=block_m, BLOCK_N=tiles.block_n, BLOCK_D=_block_dim(head_dim),
+        **_attention_dot_options(query, k_cache), IS_SLIDING=sliding_window is not None, num_warps=tiles.num_warps,
+        num_stages=tiles.num_stages,
     )  # fmt: skip
     return out
 
