@@ -186,21 +186,24 @@ def bench_store_kv(sizes: Sizes, block_size: int, device: str, gen: torch.Genera
 
 
 @dataclass(frozen=True)
-class PrefillInputs:
-    """Causal prefill of prompts, their K/V already in the cache (no cached prefix), and its reference output."""
+class AttentionInputs:
+    """One call of an attention kernel over a paged cache, and its float32 reference's output."""
 
+    kernel: Callable[..., torch.Tensor]  # paged_prefill_attention_triton or paged_decode_attention_triton
     query: torch.Tensor  # [tokens, NUM_HEADS, HEAD_DIM]
     k_cache: torch.Tensor
     v_cache: torch.Tensor
-    args: tuple  # paged_prefill_attention_triton's and paged_attention's after query and the caches
+    kernel_args: tuple  # the kernel's after query and the caches
+    ref_args: tuple  # paged_attention's after query and the caches
     ref: torch.Tensor  # the float32 reference's output
-    flops: float  # of QK^T and PV over the causal half
+    work: float  # what the kernel's rate counts: FLOPs of QK^T and PV (prefill), K and V bytes read (decode)
 
     def run(self) -> torch.Tensor:
-        return paged_prefill_attention_triton(self.query, self.k_cache, self.v_cache, *self.args)
+        return self.kernel(self.query, self.k_cache, self.v_cache, *self.kernel_args)
 
 
-def prefill_inputs(prompt_lens: list[int], block_size: int, device: str, gen: torch.Generator) -> PrefillInputs:
+def prefill_inputs(prompt_lens: list[int], block_size: int, device: str, gen: torch.Generator) -> AttentionInputs:
+    """Causal prefill of prompts of prompt_lens tokens, their K/V already in the cache (no cached prefix)."""
     num_seqs, max_len = len(prompt_lens), max(prompt_lens)
     k_cache, v_cache, block_tables, _ = paged_cache(num_seqs, max_len, block_size, device, gen)
     context_lens = torch.tensor(prompt_lens, dtype=torch.int32, device=device)
@@ -209,8 +212,8 @@ def prefill_inputs(prompt_lens: list[int], block_size: int, device: str, gen: to
     query = torch.randn(sum(prompt_lens), NUM_HEADS, HEAD_DIM, generator=gen, device=device, dtype=DTYPE)
     args = (cu_seqlens_q, max_len, context_lens, max_len, block_tables, HEAD_DIM**-0.5)
     ref = paged_attention(query.float(), k_cache.float(), v_cache.float(), *args)
-    flops = sum(4 * NUM_HEADS * HEAD_DIM * n * (n + 1) / 2 for n in prompt_lens)
-    return PrefillInputs(query, k_cache, v_cache, args, ref, flops)
+    flops = sum(4 * NUM_HEADS * HEAD_DIM * n * (n + 1) / 2 for n in prompt_lens)  # the causal half
+    return AttentionInputs(paged_prefill_attention_triton, query, k_cache, v_cache, args, args, ref, flops)
 
 
 def bench_prompt_lens(sizes: Sizes) -> list[int]:
@@ -228,32 +231,17 @@ def bench_prefill(sizes: Sizes, block_size: int, device: str, gen: torch.Generat
     inputs = prefill_inputs([sizes.prefill_len] * sizes.prefill_seqs, block_size, device, gen)
     error, is_ok = max_error(inputs.run(), inputs.ref)
     triton_ms = time_ms(inputs.run, device)
-    torch_ms = time_ms(lambda: paged_attention(inputs.query, inputs.k_cache, inputs.v_cache, *inputs.args), device)
+    torch_ms = time_ms(lambda: paged_attention(inputs.query, inputs.k_cache, inputs.v_cache, *inputs.ref_args), device)
     case = f"{sizes.prefill_seqs}x{sizes.prefill_len}, bs {block_size}"
-    return Row("prefill", case, triton_ms, torch_ms, f"{inputs.flops / triton_ms / 1e9:.1f} TFLOP/s", error, is_ok)
-
-
-@dataclass(frozen=True)
-class DecodeInputs:
-    """One decode step of num_seqs sequences with context_len cached tokens each, and its reference output."""
-
-    query: torch.Tensor  # [num_seqs, NUM_HEADS, HEAD_DIM]
-    k_cache: torch.Tensor
-    v_cache: torch.Tensor
-    kernel_args: tuple  # paged_decode_attention_triton's after query and the caches
-    ref_args: tuple  # paged_attention's after query and the caches
-    ref: torch.Tensor  # the float32 reference's output
-    kv_bytes: int  # K and V bytes the step reads
-
-    def run(self) -> torch.Tensor:
-        return paged_decode_attention_triton(self.query, self.k_cache, self.v_cache, *self.kernel_args)
+    return Row("prefill", case, triton_ms, torch_ms, f"{inputs.work / triton_ms / 1e9:.1f} TFLOP/s", error, is_ok)
 
 
 def decode_inputs(
     case: tuple[int, int, int], block_size: int, device: str, gen: torch.Generator, kv_dtype: torch.dtype = DTYPE
-) -> DecodeInputs:
-    """kv_dtype FP8: the caches hold the FP8 values of the random bf16 ones (scales 1; randn stays far below the
-    formats' largest values), and the reference reads those values."""
+) -> AttentionInputs:
+    """One decode step of num_seqs sequences with context_len cached tokens each. kv_dtype FP8: the caches hold
+    the FP8 values of the random bf16 ones (scales 1; randn stays far below the formats' largest values), and the
+    reference reads those values."""
     num_seqs, context_len, grid_context_len = case
     k_cache, v_cache, block_tables, context_lens = paged_cache(num_seqs, context_len, block_size, device, gen)
     k_cache, v_cache = k_cache.to(kv_dtype), v_cache.to(kv_dtype)
@@ -263,7 +251,7 @@ def decode_inputs(
     ref_args = (cu_seqlens_q, 1, context_lens, context_len, block_tables, HEAD_DIM**-0.5)
     ref = paged_attention(query.float(), k_cache.float(), v_cache.float(), *ref_args)
     kv_bytes = num_seqs * context_len * NUM_KV_HEADS * HEAD_DIM * 2 * k_cache.element_size()  # K and V
-    return DecodeInputs(query, k_cache, v_cache, kernel_args, ref_args, ref, kv_bytes)
+    return AttentionInputs(paged_decode_attention_triton, query, k_cache, v_cache, kernel_args, ref_args, ref, kv_bytes)
 
 
 def bench_decode(
@@ -283,7 +271,7 @@ def bench_decode(
     eager_ms = time_ms(inputs.run, device)
     k_cache, v_cache = inputs.k_cache.to(DTYPE), inputs.v_cache.to(DTYPE)  # torch multiplies no FP8: bf16 copies
     torch_ms = time_ms(lambda: paged_attention(inputs.query, k_cache, v_cache, *inputs.ref_args), device)
-    num_bytes = inputs.kv_bytes + 2 * inputs.query.numel() * inputs.query.element_size()  # + query read, output written
+    num_bytes = inputs.work + 2 * inputs.query.numel() * inputs.query.element_size()  # + query read, output written
     gbps = num_bytes / triton_ms / 1e6
     grid = "" if grid_context_len == context_len else f", grid {grid_context_len}"
     case_name = f"{num_seqs}x{context_len}, bs {block_size}{grid}" + ("" if kv_dtype == DTYPE else ", fp8")
@@ -346,7 +334,7 @@ def sweep_decode(sizes: Sizes, device: str, gen: torch.Generator, copy_gbps: flo
     for num_seqs, context_len, grid_context_len in sizes.decode_cases:
         grid = "" if grid_context_len == context_len else f" g{grid_context_len}"
         inputs = decode_inputs((num_seqs, context_len, grid_context_len), 256, device, gen, kv_dtype)
-        share = partial(lambda kv_bytes, ms: f"{100 * kv_bytes / ms / 1e6 / copy_gbps:.0f}%", inputs.kv_bytes)
+        share = partial(lambda kv_bytes, ms: f"{100 * kv_bytes / ms / 1e6 / copy_gbps:.0f}%", inputs.work)
         cases.append(SweepCase(f"{num_seqs}x{context_len}{grid}", inputs.run, inputs.ref, share))
     print(f"\ndecode GPU time (us) and share of the {copy_gbps:.0f} GB/s copy rate; * = the current constants")
     settings = DECODE_SWEEP if device == "cuda" else DECODE_SWEEP_SMOKE
@@ -362,7 +350,7 @@ def sweep_prefill(sizes: Sizes, device: str, gen: torch.Generator) -> int:
         prompt_mixes.append(("bench mix", bench_prompt_lens(sizes)))
     for name, prompt_lens in prompt_mixes:
         inputs = prefill_inputs(prompt_lens, 256, device, gen)
-        tflops = partial(lambda flops, ms: f"{flops / ms / 1e9:.0f} TF/s", inputs.flops)
+        tflops = partial(lambda flops, ms: f"{flops / ms / 1e9:.0f} TF/s", inputs.work)
         cases.append(SweepCase(name, inputs.run, inputs.ref, tflops))
     print("\nprefill GPU time (us) and TFLOP/s; * = the current constants")
     settings = PREFILL_SWEEP if device == "cuda" else PREFILL_SWEEP_SMOKE
