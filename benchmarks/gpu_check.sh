@@ -2,7 +2,8 @@
 # One GPU-machine session: correctness checks first, then timings. Logs go to $OUT when it is set.
 # Usage: bash benchmarks/gpu_check.sh quick|full|serving|breakdown|fp8|kernels|features
 #   quick    GPU tests, kernels, a short bench
-#   breakdown  bench.py, then its time per decode step against the floor, then the same with a GPU profile
+#   breakdown  bench.py, then its time per decode step against the floor, then the same with a GPU profile of
+#            decode steps and of prefill steps, then the prefill kernel's tile sweep
 #   full     GPU tests, kernels, bench.py temperature-only and with top-k/top-p/repetition penalty, GPU-busy share
 #   serving  the sampler alone, the engine's time to first token without HTTP, then the server under 64
 #            concurrent streams, engine in a thread and in a process (needs the serve extra installed;
@@ -69,6 +70,8 @@ if [ "$mode" = breakdown ]; then
   timeout 150 python3 bench.py 2>&1 | tee "$out/bench.log" | tail -1
   timeout 150 python3 benchmarks/step_breakdown.py 2>&1 | tee "$out/breakdown.log" | tail -12
   timeout 200 python3 benchmarks/step_breakdown.py --profile 2>&1 | tee "$out/breakdown_profile.log" | tail -45
+  timeout 200 python3 benchmarks/step_breakdown.py --profile-prefill 2>&1 | tee "$out/breakdown_prefill.log" | tail -30
+  timeout 240 python3 benchmarks/kernels.py --sweep-prefill 2>&1 | tee "$out/sweep_prefill.log" | tail -6
   exit 0
 fi
 timeout 300 python3 -m pytest -q tests/test_triton_kernels.py tests/test_gpu.py 2>&1 | tee "$out/pytest.log" | tail -15
