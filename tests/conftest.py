@@ -45,22 +45,7 @@ def quant_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Pat
     "float" (their source), compressed-tensors presets by name ("W4A16", "FP8_BLOCK", ...), and "awq",
     "gptq4", "gptq8", "fp8_block", "fp8_tensor" repacked from them."""
     from model_fixtures import write_tiny_model
-    from quant_fixtures import (
-        CT_PRESETS,
-        QUANT_SIZES,
-        write_awq,
-        write_compressed_tensors,
-        write_fp8_method,
-        write_gptq,
-    )
+    from quant_fixtures import QUANT_SIZES, write_quant_checkpoints
 
     root = tmp_path_factory.mktemp("quant_models")
-    dirs = {"float": write_tiny_model(root / "float", "qwen3", **QUANT_SIZES)}
-    for preset in CT_PRESETS:
-        dirs[preset] = write_compressed_tensors(dirs["float"], root / preset, preset)
-    dirs["awq"] = write_awq(dirs["W4A16_ASYM"], root / "awq")
-    dirs["gptq4"] = write_gptq(dirs["W4A16"], root / "gptq4", 4)
-    dirs["gptq8"] = write_gptq(dirs["W8A16"], root / "gptq8", 8)
-    dirs["fp8_block"] = write_fp8_method(dirs["FP8_BLOCK"], root / "fp8_block")
-    dirs["fp8_tensor"] = write_fp8_method(dirs["FP8_PER_TENSOR"], root / "fp8_tensor")
-    return dirs
+    return write_quant_checkpoints(write_tiny_model(root / "float", "qwen3", **QUANT_SIZES), root)

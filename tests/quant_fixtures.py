@@ -14,12 +14,15 @@
   GPT-2 running the library's dequantized weights back in Conv1D's layout (dequantized_gpt2).
 
 Widths are the smallest the group size allows: every linear layer's input is a multiple of 128 columns,
-also per rank under TP=2 (o_proj's 4 heads x 64 = 256 columns).
+also per rank under TP=2 (o_proj's 4 heads x 64 = 256 columns). Every packer works per checkpoint module, so a
+model that fuses layers in its checkpoint (Phi-3's qkv_proj, gate_up_proj) gets them fused in every format,
+as its published quantized checkpoints have them.
 """
 
 import json
 import shutil
 import warnings
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -254,3 +257,25 @@ def write_fp8_method(ct_dir: Path, out_dir: Path) -> Path:
     if block:
         config["weight_block_size"] = block
     return _copy_with(ct_dir, out_dir, tensors, config)
+
+
+# Each repacked format -> its writer, from the REPACKED_FROM checkpoint's directory to its own.
+REPACKERS: dict[str, Callable[[Path, Path], Path]] = {
+    "awq": write_awq,
+    "gptq4": partial(write_gptq, bits=4),
+    "gptq8": partial(write_gptq, bits=8),
+    "fp8_block": write_fp8_method,
+    "fp8_tensor": write_fp8_method,
+}
+
+
+def write_quant_checkpoints(float_dir: Path, root: Path, presets: tuple[str, ...] = CT_PRESETS) -> dict[str, Path]:
+    """The float model in float_dir quantized with each compressed-tensors preset, and repacked into every format
+    whose source preset is among them, under root: name ("float", a preset, a key of REPACKERS) -> directory."""
+    dirs = {"float": float_dir}
+    for preset in presets:
+        dirs[preset] = write_compressed_tensors(float_dir, root / preset, preset)
+    for name, source in REPACKED_FROM.items():
+        if source in presets:
+            dirs[name] = REPACKERS[name](dirs[source], root / name)
+    return dirs

@@ -16,13 +16,15 @@ from typing import Any
 import pytest
 import torch
 from compressed_tensors.entrypoints.convert.converters.autoawq import AutoAWQConverter
-from quant_fixtures import quantized_modules
+from model_fixtures import write_tiny_model
+from quant_fixtures import quantized_modules, write_compressed_tensors, write_fp8_method
 from safetensors.torch import load_file, save_file
 
 from nanovllm import LLM
 from nanovllm.kernels.quant_reference import pack_int32, unpack_int32
-from nanovllm.layers.quantization.int_layouts import pack_awq, unpack_awq
+from nanovllm.layers.quantization.int_layouts import IntWeights, fused_splits, pack_awq, unpack_awq
 from nanovllm.models.arch import check_tensor_parallel_split, parse_model_arch
+from nanovllm.models.fused_tensors import split_fused
 from nanovllm.models.quant_config import parse_quant_config
 
 ENGINE_ARGS = dict(device="cpu", dtype="float32", kvcache_block_size=16, num_kvcache_blocks=32, max_model_len=128)
@@ -192,3 +194,40 @@ def test_gpt2_refuses_tensors_it_does_not_read(tiny_model_dir: Callable[..., Pat
     model_dir = rewrite(tiny_model_dir("gpt2"), tmp_path / "gpt2", lambda t: t.update({name: torch.ones(128, 1)}))
     with pytest.raises(ValueError, match=rf"'{name}' is not one GPT-2's linear layers hold; they hold \['bias'"):
         LLM(str(model_dir), **ENGINE_ARGS)  # type: ignore[arg-type]
+
+
+def test_phi3_block_fp8_parts_must_be_whole_blocks(tmp_path: Path) -> None:
+    """Guards against Phi-3's fused q/k/v loading with a 128-row scale block that holds the end of q_proj and
+    the start of k_proj (k and v are 4 heads x 16 = 64 rows here): refused, naming the tensor, sizes and block."""
+    float_dir = write_tiny_model(
+        tmp_path / "float", "phi3", hidden_size=256, num_attention_heads=16, num_key_value_heads=4,
+        intermediate_size=256,
+    )  # fmt: skip
+    fp8_dir = write_fp8_method(write_compressed_tensors(float_dir, tmp_path / "ct", "FP8_BLOCK"), tmp_path / "fp8")
+    message = (
+        r"'model.layers.0.self_attn.qkv_proj.weight_scale_inv' holds \['q_proj', 'k_proj', 'v_proj'\] with "
+        r"\[256, 64, 64\] outputs in one tensor, 128 outputs per scale block.*multiple of 128"
+    )
+    with pytest.raises(ValueError, match=message):
+        LLM(str(fp8_dir), **ENGINE_ARGS)  # type: ignore[arg-type]
+
+
+# (format, its tensor that packs outputs along their dim, codes per word)
+PACKED_OUTPUTS = [
+    (IntWeights("awq", 4, 128, has_zero_points=True), "qweight", 8),
+    (IntWeights("awq", 4, 128, has_zero_points=True), "qzeros", 8),
+    (IntWeights("gptq", 8, 128, has_zero_points=False), "qzeros", 4),
+    (IntWeights("compressed-tensors", 4, 128, has_zero_points=True), "weight_zero_point", 8),
+]
+
+
+@pytest.mark.parametrize(("weights", "tensor_name", "codes_per_word"), PACKED_OUTPUTS)
+def test_fused_parts_must_be_whole_packed_words(weights: IntWeights, tensor_name: str, codes_per_word: int) -> None:
+    """Guards against a fused tensor whose packed word holds outputs of two parts (k_proj's last 2 and v_proj's
+    first, with 10 outputs each) being cut anyway: refused, naming the tensor, the sizes and the word."""
+    parts = [(".q_proj.", 32), (".k_proj.", 10), (".v_proj.", 10)]
+    name = f"model.layers.0.self_attn.qkv_proj.{tensor_name}"
+    split = fused_splits(weights)[tensor_name]
+    message = rf"'{name}' holds .* \[32, 10, 10\] outputs in one tensor, {codes_per_word} outputs per packed word"
+    with pytest.raises(ValueError, match=message):
+        list(split_fused(name, torch.zeros(1, 1, dtype=torch.int32), ".qkv_proj.", parts, split))

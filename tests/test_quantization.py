@@ -13,7 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 from model_fixtures import write_tiny_model
-from quant_fixtures import REPACKED_FROM, dequantized_gpt2, load_reference, write_compressed_tensors, write_gptq
+from quant_fixtures import (
+    REPACKED_FROM,
+    dequantized_gpt2,
+    load_reference,
+    write_compressed_tensors,
+    write_gptq,
+    write_quant_checkpoints,
+)
 from safetensors.torch import load_file
 
 from nanovllm import LLM, SamplingParams
@@ -40,6 +47,12 @@ OTHER_ARCHS = {
     "phi": "W4A16_ASYM", "qwen3_moe": "FP8_DYNAMIC", "mixtral": "FP8_DYNAMIC",
 }  # fmt: skip
 NATIVE_SIZE_ARCHS = {"phi3"}  # its tiny config's rope scaling factors fit its own head size only
+# Phi-3 with head_dim 16 (its tiny rope factors'): q 256, k and v 128, gate and up 256 outputs, each a whole
+# number of 128-row scale blocks and of packed words, and every input a whole number of 128-column groups.
+PHI3_QUANT_SIZES = dict(hidden_size=256, num_attention_heads=16, num_key_value_heads=8, intermediate_size=256)
+# Phi-3's fused tensors in each layout: compressed-tensors (zero points packed along the rows), AWQ and GPTQ
+# (outputs in columns, qzeros packed along them, 8 or 4 a word), Qwen's block FP8 (a scale per 128 rows).
+PHI3_FORMATS = ["W4A16_ASYM", "awq", "gptq4", "gptq8", "fp8_block"]
 
 
 @lru_cache(maxsize=16)
@@ -153,6 +166,23 @@ def test_gpt2_online_fp8_matches_transformers(gpt2_checkpoints: dict[str, Path])
     FP8_DYNAMIC arithmetic on each Conv1D (weights per output channel, inputs per token)."""
     reference = dequantized_gpt2(gpt2_checkpoints["float"], "FP8_DYNAMIC")
     check_against_transformers(gpt2_checkpoints["float"], reference, quantization="fp8")
+
+
+@pytest.fixture(scope="module")
+def phi3_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """PHI3_FORMATS' checkpoints of one tiny Phi-3, and the compressed-tensors ones they are repacked from."""
+    root = tmp_path_factory.mktemp("phi3_quant")
+    float_dir = write_tiny_model(root / "float", "phi3", **PHI3_QUANT_SIZES)
+    presets = tuple({REPACKED_FROM.get(name, name) for name in PHI3_FORMATS})
+    return write_quant_checkpoints(float_dir, root, presets)
+
+
+@pytest.mark.parametrize("name", PHI3_FORMATS)
+def test_phi3_fused_quantized_tensors(phi3_checkpoints: dict[str, Path], name: str) -> None:
+    """Guards against Phi-3's fused qkv_proj and gate_up_proj tensors cut along the wrong dim of a quantized
+    format: GPTQ and AWQ keep the outputs in columns (qweight [in / 8, q + k + v]), packed zero points hold 8
+    (or 4) outputs per word and block FP8 one scale per 128 rows, so each part takes whole words and blocks."""
+    check_against_transformers(phi3_checkpoints[name], phi3_checkpoints[REPACKED_FROM.get(name, name)])
 
 
 def test_online_fp8_is_compressed_tensors_fp8_dynamic(quant_checkpoints: dict[str, Path]) -> None:

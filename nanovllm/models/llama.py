@@ -122,20 +122,6 @@ def rename(name: str, renames: tuple[tuple[str, str], ...]) -> str:
     return name
 
 
-def split_rows(
-    name: str, tensor: torch.Tensor, fused: str, parts: list[tuple[str, int]]
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """A checkpoint tensor holding several projections' rows one after another, as one tensor per projection:
-
-    name ...qkv_proj.weight [q + k + v, hidden]  ->  ...q_proj.weight [q, hidden], ...k_proj..., ...v_proj...
-    """
-    sizes = [size for _, size in parts]
-    if tensor.shape[0] != sum(sizes):
-        raise ValueError(f"checkpoint tensor {name!r} has {tensor.shape[0]} rows, expected {sizes} = {sum(sizes)}")
-    for (part, _), rows in zip(parts, tensor.split(sizes), strict=True):
-        yield name.replace(fused, part), rows
-
-
 class LlamaForCausalLM(nn.Module):
     """LLaMA-style causal LM; the class attributes below are what other families change."""
 

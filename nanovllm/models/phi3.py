@@ -2,6 +2,8 @@
 
 Its configs may set a sliding window (Phi-3-mini: 2047), a partial rotary factor (Phi-4-mini: 0.75) and
 LongRoPE scaling (the 128k-context models): config.json's fields, read for every family in models/arch.py.
+Quantized checkpoints keep the fused tensors in their own layout (GPTQ's qweight [in / 8, q + k + v] ...):
+each is cut along the dim its format keeps the outputs in (models/fused_tensors.py).
 """
 
 from collections.abc import Iterator
@@ -9,23 +11,28 @@ from collections.abc import Iterator
 import torch
 
 from nanovllm.kernels.backends import Kernels
-from nanovllm.layers.quantization.base import LinearQuantization
+from nanovllm.layers.quantization.base import ROWS, LinearQuantization
 from nanovllm.models.arch import ModelArch
-from nanovllm.models.llama import LlamaForCausalLM, split_rows
+from nanovllm.models.fused_tensors import split_fused
+from nanovllm.models.llama import LlamaForCausalLM
 
 
 class Phi3ForCausalLM(LlamaForCausalLM):
     def __init__(self, arch: ModelArch, kernels: Kernels, quant: LinearQuantization | None = None) -> None:
         super().__init__(arch, kernels, quant)
         q_size, kv_size = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
-        # Rows of the fused checkpoint tensors, in order: split so each part is sharded as LLaMA's is.
-        self.qkv_parts = [(".q_proj.", q_size), (".k_proj.", kv_size), (".v_proj.", kv_size)]
-        self.gate_up_parts = [(".gate_proj.", arch.intermediate_size), (".up_proj.", arch.intermediate_size)]
+        # The outputs of each fused checkpoint tensor, in order: split so each part is sharded as LLaMA's is.
+        self.fused_parts = {
+            ".qkv_proj.": [(".q_proj.", q_size), (".k_proj.", kv_size), (".v_proj.", kv_size)],
+            ".gate_up_proj.": [(".gate_proj.", arch.intermediate_size), (".up_proj.", arch.intermediate_size)],
+        }
+        # Tensor name after the module's -> where its format keeps the outputs; others (weight, bias): rows.
+        self.fused_splits = quant.scheme.fused_splits if quant is not None else {}
 
     def checkpoint_tensors(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-        if ".qkv_proj." in name:
-            yield from split_rows(name, tensor, ".qkv_proj.", self.qkv_parts)
-        elif ".gate_up_proj." in name:
-            yield from split_rows(name, tensor, ".gate_up_proj.", self.gate_up_parts)
-        else:
+        fused = next((fused for fused in self.fused_parts if fused in name), None)
+        if fused is None:
             yield name, tensor
+            return
+        split = self.fused_splits.get(name.rsplit(".", 1)[-1], ROWS)
+        yield from split_fused(name, tensor, fused, self.fused_parts[fused], split)

@@ -28,6 +28,28 @@ class WeightShard:
     out_offset: int  # first row of the piece in this rank's parameter (fused parts follow one another)
 
 
+@dataclass(frozen=True)
+class FusedSplit:
+    """Where a format's checkpoint tensor holds its layer's output features, so that one tensor of a layer fused
+    in the checkpoint (Phi-3's qkv_proj) is cut into its parts (q_proj, k_proj, v_proj) in whole entries:
+
+        weight [q + k + v, in]              out_dim 0, one output per row
+        GPTQ qweight [in / 8, q + k + v]    out_dim 1, one output per column (codes are packed along in)
+        AWQ qzeros [groups, (q + k + v)/8]  out_dim 1, 8 outputs per packed word: each part whole words
+        weight_scale_inv [(q + k + v)/128, in/128]  out_dim 0, 128 outputs per scale block
+    """
+
+    out_dim: int | None  # the dim indexed by outputs; None: the tensor is not per output (every part gets it)
+    outputs_per_entry: int = 1  # outputs per index along out_dim: 1, a packed word's codes, a block's rows
+    entry: str = "row"  # what one index along out_dim is, for errors
+    is_weight_shape: bool = False  # a [2] tensor of the weight's (out, in): each part gets (its outputs, in)
+
+
+ROWS = FusedSplit(0)  # [out, ...]: a float weight or bias, FP8 values, per-row scales
+COLUMNS = FusedSplit(1, entry="column")  # [..., out]: GPTQ's and AWQ's transposed layouts
+WHOLE = FusedSplit(None)  # one value for every output: a per-tensor scale, GPTQ's g_idx
+
+
 class ShardedLinear(Protocol):
     """What a scheme needs from the linear layer it fills."""
 
@@ -42,6 +64,10 @@ class ShardedLinear(Protocol):
 
 class LinearScheme(Protocol):
     """How a quantized linear layer stores its weight and multiplies by it."""
+
+    # Checkpoint tensor name (after the module's) -> where it holds the outputs; a name not listed is a float
+    # weight or bias (ROWS). Models that keep layers fused in their checkpoint split tensors by it while loading.
+    fused_splits: dict[str, FusedSplit]
 
     def create_weights(self, layer: ShardedLinear, output_size: int, input_size: int) -> None:
         """Register this rank's tensors ([output_size, input_size] of weight) on the layer, each with a loader."""

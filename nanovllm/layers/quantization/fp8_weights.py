@@ -22,7 +22,16 @@ from torch import Tensor, nn
 
 from nanovllm.kernels.quant_backends import QuantizedGemm
 from nanovllm.kernels.quant_reference import FP8_DTYPE, quantize_fp8_per_row
-from nanovllm.layers.quantization.base import Reader, ShardedLinear, WeightShard, add_quantized_param, check_shape
+from nanovllm.layers.quantization.base import (
+    ROWS,
+    WHOLE,
+    FusedSplit,
+    Reader,
+    ShardedLinear,
+    WeightShard,
+    add_quantized_param,
+    check_shape,
+)
 
 DUMMY_FP8_WEIGHT_STD = 0.02  # dummy weights' spread, as models/loader.py's DUMMY_WEIGHT_STD
 
@@ -52,6 +61,7 @@ class Fp8WeightScheme:
         self.weights = weights
         self.gemm = gemm
         self.names = {"values": "weight", "scales": weights.scale_name}  # role -> parameter (or buffer) name
+        self.fused_splits = {"weight": ROWS, weights.scale_name: _scale_split(weights)}
 
     def create_weights(self, layer: ShardedLinear, output_size: int, input_size: int) -> None:
         w = self.weights
@@ -71,6 +81,13 @@ class Fp8WeightScheme:
     def apply(self, layer: nn.Module, x: Tensor) -> Tensor:  # [N, input_size] -> [N, output_size]
         weight, scale = layer.get_parameter("weight"), getattr(layer, self.names["scales"])
         return self.gemm.fp8_weights(x, weight, scale, self.weights.block_k)
+
+
+def _scale_split(w: Fp8Weights) -> FusedSplit:
+    """Where the scales hold the outputs: one for all (tensor), one per row (channel), one per block_n rows."""
+    if w.block_size is None:
+        return WHOLE if w.scale == "tensor" else ROWS
+    return FusedSplit(0, w.block_size[0], "scale block")
 
 
 def _this_rank(loaded: Tensor, shard: WeightShard) -> Tensor:

@@ -26,7 +26,16 @@ import torch
 from torch import Tensor
 
 from nanovllm.kernels.quant_reference import BITS_PER_WORD, pack_int32, unpack_int32
-from nanovllm.layers.quantization.base import WeightShard, check_shape, entry_range, slice_rows_cols
+from nanovllm.layers.quantization.base import (
+    COLUMNS,
+    ROWS,
+    WHOLE,
+    FusedSplit,
+    WeightShard,
+    check_shape,
+    entry_range,
+    slice_rows_cols,
+)
 
 AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's GEMM packing: nibble i of a word holds column ORDER[i]
 AWQ_CODES_PER_WORD = len(AWQ_PACK_ORDER)
@@ -56,6 +65,7 @@ class IntTensor:
     name: str  # suffix after the module name in the checkpoint, e.g. "qweight"
     role: str  # "codes", "scales", "zeros", or "check" (read and checked, not kept)
     read: IntReader  # checkpoint tensor, this rank's shard, the settings -> this rank's rows (None: a check)
+    outputs: str  # where it holds the outputs: a key of OUTPUT_SPLITS, or "packed rows"/"packed columns"
 
 
 def unpack_awq(packed: Tensor) -> Tensor:
@@ -162,25 +172,40 @@ def _check(check: Callable[[Tensor, WeightShard, IntWeights], None]) -> IntReade
 
 INT_LAYOUTS: dict[str, tuple[IntTensor, ...]] = {
     "compressed-tensors": (
-        IntTensor("weight_packed", "codes", read_ct_codes),
-        IntTensor("weight_scale", "scales", read_ct_scales),
-        IntTensor("weight_zero_point", "zeros", read_ct_zeros),
-        IntTensor("weight_shape", "check", _check(check_ct_shape)),
+        IntTensor("weight_packed", "codes", read_ct_codes, "rows"),
+        IntTensor("weight_scale", "scales", read_ct_scales, "rows"),
+        IntTensor("weight_zero_point", "zeros", read_ct_zeros, "packed rows"),
+        IntTensor("weight_shape", "check", _check(check_ct_shape), "shape"),
     ),
     "awq": (
-        IntTensor("qweight", "codes", read_awq_codes),
-        IntTensor("scales", "scales", read_transposed_scales),
-        IntTensor("qzeros", "zeros", read_awq_zeros),
+        IntTensor("qweight", "codes", read_awq_codes, "packed columns"),
+        IntTensor("scales", "scales", read_transposed_scales, "columns"),
+        IntTensor("qzeros", "zeros", read_awq_zeros, "packed columns"),
     ),
     "gptq": (
-        IntTensor("qweight", "codes", read_gptq_codes),
-        IntTensor("scales", "scales", read_transposed_scales),
-        IntTensor("qzeros", "check", _check(check_gptq_zeros)),
-        IntTensor("g_idx", "check", _check(check_gptq_group_index)),
+        IntTensor("qweight", "codes", read_gptq_codes, "columns"),
+        IntTensor("scales", "scales", read_transposed_scales, "columns"),
+        IntTensor("qzeros", "check", _check(check_gptq_zeros), "packed columns"),
+        IntTensor("g_idx", "check", _check(check_gptq_group_index), "whole"),
     ),
 }
+# IntTensor.outputs -> how a fused checkpoint tensor (Phi-3's qkv_proj) is cut into its parts; packed ones
+# hold codes_per_word outputs in each int32 word of their dim, so the parts are cut in whole words.
+OUTPUT_SPLITS = {"rows": ROWS, "columns": COLUMNS, "whole": WHOLE, "shape": FusedSplit(None, is_weight_shape=True)}
+PACKED_OUTPUT_DIMS = {"packed rows": 0, "packed columns": 1}
 
 
 def layout_tensors(w: IntWeights) -> tuple[IntTensor, ...]:
     """The checkpoint tensors of each quantized layer in ``w``'s layout (zero points only when asymmetric)."""
     return tuple(t for t in INT_LAYOUTS[w.layout] if t.role != "zeros" or w.has_zero_points)
+
+
+def fused_splits(w: IntWeights) -> dict[str, FusedSplit]:
+    """Each checkpoint tensor of ``w``'s layout -> where it holds the outputs (models split fused tensors by it)."""
+    splits = {}
+    for tensor in layout_tensors(w):
+        if tensor.outputs in PACKED_OUTPUT_DIMS:
+            splits[tensor.name] = FusedSplit(PACKED_OUTPUT_DIMS[tensor.outputs], w.codes_per_word, "packed word")
+        else:
+            splits[tensor.name] = OUTPUT_SPLITS[tensor.outputs]
+    return splits

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from nanovllm.kernels.quant_backends import QuantizedGemm
 from nanovllm.layers.quantization.base import ShardedLinear, WeightShard, add_quantized_param
-from nanovllm.layers.quantization.int_layouts import IntReader, IntWeights, layout_tensors
+from nanovllm.layers.quantization.int_layouts import IntReader, IntWeights, fused_splits, layout_tensors
 
 # Dummy weights: codes uniform over 0..2^bits-1 around the midpoint, so (code - zero) has a std of about
 # 2^bits / sqrt(12); a scale of DUMMY_INT_WEIGHT_STD / that gives weights of about that std.
@@ -26,6 +26,7 @@ class IntWeightScheme:
         self.gemm = gemm
         self.tensors = layout_tensors(weights)
         self.names = {t.role: t.name for t in self.tensors if t.role != "check"}  # role -> parameter name
+        self.fused_splits = fused_splits(weights)
 
     def create_weights(self, layer: ShardedLinear, output_size: int, input_size: int) -> None:
         w = self.weights
