@@ -51,8 +51,9 @@ NATIVE_SIZE_ARCHS = {"phi3"}  # its tiny config's rope scaling factors fit its o
 # number of 128-row scale blocks and of packed words, and every input a whole number of 128-column groups.
 PHI3_QUANT_SIZES = dict(hidden_size=256, num_attention_heads=16, num_key_value_heads=8, intermediate_size=256)
 # Phi-3's fused tensors in each layout: compressed-tensors (zero points packed along the rows), AWQ and GPTQ
-# (outputs in columns, qzeros packed along them, 8 or 4 a word), Qwen's block FP8 (a scale per 128 rows).
-PHI3_FORMATS = ["W4A16_ASYM", "awq", "gptq4", "gptq8", "fp8_block"]
+# (outputs in columns, qzeros packed along them, 8 or 4 a word), Qwen's fp8: blocks (a scale per 128 rows) and
+# one scale per fused tensor (q, k and v each take it).
+PHI3_FORMATS = ["W4A16_ASYM", "awq", "gptq4", "gptq8", "fp8_block", "fp8_tensor"]
 
 
 @lru_cache(maxsize=16)
