@@ -11,17 +11,15 @@ from collections.abc import Iterator
 
 import torch
 
+from nanovllm.kernels.backends import Kernels
+from nanovllm.layers.quantization.base import ROWS, LinearQuantization
+from nanovllm.models.arch import ModelArch
+from nanovllm.models.fused_tensors import split_fused
 from nanovllm.models.llama import LlamaForCausalLM, rename
 
 # Buffers older checkpoints saved beside the weights: the causal mask, which holds nothing to load.
 MASK_BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
-# The tensors of a linear layer, by name suffix -> the dimension that runs over output features, along which
-# c_attn holds q, k and v one after another; None: one entry per input feature (GPTQ's g_idx), the same for all
-# three. Conv1D's weight [in, out] is transposed to our [out, in] as it loads; GPTQ's qweight [in / P, out],
-# qzeros [in / group, out / P] and scales [in / group, out] are already the layout their reader takes
-# (layers/quantization/int_layouts.py), so they are split along their outputs, never transposed.
-LAYER_TENSOR_OUTPUT_DIMS = {"weight": 1, "bias": 0, "qweight": 1, "qzeros": 1, "scales": 1, "g_idx": None}
-QKV_PARTS = (".q_proj.", ".k_proj.", ".v_proj.")  # c_attn's outputs, in order, each hidden_size wide
+FLOAT_TENSORS = ("weight", "bias")  # a float linear layer's; the weight is Conv1D's [in, out], transposed as it loads
 
 
 class GPT2LMHeadModel(LlamaForCausalLM):
@@ -56,40 +54,32 @@ class GPT2LMHeadModel(LlamaForCausalLM):
     gated_mlp = False
     learned_positions = True
 
+    def __init__(self, arch: ModelArch, kernels: Kernels, quant: LinearQuantization | None = None) -> None:
+        super().__init__(arch, kernels, quant)
+        self.qkv_parts = [(f".{part}_proj.", arch.hidden_size) for part in "qkv"]  # c_attn's outputs, in order
+        # A quantized format's tensors -> where they hold the outputs. GPTQ's qweight [in / P, out], qzeros
+        # [in / group, out / P] and scales [in / group, out] are already the layout their reader takes, never
+        # transposed; c_attn's are cut along their outputs (layers/quantization/int_layouts.py).
+        self.fused_splits = quant.scheme.fused_splits if quant is not None else {}
+
     def checkpoint_tensors(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         if name.endswith(MASK_BUFFER_SUFFIXES):
             return
         if not name.startswith(("transformer.", "lm_head.")):  # the hub's gpt2 checkpoints drop the prefix
             name = "transformer." + name
         ours = rename(name, self.checkpoint_renames)
-        if ".self_attn." in ours or ".mlp." in ours:
-            yield from linear_layer_tensors(name, ours, tensor)
+        if ".self_attn." not in ours and ".mlp." not in ours:
+            yield ours, tensor
+            return
+        suffix = name.rsplit(".", 1)[-1]
+        if suffix == "weight" and tensor.dim() == 2:
+            tensor = tensor.t()  # Conv1D's [in, out] -> [out, in]
+        if suffix not in FLOAT_TENSORS and suffix not in self.fused_splits:
+            raise ValueError(
+                f"checkpoint tensor {name!r} is not one GPT-2's linear layers hold; they hold "
+                f"{sorted({*FLOAT_TENSORS, *self.fused_splits})} (the float weight and bias, or GPTQ's tensors)"
+            )
+        if ".qkv_proj." in ours:
+            yield from split_fused(ours, tensor, ".qkv_proj.", self.qkv_parts, self.fused_splits.get(suffix, ROWS))
         else:
             yield ours, tensor
-
-
-def linear_layer_tensors(name: str, ours: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-    """One tensor of a linear layer (checkpoint ``name``, ``ours`` renamed) in our layout. c_attn's is cut along
-    its outputs into equal thirds, packed words too: q, k and v are each hidden_size wide (a key/value head per
-    query head)."""
-    suffix = name.rsplit(".", 1)[-1]
-    if suffix not in LAYER_TENSOR_OUTPUT_DIMS:
-        raise ValueError(
-            f"checkpoint tensor {name!r} is not one GPT-2's linear layers hold; they hold "
-            f"{sorted(LAYER_TENSOR_OUTPUT_DIMS)} (the float weight and bias, or GPTQ's tensors)"
-        )
-    output_dim = LAYER_TENSOR_OUTPUT_DIMS[suffix]
-    if suffix == "weight":
-        tensor, output_dim = tensor.t(), 0  # Conv1D's [in, out] -> [out, in]
-    if ".qkv_proj." not in ours:
-        yield ours, tensor
-    elif output_dim is None:
-        yield from ((ours.replace(".qkv_proj.", part), tensor) for part in QKV_PARTS)
-    elif tensor.shape[output_dim] % len(QKV_PARTS):
-        raise ValueError(
-            f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}: its dimension {output_dim} (q, k and v "
-            "one after another) does not split in three"
-        )
-    else:
-        pieces = tensor.chunk(len(QKV_PARTS), output_dim)  # [..., hidden (or hidden / P), ...] each
-        yield from ((ours.replace(".qkv_proj.", part), piece) for part, piece in zip(QKV_PARTS, pieces, strict=True))
