@@ -47,7 +47,7 @@ class GPT2LMHeadModel(LlamaForCausalLM):
     }
     config_defaults = {"hidden_act": "gelu_new", "layer_norm_eps": 1e-5, "tie_word_embeddings": True}
     supported_options = {"add_cross_attention": (False,)}
-    quant_methods = ("gptq",)  # the linear tensors' layouts LAYER_TENSOR_OUTPUT_DIMS knows
+    quant_methods = ("gptq",)  # the only format published for its Conv1D layers (AutoGPTQ packs them as nn.Linear)
     has_rotary = False
     norm = "layer"
     qkv_bias = o_bias = True
