@@ -1,6 +1,8 @@
 """When a request's first token comes (issue #29): the ordering rules of the engine loop, mixed prefill and decode
 steps, and a server whose model takes a fixed time per step, where the time to first token is counted in steps."""
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -229,3 +231,14 @@ def test_first_token_within_three_steps_of_arrival_under_load(stub_server: tuple
         assert samples[f"nanovllm:request_{stage}_time_seconds"]["count"] >= 3, (stage, samples)
     prefill_s = samples["nanovllm:request_prefill_time_seconds"]["latest"][0]
     assert STEP_S <= prefill_s <= 3.5 * STEP_S, f"prefill stage {prefill_s:.3f} s, {STEP_S} s a step"
+
+
+def test_host_step_benchmark_smoke_run(tiny_model_dir: Any) -> None:
+    """Guards benchmarks/host_step.py itself (the host's work per decode step, model stubbed): its --smoke run
+    times decode turns with text on and off, each turn checked to report one output per running sequence."""
+    root = Path(__file__).resolve().parents[1]
+    model = tiny_model_dir("qwen3")
+    command = [sys.executable, "benchmarks/host_step.py", "--smoke", "--model", str(model)]
+    result = subprocess.run(command, cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "host_step smoke run done" in result.stdout
