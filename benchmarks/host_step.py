@@ -11,7 +11,8 @@ token at once), and before each launch it does the host work of a graph replay: 
 sampling tensors and the pinned buffer's staging (into plain memory here). Requests are added as the
 server adds them (LLMEngine.add_request), with text streamed ("text on", as the server) or token ids
 only ("text off"), temperature 0.6, no stop but max_tokens. Once every prompt is prefilled, --steps
-decode steps are timed, --repeats times; printed: the median turn in µs, and per running sequence.
+decode steps are timed, --repeats times; printed: the median turn in µs of this thread's CPU time (on a shared
+machine other processes stretch the wall time, not this), and per running sequence, then the median wall time.
 """
 
 import argparse
@@ -22,6 +23,7 @@ import statistics
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,16 +48,16 @@ def stage_as_graphs_do() -> None:
     """Wrap the emulated ModelRunner.launch with the host work a decode graph's replay does before it: find the
     pending tokens, build the sampling tensors, stage the inputs (cuda_graphs.py, DecodeGraphs._replay)."""
     emulated_launch = ModelRunner.launch
-    staging: dict[int, DecodeStaging] = {}  # per runner, made on its first decode step
+    staging: weakref.WeakKeyDictionary[ModelRunner, DecodeStaging] = weakref.WeakKeyDictionary()  # per runner
 
     def launch(self: ModelRunner, batch: ScheduledBatch, in_flight: ScheduledBatch | None) -> object:
         if not batch.is_prefill:
-            if id(self) not in staging:
+            if self not in staging:  # made on the runner's first decode step
                 max_blocks = -(-self.max_model_len // self.block_size)
-                staging[id(self)] = DecodeStaging(self.config.max_num_seqs, max_blocks, self.block_size, False)
+                staging[self] = DecodeStaging(self.config.max_num_seqs, max_blocks, self.block_size, False)
             pending = find_pending_tokens(batch, in_flight)
             self.sampling.build(batch)
-            staging[id(self)].stage(batch, len(batch.seqs), pending)
+            staging[self].stage(batch, len(batch.seqs), pending)
         return emulated_launch(self, batch, in_flight)
 
     ModelRunner.launch = launch  # type: ignore[method-assign]
@@ -76,8 +78,9 @@ def build_engine(model_dir: str, max_num_seqs: int, max_tokens: int, text: bool)
     return LLMEngine(config)
 
 
-def time_decode_steps(engine: LLMEngine, num_seqs: int, num_steps: int, text: bool) -> list[float]:
-    """Add num_seqs requests, step until all decode, then the seconds of each of num_steps decode turns."""
+def time_decode_steps(engine: LLMEngine, num_seqs: int, num_steps: int, text: bool) -> list[tuple[float, float]]:
+    """Add num_seqs requests, step until all decode, then the (CPU, wall) seconds of each of num_steps decode
+    turns."""
     params = SamplingParams(temperature=0.6, max_tokens=NUM_WARMUP_STEPS + num_steps + 4, ignore_eos=True)
     for index in range(num_seqs):
         prompt = [(index * 7 + i) % 200 + 10 for i in range(PROMPT_LEN)]
@@ -88,9 +91,9 @@ def time_decode_steps(engine: LLMEngine, num_seqs: int, num_steps: int, text: bo
         engine.step()
     times = []
     for _ in range(num_steps):
-        start = time.perf_counter()
+        start_cpu, start_wall = time.thread_time(), time.perf_counter()
         outputs = engine.step()
-        times.append(time.perf_counter() - start)
+        times.append((time.thread_time() - start_cpu, time.perf_counter() - start_wall))
         if len(outputs) != num_seqs:  # each timed turn must record a whole decode step
             raise RuntimeError(f"a decode turn reported {len(outputs)} outputs for {num_seqs} running sequences")
     engine.abort_all()
@@ -101,11 +104,11 @@ def report(args: argparse.Namespace, model_dir: str, profiler: cProfile.Profile 
     """Print the median decode turn at each batch size, text on and off as asked."""
     modes = {"on": [True], "off": [False], "both": [True, False]}[args.text]
     max_tokens = NUM_WARMUP_STEPS + args.steps + 4
-    print(f"{'seqs':>5} {'text':>5} {'µs/step':>9} {'µs/seq':>8}")
+    print(f"{'seqs':>5} {'text':>5} {'µs/step':>9} {'µs/seq':>8} {'wall µs/step':>13}")
     for text in modes:
         for num_seqs in args.batch_sizes:
             engine = build_engine(model_dir, num_seqs, max_tokens, text)
-            times: list[float] = []
+            times: list[tuple[float, float]] = []
             for _ in range(args.repeats):
                 if profiler is not None:
                     profiler.enable()
@@ -113,9 +116,10 @@ def report(args: argparse.Namespace, model_dir: str, profiler: cProfile.Profile 
                 if profiler is not None:
                     profiler.disable()
             engine.close()
-            step_us = statistics.median(times) * 1e6
+            step_us = statistics.median(cpu for cpu, _ in times) * 1e6
+            wall_us = statistics.median(wall for _, wall in times) * 1e6
             label = "on" if text else "off"
-            print(f"{num_seqs:>5} {label:>5} {step_us:>9.1f} {step_us / num_seqs:>8.2f}", flush=True)
+            print(f"{num_seqs:>5} {label:>5} {step_us:>9.1f} {step_us / num_seqs:>8.2f} {wall_us:>13.1f}", flush=True)
 
 
 def main() -> None:
