@@ -36,7 +36,7 @@ from nanovllm.scheduler.batch import ScheduledBatch
 from nanovllm.scheduler.block_manager import BlockManager
 from nanovllm.scheduler.mixed import build_scheduler
 from nanovllm.scheduler.scheduler import SchedulerLimits
-from nanovllm.scheduler.sequence import Sequence, SequenceStatus
+from nanovllm.scheduler.sequence import Sequence
 
 
 @dataclass(frozen=True)
@@ -327,7 +327,7 @@ class LLMEngine:
     def _stream_output(self, request: Request, seq: Sequence, num_tokens_before: int) -> StreamOutput:
         """Detokenize the new tokens, end the completion if they complete a stop string, and report them."""
         new_token_ids = seq.token_ids[num_tokens_before:]
-        finished = seq.status is SequenceStatus.FINISHED
+        finished = seq.is_finished
         text = request.texts[seq.sample_index]
         text_delta = ""
         if text is not None:

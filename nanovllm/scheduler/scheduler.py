@@ -149,6 +149,7 @@ class Scheduler:
         running queue and frees its blocks now, and record_samples() gives its finish reason.
         """
         rows: list[int] = []
+        num_ended = 0
         for row, (seq, num_new) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
             if seq.is_finished:
                 continue  # a stop token or string ended it while this step was in flight: its row is wasted
@@ -160,7 +161,9 @@ class Scheduler:
             rows.append(row)
             if seq.num_output_tokens >= seq.params.max_tokens:
                 self._end(seq)
-        self._drop_finished()
+                num_ended += 1
+        if num_ended:
+            self._drop_finished()
         return rows
 
     def record_samples(self, batch: ScheduledBatch, rows: list[int], samples: StepSamples) -> list[Sequence]:
@@ -179,11 +182,13 @@ class Scheduler:
                 self._end(seq)
             seq.finish_reason, seq.stop_reason = finish_reason, stop_reason
             finished.append(seq)
-        self._drop_finished()
+        if finished:
+            self._drop_finished()
         return finished
 
     def _drop_finished(self) -> None:
-        """Take finished sequences out of the queues (a step scheduled meanwhile may have preempted one)."""
+        """Take finished sequences out of the queues (a step scheduled meanwhile may have preempted one). Called
+        only once one ended, not every step: the scan reads the status of every queued sequence."""
         if any(seq.is_finished for seq in self.running):
             self.running = deque(seq for seq in self.running if not seq.is_finished)
         if any(seq.is_finished for seq in self.waiting):

@@ -15,6 +15,11 @@ class SequenceStatus(Enum):
     FINISHED = auto()  # stopped by EOS or max_tokens, or aborted; its blocks are freed
 
 
+# The member is_finished compares with: read from the class it costs more than the rest of that check (Python 3.11
+# looks Enum members up through a descriptor), and the check runs several times per row of every step.
+_FINISHED = SequenceStatus.FINISHED
+
+
 class Sequence:
     """One request: prompt plus the tokens generated so far.
 
@@ -82,7 +87,7 @@ class Sequence:
 
     @property
     def is_finished(self) -> bool:
-        return self.status == SequenceStatus.FINISHED
+        return self.status is _FINISHED
 
     def record_logprobs(self, logprob: float | None, top_logprobs: dict[int, float] | None) -> None:
         """Add the newest token's logprobs (when they were asked for)."""
