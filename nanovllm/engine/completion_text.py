@@ -32,6 +32,10 @@ class CompletionText:
         """Add tokens; returns the stop string they completed, if any (the completion must then finish)."""
         if self.matched_stop is not None:
             return self.matched_stop
+        if not self.stop_strings:  # nothing to search for (most requests): the text is the detokenizer's
+            self.detokenizer.push(new_token_ids)
+            self.text = self.detokenizer.text
+            return None
         search_from = max(0, len(self.detokenizer.text) - self.num_held_chars)
         self.detokenizer.push(new_token_ids)
         return self._search(search_from)
