@@ -44,6 +44,7 @@ from nanovllm.serving.gc_freeze import startup_objects_frozen  # noqa: E402
 
 PROMPT_LEN = 128  # tokens per prompt, as engine_ttft.py's default
 NUM_WARMUP_STEPS = 8  # decode steps run before the timed ones
+BLOCK_SIZE = 256  # KV-cache block size, the engine's default
 
 
 def stage_as_graphs_do() -> None:
@@ -66,15 +67,14 @@ def stage_as_graphs_do() -> None:
 
 
 def build_engine(model_dir: str, max_num_seqs: int, max_tokens: int, text: bool) -> LLMEngine:
-    block_size = 256
-    blocks_per_seq = -(-(PROMPT_LEN + max_tokens) // block_size)
+    blocks_per_seq = -(-(PROMPT_LEN + max_tokens) // BLOCK_SIZE)
     config = EngineConfig(
         model_dir,
         max_num_seqs=max_num_seqs,
         max_model_len=PROMPT_LEN + max_tokens,
         max_num_batched_tokens=max(max_num_seqs * PROMPT_LEN, PROMPT_LEN + max_tokens),
         num_kvcache_blocks=max_num_seqs * blocks_per_seq,
-        kvcache_block_size=block_size,
+        kvcache_block_size=BLOCK_SIZE,
         skip_tokenizer_init=not text,
     )
     return LLMEngine(config)
