@@ -161,6 +161,15 @@ def test_gpt2_gptq_matches_transformers(gpt2_checkpoints: dict[str, Path], name:
     check_against_transformers(gpt2_checkpoints[name], reference)
 
 
+def test_gpt2_gptq_tp2_matches_transformers(tmp_path: Path) -> None:
+    """Guards against c_attn's GPTQ parts sharded like float rows at TP=2: each rank must take its columns of
+    q's, k's and v's qweight and scales, and its packed words of their qzeros (twice GPT2_SIZES, so that each
+    rank's share of o_proj and c_proj's inputs is a whole group of 128)."""
+    float_dir = write_tiny_model(tmp_path / "float", "gpt2", hidden_size=256, n_inner=512)
+    gptq_dir = write_gptq(write_compressed_tensors(float_dir, tmp_path / "W4A16", "W4A16"), tmp_path / "gptq4", 4)
+    check_against_transformers(gptq_dir, dequantized_gpt2(float_dir, "W4A16"), tensor_parallel_size=2)
+
+
 def test_gpt2_online_fp8_matches_transformers(gpt2_checkpoints: dict[str, Path]) -> None:
     """Guards against quantization="fp8" quantizing GPT-2's Conv1D weights before they are transposed (a scale
     per input feature instead of per output row): the engine against transformers' GPT-2 with compressed-tensors'
@@ -184,6 +193,12 @@ def test_phi3_fused_quantized_tensors(phi3_checkpoints: dict[str, Path], name: s
     format: GPTQ and AWQ keep the outputs in columns (qweight [in / 8, q + k + v]), packed zero points hold 8
     (or 4) outputs per word and block FP8 one scale per 128 rows, so each part takes whole words and blocks."""
     check_against_transformers(phi3_checkpoints[name], phi3_checkpoints[REPACKED_FROM.get(name, name)])
+
+
+def test_phi3_fused_awq_tp2_matches_transformers(phi3_checkpoints: dict[str, Path]) -> None:
+    """Guards against the parts cut from Phi-3's fused AWQ tensors then sharded at TP=2 as one tensor would be:
+    each rank takes its packed words of q's, k's and v's qweight and qzeros (k and v: 64 outputs a rank)."""
+    check_against_transformers(phi3_checkpoints["awq"], phi3_checkpoints[REPACKED_FROM["awq"]], tensor_parallel_size=2)
 
 
 def test_online_fp8_is_compressed_tensors_fp8_dynamic(quant_checkpoints: dict[str, Path]) -> None:
