@@ -197,6 +197,14 @@ def _dot_options(query: torch.Tensor) -> dict[str, bool | str]:
     return {"FP32_DOT": fp32_dot, "DOT_PRECISION": "ieee" if fp32_dot else "tf32"}
 
 
+TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _dot_dtype(x: torch.Tensor) -> tl.dtype:
+    """The dtype of tl.dot operands that _dot_options gives x: float32 where it says FP32_DOT, else x's own."""
+    return tl.float32 if _dot_options(x)["FP32_DOT"] else TL_DTYPES[x.dtype]
+
+
 def _attention_dot_options(query: torch.Tensor, k_cache: torch.Tensor) -> dict[str, tl.dtype | str]:
     """The attention kernels' DOT_DTYPE and DOT_PRECISION: float16 for an FP8 cache read by a 16-bit query, else
     _dot_options' float32 (a float32 query, or the CPU interpreter), else the query's dtype.
@@ -207,14 +215,9 @@ def _attention_dot_options(query: torch.Tensor, k_cache: torch.Tensor) -> dict[s
     (10 mantissa bits to bfloat16's 7), and the softmax probabilities (in [0, 1]) gain bits. The CPU interpreter
     runs this path too (it multiplies float16 correctly; bfloat16 is what it gets wrong).
     """
-    options = _dot_options(query)
-    if k_cache.element_size() == 1 and query.dtype != torch.float32:
-        dot_dtype = tl.float16
-    elif options["FP32_DOT"]:
-        dot_dtype = tl.float32
-    else:
-        dot_dtype = tl.float16 if query.dtype == torch.float16 else tl.bfloat16
-    return {"DOT_DTYPE": dot_dtype, "DOT_PRECISION": options["DOT_PRECISION"]}
+    is_fp8_cache = k_cache.element_size() == 1 and query.dtype != torch.float32
+    dot_dtype = tl.float16 if is_fp8_cache else _dot_dtype(query)
+    return {"DOT_DTYPE": dot_dtype, "DOT_PRECISION": _dot_options(query)["DOT_PRECISION"]}
 
 
 def paged_prefill_attention_triton(

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels.triton_attention import _dot_options
+from nanovllm.kernels.triton_attention import TL_DTYPES, _dot_dtype, _dot_options
 
 DECODE_MAX_ROWS = 16  # at most this many rows (tokens): decode tiles; tl.dot needs tiles of at least 16
 
@@ -175,7 +175,6 @@ def _int_weight_gemm_kernel(
 
 # Per 16-bit dtype: a constant whose last place is 1, and the widest code its mantissa holds after it.
 CODE_CONSTANTS = {torch.bfloat16: (0x4300, 128.0, 7), torch.float16: (0x6400, 1024.0, 10)}
-TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def _int_code_options(x: torch.Tensor, bits: int) -> dict[str, tl.dtype | str | int | float]:
@@ -185,13 +184,12 @@ def _int_code_options(x: torch.Tensor, bits: int) -> dict[str, tl.dtype | str | 
     code_bits, offset, max_bits = CODE_CONSTANTS.get(x.dtype, (0, 0.0, 0))
     if bits > max_bits:  # float32, or 8-bit codes in bfloat16: converted, still exact (8 significant bits)
         code_bits, offset = 0, 0.0
-    dot = _dot_options(x)
     return {
         "CODE_DTYPE": TL_DTYPES[x.dtype],
         "CODE_BITS": code_bits,
         "CODE_OFFSET": offset,
-        "DOT_DTYPE": tl.float32 if dot["FP32_DOT"] else TL_DTYPES[x.dtype],
-        "DOT_PRECISION": dot["DOT_PRECISION"],
+        "DOT_DTYPE": _dot_dtype(x),
+        "DOT_PRECISION": _dot_options(x)["DOT_PRECISION"],
     }
 
 
