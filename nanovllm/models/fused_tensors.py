@@ -16,7 +16,24 @@ from collections.abc import Iterator
 
 import torch
 
-from nanovllm.layers.quantization.base import ROWS, FusedSplit
+from nanovllm.layers.quantization.base import ROWS, FusedSplit, LinearQuantization
+
+
+class FusedModules:
+    """A family's modules fused in its checkpoint, cut into our layers as their tensors load, each tensor along
+    the dim its format keeps the outputs in (the quantization scheme's ``fused_splits``; float tensors: rows)."""
+
+    def __init__(self, parts: dict[str, list[tuple[str, int]]], quant: LinearQuantization | None) -> None:
+        self.parts = parts  # fused module (".qkv_proj.") -> its parts and their outputs, in order
+        self.splits = quant.scheme.fused_splits if quant is not None else {}  # tensor name after the module's
+
+    def cut(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+        """One (name, tensor) per part when ``name`` is a fused module's tensor, else ``name`` itself."""
+        fused = next((fused for fused in self.parts if fused in name), None)
+        if fused is None:
+            yield name, tensor
+            return
+        yield from split_fused(name, tensor, fused, self.parts[fused], self.splits.get(name.rsplit(".", 1)[-1], ROWS))
 
 
 def split_fused(

@@ -12,9 +12,9 @@ from collections.abc import Iterator
 import torch
 
 from nanovllm.kernels.backends import Kernels
-from nanovllm.layers.quantization.base import ROWS, LinearQuantization
+from nanovllm.layers.quantization.base import LinearQuantization
 from nanovllm.models.arch import ModelArch
-from nanovllm.models.fused_tensors import split_fused
+from nanovllm.models.fused_tensors import FusedModules
 from nanovllm.models.llama import LlamaForCausalLM, rename
 
 # Buffers older checkpoints saved beside the weights: the causal mask, which holds nothing to load.
@@ -56,11 +56,10 @@ class GPT2LMHeadModel(LlamaForCausalLM):
 
     def __init__(self, arch: ModelArch, kernels: Kernels, quant: LinearQuantization | None = None) -> None:
         super().__init__(arch, kernels, quant)
-        self.qkv_parts = [(f".{part}_proj.", arch.hidden_size) for part in "qkv"]  # c_attn's outputs, in order
-        # A quantized format's tensors -> where they hold the outputs. GPTQ's qweight [in / P, out], qzeros
-        # [in / group, out / P] and scales [in / group, out] are already the layout their reader takes, never
-        # transposed; c_attn's are cut along their outputs (layers/quantization/int_layouts.py).
-        self.fused_splits = quant.scheme.fused_splits if quant is not None else {}
+        # c_attn's outputs, in order. GPTQ's qweight [in / P, out], qzeros [in / group, out / P] and scales
+        # [in / group, out] are already the layout their reader takes, never transposed; c_attn's are cut along
+        # their outputs (layers/quantization/int_layouts.py).
+        self.fused = FusedModules({".qkv_proj.": [(f".{part}_proj.", arch.hidden_size) for part in "qkv"]}, quant)
 
     def checkpoint_tensors(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         if name.endswith(MASK_BUFFER_SUFFIXES):
@@ -74,12 +73,9 @@ class GPT2LMHeadModel(LlamaForCausalLM):
         suffix = name.rsplit(".", 1)[-1]
         if suffix == "weight" and tensor.dim() == 2:
             tensor = tensor.t()  # Conv1D's [in, out] -> [out, in]
-        if suffix not in FLOAT_TENSORS and suffix not in self.fused_splits:
+        if suffix not in FLOAT_TENSORS and suffix not in self.fused.splits:
             raise ValueError(
                 f"checkpoint tensor {name!r} is not one GPT-2's linear layers hold; they hold "
-                f"{sorted({*FLOAT_TENSORS, *self.fused_splits})} (the float weight and bias, or GPTQ's tensors)"
+                f"{sorted({*FLOAT_TENSORS, *self.fused.splits})} (the float weight and bias, or GPTQ's tensors)"
             )
-        if ".qkv_proj." in ours:
-            yield from split_fused(ours, tensor, ".qkv_proj.", self.qkv_parts, self.fused_splits.get(suffix, ROWS))
-        else:
-            yield ours, tensor
+        yield from self.fused.cut(ours, tensor)

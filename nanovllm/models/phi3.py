@@ -11,9 +11,9 @@ from collections.abc import Iterator
 import torch
 
 from nanovllm.kernels.backends import Kernels
-from nanovllm.layers.quantization.base import ROWS, LinearQuantization
+from nanovllm.layers.quantization.base import LinearQuantization
 from nanovllm.models.arch import ModelArch
-from nanovllm.models.fused_tensors import split_fused
+from nanovllm.models.fused_tensors import FusedModules
 from nanovllm.models.llama import LlamaForCausalLM
 
 
@@ -22,17 +22,13 @@ class Phi3ForCausalLM(LlamaForCausalLM):
         super().__init__(arch, kernels, quant)
         q_size, kv_size = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
         # The outputs of each fused checkpoint tensor, in order: split so each part is sharded as LLaMA's is.
-        self.fused_parts = {
-            ".qkv_proj.": [(".q_proj.", q_size), (".k_proj.", kv_size), (".v_proj.", kv_size)],
-            ".gate_up_proj.": [(".gate_proj.", arch.intermediate_size), (".up_proj.", arch.intermediate_size)],
-        }
-        # Tensor name after the module's -> where its format keeps the outputs; others (weight, bias): rows.
-        self.fused_splits = quant.scheme.fused_splits if quant is not None else {}
+        self.fused = FusedModules(
+            {
+                ".qkv_proj.": [(".q_proj.", q_size), (".k_proj.", kv_size), (".v_proj.", kv_size)],
+                ".gate_up_proj.": [(".gate_proj.", arch.intermediate_size), (".up_proj.", arch.intermediate_size)],
+            },
+            quant,
+        )
 
     def checkpoint_tensors(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
-        fused = next((fused for fused in self.fused_parts if fused in name), None)
-        if fused is None:
-            yield name, tensor
-            return
-        split = self.fused_splits.get(name.rsplit(".", 1)[-1], ROWS)
-        yield from split_fused(name, tensor, fused, self.fused_parts[fused], split)
+        yield from self.fused.cut(name, tensor)
