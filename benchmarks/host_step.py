@@ -47,6 +47,11 @@ NUM_WARMUP_STEPS = 8  # decode steps run before the timed ones
 BLOCK_SIZE = 256  # KV-cache block size, the engine's default
 
 
+def max_tokens_for(num_steps: int) -> int:
+    """Output tokens per request: the warm-up and timed decode steps, and a few to spare, so none ends early."""
+    return NUM_WARMUP_STEPS + num_steps + 4
+
+
 def stage_as_graphs_do() -> None:
     """Wrap the emulated ModelRunner.launch with the host work a decode graph's replay does before it: find the
     pending tokens, build the sampling tensors, stage the inputs (cuda_graphs.py, DecodeGraphs._replay)."""
@@ -83,7 +88,7 @@ def build_engine(model_dir: str, max_num_seqs: int, max_tokens: int, text: bool)
 def time_decode_steps(engine: LLMEngine, num_seqs: int, num_steps: int, text: bool) -> list[tuple[float, float]]:
     """Add num_seqs requests, step until all decode, then the (CPU, wall) seconds of each of num_steps decode
     turns."""
-    params = SamplingParams(temperature=0.6, max_tokens=NUM_WARMUP_STEPS + num_steps + 4, ignore_eos=True)
+    params = SamplingParams(temperature=0.6, max_tokens=max_tokens_for(num_steps), ignore_eos=True)
     for index in range(num_seqs):
         prompt = [(index * 7 + i) % 200 + 10 for i in range(PROMPT_LEN)]
         engine.add_request(prompt, params, stream_text=text)
@@ -105,7 +110,7 @@ def time_decode_steps(engine: LLMEngine, num_seqs: int, num_steps: int, text: bo
 def report(args: argparse.Namespace, model_dir: str, profiler: cProfile.Profile | None) -> None:
     """Print the median decode turn at each batch size, text on and off as asked."""
     modes = {"on": [True], "off": [False], "both": [True, False]}[args.text]
-    max_tokens = NUM_WARMUP_STEPS + args.steps + 4
+    max_tokens = max_tokens_for(args.steps)
     print(f"{'seqs':>5} {'text':>5} {'µs/step':>9} {'µs/seq':>8} {'fastest':>9} {'wall µs/step':>13}")
     for text in modes:
         for num_seqs in args.batch_sizes:
