@@ -432,8 +432,9 @@ def print_table(rows: list[Row], copy_gbps: float) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sweep-decode", action="store_true", help="time the decode kernel's settings instead")
-    parser.add_argument("--sweep-prefill", action="store_true", help="time the prefill kernel's settings instead")
+    sweep_kind = parser.add_mutually_exclusive_group()
+    sweep_kind.add_argument("--sweep-decode", action="store_true", help="time the decode kernel's settings instead")
+    sweep_kind.add_argument("--sweep-prefill", action="store_true", help="time the prefill kernel's settings instead")
     parser.add_argument("--kv-cache-dtype", choices=sorted(KV_DTYPES), default="auto", help="the decode rows' caches")
     parsed, device = parse_benchmark_args(parser)
     kv_dtype = KV_DTYPES[parsed.kv_cache_dtype]

@@ -35,8 +35,9 @@ PREFILL_PROFILED_STEPS = range(0, 9)  # bench.py's 256 prompts fill the first 9 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--profile", action="store_true", help="also print GPU time by kernel (slows the host)")
-    parser.add_argument("--profile-prefill", action="store_true", help="the same for the first (prefill) steps")
+    profile = parser.add_mutually_exclusive_group()
+    profile.add_argument("--profile", action="store_true", help="also print GPU time by kernel (slows the host)")
+    profile.add_argument("--profile-prefill", action="store_true", help="the same for the first (prefill) steps")
     parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-0.6b")
     parser.add_argument("--backend", default="auto", help="attention_backend: auto, torch, triton, flash_attn")
     parser.add_argument("--kv-cache-dtype", default="auto", help="auto (the model's dtype), fp8, fp8_e5m2")

@@ -414,3 +414,16 @@ def test_kernel_benchmark_smoke_run(script: str, flags: tuple[str, ...], verdict
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert verdict in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("script", "flags"),
+    [("kernels.py", ("--sweep-decode", "--sweep-prefill")), ("step_breakdown.py", ("--profile", "--profile-prefill"))],
+)
+def test_benchmark_refuses_two_runs_at_once(script: str, flags: tuple[str, ...]) -> None:
+    """Guards against a benchmark given two of its exclusive modes running one of them silently: argparse's error
+    names both flags, before anything is built."""
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, f"benchmarks/{script}", *flags], cwd=root, capture_output=True, text=True)
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert f"argument {flags[1]}: not allowed with argument {flags[0]}" in result.stderr, result.stderr[-2000:]
