@@ -1,14 +1,14 @@
 """Check the Triton kernels against the PyTorch reference, then time them (run: python benchmarks/kernels.py).
 
 Shapes are Qwen3-0.6B's attention in bfloat16, with the two block sizes people use. Decode is
-memory-bound, so it is reported as achieved bandwidth next to a plain device copy measured in
-the same run. The sampler's race (sampling/triton_race.py) reads a [B, 151936] bf16 logits
-tensor once, so it is reported the same way (though its hash and logs make it compute-bound at
-large batches); its torch column is the reference torch.compile'd, as the engine runs it without
-Triton, and its check counts rows whose token differs from the reference's. Decode and both race
-columns are GPU time, timed inside a CUDA graph as the decode graphs run them; an eager call, which
-includes the host's launches (all of it at few rows), is timed too. The other rows, and decode's
-torch reference, are eager calls. Exits 1 if any check fails.
+memory-bound, so it is reported as achieved bandwidth next to a plain device copy measured in the
+same run, as is the MLP's SiLU(gate) * up. The sampler's race (sampling/triton_race.py) reads a
+[B, 151936] bf16 logits tensor once, so it is reported the same way (though its hash and logs make it
+compute-bound at large batches); its torch column is the reference torch.compile'd, as the engine
+runs it without Triton, and its check counts rows whose token differs from the reference's. Decode
+and both race columns are GPU time, timed inside a CUDA graph as the decode graphs run them; an
+eager call, which includes the host's launches (all of it at few rows), is timed too. The other
+rows, and decode's torch reference, are eager calls. Exits 1 if any check fails.
 
 ``--smoke`` runs tiny sizes, on CPU through Triton's interpreter when there is no GPU, to test
 this script itself; its timings mean nothing.
@@ -47,13 +47,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from nanovllm.kernels import triton_attention
 from nanovllm.kernels.reference import paged_attention, store_kv
+from nanovllm.kernels.triton_activation import gated_activation_triton
 from nanovllm.kernels.triton_attention import (
     paged_decode_attention_triton,
     paged_prefill_attention_triton,
 )
 from nanovllm.kernels.triton_kv_store import store_kv_triton
+from nanovllm.layers.activation import ACTIVATIONS, gated
 from nanovllm.sampling.race import noise_keys, sample
 from nanovllm.sampling.triton_race import race_winners_triton
+from nanovllm.utils.compile import maybe_compile
 
 # Qwen3-0.6B: 16 query heads sharing 8 KV heads, head_dim 128.
 NUM_HEADS = 16
@@ -84,6 +87,7 @@ class Sizes:
     # (batch size, context tokens per sequence, max_context_len given to the kernel: a CUDA graph passes max_model_len)
     decode_cases: tuple[tuple[int, int, int], ...]
     race_cases: tuple[tuple[int, int], ...]  # (rows, vocabulary size) of the sampler's race
+    gated_cases: tuple[tuple[int, int], ...]  # (rows, d) of the gated MLP's act(gate) * up: [rows, 2 d] -> [rows, d]
     copy_bytes: int  # bytes copied to measure device bandwidth
 
 
@@ -93,6 +97,7 @@ FULL = Sizes(
     prefill_len=1024,
     decode_cases=((256, 1000, 1000), (64, 8192, 8192), (64, 1000, 4096), (16, 1500, 4096)),
     race_cases=((256, 151936), (8, 151936), (1, 151936)),  # a full decode batch, and a batch's last few rows
+    gated_cases=((16384, 3072), (256, 3072)),  # Qwen3-0.6B's MLP: one of bench.py's prefill steps, a decode step
     copy_bytes=COPY_BYTES,
 )
 SMOKE = Sizes(
@@ -101,6 +106,7 @@ SMOKE = Sizes(
     prefill_len=40,
     decode_cases=((4, 100, 100), (2, 300, 1024)),
     race_cases=((4, 5000),),
+    gated_cases=((5, 1100),),
     copy_bytes=1 << 20,
 )
 
@@ -384,6 +390,22 @@ def bench_race(case: tuple[int, int], device: str, gen: torch.Generator, copy_gb
     )
 
 
+def bench_gated(case: tuple[int, int], device: str, gen: torch.Generator, copy_gbps: float) -> Row:
+    """SiLU(gate) * up of a gated MLP (bf16). The torch column is the function the engine compiles without Triton
+    (layers/activation.py, dynamic shapes as in prefill), eager calls both."""
+    num_rows, d = case
+    x = (3 * torch.randn(num_rows, 2 * d, generator=gen, device=device)).to(DTYPE)
+    ref = gated(ACTIVATIONS["silu"])(x.float())
+    error, is_ok = max_error(gated_activation_triton(x, "silu"), ref)
+    compiled = maybe_compile(gated(ACTIVATIONS["silu"]), device == "cuda")
+    triton_ms = time_ms(lambda: gated_activation_triton(x, "silu"), device)
+    torch_ms = time_ms(lambda: compiled(x), device)
+    gbps = 3 * num_rows * d * x.element_size() / triton_ms / 1e6  # 2 d values read and d written per row
+    torch_gbps = 3 * num_rows * d * x.element_size() / torch_ms / 1e6
+    throughput = f"{gbps:.0f} GB/s ({100 * gbps / copy_gbps:.0f}% copy), torch {100 * torch_gbps / copy_gbps:.0f}%"
+    return Row("silu*up", f"{num_rows} x {d} bf16", triton_ms, torch_ms, throughput, error, is_ok)
+
+
 def keyed_sample(
     logits: torch.Tensor, temperatures: torch.Tensor, engine_keys: torch.Tensor, draw_count: torch.Tensor
 ) -> torch.Tensor:
@@ -459,6 +481,7 @@ def main() -> int:
         if device == "cuda":
             torch.cuda.empty_cache()
     rows += [bench_race(case, device, gen, copy_gbps) for case in sizes.race_cases]
+    rows += [bench_gated(case, device, gen, copy_gbps) for case in sizes.gated_cases]
     return report(rows, copy_gbps)
 
 

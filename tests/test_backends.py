@@ -1,5 +1,7 @@
 """Attention backend selection, and the Triton backend inside the whole engine (CPU: Triton's interpreter)."""
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -46,15 +48,21 @@ def test_triton_needs_cuda_or_interpreter(monkeypatch: pytest.MonkeyPatch) -> No
         resolve_backend_name("triton", "cpu", 16, False)
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "llama"])  # Triton's norm + rotary kernel with and without q/k norm
-def test_triton_backend_matches_torch_in_the_engine(tiny_models: dict[str, Path], arch: str) -> None:
-    """Guards against wiring mistakes between the engine and the Triton kernels (prefill, prefix hits, decode)."""
+# Triton's norm + rotary kernel with and without q/k norm; Gemma 3's (1 + w) RMSNorms and GeGLU in Triton too.
+@pytest.mark.parametrize("arch", ["qwen3", "llama", "gemma3"])
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="CPU tensors through Triton's interpreter (GPU: test_families.py)"
+)
+def test_triton_backend_matches_torch_in_the_engine(tiny_model_dir: Callable[..., Path], arch: str) -> None:
+    """Guards against wiring mistakes between the engine and the Triton kernels (prefill, prefix hits, decode,
+    the gated activation)."""
     args = dict(device="cpu", dtype="float32", kvcache_block_size=16, num_kvcache_blocks=32, max_model_len=128)
     prompts = [[7] * 20 + [3, 4], [7] * 20 + [5], [9, 8, 7]]  # the second finds the first's block cached
     params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True, logprobs=3)
     results, logprobs = {}, {}
+    model_dir = tiny_model_dir(arch)
     for backend in ("torch", "triton"):
-        with LLM(str(tiny_models[arch]), attention_backend=backend, **args) as llm:
+        with LLM(str(model_dir), attention_backend=backend, **args) as llm:
             first = llm.generate(prompts[:1], params, use_tqdm=False)
             rest = llm.generate(prompts[1:], params, use_tqdm=False)
             results[backend] = [out.token_ids for out in first + rest]

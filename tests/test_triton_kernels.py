@@ -427,3 +427,61 @@ def test_benchmark_refuses_two_runs_at_once(script: str, flags: tuple[str, ...])
     result = subprocess.run([sys.executable, f"benchmarks/{script}", *flags], cwd=root, capture_output=True, text=True)
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
     assert f"argument {flags[1]}: not allowed with argument {flags[0]}" in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["silu", "gelu_pytorch_tanh", "gelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("num_rows", "d"), [(5, 1100), (1, 64), (0, 64)])
+def test_gated_activation_matches_torch(name: str, dtype: torch.dtype, num_rows: int, d: int) -> None:
+    """Guards against the gated activation kernel computing another function than layers/activation.py's
+    gated(act): gate and up swapped, the tanh GELU taken for the exact one, rows or columns past a tile's edge
+    dropped (5 rows and d = 1100 cross both), or a row stride ignored (x is a column slice of a wider tensor)."""
+    from nanovllm.kernels.triton_activation import gated_activation_triton
+    from nanovllm.layers.activation import ACTIVATIONS, gated
+
+    gen = torch.Generator().manual_seed(3)
+    wide = (3 * torch.randn(num_rows, 2 * d + 8, generator=gen)).to(DEVICE, dtype)
+    x = wide[:, : 2 * d]  # rows 2 d + 8 apart
+    got = gated_activation_triton(x, name)
+    ref = gated(ACTIVATIONS[name])(x.float())
+    assert got.shape == (num_rows, d) and got.dtype == dtype
+    torch.testing.assert_close(got.float(), ref, atol=TOLERANCE[dtype] * 8, rtol=TOLERANCE[dtype])
+
+
+def test_gated_activation_refuses_what_it_cannot_compute() -> None:
+    """Guards against an unknown activation name or an odd width running a wrong function silently."""
+    from nanovllm.kernels.triton_activation import gated_activation_triton
+
+    with pytest.raises(ValueError, match="no 'relu'"):
+        gated_activation_triton(torch.zeros(2, 8, device=DEVICE), "relu")
+    with pytest.raises(ValueError, match=r"\[N, 2 \* d\]"):
+        gated_activation_triton(torch.zeros(2, 7, device=DEVICE), "silu")
+
+
+@pytest.mark.parametrize("unit_offset", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("num_rows", "hidden"), [(3, 96), (1, 1024), (0, 64)])
+def test_rms_norm_matches_torch(unit_offset: bool, dtype: torch.dtype, num_rows: int, hidden: int) -> None:
+    """Guards against the RMSNorm kernel computing another function than layers/layernorm.py's rms_norm and
+    add_rms_norm: a mean over the padded width (96 is not a power of two), Gemma's (1 + w) taken as w, the
+    residual not added, or the new residual not x + residual."""
+    from nanovllm.kernels.triton_norm import add_rms_norm_triton, rms_norm_triton
+    from nanovllm.layers.layernorm import add_rms_norm, rms_norm
+
+    gen = torch.Generator().manual_seed(4)
+    x, residual = (3 * torch.randn(2, num_rows, hidden, generator=gen)).to(DEVICE, dtype)
+    weight = torch.randn(hidden, generator=gen).to(DEVICE, dtype)
+    tolerance = TOLERANCE[dtype] * 4  # values reach ~4 after the norm
+    torch.testing.assert_close(
+        rms_norm_triton(x, weight, 1e-6, unit_offset).float(),
+        rms_norm(x, weight, 1e-6, unit_offset).float(),
+        atol=tolerance,
+        rtol=tolerance,
+    )
+    got, got_residual = add_rms_norm_triton(x, residual, weight, 1e-6, unit_offset)
+    ref, ref_residual = add_rms_norm(x, residual, weight, 1e-6, unit_offset)
+    # x + residual rounded once: exact in float32; in bf16 within one unit in the last place (Triton's interpreter
+    # converts to bf16 by its own rule, not always torch's round to nearest even).
+    ulp = 0.0 if dtype == torch.float32 else 2.0**-7
+    torch.testing.assert_close(got_residual, ref_residual, atol=0, rtol=ulp)
+    torch.testing.assert_close(got.float(), ref.float(), atol=tolerance, rtol=tolerance)

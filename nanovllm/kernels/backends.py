@@ -63,6 +63,8 @@ class Kernels:
     attention: AttentionBackend  # paged attention and KV store
     compile_ops: bool  # torch.compile the small elementwise ops (RMSNorm, rotary, SiluAndMul)
     triton_rotary: bool = False  # q/k RMSNorm and rotary in one Triton kernel (kernels/triton_rotary.py)
+    triton_norms: bool = False  # the decoders' RMSNorms, with their residual adds, in Triton (kernels/triton_norm.py)
+    triton_activation: bool = False  # gated MLPs' act(gate) * up in one Triton kernel (kernels/triton_activation.py)
     triton_moe: bool = False  # mixture-of-experts routing and experts in Triton (kernels/triton_fused_moe.py)
     quantized_gemm: QuantizedGemm = field(default_factory=TorchQuantizedGemm)  # GEMMs of quantized linear layers
 

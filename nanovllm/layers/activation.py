@@ -2,6 +2,7 @@
 ``activation_function``)."""
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -42,14 +43,25 @@ def gated(act: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor
 
 
 class Activation(nn.Module):
-    """``act(x)``, or with ``is_gated`` ``act(gate) * up`` of x = [N, 2 * d] holding (gate | up)."""
+    """``act(x)``, or with ``is_gated`` ``act(gate) * up`` of x = [N, 2 * d] holding (gate | up).
 
-    def __init__(self, name: str = "silu", is_gated: bool = False, compile_ops: bool = False) -> None:
+    The gated form runs as one Triton kernel with ``use_triton`` (chosen with the attention backend), else
+    as the plain function above, compiled with ``compile_ops``.
+    """
+
+    def __init__(
+        self, name: str = "silu", is_gated: bool = False, compile_ops: bool = False, use_triton: bool = False
+    ) -> None:
         super().__init__()
         if name not in ACTIVATIONS:
             raise ValueError(f"activation {name!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
         act = ACTIVATIONS[name]
-        self._fn = maybe_compile(gated(act) if is_gated else act, compile_ops)
+        if is_gated and use_triton:
+            from nanovllm.kernels.triton_activation import gated_activation_triton  # imports Triton: only when chosen
+
+            self._fn: Callable[[torch.Tensor], torch.Tensor] = partial(gated_activation_triton, name=name)
+        else:
+            self._fn = maybe_compile(gated(act) if is_gated else act, compile_ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._fn(x)

@@ -35,15 +35,27 @@ def add_rms_norm(
 
 
 class RMSNorm(nn.Module):
+    """rms_norm over the last dimension: a Triton kernel with ``use_triton`` (rows of [N, hidden] only; chosen
+    with the attention backend), else the functions above, compiled with ``compile_ops``."""
+
     def __init__(
-        self, hidden_size: int, eps: float = 1e-6, compile_ops: bool = False, unit_offset: bool = False
+        self,
+        hidden_size: int,
+        eps: float = 1e-6,
+        compile_ops: bool = False,
+        unit_offset: bool = False,
+        use_triton: bool = False,
     ) -> None:
         super().__init__()
         self.eps = eps
         self.unit_offset = unit_offset  # Gemma's (1 + w) weight
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
-        self._norm = maybe_compile(rms_norm, compile_ops)
-        self._add_norm = maybe_compile(add_rms_norm, compile_ops)
+        if use_triton:
+            from nanovllm.kernels.triton_norm import add_rms_norm_triton, rms_norm_triton  # imports Triton
+
+            self._norm, self._add_norm = rms_norm_triton, add_rms_norm_triton
+        else:
+            self._norm, self._add_norm = maybe_compile(rms_norm, compile_ops), maybe_compile(add_rms_norm, compile_ops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._norm(x, self.weight, self.eps, self.unit_offset)
@@ -79,10 +91,13 @@ class LayerNorm(nn.Module):
         return self._add_norm(x, residual, self.weight, self.bias, self.eps)
 
 
-def build_norm(kind: str, hidden_size: int, eps: float, compile_ops: bool = False) -> RMSNorm | LayerNorm:
-    """The norm of kind ``kind`` (one of NORM_KINDS) over vectors of ``hidden_size``."""
+def build_norm(
+    kind: str, hidden_size: int, eps: float, compile_ops: bool = False, use_triton: bool = False
+) -> RMSNorm | LayerNorm:
+    """The norm of kind ``kind`` (one of NORM_KINDS) over vectors of ``hidden_size``; ``use_triton``: an RMSNorm
+    runs as a Triton kernel (kernels/triton_norm.py; LayerNorm stays as it is)."""
     if kind == "layer":
         return LayerNorm(hidden_size, eps, compile_ops)
     if kind not in NORM_KINDS:
         raise ValueError(f"norm kind {kind!r} is not one of {NORM_KINDS}")
-    return RMSNorm(hidden_size, eps, compile_ops, unit_offset=kind == "rms_unit_offset")
+    return RMSNorm(hidden_size, eps, compile_ops, unit_offset=kind == "rms_unit_offset", use_triton=use_triton)

@@ -19,12 +19,13 @@ class GatedMLP(nn.Module):
         hidden_act: str = "silu",
         quant: LinearQuantization | None = None,  # which projections hold quantized weights; None = none
         prefix: str = "",  # this MLP's module name in the checkpoint, e.g. "model.layers.0.mlp"
+        triton_activation: bool = False,  # act(gate) * up in one Triton kernel (kernels/triton_activation.py)
     ) -> None:
         super().__init__()
         gate_up = quant.scheme_for(prefix, ("gate_proj", "up_proj")) if quant else None
         down = quant.scheme_for(prefix, ("down_proj",)) if quant else None
         self.gate_up_proj = MergedColumnParallelLinear(hidden_size, [intermediate_size] * 2, scheme=gate_up)
-        self.act = Activation(hidden_act, is_gated=True, compile_ops=compile_ops)
+        self.act = Activation(hidden_act, is_gated=True, compile_ops=compile_ops, use_triton=triton_activation)
         self.down_proj = RowParallelLinear(intermediate_size, hidden_size, scheme=down)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [N, hidden_size] -> [N, hidden_size]

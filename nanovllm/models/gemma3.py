@@ -12,9 +12,15 @@ import torch
 from torch import nn
 
 from nanovllm.kernels.backends import Kernels
-from nanovllm.layers.layernorm import build_norm
 from nanovllm.models.arch import ModelArch
-from nanovllm.models.llama import DecoderOptions, LlamaForCausalLM, add_and_norm, build_attention, build_mlp
+from nanovllm.models.llama import (
+    DecoderOptions,
+    LlamaForCausalLM,
+    add_and_norm,
+    build_attention,
+    build_decoder_norm,
+    build_mlp,
+)
 
 
 class SandwichDecoderLayer(nn.Module):
@@ -22,13 +28,12 @@ class SandwichDecoderLayer(nn.Module):
 
     def __init__(self, arch: ModelArch, layer_idx: int, kernels: Kernels, options: DecoderOptions) -> None:
         super().__init__()
-        size, eps, compile_ops = arch.hidden_size, arch.norm_eps, kernels.compile_ops
-        self.input_layernorm = build_norm(options.norm, size, eps, compile_ops)
+        self.input_layernorm = build_decoder_norm(arch, kernels, options)
         self.self_attn = build_attention(arch, layer_idx, kernels, options)
-        self.post_attention_layernorm = build_norm(options.norm, size, eps, compile_ops)
-        self.pre_feedforward_layernorm = build_norm(options.norm, size, eps, compile_ops)
+        self.post_attention_layernorm = build_decoder_norm(arch, kernels, options)
+        self.pre_feedforward_layernorm = build_decoder_norm(arch, kernels, options)
         self.mlp = build_mlp(arch, layer_idx, kernels, options)
-        self.post_feedforward_layernorm = build_norm(options.norm, size, eps, compile_ops)
+        self.post_feedforward_layernorm = build_decoder_norm(arch, kernels, options)
 
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None

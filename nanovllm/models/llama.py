@@ -50,6 +50,11 @@ def build_attention(arch: ModelArch, layer_idx: int, kernels: Kernels, options: 
     )  # fmt: skip
 
 
+def build_decoder_norm(arch: ModelArch, kernels: Kernels, options: DecoderOptions) -> RMSNorm | LayerNorm:
+    """A norm over the hidden states, of the family's kind."""
+    return build_norm(options.norm, arch.hidden_size, arch.norm_eps, kernels.compile_ops, kernels.triton_norms)
+
+
 def build_mlp(arch: ModelArch, layer_idx: int, kernels: Kernels, options: DecoderOptions) -> nn.Module:
     """The layer's MLP: a mixture of experts on a sparse layer (models/moe.py), else gated or plain."""
     if arch.moe is not None and arch.moe.is_sparse(layer_idx):
@@ -57,7 +62,7 @@ def build_mlp(arch: ModelArch, layer_idx: int, kernels: Kernels, options: Decode
     if options.gated_mlp:
         return GatedMLP(
             arch.hidden_size, arch.intermediate_size, kernels.compile_ops, arch.hidden_act, options.quant,
-            f"model.layers.{layer_idx}.mlp",
+            f"model.layers.{layer_idx}.mlp", kernels.triton_activation,
         )  # fmt: skip
     return MLP(
         arch.hidden_size, arch.intermediate_size, kernels.compile_ops, arch.hidden_act, options.quant,
@@ -79,9 +84,9 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, arch: ModelArch, layer_idx: int, kernels: Kernels, options: DecoderOptions) -> None:
         super().__init__()
-        self.input_layernorm = build_norm(options.norm, arch.hidden_size, arch.norm_eps, kernels.compile_ops)
+        self.input_layernorm = build_decoder_norm(arch, kernels, options)
         self.self_attn = build_attention(arch, layer_idx, kernels, options)
-        self.post_attention_layernorm = build_norm(options.norm, arch.hidden_size, arch.norm_eps, kernels.compile_ops)
+        self.post_attention_layernorm = build_decoder_norm(arch, kernels, options)
         self.mlp = build_mlp(arch, layer_idx, kernels, options)
 
     def forward(
@@ -101,7 +106,7 @@ class DecoderModel(nn.Module):
         if options.learned_positions:
             self.embed_positions = PositionEmbedding(arch.max_position_embeddings, arch.hidden_size)
         self.layers = nn.ModuleList(layer_cls(arch, idx, kernels, options) for idx in range(arch.num_layers))
-        self.norm = build_norm(options.norm, arch.hidden_size, arch.norm_eps, kernels.compile_ops)
+        self.norm = build_decoder_norm(arch, kernels, options)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:  # [N] -> [N, hidden]
         hidden_states = self.embed_tokens(input_ids)

@@ -9,9 +9,15 @@ import torch
 from torch import nn
 
 from nanovllm.kernels.backends import Kernels
-from nanovllm.layers.layernorm import build_norm
 from nanovllm.models.arch import ModelArch
-from nanovllm.models.llama import DecoderOptions, LlamaForCausalLM, add_and_norm, build_attention, build_mlp
+from nanovllm.models.llama import (
+    DecoderOptions,
+    LlamaForCausalLM,
+    add_and_norm,
+    build_attention,
+    build_decoder_norm,
+    build_mlp,
+)
 
 
 class ParallelDecoderLayer(nn.Module):
@@ -19,7 +25,7 @@ class ParallelDecoderLayer(nn.Module):
 
     def __init__(self, arch: ModelArch, layer_idx: int, kernels: Kernels, options: DecoderOptions) -> None:
         super().__init__()
-        self.input_layernorm = build_norm(options.norm, arch.hidden_size, arch.norm_eps, kernels.compile_ops)
+        self.input_layernorm = build_decoder_norm(arch, kernels, options)
         self.self_attn = build_attention(arch, layer_idx, kernels, options)
         self.mlp = build_mlp(arch, layer_idx, kernels, options)
 

@@ -130,12 +130,14 @@ class ModelRunner:
         cache_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, self.dtype)
         attention = select_attention_backend(config.attention_backend, self.device, self.block_size, cache_dtype)
         self.kv_scales = plan_kv_scales(config, cache_dtype, arch.num_layers)  # each layer's, checked here
-        # Where Triton runs the attention, it also runs the queries' and keys' norm and rotary, and the experts.
+        # Where Triton runs the attention, it also runs the queries' and keys' norm and rotary, the RMSNorms,
+        # the gated activations and the experts.
         on_cuda, on_triton = self.device.type == "cuda", attention.name != "torch"
         quantized_gemm = select_quantized_gemm(self.device, self.dtype)  # used by quantized linear layers only
         self.kernels = Kernels(
-            attention, compile_ops=on_cuda, triton_rotary=on_triton, triton_moe=on_triton, quantized_gemm=quantized_gemm
-        )
+            attention, compile_ops=on_cuda, triton_rotary=on_triton, triton_norms=on_triton,
+            triton_activation=on_triton, triton_moe=on_triton, quantized_gemm=quantized_gemm,
+        )  # fmt: skip
         quant = choose_quantization(arch.quantization, config.quantization)
         with _default_dtype(self.dtype), self.device:
             self.model = build_model(arch, self.kernels, quant)
