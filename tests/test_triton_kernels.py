@@ -141,11 +141,12 @@ def test_store_kv_matches_reference(
 ) -> None:
     """Guards against wrong slot -> (block, offset) arithmetic, writing padded lanes (slot -1),
     dropping heads when num_kv_heads is not a power of two or exceeds one program's head block,
-    and skipping the cast to the cache dtype."""
+    skipping the cast to the cache dtype, and reading the value with the key's strides (they differ)."""
     gen = torch.Generator().manual_seed(1)
     num_tokens, num_blocks, block_size = 12, 5, 16
     kv = torch.randn(num_tokens, 3 * num_kv_heads, head_dim, generator=gen).to(DEVICE, key_dtype)  # like a fused qkv
-    key, value = kv[:, num_kv_heads : 2 * num_kv_heads], kv[:, 2 * num_kv_heads :]
+    # The key contiguous, as the norm + rotary kernel returns it; the value a view of the fused qkv output.
+    key, value = kv[:, num_kv_heads : 2 * num_kv_heads].contiguous(), kv[:, 2 * num_kv_heads :]
     slot_mapping = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens].to(DEVICE)
     slot_mapping[[2, 7]] = -1
     k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(DEVICE, cache_dtype)

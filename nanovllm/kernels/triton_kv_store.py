@@ -38,8 +38,10 @@ def _store_kv_kernel(
     num_kv_heads,
     head_dim,
     block_size,
-    stride_kv_token,  # key and value share strides
-    stride_kv_head,
+    stride_k_token,  # key and value may have their own strides (value is often a view of the fused qkv output)
+    stride_k_head,
+    stride_v_token,
+    stride_v_head,
     stride_cache_block,  # k_cache and v_cache share strides
     stride_cache_slot,
     stride_cache_head,
@@ -65,15 +67,16 @@ def _store_kv_kernel(
     block_offset = slot % block_size
     mask = (head_offs[:, None] < num_kv_heads) & (dim_offs[None, :] < head_dim)  # [BLOCK_H, BLOCK_D]
 
-    src_offs = token_idx * stride_kv_token + head_offs[:, None] * stride_kv_head + dim_offs[None, :]
+    k_offs = token_idx * stride_k_token + head_offs[:, None] * stride_k_head + dim_offs[None, :]
+    v_offs = token_idx * stride_v_token + head_offs[:, None] * stride_v_head + dim_offs[None, :]
     dst_offs = (
         block_idx * stride_cache_block
         + block_offset * stride_cache_slot
         + head_offs[:, None] * stride_cache_head
         + dim_offs[None, :]
     )  # [BLOCK_H, BLOCK_D]
-    key = tl.load(key_ptr + src_offs, mask=mask).to(tl.float32) * k_inv_scale
-    value = tl.load(value_ptr + src_offs, mask=mask).to(tl.float32) * v_inv_scale
+    key = tl.load(key_ptr + k_offs, mask=mask).to(tl.float32) * k_inv_scale
+    value = tl.load(value_ptr + v_offs, mask=mask).to(tl.float32) * v_inv_scale
     if FP8_MANTISSA_BITS > 0:  # the caches are uint8 views of FP8 tensors
         key = encode_fp8(key, FP8_MANTISSA_BITS, FP8_EXPONENT_BIAS, FP8_MAX)
         value = encode_fp8(value, FP8_MANTISSA_BITS, FP8_EXPONENT_BIAS, FP8_MAX)
@@ -94,8 +97,9 @@ def store_kv_triton(
     num_tokens, num_kv_heads, head_dim = key.shape
     if num_tokens == 0:
         return
-    if key.stride() != value.stride() or key.stride(2) != 1:
-        key, value = key.contiguous(), value.contiguous()
+    # Views of the fused qkv output are read where they lie (their own strides); only a strided head_dim is copied.
+    key = key if key.stride(2) == 1 else key.contiguous()
+    value = value if value.stride(2) == 1 else value.contiguous()
     if k_cache.stride() != v_cache.stride() or k_cache.stride(3) != 1:
         raise ValueError(
             f"k_cache and v_cache must share strides with a contiguous head_dim, got {k_cache.stride()} "
@@ -119,6 +123,8 @@ def store_kv_triton(
         k_cache.shape[1],
         key.stride(0),
         key.stride(1),
+        value.stride(0),
+        value.stride(1),
         k_cache.stride(0),
         k_cache.stride(1),
         k_cache.stride(2),
