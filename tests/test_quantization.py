@@ -271,3 +271,42 @@ def test_gpu_matches_transformers(quant_checkpoints: dict[str, Path], name: str)
     reference = quant_checkpoints[REPACKED_FROM.get(name, name)]
     tolerance = FP8_GPU_LOGPROB_TOLERANCE if name.startswith("FP8") else 1e-3
     check_against_transformers(quant_checkpoints[name], reference, tolerance=tolerance, device="cuda")
+
+
+def test_phi3_ignore_list_names_its_fused_modules(tmp_path: Path) -> None:
+    """Guards against an ignore list matched against our layer names (q_proj, gate_proj) where the checkpoint
+    names its own fused modules (qkv_proj, gate_up_proj): the ignored layers hold float weights, which the engine
+    must load unquantized, and must match transformers on the same checkpoint."""
+    float_dir = write_tiny_model(tmp_path / "float", "phi3")
+    ignore = ("lm_head", "model.layers.0.self_attn.qkv_proj", r"re:.*layers\.1\.mlp\.gate_up_proj$")
+    ct_dir = write_compressed_tensors(float_dir, tmp_path / "fp8", "FP8_DYNAMIC", ignore)
+    with LLM(str(ct_dir), **ENGINE_ARGS) as llm:  # type: ignore[arg-type]
+        assert llm.engine is not None
+        layers = llm.engine.runner.model.model.layers
+        schemes = {
+            "layers.0 qkv": layers[0].self_attn.qkv_proj.scheme, "layers.0 gate_up": layers[0].mlp.gate_up_proj.scheme,
+            "layers.1 qkv": layers[1].self_attn.qkv_proj.scheme, "layers.1 gate_up": layers[1].mlp.gate_up_proj.scheme,
+        }  # fmt: skip
+    unquantized = sorted(name for name, scheme in schemes.items() if scheme is None)
+    assert unquantized == ["layers.0 qkv", "layers.1 gate_up"], f"unquantized: {unquantized}"
+    check_against_transformers(ct_dir, ct_dir)
+
+
+def test_gpt2_quantization_matches_checkpoint_module_names() -> None:
+    """Guards against GPT-2's quantization_config (its targets and ignore lists spell transformer.h.N.attn.c_attn)
+    matched against our module names (model.layers.N.self_attn.q_proj): an ignored c_attn would load as quantized."""
+    from nanovllm.layers.quantization.base import LinearQuantization
+    from nanovllm.models.gpt2 import GPT2LMHeadModel
+
+    quant = LinearQuantization(
+        None,  # type: ignore[arg-type]  # the scheme is not used to decide what is quantized
+        targets=("Linear",),
+        ignore=("transformer.h.0.attn.c_attn", r"re:.*h\.1\.mlp\.c_proj$"),
+        module_renames=GPT2LMHeadModel.quant_module_renames,
+    )
+    ignored = {
+        "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.layers.1.mlp.fc2",
+    }  # fmt: skip
+    quantized = {"model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.k_proj", "model.layers.0.mlp.fc2"}
+    for name in ignored | quantized:
+        assert quant.is_quantized(name) == (name in quantized), f"{name}: is_quantized {quant.is_quantized(name)}"

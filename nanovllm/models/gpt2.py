@@ -36,6 +36,16 @@ class GPT2LMHeadModel(LlamaForCausalLM):
         ("model.wpe.", "model.embed_positions."),
         ("model.ln_f.", "model.norm."),
     )
+    # quantization_config spells modules as the checkpoint does (transformer.h.0.attn.c_attn).
+    quant_module_renames = (
+        ("model.layers.", "transformer.h."),
+        (".self_attn.q_proj.", ".attn.c_attn."),
+        (".self_attn.k_proj.", ".attn.c_attn."),
+        (".self_attn.v_proj.", ".attn.c_attn."),
+        (".self_attn.o_proj.", ".attn.c_proj."),
+        (".mlp.fc1.", ".mlp.c_fc."),
+        (".mlp.fc2.", ".mlp.c_proj."),
+    )
     config_aliases = {
         "n_embd": "hidden_size",
         "n_layer": "num_hidden_layers",

@@ -11,7 +11,7 @@ their sum being the usual residual stream, so the next norm can add them in the 
 """
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
@@ -139,6 +139,9 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
     checkpoint_renames: ClassVar[tuple[tuple[str, str], ...]] = ()  # (checkpoint's, ours) module name pieces
+    # (ours, the checkpoint's) pieces of a module's name as quantization_config's targets and ignore lists spell it
+    # (LinearQuantization.module_renames): where the checkpoint renames or fuses our layers.
+    quant_module_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
     # config.json: the family's key spellings -> transformers' usual ones; values it leaves out; options it may
     # set, with the values this implementation runs (anything else is refused before weights load).
     config_aliases: ClassVar[dict[str, str]] = {}
@@ -160,6 +163,8 @@ class LlamaForCausalLM(nn.Module):
 
     def __init__(self, arch: ModelArch, kernels: Kernels, quant: LinearQuantization | None = None) -> None:
         super().__init__()
+        if quant is not None and self.quant_module_renames:
+            quant = replace(quant, module_renames=self.quant_module_renames)
         self.model = DecoderModel(arch, kernels, self.decoder_options(arch, quant), self.layer_cls)
         self.lm_head = ParallelLMHead(
             arch.vocab_size, arch.hidden_size, self.lm_head_bias, arch.final_logit_softcapping

@@ -18,6 +18,15 @@ from nanovllm.models.llama import LlamaForCausalLM
 
 
 class Phi3ForCausalLM(LlamaForCausalLM):
+    # quantization_config names the fused modules (an ignore list holding "model.layers.0.self_attn.qkv_proj").
+    quant_module_renames = (
+        (".self_attn.q_proj.", ".self_attn.qkv_proj."),
+        (".self_attn.k_proj.", ".self_attn.qkv_proj."),
+        (".self_attn.v_proj.", ".self_attn.qkv_proj."),
+        (".mlp.gate_proj.", ".mlp.gate_up_proj."),
+        (".mlp.up_proj.", ".mlp.gate_up_proj."),
+    )
+
     def __init__(self, arch: ModelArch, kernels: Kernels, quant: LinearQuantization | None = None) -> None:
         super().__init__(arch, kernels, quant)
         q_size, kv_size = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim

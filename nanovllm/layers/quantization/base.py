@@ -148,11 +148,19 @@ class LinearQuantization:
     scheme: LinearScheme  # how a quantized layer stores and multiplies its weight
     targets: tuple[str, ...]  # layers quantized: "Linear" (all), module names or "re:" regexes
     ignore: tuple[str, ...]  # layers kept in the model's dtype, same spelling; wins over targets
+    # (ours, the checkpoint's) module name pieces, replaced in order in "<module name>." before matching: for a
+    # family whose checkpoint names or fuses modules its own way (Phi-3's qkv_proj holds our q_proj, k_proj and
+    # v_proj); the family sets them (LlamaForCausalLM.quant_module_renames).
+    module_renames: tuple[tuple[str, str], ...] = ()
 
     def is_quantized(self, module_name: str) -> bool:
-        """Whether the checkpoint module ``module_name`` (``model.layers.0.self_attn.q_proj``) is quantized."""
-        is_target = any(matches(module_name, target) for target in self.targets)
-        return is_target and not any(matches(module_name, pattern) for pattern in self.ignore)
+        """Whether our module ``module_name`` (``model.layers.0.self_attn.q_proj``) is quantized in the checkpoint."""
+        name = f"{module_name}."
+        for ours, checkpoints in self.module_renames:
+            name = name.replace(ours, checkpoints)
+        name = name.removesuffix(".")
+        is_target = any(matches(name, target) for target in self.targets)
+        return is_target and not any(matches(name, pattern) for pattern in self.ignore)
 
     def scheme_for(self, prefix: str, checkpoint_names: tuple[str, ...]) -> LinearScheme | None:
         """The scheme of the layer fusing ``prefix.<name>`` for each checkpoint name; None = unquantized.
