@@ -61,7 +61,7 @@ class Kernels:
     """The hardware-specific choices a model is built with, made once at engine construction."""
 
     attention: AttentionBackend  # paged attention and KV store
-    compile_ops: bool  # torch.compile the small elementwise ops (RMSNorm, rotary, SiluAndMul)
+    compile_ops: bool  # torch.compile the small ops no Triton kernel runs (LayerNorm, partial rotary, the sampler)
     triton_rotary: bool = False  # q/k RMSNorm and rotary in one Triton kernel (kernels/triton_rotary.py)
     triton_norms: bool = False  # the decoders' RMSNorms, with their residual adds, in Triton (kernels/triton_norm.py)
     triton_activation: bool = False  # gated MLPs' act(gate) * up in one Triton kernel (kernels/triton_activation.py)
