@@ -14,7 +14,7 @@ rows, and decode's torch reference, are eager calls. Exits 1 if any check fails.
 this script itself; its timings mean nothing.
 
 ``--sweep-decode`` instead times the decode kernel under every tile size, warp count and stage count of
-DECODE_SWEEP (by setting triton_attention.DECODE_TILES for the cache's element size in turn, as an edit of it
+DECODE_SWEEP (by setting triton_decode_attention.DECODE_TILES for the cache's element size in turn, as an edit of it
 would), each checked against the reference, at block size 256: how the constants were chosen, to redo on another GPU.
 
 ``--sweep-prefill`` does the same for the prefill kernel's tiles (PREFILL_SWEEP), on the prefill case and on one
@@ -45,14 +45,12 @@ from triton.runtime.errors import OutOfResources  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from nanovllm.kernels import triton_attention
+from nanovllm.kernels import triton_decode_attention, triton_prefill_attention
 from nanovllm.kernels.reference import paged_attention, store_kv
 from nanovllm.kernels.triton_activation import gated_activation_triton
-from nanovllm.kernels.triton_attention import (
-    paged_decode_attention_triton,
-    paged_prefill_attention_triton,
-)
+from nanovllm.kernels.triton_decode_attention import paged_decode_attention_triton
 from nanovllm.kernels.triton_kv_store import store_kv_triton
+from nanovllm.kernels.triton_prefill_attention import paged_prefill_attention_triton
 from nanovllm.layers.activation import ACTIVATIONS, gated
 from nanovllm.sampling.race import noise_keys, sample
 from nanovllm.sampling.triton_race import race_winners_triton
@@ -69,10 +67,10 @@ BF16_TOLERANCE = 2e-2
 COPY_BYTES = 1 << 30  # the copy-bandwidth probe moves 1 GiB, far past the H100's 50 MB L2 cache
 # --kv-cache-dtype: the decode cases' caches (kv_cache_dtype's values; the prefill and store rows stay bf16).
 KV_DTYPES = {"auto": DTYPE, "fp8": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
-# --sweep-decode's settings: triton_attention.DecodeTiles (BLOCK_N, warps, stages).
+# --sweep-decode's settings: triton_decode_attention.DecodeTiles (BLOCK_N, warps, stages).
 DECODE_SWEEP = tuple(itertools.product((32, 64, 128), (2, 4, 8), (1, 2, 3, 4)))
 DECODE_SWEEP_SMOKE = ((32, 2, 2), (64, 4, 3))
-# --sweep-prefill's settings: triton_attention.PrefillTiles (BLOCK_M, BLOCK_N, warps, stages).
+# --sweep-prefill's settings: triton_prefill_attention.PrefillTiles (BLOCK_M, BLOCK_N, warps, stages).
 PREFILL_SWEEP = tuple(itertools.product((64, 128), (32, 64, 128), (4, 8), (2, 3, 4)))
 PREFILL_SWEEP_SMOKE = ((64, 64, 4, 3), (64, 32, 4, 2))
 
@@ -328,10 +326,10 @@ def sweep(
 
 def sweep_decode(sizes: Sizes, device: str, gen: torch.Generator, copy_gbps: float, kv_dtype: torch.dtype) -> int:
     """The decode kernel under each setting of DECODE_SWEEP at every decode case (block size 256)."""
-    element_size = min(kv_dtype.itemsize, 2)  # the key of triton_attention.DECODE_TILES
+    element_size = min(kv_dtype.itemsize, 2)  # the key of triton_decode_attention.DECODE_TILES
 
     def apply(setting: tuple[int, ...]) -> None:
-        triton_attention.DECODE_TILES[element_size] = triton_attention.DecodeTiles(*setting)
+        triton_decode_attention.DECODE_TILES[element_size] = triton_decode_attention.DecodeTiles(*setting)
 
     cases = []
     for num_seqs, context_len, grid_context_len in sizes.decode_cases:
@@ -341,7 +339,8 @@ def sweep_decode(sizes: Sizes, device: str, gen: torch.Generator, copy_gbps: flo
         cases.append(SweepCase(f"{num_seqs}x{context_len}{grid}", inputs.run, inputs.ref, share))
     print(f"\ndecode GPU time (us) and share of the {copy_gbps:.0f} GB/s copy rate; * = the current constants")
     settings = DECODE_SWEEP if device == "cuda" else DECODE_SWEEP_SMOKE
-    return sweep("BLOCK_N, warps, stages", settings, triton_attention.DECODE_TILES[element_size], apply, cases, device)
+    current = triton_decode_attention.DECODE_TILES[element_size]
+    return sweep("BLOCK_N, warps, stages", settings, current, apply, cases, device)
 
 
 def sweep_prefill(sizes: Sizes, device: str, gen: torch.Generator) -> int:
@@ -359,9 +358,10 @@ def sweep_prefill(sizes: Sizes, device: str, gen: torch.Generator) -> int:
     settings = PREFILL_SWEEP if device == "cuda" else PREFILL_SWEEP_SMOKE
 
     def apply(setting: tuple[int, ...]) -> None:
-        triton_attention.PREFILL_TILES = triton_attention.PrefillTiles(*setting)
+        triton_prefill_attention.PREFILL_TILES = triton_prefill_attention.PrefillTiles(*setting)
 
-    return sweep("BLOCK_M, BLOCK_N, warps, stages", settings, triton_attention.PREFILL_TILES, apply, cases, device)
+    current = triton_prefill_attention.PREFILL_TILES
+    return sweep("BLOCK_M, BLOCK_N, warps, stages", settings, current, apply, cases, device)
 
 
 def bench_race(case: tuple[int, int], device: str, gen: torch.Generator, copy_gbps: float) -> Row:

@@ -11,13 +11,14 @@ from test_triton_kernels import DEVICE, PREFILL_CASES, PagedBatch, assert_close,
 
 from nanovllm.kernels.backends import TorchBackend, TritonBackend
 from nanovllm.kernels.reference import dequantize, paged_attention, quantize, store_kv
-from nanovllm.kernels.triton_attention import paged_decode_attention_triton, paged_prefill_attention_triton
+from nanovllm.kernels.triton_decode_attention import paged_decode_attention_triton
 from nanovllm.kernels.triton_kv_store import store_kv_triton
+from nanovllm.kernels.triton_prefill_attention import paged_prefill_attention_triton
 from nanovllm.layers.attention import Attention
 from nanovllm.utils.context import AttentionMetadata, attention_context
 
 FP8 = [torch.float8_e4m3fn, torch.float8_e5m2]
-# A float32 query dots in float32; a bfloat16 one reads an FP8 cache through float16 dots (triton_attention.py).
+# A float32 query dots in float32; a bfloat16 one reads an FP8 cache through float16 dots (kernels/triton_attention.py).
 QUERY_DTYPES = [torch.float32, torch.bfloat16]
 K_SCALE, V_SCALE = 0.37, 2.9  # arbitrary, so every multiplication by a scale shows
 # The store test's random values are spread this wide: past e4m3's 448 * K_SCALE, so some saturate.

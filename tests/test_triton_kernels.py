@@ -18,13 +18,9 @@ import pytest
 import torch
 
 from nanovllm.kernels.reference import paged_attention, store_kv
-from nanovllm.kernels.triton_attention import (
-    PREFILL_TILES,
-    default_num_splits,
-    paged_decode_attention_triton,
-    paged_prefill_attention_triton,
-)
+from nanovllm.kernels.triton_decode_attention import default_num_splits, paged_decode_attention_triton
 from nanovllm.kernels.triton_kv_store import store_kv_triton
+from nanovllm.kernels.triton_prefill_attention import PREFILL_TILES, paged_prefill_attention_triton
 from nanovllm.sampling.race import noise_keys, race_winners, sample
 from nanovllm.sampling.triton_race import BLOCK_V, race_winners_triton
 

@@ -108,9 +108,10 @@ class TritonBackend:
     is_graph_capturable = True
 
     def __init__(self) -> None:
-        from nanovllm.kernels import triton_attention, triton_kv_store
+        from nanovllm.kernels import triton_decode_attention, triton_kv_store, triton_prefill_attention
 
-        self._attention = triton_attention
+        self._prefill = triton_prefill_attention.paged_prefill_attention_triton
+        self._decode = triton_decode_attention.paged_decode_attention_triton
         self._store = triton_kv_store.store_kv_triton
 
     def store_kv(
@@ -134,11 +135,11 @@ class TritonBackend:
     ) -> Tensor:
         m = metadata
         if m.is_prefill:
-            return self._attention.paged_prefill_attention_triton(
+            return self._prefill(
                 query, k_cache, v_cache, m.cu_seqlens_q, m.max_seqlen_q, m.context_lens, m.max_context_len,
                 m.block_tables, scale, sliding_window, k_scale, v_scale,
             )  # fmt: skip
-        return self._attention.paged_decode_attention_triton(
+        return self._decode(
             query, k_cache, v_cache, m.context_lens, m.max_context_len, m.block_tables, scale,
             sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale,
         )  # fmt: skip

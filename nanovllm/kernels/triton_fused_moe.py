@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels.triton_attention import _dot_options
+from nanovllm.kernels.triton_dots import dot_options
 from nanovllm.kernels.triton_moe_sort import ExpertBlocks, sort_by_expert
 
 
@@ -148,7 +148,7 @@ def _expert_gemm(
     _expert_gemm_kernel[grid](
         a, w, out, blocks.sorted_slot_ids, blocks.block_expert_ids, blocks.num_padded_rows, topk_weights,
         out.shape[0], slots_per_a_row, n_dim, k_dim, a.stride(0), w.stride(0), w.stride(1), out.stride(0),
-        GATED=is_gated, WEIGHTED=not is_gated, **_dot_options(a),
+        GATED=is_gated, WEIGHTED=not is_gated, **dot_options(a),
         BLOCK_M=blocks.block_m, BLOCK_N=tiles.block_n, BLOCK_K=block_k,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )  # fmt: skip

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels.triton_attention import MIN_DOT_SIZE, _dot_options
+from nanovllm.kernels.triton_dots import MIN_DOT_SIZE, dot_options
 from nanovllm.utils.lora_metadata import LoRAMetadata
 
 MAX_BLOCK_M = 64  # tokens per program in long prefills (Triton's matmul tutorial tiles 64-128 rows)
@@ -196,7 +196,7 @@ def lora_shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, metadata: LoRAMeta
     _shrink_kernel[grid](
         x, lora_a, shrunk, metadata.sorted_token_ids, metadata.slot_starts, in_features,
         x.stride(0), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2), shrunk.stride(0), shrunk.stride(1),
-        BLOCK_M=block_m, BLOCK_K=SHRINK_BLOCK_K, MAX_RANK=max_rank, **_dot_options(lora_a),
+        BLOCK_M=block_m, BLOCK_K=SHRINK_BLOCK_K, MAX_RANK=max_rank, **dot_options(lora_a),
     )  # fmt: skip
     return shrunk
 
@@ -227,7 +227,7 @@ def _launch_expand(
         y.stride(0), *x_strides, *shrunk_strides, lora_b.stride(0), lora_b.stride(1),
         NUM_SLICES=num_slices, IS_FUSED=fused is not None, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=_fused_block_k(block_m) if fused is not None else SHRINK_BLOCK_K,
-        MAX_RANK=max_rank, **_dot_options(lora_b),
+        MAX_RANK=max_rank, **dot_options(lora_b),
     )  # fmt: skip
 
 

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nanovllm.kernels.triton_attention import TL_DTYPES, _dot_dtype, _dot_options
+from nanovllm.kernels.triton_dots import TL_DTYPES, dot_dtype, dot_options
 
 DECODE_MAX_ROWS = 16  # at most this many rows (tokens): decode tiles; tl.dot needs tiles of at least 16
 
@@ -179,7 +179,7 @@ CODE_CONSTANTS = {torch.bfloat16: (0x4300, 128.0, 7), torch.float16: (0x6400, 10
 
 def _int_code_options(x: torch.Tensor, bits: int) -> dict[str, tl.dtype | str | int | float]:
     """How codes become floats for x (see the module docstring), and the dot's operands: x's dtype, or float32
-    as kernels/triton_attention.py's _dot_options decides (float32 x, and the CPU interpreter). Products of codes
+    as kernels/triton_dots.py's dot_options decides (float32 x, and the CPU interpreter). Products of codes
     and x are exact either way; the reference rounds the dequantized weight to x's dtype."""
     code_bits, offset, max_bits = CODE_CONSTANTS.get(x.dtype, (0, 0.0, 0))
     if bits > max_bits:  # float32, or 8-bit codes in bfloat16: converted, still exact (8 significant bits)
@@ -188,8 +188,8 @@ def _int_code_options(x: torch.Tensor, bits: int) -> dict[str, tl.dtype | str | 
         "CODE_DTYPE": TL_DTYPES[x.dtype],
         "CODE_BITS": code_bits,
         "CODE_OFFSET": offset,
-        "DOT_DTYPE": _dot_dtype(x),
-        "DOT_PRECISION": _dot_options(x)["DOT_PRECISION"],
+        "DOT_DTYPE": dot_dtype(x),
+        "DOT_PRECISION": dot_options(x)["DOT_PRECISION"],
     }
 
 
