@@ -119,6 +119,30 @@ def test_loader_errors_name_the_file_tensor_and_shapes(tiny_models: dict[str, Pa
         LLM(str(no_field), **ARGS)
 
 
+def test_quantized_tensors_never_load_into_float_parameters(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """Guards against FP8 codes converted to the model's dtype without their scales (a Qwen3-MoE checkpoint with
+    FP8 experts loaded garbage experts silently), and against a bare "no parameter" for an expert's scale tensor:
+    both must say that quantized experts are not supported."""
+    src = tiny_models["qwen3_moe"]
+    names = load_file(str(src / "model.safetensors")).keys()
+    expert = next(name for name in sorted(names) if ".experts.0.down_proj.weight" in name)
+
+    def to_fp8(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[expert] = tensors[expert].to(torch.float8_e4m3fn)
+
+    def add_scale(tensors: dict[str, torch.Tensor]) -> None:
+        tensors[expert.removesuffix("weight") + "weight_scale_inv"] = torch.ones(1, 1)
+
+    fp8_expert = broken_copy(src, tmp_path / "fp8", edit_tensors=to_fp8)
+    with pytest.raises(
+        ValueError, match=rf"'{expert}' is torch.float8_e4m3fn, a quantized tensor.*experts unquantized"
+    ):
+        LLM(str(fp8_expert), **ARGS)
+    with_scale = broken_copy(src, tmp_path / "scale", edit_tensors=add_scale)
+    with pytest.raises(ValueError, match=r"weight_scale_inv' has no parameter.*quantized experts: issue #26"):
+        LLM(str(with_scale), **ARGS)
+
+
 def test_a_tensor_parallel_script_without_a_main_guard_is_told_why(
     tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:

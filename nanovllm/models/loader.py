@@ -81,12 +81,17 @@ def _load_tensor(
     for mapped_name, tensor in checkpoint_tensors(ckpt_name, f.get_tensor(ckpt_name)):
         name, part = _checkpoint_target(model, mapped_name)
         if name not in params:
-            raise ValueError(f"checkpoint tensor {ckpt_name!r} has no parameter in the model ({name!r})")
+            raise ValueError(f"checkpoint tensor {ckpt_name!r} has no parameter in the model ({name!r}){_hint(name)}")
         if (name, part) in loaded:
             raise ValueError(f"checkpoint tensor {ckpt_name!r} fills {name} a second time (duplicate tensor)")
         param = params[name]
         loader: Callable[..., None] = getattr(param, "weight_loader", default_weight_loader)
         if not getattr(param, "takes_checkpoint_dtype", False):  # quantized tensors convert themselves
+            if param.is_floating_point() and not _is_plain_float(tensor):  # its scale would be lost on the way
+                raise ValueError(
+                    f"checkpoint tensor {ckpt_name!r} is {tensor.dtype}, a quantized tensor, where the model holds "
+                    f"{param.dtype} values ({name!r}){_hint(name)}"
+                )
             tensor = tensor.to(param.dtype)
         try:
             loader(param, tensor) if part is None else loader(param, tensor, part)
@@ -94,6 +99,21 @@ def _load_tensor(
             where = f"{name}[{part}]" if part is not None else name
             raise ValueError(f"checkpoint tensor {ckpt_name!r} {e} for parameter {where}") from e
         loaded.add((name, part))
+
+
+def _is_plain_float(tensor: torch.Tensor) -> bool:
+    """A float tensor a float parameter can take as it is (converted): not FP8 codes, not packed integers."""
+    return tensor.is_floating_point() and tensor.element_size() > 1
+
+
+def _hint(param_name: str) -> str:
+    """What a tensor the model has no place for most likely means, where that is known."""
+    if ".experts." in param_name:
+        return (
+            "; nanovllm loads mixture-of-experts experts unquantized only, and this checkpoint quantizes them: "
+            "use the model's unquantized checkpoint (quantized experts: issue #26)"
+        )
+    return ""
 
 
 def init_dummy_weights(model: nn.Module, seed: int) -> None:
