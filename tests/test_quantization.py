@@ -292,21 +292,39 @@ def test_phi3_ignore_list_names_its_fused_modules(tmp_path: Path) -> None:
     check_against_transformers(ct_dir, ct_dir)
 
 
-def test_gpt2_quantization_matches_checkpoint_module_names() -> None:
-    """Guards against GPT-2's quantization_config (its targets and ignore lists spell transformer.h.N.attn.c_attn)
-    matched against our module names (model.layers.N.self_attn.q_proj): an ignored c_attn would load as quantized."""
+@pytest.mark.parametrize(
+    ("family", "ignore", "ignored", "quantized"),
+    [
+        (
+            "gpt2",
+            ("transformer.h.0.attn.c_attn", r"re:.*h\.1\.mlp\.c_proj$"),
+            {"model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.layers.1.mlp.fc2"},
+            {"model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.k_proj", "model.layers.0.mlp.fc2"},
+        ),
+        (
+            "phi",
+            ("model.layers.1.self_attn.dense",),
+            {"model.layers.1.self_attn.o_proj"},
+            {"model.layers.0.self_attn.o_proj"},
+        ),
+    ],
+)
+def test_quantization_matches_checkpoint_module_names(
+    family: str, ignore: tuple[str, ...], ignored: set[str], quantized: set[str]
+) -> None:
+    """Guards against quantization_config's targets and ignore lists (which spell GPT-2's transformer.h.N.attn.c_attn
+    and Phi's self_attn.dense) matched against our module names (model.layers.N.self_attn.q_proj, o_proj): an ignored
+    layer would load as quantized. The renames come from each family's checkpoint_renames and fused modules."""
     from nanovllm.layers.quantization.base import LinearQuantization
     from nanovllm.models.gpt2 import GPT2LMHeadModel
+    from nanovllm.models.phi import PhiForCausalLM
 
+    model_cls = {"gpt2": GPT2LMHeadModel, "phi": PhiForCausalLM}[family]
     quant = LinearQuantization(
         None,  # type: ignore[arg-type]  # the scheme is not used to decide what is quantized
         targets=("Linear",),
-        ignore=("transformer.h.0.attn.c_attn", r"re:.*h\.1\.mlp\.c_proj$"),
-        module_renames=GPT2LMHeadModel.quant_module_renames,
+        ignore=ignore,
+        module_renames=model_cls.quant_module_renames(),
     )
-    ignored = {
-        "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.layers.1.mlp.fc2",
-    }  # fmt: skip
-    quantized = {"model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.k_proj", "model.layers.0.mlp.fc2"}
     for name in ignored | quantized:
         assert quant.is_quantized(name) == (name in quantized), f"{name}: is_quantized {quant.is_quantized(name)}"

@@ -12,7 +12,7 @@ number of entries, else the checkpoint is refused. The parts' tensors then load 
 q_proj, k_proj and v_proj separately would.
 """
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import torch
 
@@ -34,6 +34,13 @@ class FusedModules:
             yield name, tensor
             return
         yield from split_fused(name, tensor, fused, self.parts[fused], self.splits.get(name.rsplit(".", 1)[-1], ROWS))
+
+
+def fused_parts(
+    modules: Mapping[str, tuple[str, ...]], sizes: Mapping[str, tuple[int, ...]]
+) -> dict[str, list[tuple[str, int]]]:
+    """FusedModules' parts from a family's fused_checkpoint_modules and each part's outputs, in the same order."""
+    return {fused: list(zip(parts, sizes[fused], strict=True)) for fused, parts in modules.items()}
 
 
 def split_fused(
@@ -58,7 +65,7 @@ def _entries(
     sizes = [size for _, size in parts]
     per_entry = split.outputs_per_entry
     if any(size % per_entry for size in sizes):
-        part_names = [part.strip(".") for part, _ in parts]
+        part_names = [part.strip(".").rsplit(".", 1)[-1] for part, _ in parts]  # the layers: q_proj, ...
         raise ValueError(
             f"checkpoint tensor {name!r} holds {part_names} with {sizes} outputs in one tensor, {per_entry} "
             f"outputs per {split.entry}; nanovllm loads them as separate layers, which needs each part's outputs "

@@ -14,7 +14,7 @@ import torch
 from nanovllm.kernels.backends import Kernels
 from nanovllm.layers.quantization.base import LinearQuantization
 from nanovllm.models.arch import ModelArch
-from nanovllm.models.fused_tensors import FusedModules
+from nanovllm.models.fused_tensors import FusedModules, fused_parts
 from nanovllm.models.llama import LlamaForCausalLM, rename
 
 # Buffers older checkpoints saved beside the weights: the causal mask, which holds nothing to load.
@@ -36,16 +36,9 @@ class GPT2LMHeadModel(LlamaForCausalLM):
         ("model.wpe.", "model.embed_positions."),
         ("model.ln_f.", "model.norm."),
     )
-    # quantization_config spells modules as the checkpoint does (transformer.h.0.attn.c_attn).
-    quant_module_renames = (
-        ("model.layers.", "transformer.h."),
-        (".self_attn.q_proj.", ".attn.c_attn."),
-        (".self_attn.k_proj.", ".attn.c_attn."),
-        (".self_attn.v_proj.", ".attn.c_attn."),
-        (".self_attn.o_proj.", ".attn.c_proj."),
-        (".mlp.fc1.", ".mlp.c_fc."),
-        (".mlp.fc2.", ".mlp.c_proj."),
-    )
+    fused_checkpoint_modules = {  # c_attn, as checkpoint_renames names it
+        ".self_attn.qkv_proj.": (".self_attn.q_proj.", ".self_attn.k_proj.", ".self_attn.v_proj.")
+    }
     config_aliases = {
         "n_embd": "hidden_size",
         "n_layer": "num_hidden_layers",
@@ -69,7 +62,8 @@ class GPT2LMHeadModel(LlamaForCausalLM):
         # c_attn's outputs, in order. GPTQ's qweight [in / P, out], qzeros [in / group, out / P] and scales
         # [in / group, out] are already the layout their reader takes, never transposed; c_attn's are cut along
         # their outputs (layers/quantization/int_layouts.py).
-        self.fused = FusedModules({".qkv_proj.": [(f".{part}_proj.", arch.hidden_size) for part in "qkv"]}, quant)
+        sizes = {".self_attn.qkv_proj.": (arch.hidden_size,) * 3}
+        self.fused = FusedModules(fused_parts(self.fused_checkpoint_modules, sizes), quant)
 
     def checkpoint_tensors(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         if name.endswith(MASK_BUFFER_SUFFIXES):

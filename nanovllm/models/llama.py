@@ -139,9 +139,8 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
     checkpoint_renames: ClassVar[tuple[tuple[str, str], ...]] = ()  # (checkpoint's, ours) module name pieces
-    # (ours, the checkpoint's) pieces of a module's name as quantization_config's targets and ignore lists spell it
-    # (LinearQuantization.module_renames): where the checkpoint renames or fuses our layers.
-    quant_module_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
+    # Modules the checkpoint keeps fused that we load as separate layers, in our names: fused -> its parts in order.
+    fused_checkpoint_modules: ClassVar[dict[str, tuple[str, ...]]] = {}
     # config.json: the family's key spellings -> transformers' usual ones; values it leaves out; options it may
     # set, with the values this implementation runs (anything else is refused before weights load).
     config_aliases: ClassVar[dict[str, str]] = {}
@@ -163,14 +162,21 @@ class LlamaForCausalLM(nn.Module):
 
     def __init__(self, arch: ModelArch, kernels: Kernels, quant: LinearQuantization | None = None) -> None:
         super().__init__()
-        if quant is not None and self.quant_module_renames:
-            quant = replace(quant, module_renames=self.quant_module_renames)
+        if quant is not None:  # its targets and ignore lists name modules as the checkpoint does
+            quant = replace(quant, module_renames=self.quant_module_renames())
         self.model = DecoderModel(arch, kernels, self.decoder_options(arch, quant), self.layer_cls)
         self.lm_head = ParallelLMHead(
             arch.vocab_size, arch.hidden_size, self.lm_head_bias, arch.final_logit_softcapping
         )
         if arch.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+
+    @classmethod
+    def quant_module_renames(cls) -> tuple[tuple[str, str], ...]:
+        """(ours, the checkpoint's) module name pieces (LinearQuantization.module_renames): each of our layers
+        to the fused module holding it, then checkpoint_renames undone in reverse order."""
+        unfused = [(part, fused) for fused, parts in cls.fused_checkpoint_modules.items() for part in parts]
+        return (*unfused, *((ours, theirs) for theirs, ours in reversed(cls.checkpoint_renames)))
 
     @classmethod
     def read_arch(cls, config: dict[str, Any]) -> ModelArch:

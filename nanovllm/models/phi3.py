@@ -13,31 +13,25 @@ import torch
 from nanovllm.kernels.backends import Kernels
 from nanovllm.layers.quantization.base import LinearQuantization
 from nanovllm.models.arch import ModelArch
-from nanovllm.models.fused_tensors import FusedModules
+from nanovllm.models.fused_tensors import FusedModules, fused_parts
 from nanovllm.models.llama import LlamaForCausalLM
 
 
 class Phi3ForCausalLM(LlamaForCausalLM):
-    # quantization_config names the fused modules (an ignore list holding "model.layers.0.self_attn.qkv_proj").
-    quant_module_renames = (
-        (".self_attn.q_proj.", ".self_attn.qkv_proj."),
-        (".self_attn.k_proj.", ".self_attn.qkv_proj."),
-        (".self_attn.v_proj.", ".self_attn.qkv_proj."),
-        (".mlp.gate_proj.", ".mlp.gate_up_proj."),
-        (".mlp.up_proj.", ".mlp.gate_up_proj."),
-    )
+    fused_checkpoint_modules = {
+        ".self_attn.qkv_proj.": (".self_attn.q_proj.", ".self_attn.k_proj.", ".self_attn.v_proj."),
+        ".mlp.gate_up_proj.": (".mlp.gate_proj.", ".mlp.up_proj."),
+    }
 
     def __init__(self, arch: ModelArch, kernels: Kernels, quant: LinearQuantization | None = None) -> None:
         super().__init__(arch, kernels, quant)
         q_size, kv_size = arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
         # The outputs of each fused checkpoint tensor, in order: split so each part is sharded as LLaMA's is.
-        self.fused = FusedModules(
-            {
-                ".qkv_proj.": [(".q_proj.", q_size), (".k_proj.", kv_size), (".v_proj.", kv_size)],
-                ".gate_up_proj.": [(".gate_proj.", arch.intermediate_size), (".up_proj.", arch.intermediate_size)],
-            },
-            quant,
-        )
+        sizes = {
+            ".self_attn.qkv_proj.": (q_size, kv_size, kv_size),
+            ".mlp.gate_up_proj.": (arch.intermediate_size,) * 2,
+        }
+        self.fused = FusedModules(fused_parts(self.fused_checkpoint_modules, sizes), quant)
 
     def checkpoint_tensors(self, name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
         yield from self.fused.cut(name, tensor)
