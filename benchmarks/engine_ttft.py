@@ -224,10 +224,13 @@ class PromptTurnProfile:
             print("no turn admitted prompts in the timed rounds: nothing profiled")
             return
         kernel_us = self.kernel_us
-        total_ms = sum(kernel_us.values()) / 1e3 / self.num_turns
-        print(f"{self.num_turns} turns admitting prompts; GPU kernels of each: {total_ms:.1f} ms. Top kernels:")
-        for name, us in sorted(kernel_us.items(), key=lambda item: -item[1])[:8]:
-            print(f"  {us / 1e3 / self.num_turns:8.2f} ms  {name[:90]}")
+        if not kernel_us:  # no GPU: the model ran inside each turn, among the functions below
+            print(f"{self.num_turns} turns admitting prompts, on CPU (no GPU kernels to list)")
+        else:
+            total_ms = sum(kernel_us.values()) / 1e3 / self.num_turns
+            print(f"{self.num_turns} turns admitting prompts; GPU kernels of each: {total_ms:.1f} ms. Top kernels:")
+            for name, us in sorted(kernel_us.items(), key=lambda item: -item[1])[:8]:
+                print(f"  {us / 1e3 / self.num_turns:8.2f} ms  {name[:90]}")
         print("Python functions by host time in those turns (cProfile; it slows the host):")
         pstats.Stats(self.python).sort_stats("tottime").print_stats(20)
 

@@ -242,3 +242,17 @@ def test_host_step_benchmark_smoke_run(tiny_model_dir: Any) -> None:
     result = subprocess.run(command, cwd=root, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "host_step smoke run done" in result.stdout
+
+
+def test_engine_ttft_benchmark_times_the_prompt_turns() -> None:
+    """Guards benchmarks/engine_ttft.py itself on CPU: it must start (its folder's kernels.py once shadowed the
+    package transformers imports), time the turn that admits the prompts in its parts, and with --profile print
+    that turn's Python functions."""
+    root = Path(__file__).resolve().parents[1]
+    flags = ["--concurrency", "4", "--rounds", "1", "--max-tokens", "4", "--profile"]
+    result = subprocess.run(
+        [sys.executable, "benchmarks/engine_ttft.py", *flags], cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    for line in ("4 requests, 4 clients: time to first token", "of which launching", "Python functions by host time"):
+        assert line in result.stdout, result.stdout[-3000:]
